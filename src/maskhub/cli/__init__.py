@@ -1,0 +1,63 @@
+"""The ``maskhub`` command line: a thin layer over :mod:`maskhub.registry`.
+
+Every user error (a :class:`~maskhub.errors.MaskhubError`) becomes one line on stderr and
+exit code 1, here and only here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from maskhub import __version__
+from maskhub.errors import MaskhubError
+
+
+class MaskhubGroup(click.Group):
+    """Click group that turns maskhub errors and Ctrl-C into one-line messages."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        kwargs.setdefault("standalone_mode", True)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except MaskhubError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo("Interrupted: nothing was registered and no partial mask was kept.",
+                       err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            sys.exit(1)
+
+
+@click.group(cls=MaskhubGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="maskhub")
+def main() -> None:
+    """maskhub: diff, store, query, compare and share the sparse update masks of RL
+    fine-tuned LLMs.
+
+    \b
+    Example:
+      maskhub demo
+      maskhub diff ./sft ./dpo --algorithm dpo --seed 42 --name tulu-dpo
+      maskhub ls
+      maskhub show tulu-dpo
+    """
+
+
+def _register() -> None:
+    from maskhub.cli import core
+
+    for command in core.COMMANDS:
+        main.add_command(command)
+
+
+_register()

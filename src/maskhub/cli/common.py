@@ -1,0 +1,139 @@
+"""Shared CLI pieces: options as decorators, output to stdout/stderr, progress bars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from maskhub.registry.api import Registry
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Tables are not folded to 80 columns when stdout is a pipe or a file.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+stderr = Console(stderr=True)
+
+
+def home_option(f: F) -> F:
+    """``--home DIR``: the maskhub home (default ``$MASKHUB_HOME`` or the user cache dir)."""
+    return click.option("--home", type=click.Path(file_okay=False), default=None,
+                        envvar="MASKHUB_HOME", show_envvar=True,
+                        help="maskhub home holding registry.duckdb and the mask stores.")(f)
+
+
+def json_option(f: F) -> F:
+    """``--json``: machine-readable output on stdout."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of tables.")(f)
+
+
+def registry(home: str | None) -> Registry:
+    """Open the registry of ``--home``."""
+    return Registry(home)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (datetime, date)):
+        return v.isoformat()
+    if isinstance(v, Decimal):
+        return float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def echo_json(obj: Any) -> None:
+    """Print ``obj`` as JSON on stdout."""
+    click.echo(json.dumps(_plain(obj), indent=2, default=str))
+
+
+def fmt(v: Any) -> str:
+    """A cell for a human table."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(fmt(x) for x in v)
+    if isinstance(v, datetime):
+        return v.isoformat(sep=" ", timespec="seconds")
+    return str(v)
+
+
+def pct(fraction: float | None) -> str:
+    """A fraction in [0, 1] printed as a percentage."""
+    return "" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
+                formatters: dict[str, Callable[[Any], str]] | None = None) -> None:
+    """Print a rich table on stdout."""
+    formatters = formatters or {}
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*(formatters.get(c, fmt)(v) for c, v in zip(columns, r, strict=True)))
+    stdout.print(table)
+
+
+def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print CSV on stdout."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([fmt(v) for v in r])
+    sys.stdout.write(buf.getvalue())
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr."""
+    stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
+    """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(),
+        console=stderr, transient=True, disable=not stderr.is_terminal,
+    )
+    task = None
+
+    def update(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task(description, total=bytes_total)
+        progress.update(task, completed=bytes_done,
+                        description=f"{description} {done}/{total} tensors")
+
+    with progress:
+        yield update

@@ -1,0 +1,227 @@
+"""Core commands: diff, ls, show, sql, rm, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from maskhub.cli.common import (
+    byte_progress,
+    echo_json,
+    home_option,
+    json_option,
+    pct,
+    print_csv,
+    print_table,
+    registry,
+    stdout,
+    warn,
+)
+from maskhub.errors import UsageError
+from maskhub.registry.api import Mask
+
+
+def _parse_sweep(value: str | None) -> list[float]:
+    if not value:
+        return []
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated numbers, not {value!r}") from None
+
+
+def _summary(mask: Mask) -> dict[str, Any]:
+    r = mask.row
+    return {"id": r["id"], "name": r["name"], "base_model": r["base_model"],
+            "target_model": r["target_model"], "n_params": r["n_params"],
+            "n_updated": r["n_updated"], "sparsity": r["sparsity"], "tol": r["tol"]}
+
+
+def _print_mask_line(mask: Mask, verb: str) -> None:
+    stdout.print(
+        f"{verb} [bold]{mask.name}[/bold] (id {mask.id[:12]}): {mask.n_updated:,} of "
+        f"{mask.n_params:,} parameters updated, sparsity {pct(mask.sparsity)}", highlight=False)
+
+
+@click.command()
+@click.argument("base")
+@click.argument("target")
+@click.option("--name", help="Name of the new mask (default: from the target's name).")
+@click.option("--algorithm", help="RL algorithm of the run (dpo, grpo, ppo...).")
+@click.option("--seed", type=int, help="Seed of the run.")
+@click.option("--dataset", help="Training dataset of the run.")
+@click.option("--tol", type=float, default=1e-5, show_default=True,
+              help="Updated iff |target - base| > tol (0: any change).")
+@click.option("--sweep", help="Comma-separated extra tolerances whose per-tensor counts are "
+              "recorded in the same pass, e.g. 0,1e-8,1e-7,1e-6,1e-5.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available), cpu, or cuda[:N].")
+@click.option("--allow-missing", is_flag=True,
+              help="Skip (with a warning) tensors present on one side only.")
+@click.option("--base-model", help="Name to record for the base (default: repo id or path).")
+@click.option("--target-model", help="Name to record for the target.")
+@click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
+@click.option("--notes", help="Free-text notes stored with the mask.")
+@json_option
+@home_option
+def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
+         dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
+         base_model: str | None, target_model: str | None, tags: tuple[str, ...],
+         notes: str | None, as_json: bool, home: str | None) -> None:
+    """Diff TARGET against BASE and register the mask of updated parameters.
+
+    BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
+    sharded with model.safetensors.index.json), or a Hub repo id with an optional @revision.
+
+    \b
+    Example:
+      maskhub diff ./tulu-sft ./tulu-dpo --algorithm dpo --seed 42 \\
+          --dataset tulu-pref --name tulu-dpo --sweep 0,1e-8,1e-7,1e-6,1e-5
+    """
+    reg = registry(home)
+    with byte_progress("diff") as progress:
+        mask = reg.diff(base, target, name=name, algorithm=algorithm, seed=seed,
+                        dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
+                        allow_missing=allow_missing, base_model=base_model,
+                        target_model=target_model, tags=tags, notes=notes,
+                        progress=progress, warn=warn)
+    if as_json:
+        echo_json(_summary(mask))
+    else:
+        _print_mask_line(mask, "registered")
+
+
+@click.command()
+@click.option("--where", help="SQL filter on the masks table, e.g. \"algorithm = 'dpo'\".")
+@json_option
+@home_option
+def ls(where: str | None, as_json: bool, home: str | None) -> None:
+    """List registered masks, newest first.
+
+    \b
+    Example:
+      maskhub ls --where "algorithm = 'dpo'"
+    """
+    rows = registry(home).ls(where)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("no masks registered yet (try `maskhub demo`)", err=True)
+        return
+    cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
+    print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
+                        f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows],
+                formatters={"sparsity": pct})
+
+
+@click.command()
+@click.argument("mask")
+@json_option
+@home_option
+def show(mask: str, as_json: bool, home: str | None) -> None:
+    """Show one mask: totals, then sparsity per layer and per module (like the paper's
+    Figure 3), and the tolerance sweep when one was recorded.
+
+    \b
+    Example:
+      maskhub show tulu-dpo
+    """
+    info = registry(home).show(mask)
+    if as_json:
+        echo_json(info)
+        return
+    m = info["mask"]
+    fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
+              "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
+              "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
+              "parents", "notes"]
+    print_table(["field", "value"],
+                [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
+                 if m.get(f) not in (None, [], "")])
+    if info["by_layer"]:
+        stdout.print()
+        print_table(["layer", "numel", "n_updated", "sparsity"],
+                    [[r["layer"], r["numel"], r["n_updated"], r["sparsity"]]
+                     for r in info["by_layer"]], title="per layer", formatters={"sparsity": pct})
+    stdout.print()
+    print_table(["module", "tensors", "numel", "n_updated", "sparsity"],
+                [[r["module"], r["tensors"], r["numel"], r["n_updated"], r["sparsity"]]
+                 for r in info["by_module"]], title="per module", formatters={"sparsity": pct})
+    if info["sweep"]:
+        stdout.print()
+        print_table(["tol", "n_updated", "sparsity"],
+                    [[r["tol"], r["n_updated"], r["sparsity"]] for r in info["sweep"]],
+                    title="tolerance sweep", formatters={"sparsity": pct})
+
+
+@click.command()
+@click.argument("query")
+@click.option("--format", "fmt_", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@home_option
+def sql(query: str, fmt_: str, as_json: bool, home: str | None) -> None:
+    """Run a read-only SQL QUERY over the index (tables masks, tensors, tensor_sweep...).
+
+    \b
+    Example:
+      maskhub sql "select algorithm, avg(sparsity) from masks group by 1"
+    """
+    cols, rows = registry(home).sql(query)
+    if as_json or fmt_ == "json":
+        echo_json([dict(zip(cols, r, strict=True)) for r in rows])
+    elif fmt_ == "csv":
+        print_csv(cols, rows)
+    else:
+        print_table(cols, rows)
+
+
+@click.command()
+@click.argument("mask")
+@json_option
+@home_option
+def rm(mask: str, as_json: bool, home: str | None) -> None:
+    """Unregister MASK (name or id prefix) and delete its store.
+
+    \b
+    Example:
+      maskhub rm tulu-dpo
+    """
+    removed = registry(home).rm(mask)
+    if as_json:
+        echo_json({"removed": removed.id, "name": removed.name})
+    else:
+        click.echo(f"removed {removed.name} (id {removed.id[:12]})")
+
+
+@click.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False),
+              help="Where to write the demo checkpoints (default: HOME/demo).")
+@json_option
+@home_option
+def demo(directory: str | None, as_json: bool, home: str | None) -> None:
+    """Run the main job offline on an embedded default: train a tiny Llama-shaped model
+    (SFT, then a short low-learning-rate fine-tune) in bf16, diff the two checkpoints into
+    the registry and show the mask.
+
+    \b
+    Example:
+      maskhub demo
+    """
+    reg = registry(home)
+    info = reg.demo(Path(directory) if directory else None, progress_cb=None)
+    mask = info["mask"]
+    if as_json:
+        echo_json({**_summary(mask), "base": str(info["base"]), "target": str(info["target"]),
+                   "losses": info["losses"]})
+        return
+    stdout.print(f"checkpoints: {info['base']} and {info['target']}", highlight=False)
+    _print_mask_line(mask, "registered")
+    ctx = click.get_current_context()
+    ctx.invoke(show, mask=mask.id, as_json=False, home=str(reg.home))
+
+
+COMMANDS = [diff, ls, show, sql, rm, demo]

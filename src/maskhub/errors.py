@@ -1,0 +1,84 @@
+"""The one error hierarchy of maskhub.
+
+Every error a user can cause derives from :class:`MaskhubError`; each subclass also derives
+from the matching built-in so that ``except LookupError`` and friends keep working. The CLI
+turns any ``MaskhubError`` into a one-line message and exit code 1, in one place.
+"""
+
+from __future__ import annotations
+
+
+class MaskhubError(Exception):
+    """Base class of every user-facing maskhub error."""
+
+
+class CheckpointError(MaskhubError, ValueError):
+    """A checkpoint cannot be read: missing, truncated, corrupt, pickled, or unsupported."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointMismatchError(MaskhubError, ValueError):
+    """The two checkpoints of a diff do not hold the same tensors with the same shapes."""
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+class MaskNotFoundError(MaskhubError, LookupError):
+    """No registered mask matches the given name or id prefix."""
+
+    def __init__(self, ref: str, message: str | None = None) -> None:
+        super().__init__(message or f"no mask named {ref!r} (see `maskhub ls`)")
+        self.ref = ref
+
+
+class AmbiguousMaskError(MaskhubError, LookupError):
+    """An id prefix matches several masks."""
+
+    def __init__(self, ref: str, matches: list[str]) -> None:
+        shown = ", ".join(matches[:5])
+        super().__init__(f"{ref!r} matches {len(matches)} masks ({shown}); give more of the id")
+        self.ref = ref
+        self.matches = matches
+
+
+class NameTakenError(MaskhubError, ValueError):
+    """A mask name is already registered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a mask named {name!r} already exists; choose another --name or `maskhub rm {name}`"
+        )
+        self.name = name
+
+
+class MaskStoreError(MaskhubError, ValueError):
+    """A mask store on disk is unreadable, inconsistent with its metadata, or from the future."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class IncompatibleMasksError(MaskhubError, ValueError):
+    """Two masks cannot be compared or combined (different models, tensors or shapes)."""
+
+
+class RegistryBusyError(MaskhubError, TimeoutError):
+    """The registry index stayed locked by another process for too long."""
+
+
+class HubError(MaskhubError, RuntimeError):
+    """A Hugging Face Hub operation failed (unknown repo/revision, network, auth, offline)."""
+
+    def __init__(self, message: str, repo_id: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+
+
+class UsageError(MaskhubError, ValueError):
+    """An argument is invalid (bad tolerance, unknown device, malformed option...)."""

@@ -1,0 +1,343 @@
+"""The Python API: :class:`Registry` (a maskhub home) and :class:`Mask` (a registered mask).
+
+The CLI is a thin layer over these methods; each command calls the method of the same name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maskhub.config import home_dir
+from maskhub.errors import MaskNotFoundError, NameTakenError, UsageError
+from maskhub.registry.diff import ProgressFn, match_tensors, resolve_device, run_diff
+from maskhub.registry.index import Index
+from maskhub.registry.kernel import DiffKernel
+from maskhub.registry.sources import open_checkpoint
+from maskhub.registry.store import MaskStore, MaskWriter, publish, remove_tree
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class Mask:
+    """A registered mask: its metadata, per-tensor stats and bits."""
+
+    def __init__(self, registry: Registry, row: dict[str, Any]) -> None:
+        """Built by :meth:`Registry.get`; ``row`` is the mask's row of the ``masks`` table."""
+        self.registry = registry
+        self.row = row
+        self.id: str = row["id"]
+        self.name: str = row["name"]
+        self.path: Path = registry.store_path(self.id)
+        self._store: MaskStore | None = None
+
+    @property
+    def store(self) -> MaskStore:
+        """The Zarr store, opened on first use."""
+        if self._store is None:
+            self._store = MaskStore(self.path)
+        return self._store
+
+    @property
+    def metadata(self) -> MaskMetadata:
+        """Metadata as stored with the bits (hub fields come from the index)."""
+        return self.store.metadata
+
+    @property
+    def n_params(self) -> int:
+        """Parameters covered by the mask."""
+        return int(self.row["n_params"])
+
+    @property
+    def n_updated(self) -> int:
+        """Parameters marked updated."""
+        return int(self.row["n_updated"])
+
+    @property
+    def sparsity(self) -> float:
+        """1 - density."""
+        return float(self.row["sparsity"])
+
+    @property
+    def density(self) -> float:
+        """Fraction of parameters updated."""
+        return self.n_updated / self.n_params if self.n_params else 0.0
+
+    def tensor_names(self) -> list[str]:
+        """Tensor names in checkpoint order."""
+        return list(self.store.names)
+
+    def tensor_stats(self) -> list[TensorStats]:
+        """Per-tensor stats in checkpoint order."""
+        return list(self.store.iter_stats())
+
+    def __getitem__(self, tensor: str) -> np.ndarray:
+        """Boolean mask of one tensor, shaped like the parameter."""
+        if tensor not in self.store.names:
+            raise KeyError(tensor)
+        return self.store.unpacked(tensor)
+
+    def packed(self, tensor: str) -> np.ndarray:
+        """Packed bits of one tensor (uint8, little bit order)."""
+        return self.store.packed(tensor)
+
+    def to_torch(self, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Boolean mask of one tensor as a torch tensor."""
+        return torch.from_numpy(self[tensor]).to(device)
+
+    def __repr__(self) -> str:
+        return (f"Mask(name={self.name!r}, id={self.id[:12]!r}, "
+                f"sparsity={self.sparsity:.2%}, n_params={self.n_params})")
+
+
+class Registry:
+    """A maskhub home: the mask stores and the SQL index ``registry.duckdb``."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        """Open (creating if needed) the registry at ``home`` (default: :func:`home_dir`)."""
+        self.home = home_dir(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.index = Index(self.home / "registry.duckdb")
+        self.index.migrate()
+        self._clean_stale_partials()
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def store_path(self, mask_id: str) -> Path:
+        """Where the store of a registered mask lives."""
+        return self.home / "masks" / f"{mask_id}.zarr"
+
+    def staging_path(self, mask_id: str) -> Path:
+        """Where a store is written before it is complete."""
+        return self.home / "tmp" / f"{mask_id}.{os.getpid()}{PARTIAL_SUFFIX}"
+
+    def _clean_stale_partials(self) -> None:
+        """Remove stores left half-written by processes that died (crash, kill -9)."""
+        tmp = self.home / "tmp"
+        if not tmp.is_dir():
+            return
+        for entry in tmp.iterdir():
+            parts = entry.name.split(".")
+            if len(parts) == 3 and entry.name.endswith(PARTIAL_SUFFIX) and parts[1].isdigit():
+                if not _pid_alive(int(parts[1])):
+                    remove_tree(entry)
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def get(self, ref: str) -> Mask:
+        """The mask named ``ref``, or whose id starts with ``ref``."""
+        row = self.index.find(ref)
+        if row is None:
+            raise MaskNotFoundError(ref)
+        return Mask(self, row)
+
+    def ls(self, where: str | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``masks`` table, newest first (``where``: an optional SQL filter)."""
+        sql = "SELECT * FROM masks"
+        if where:
+            sql += f" WHERE {where}"
+        with self.index.connect(write=False) as con:
+            return self.index.rows(con, sql + " ORDER BY created_at DESC, name")
+
+    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
+        """Run a read-only SQL query over the index; return ``(columns, rows)``."""
+        return self.index.query(query)
+
+    def show(self, ref: str) -> dict[str, Any]:
+        """Summary of one mask: its row, per-layer and per-module tables, and the sweep."""
+        mask = self.get(ref)
+        with self.index.connect(write=False) as con:
+            by_layer = self.index.rows(con, """
+                SELECT layer, sum(numel) AS numel, sum(n_updated) AS n_updated,
+                       1 - sum(n_updated) / sum(numel) AS sparsity
+                FROM tensors WHERE mask_id = ? AND layer IS NOT NULL
+                GROUP BY layer ORDER BY layer""", [mask.id])
+            by_module = self.index.rows(con, """
+                SELECT module, count(*) AS tensors, sum(numel) AS numel,
+                       sum(n_updated) AS n_updated, 1 - sum(n_updated) / sum(numel) AS sparsity
+                FROM tensors WHERE mask_id = ?
+                GROUP BY module ORDER BY min(coalesce(layer, -1)), module""", [mask.id])
+            sweep = self.index.rows(con, """
+                SELECT tol, sum(n_updated) AS n_updated,
+                       1 - sum(n_updated) / (SELECT n_params FROM masks WHERE id = ?) AS sparsity
+                FROM tensor_sweep WHERE mask_id = ? GROUP BY tol ORDER BY tol""",
+                [mask.id, mask.id])
+        return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
+                "sweep": sweep}
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _check_name_free(self, name: str) -> None:
+        with self.index.connect(write=False) as con:
+            if con.execute("SELECT 1 FROM masks WHERE name = ?", [name]).fetchone():
+                raise NameTakenError(name)
+
+    def _default_name(self, target_model: str) -> str:
+        stem = Path(target_model.rstrip("/")).name or "mask"
+        stem = stem.replace("@", "-")
+        with self.index.connect(write=False) as con:
+            taken = {r[0] for r in con.execute(
+                "SELECT name FROM masks WHERE name = ? OR name LIKE ?",
+                [stem, stem + "-%"]).fetchall()}
+        if stem not in taken:
+            return stem
+        i = 2
+        while f"{stem}-{i}" in taken:
+            i += 1
+        return f"{stem}-{i}"
+
+    def register_store(self, tmp: Path, meta: MaskMetadata, tensors: Sequence[TensorStats],
+                       sweep: Sequence[tuple[str, float, int]] = ()) -> Mask:
+        """Move a completed store from staging into place and index it, atomically.
+
+        On any failure the store is removed and nothing is registered.
+        """
+        final = self.store_path(meta.id)
+        published = False
+        try:
+            with self.index.connect() as con:
+                if con.execute("SELECT 1 FROM masks WHERE name = ?", [meta.name]).fetchone():
+                    raise NameTakenError(meta.name)
+                Index.insert_mask(con, meta, tensors, sweep)
+                publish(tmp, final)
+                published = True
+        except BaseException:
+            remove_tree(tmp)
+            if published:
+                remove_tree(final)
+            raise
+        return self.get(meta.id)
+
+    def diff(
+        self,
+        base: str | os.PathLike[str],
+        target: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        algorithm: str | None = None,
+        seed: int | None = None,
+        dataset: str | None = None,
+        tol: float = 1e-5,
+        sweep: Sequence[float] = (),
+        device: str = "auto",
+        allow_missing: bool = False,
+        base_model: str | None = None,
+        target_model: str | None = None,
+        tags: Sequence[str] = (),
+        notes: str | None = None,
+        progress: ProgressFn | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> Mask:
+        """Diff ``target`` against ``base`` and register the mask of updated parameters.
+
+        ``base``/``target``: a ``.safetensors`` file, a directory (single file or sharded with
+        ``model.safetensors.index.json``) or a Hub repo id ``org/name[@revision]``.
+        ``tol``: a parameter is updated iff ``|target - base| > tol``. ``sweep``: extra
+        tolerances whose per-tensor counts are recorded too. ``base_model``/``target_model``
+        override the recorded model names (default: the repo id or the absolute path).
+        """
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise UsageError(f"tolerance must be a finite number >= 0, not {tol!r}")
+        if any(not (math.isfinite(t) and t >= 0) for t in sweep):
+            raise UsageError("sweep tolerances must be finite numbers >= 0")
+        dev = resolve_device(device)
+        if name is not None:
+            _check_name_syntax(name)
+            self._check_name_free(name)
+        base_ck = open_checkpoint(base)
+        target_ck = open_checkpoint(target)
+        names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
+        base_name = base_model or _model_name(base_ck.ref, base_ck.revision)
+        target_name = target_model or _model_name(target_ck.ref, target_ck.revision)
+        name = name or self._default_name(target_name)
+        mask_id = uuid.uuid4().hex
+        tmp = self.staging_path(mask_id)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = MaskWriter(tmp)
+            kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
+            outcome = run_diff(base_ck, target_ck, names, kernel, writer, progress)
+            meta = MaskMetadata(
+                id=mask_id, name=name, base_model=base_name, target_model=target_name,
+                base_revision=base_ck.revision, target_revision=target_ck.revision,
+                n_params=outcome.n_params, n_updated=outcome.n_updated, tol=float(tol),
+                algorithm=algorithm, seed=seed, dataset=dataset,
+                dtype=outcome.dtype_summary(), created_at=_now(), tags=tuple(tags),
+                sweep=tuple(kernel.sweep), notes=notes,
+                extra={"skipped_tensors": skipped} if skipped else {},
+            )
+            writer.finish(meta)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        finally:
+            base_ck.close()
+            target_ck.close()
+        return self.register_store(tmp, meta, outcome.tensors, outcome.sweep)
+
+    def demo(self, directory: Path | None = None,
+             progress_cb: ProgressFn | None = None) -> dict[str, Any]:
+        """Make the embedded demo checkpoint pair (see :mod:`maskhub.registry.demo`) and diff it.
+
+        Returns ``{"mask", "base", "target", "losses"}``.
+        """
+        from maskhub.registry.demo import make_demo_pair
+
+        directory = directory or self.home / "demo"
+        base, target, losses = make_demo_pair(directory)
+        mask = self.diff(base, target, name=self._default_name("demo"), algorithm="demo",
+                         seed=0, dataset="synthetic-affine", sweep=(0, 1e-8, 1e-7, 1e-6, 1e-5),
+                         base_model="maskhub-demo/tiny-llama-sft",
+                         target_model="maskhub-demo/tiny-llama-ft", progress=progress_cb)
+        return {"mask": mask, "base": base, "target": target, "losses": losses}
+
+    def rm(self, ref: str) -> Mask:
+        """Unregister a mask and delete its store; returns the removed mask."""
+        mask = self.get(ref)
+        self.index.delete_mask(mask.id)
+        remove_tree(mask.path)
+        return mask
+
+
+def _check_name_syntax(name: str) -> None:
+    if not name or name.strip() != name or "/" in name or len(name) > 200:
+        raise UsageError(f"invalid mask name {name!r}: use letters, digits, '-', '_', '.'")
+
+
+def _model_name(ref: str, revision: str | None) -> str:
+    path = Path(ref).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return ref
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, datetime):
+            v = v.isoformat()
+        out[k] = v
+    return out

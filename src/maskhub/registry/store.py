@@ -1,0 +1,168 @@
+"""The mask store: one Zarr v3 group per mask, one packed-bit array per parameter tensor.
+
+Layout (the contract in DESIGN.md and the README):
+
+* group attributes: the :class:`~maskhub.schemas.MaskMetadata` dict (``kind``,
+  ``format_version``...) plus ``tensors``, the tensor names in checkpoint order;
+* one array per tensor, named exactly as the parameter: ``uint8`` of ``ceil(numel/8)``
+  bytes, zstd-compressed, with attributes ``shape``, ``bitorder`` (``"little"``),
+  ``numel``, ``n_updated``, ``layer``, ``module``, ``base_dtype``, ``target_dtype``.
+
+A reader with only zarr and numpy rebuilds a mask with
+``np.unpackbits(a[:], count=prod(shape), bitorder=a.attrs["bitorder"]).reshape(shape)``.
+
+Stores are written aside (``<home>/tmp``) and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from maskhub.errors import MaskStoreError
+from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
+
+#: Packed bytes per chunk: 8 MiB, i.e. 64 Mi parameters per chunk.
+CHUNK_BYTES = 8 << 20
+ZSTD_LEVEL = 1
+
+
+def _array_attrs(stats: TensorStats) -> dict:
+    d = stats.to_dict()
+    d.pop("tensor")
+    d["bitorder"] = BITORDER
+    return d
+
+
+class MaskWriter:
+    """Writes the arrays of one mask store, then its metadata."""
+
+    def __init__(self, path: Path) -> None:
+        """Create an empty store at ``path`` (which must not exist)."""
+        self.path = Path(path)
+        self.group = zarr.open_group(store=str(self.path), mode="w-", zarr_format=3)
+        self.names: list[str] = []
+
+    def add(self, stats: TensorStats, packed: np.ndarray) -> None:
+        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats."""
+        nbytes = (stats.numel + 7) // 8
+        if packed.shape != (nbytes,) or packed.dtype != np.uint8:
+            raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
+        arr = self.group.create_array(
+            name=stats.tensor,
+            shape=(nbytes,),
+            dtype="uint8",
+            chunks=(max(1, min(nbytes, CHUNK_BYTES)),),
+            compressors=[ZstdCodec(level=ZSTD_LEVEL)],
+            fill_value=0,
+            attributes=_array_attrs(stats),
+        )
+        if nbytes:
+            arr[:] = packed
+        self.names.append(stats.tensor)
+
+    def finish(self, meta: MaskMetadata) -> None:
+        """Write the group metadata; the store is complete after this."""
+        attrs = meta.to_dict()
+        attrs["tensors"] = list(self.names)
+        self.group.attrs.update(attrs)
+
+
+class MaskStore:
+    """Read access to one mask store."""
+
+    def __init__(self, path: Path) -> None:
+        """Open and validate the store at ``path``."""
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
+            attrs = dict(self.group.attrs)
+        except Exception as exc:
+            raise MaskStoreError(f"{self.path} is not a readable Zarr v3 mask store: {exc}",
+                                 str(self.path)) from exc
+        if attrs.get("kind") != STORE_KIND:
+            raise MaskStoreError(f"{self.path} is a Zarr group but not a maskhub mask",
+                                 str(self.path))
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise MaskStoreError(
+                f"{self.path} has mask format_version {version!r}; this maskhub reads up to "
+                f"{FORMAT_VERSION} (upgrade maskhub)", str(self.path))
+        try:
+            self.metadata = MaskMetadata.from_dict(attrs)
+        except (TypeError, ValueError) as exc:
+            raise MaskStoreError(f"{self.path}: bad mask metadata: {exc}", str(self.path)) from exc
+        self.names: list[str] = list(attrs.get("tensors") or [])
+
+    def stats(self, name: str) -> TensorStats:
+        """Per-tensor stats as recorded in the array attributes."""
+        arr = self._array(name)
+        d = dict(arr.attrs)
+        d["tensor"] = name
+        return TensorStats.from_dict(d)
+
+    def iter_stats(self) -> Iterator[TensorStats]:
+        """Stats of every tensor, in order."""
+        for name in self.names:
+            yield self.stats(name)
+
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            arr = self.group[name]
+        except KeyError as exc:
+            raise MaskStoreError(f"{self.path}: tensor {name!r} is missing from the store",
+                                 str(self.path)) from exc
+        if not isinstance(arr, zarr.Array):
+            raise MaskStoreError(f"{self.path}: {name!r} is not an array", str(self.path))
+        return arr
+
+    def packed(self, name: str) -> np.ndarray:
+        """The packed bits of one tensor (uint8, little bit order)."""
+        return np.asarray(self._array(name)[:])
+
+    def unpacked(self, name: str) -> np.ndarray:
+        """The boolean mask of one tensor, with the parameter's shape."""
+        st = self.stats(name)
+        bits = np.unpackbits(self.packed(name), count=st.numel, bitorder=BITORDER)
+        return bits.view(bool).reshape(st.shape)
+
+    def validate(self) -> None:
+        """Check every array against its recorded shape and count (popcount of the bits)."""
+        total = 0
+        for name in self.names:
+            st = self.stats(name)
+            arr = self._array(name)
+            expect = (st.numel + 7) // 8
+            if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
+                raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
+                                     f"metadata says {st.numel} entries", str(self.path))
+            bits = np.asarray(arr[:])
+            if st.numel % 8 and expect:
+                bits = bits.copy()
+                bits[-1] &= (1 << (st.numel % 8)) - 1
+            count = int(np.bitwise_count(bits).sum()) if expect else 0
+            if count != st.n_updated:
+                raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
+                                     f"metadata says {st.n_updated}", str(self.path))
+            total += st.numel
+        if total != self.metadata.n_params:
+            raise MaskStoreError(f"{self.path}: tensors hold {total} parameters, the metadata "
+                                 f"says {self.metadata.n_params}", str(self.path))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a store directory if present (no error when absent)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a completed store from its staging place to its final place atomically."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)

@@ -1,0 +1,36 @@
+"""Parse transformer parameter names into (layer index, module kind)."""
+
+from __future__ import annotations
+
+import re
+
+# Block containers used by common architectures: Llama/Qwen/Mistral `layers`, GPT-2 `h`,
+# BLOOM/Falcon `h`, T5/BERT `block`/`layer`, generic `blocks`.
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+_PREFIXES = ("model.", "transformer.", "language_model.model.", "language_model.")
+_SUFFIXES = (".weight", ".bias")
+
+
+def parse_tensor_name(name: str) -> tuple[int | None, str]:
+    """Return ``(layer, module)`` for a parameter name.
+
+    ``model.layers.12.self_attn.q_proj.weight`` gives ``(12, "self_attn.q_proj")``;
+    names outside the repeated blocks give ``(None, module)``, for example
+    ``model.embed_tokens.weight`` gives ``(None, "embed_tokens")``.
+    """
+    m = _BLOCK.search(name)
+    if m:
+        layer: int | None = int(m.group(1))
+        rest = m.group(2)
+    else:
+        layer = None
+        rest = name
+        for prefix in _PREFIXES:
+            if rest.startswith(prefix):
+                rest = rest[len(prefix):]
+                break
+    for suffix in _SUFFIXES:
+        if rest.endswith(suffix) and rest != suffix[1:]:
+            rest = rest[: -len(suffix)]
+            break
+    return layer, rest
