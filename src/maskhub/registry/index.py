@@ -174,11 +174,23 @@ class Index:
             return [d[0] for d in cur.description], cur.fetchall()
 
     def delete_mask(self, mask_id: str) -> None:
-        """Remove a mask's rows from every table that refers to it."""
+        """Remove a mask's rows from every table that refers to it.
+
+        A table refers to a mask through a ``mask_id`` column, or through ``mask_a`` /
+        ``mask_b`` (pair tables such as ``overlaps``). Views are skipped.
+        """
         with self.connect() as con:
-            tables = {r[0] for r in con.execute(
-                "SELECT table_name FROM information_schema.columns WHERE column_name = 'mask_id'"
-            ).fetchall()}
-            for table in sorted(tables):
-                con.execute(f'DELETE FROM "{table}" WHERE mask_id = ?', [mask_id])
+            found = con.execute(
+                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                "JOIN information_schema.tables t "
+                "ON t.table_schema = c.table_schema AND t.table_name = c.table_name "
+                "WHERE t.table_type = 'BASE TABLE' "
+                "AND c.column_name IN ('mask_id', 'mask_a', 'mask_b')"
+            ).fetchall()
+            columns: dict[str, list[str]] = {}
+            for table, column in found:
+                columns.setdefault(table, []).append(column)
+            for table in sorted(columns):
+                cond = " OR ".join(f"{c} = ?" for c in sorted(columns[table]))
+                con.execute(f'DELETE FROM "{table}" WHERE {cond}', [mask_id] * len(columns[table]))
             con.execute("DELETE FROM masks WHERE id = ?", [mask_id])

@@ -71,8 +71,127 @@ M001_CORE = Migration(
     """,
 )
 
+M002_OVERLAPS = Migration(
+    2,
+    "overlap analytics: overlaps, tensor_overlaps, mask_lineage and their views",
+    """
+    CREATE TABLE "overlaps" (
+        mask_a              VARCHAR NOT NULL,
+        mask_b              VARCHAR NOT NULL,
+        n_params            BIGINT NOT NULL,
+        n_tensors           INTEGER NOT NULL,
+        n_a                 BIGINT NOT NULL,
+        n_b                 BIGINT NOT NULL,
+        n_both              BIGINT NOT NULL,
+        o1                  DOUBLE,
+        o2                  DOUBLE,
+        o1_random           DOUBLE,
+        o2_random           DOUBLE,
+        o1_stratified       DOUBLE,
+        o2_stratified       DOUBLE,
+        jaccard             DOUBLE,
+        expected_random     DOUBLE NOT NULL,
+        expected_stratified DOUBLE NOT NULL,
+        var_stratified      DOUBLE NOT NULL,
+        z_score             DOUBLE,
+        p_value             DOUBLE,
+        log10_p_value       DOUBLE,
+        computed_at         TIMESTAMP NOT NULL,
+        PRIMARY KEY (mask_a, mask_b)
+    );
+    CREATE TABLE tensor_overlaps (
+        mask_a   VARCHAR NOT NULL,
+        mask_b   VARCHAR NOT NULL,
+        position INTEGER NOT NULL,
+        tensor   VARCHAR NOT NULL,
+        layer    INTEGER,
+        module   VARCHAR NOT NULL,
+        numel    BIGINT NOT NULL,
+        n_a      BIGINT NOT NULL,
+        n_b      BIGINT NOT NULL,
+        n_both   BIGINT NOT NULL,
+        PRIMARY KEY (mask_a, mask_b, tensor)
+    );
+    CREATE TABLE mask_lineage (
+        mask_id   VARCHAR NOT NULL,
+        position  INTEGER NOT NULL,
+        parent_id VARCHAR NOT NULL,
+        operation VARCHAR NOT NULL,
+        min_count INTEGER,
+        PRIMARY KEY (mask_id, position)
+    );
+    CREATE VIEW overlap_pairs AS
+        SELECT mask_a, mask_b, n_params, n_tensors, n_a, n_b, n_both, o1, o2, o1_random,
+               o2_random, o1_stratified, o2_stratified, jaccard, expected_random,
+               expected_stratified, var_stratified, z_score, p_value, log10_p_value,
+               computed_at
+        FROM "overlaps"
+        UNION ALL
+        SELECT o.mask_b, o.mask_a, o.n_params, o.n_tensors, o.n_b, o.n_a, o.n_both, o.o2, o.o1,
+               o.o2_random, o.o1_random, o.o2_stratified, o.o1_stratified, o.jaccard,
+               o.expected_random, o.expected_stratified, o.var_stratified, o.z_score,
+               o.p_value, o.log10_p_value, o.computed_at
+        FROM "overlaps" o
+        WHERE NOT EXISTS (SELECT 1 FROM "overlaps" r
+                          WHERE r.mask_a = o.mask_b AND r.mask_b = o.mask_a);
+    CREATE VIEW overlap_summary AS
+        SELECT a.name AS name_a, b.name AS name_b, a.base_model,
+               a.algorithm AS algorithm_a, b.algorithm AS algorithm_b,
+               p.*,
+               p.n_both / nullif(p.expected_random, 0) AS lift_random,
+               p.n_both / nullif(p.expected_stratified, 0) AS lift_stratified,
+               p.o1 - p.o1_stratified AS o1_excess,
+               p.o2 - p.o2_stratified AS o2_excess
+        FROM overlap_pairs p
+        JOIN masks a ON a.id = p.mask_a
+        JOIN masks b ON b.id = p.mask_b;
+    CREATE VIEW tensor_overlap_pairs AS
+        SELECT mask_a, mask_b, position, tensor, layer, module, numel, n_a, n_b, n_both
+        FROM tensor_overlaps
+        UNION ALL
+        SELECT t.mask_b, t.mask_a, t.position, t.tensor, t.layer, t.module, t.numel, t.n_b,
+               t.n_a, t.n_both
+        FROM tensor_overlaps t
+        WHERE NOT EXISTS (SELECT 1 FROM "overlaps" r
+                          WHERE r.mask_a = t.mask_b AND r.mask_b = t.mask_a);
+    CREATE VIEW module_overlaps AS
+        SELECT a.name AS name_a, b.name AS name_b, t.mask_a, t.mask_b, t.module,
+               count(*) AS n_tensors, sum(t.numel) AS numel, sum(t.n_a) AS n_a,
+               sum(t.n_b) AS n_b, sum(t.n_both) AS n_both,
+               sum(t.n_both) / nullif(sum(t.n_a), 0) AS o1,
+               sum(t.n_both) / nullif(sum(t.n_b), 0) AS o2,
+               sum(t.n_b) / nullif(sum(t.numel), 0) AS o1_random,
+               sum(t.n_a) / nullif(sum(t.numel), 0) AS o2_random,
+               sum(t.n_a::DOUBLE * t.n_b / nullif(t.numel, 0)) / nullif(sum(t.n_a), 0)
+                   AS o1_stratified,
+               sum(t.n_a::DOUBLE * t.n_b / nullif(t.numel, 0)) / nullif(sum(t.n_b), 0)
+                   AS o2_stratified
+        FROM tensor_overlap_pairs t
+        JOIN masks a ON a.id = t.mask_a
+        JOIN masks b ON b.id = t.mask_b
+        GROUP BY a.name, b.name, t.mask_a, t.mask_b, t.module;
+    CREATE VIEW layer_overlaps AS
+        SELECT a.name AS name_a, b.name AS name_b, t.mask_a, t.mask_b, t.layer,
+               count(*) AS n_tensors, sum(t.numel) AS numel, sum(t.n_a) AS n_a,
+               sum(t.n_b) AS n_b, sum(t.n_both) AS n_both,
+               sum(t.n_both) / nullif(sum(t.n_a), 0) AS o1,
+               sum(t.n_both) / nullif(sum(t.n_b), 0) AS o2,
+               sum(t.n_b) / nullif(sum(t.numel), 0) AS o1_random,
+               sum(t.n_a) / nullif(sum(t.numel), 0) AS o2_random,
+               sum(t.n_a::DOUBLE * t.n_b / nullif(t.numel, 0)) / nullif(sum(t.n_a), 0)
+                   AS o1_stratified,
+               sum(t.n_a::DOUBLE * t.n_b / nullif(t.numel, 0)) / nullif(sum(t.n_b), 0)
+                   AS o2_stratified
+        FROM tensor_overlap_pairs t
+        JOIN masks a ON a.id = t.mask_a
+        JOIN masks b ON b.id = t.mask_b
+        WHERE t.layer IS NOT NULL
+        GROUP BY a.name, b.name, t.mask_a, t.mask_b, t.layer;
+    """,
+)
+
 #: Every migration, in order. Append only.
-MIGRATIONS: list[Migration] = [M001_CORE]
+MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
