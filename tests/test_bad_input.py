@@ -14,7 +14,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factory import llama_shapes, make_pair, random_state, save
-from safetensors.torch import save_file
 
 from maskhub import CheckpointError, CheckpointMismatchError, Registry
 from maskhub.cli import main
