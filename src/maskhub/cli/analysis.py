@@ -1,0 +1,68 @@
+"""Analysis commands: trajectory."""
+
+from __future__ import annotations
+
+import click
+
+from maskhub.cli.common import (
+    byte_progress,
+    echo_json,
+    home_option,
+    json_option,
+    pct,
+    print_table,
+    registry,
+    stdout,
+)
+
+
+@click.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--name", help="Base name of the two registered masks (NAME-final, NAME-ever).")
+@click.option("--tol", type=float, default=1e-5, show_default=True,
+              help="Updated iff |θk - θj| > tol.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG: sparsity against step, and the split.")
+@json_option
+@home_option
+def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, device: str,
+               plot_path: str | None, as_json: bool, home: str | None) -> None:
+    """Follow the mask along CKPT0 CKPT1 ... CKPTn (or one directory of checkpoint
+    subdirectories, ordered by the step number in their names).
+
+    Reports the sparsity of each checkpoint against CKPT0 and against the previous one, the
+    ever-updated set, and the split into never touched / touched but cancelled out / final
+    subnetwork (the paper's Figure 2). Registers NAME-final and NAME-ever.
+
+    \b
+    Example:
+      maskhub trajectory ./run/checkpoint-0 ./run/checkpoint-500 ./run/checkpoint-1000
+      maskhub trajectory ./run --name grpo-run --plot grpo.png
+    """
+    reg = registry(home)
+    with byte_progress("trajectory") as progress:
+        result = reg.trajectory(list(checkpoints), name=name, tol=tol, device=device,
+                                progress=progress)
+    data = result.to_dict()
+    if plot_path:
+        from maskhub.registry.trajectory_plot import plot_trajectory
+
+        plot_trajectory(data, plot_path)
+    if as_json:
+        echo_json(data)
+        return
+    print_table(["step", "checkpoint", "vs first", "vs previous", "ever updated"],
+                [[p["step"], p["checkpoint"], p["sparsity_vs_first"], p["sparsity_vs_prev"],
+                  p["sparsity_ever"]] for p in data["points"][1:]],
+                title=f"sparsity along {result.name}",
+                formatters={"vs first": pct, "vs previous": pct, "ever updated": pct})
+    split = result.split()
+    stdout.print(f"never touched {pct(split['never'])}, touched but cancelled out "
+                 f"{pct(split['cancelled'])}, final subnetwork {pct(split['subnetwork'])}; "
+                 f"registered {result.final.name} and {result.ever.name}", highlight=False)
+    if plot_path:
+        stdout.print(f"wrote {plot_path}", highlight=False)
+
+
+COMMANDS = [trajectory]

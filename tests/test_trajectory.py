@@ -1,0 +1,89 @@
+"""Trajectories over built checkpoint sequences with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+from factory import llama_shapes, random_state, save
+
+from maskhub import Registry
+from maskhub.cli import main
+
+
+def _sequence(root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """checkpoint-0..300: S1 changed at 100, S2 at 200, S1 reverted and S3 changed at 300."""
+    c0 = random_state(llama_shapes(), torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(9)
+    sets: dict[str, dict[str, np.ndarray]] = {"S1": {}, "S2": {}, "S3": {}}
+    states = [dict(c0), {}, {}, {}]
+    for name, t in c0.items():
+        u = torch.rand(t.shape, generator=g)
+        s1, s2, s3 = u < 0.1, (u >= 0.1) & (u < 0.15), (u >= 0.15) & (u < 0.3)
+        bump = (t.to(torch.float64) + 0.25).to(t.dtype)
+        states[1][name] = torch.where(s1, bump, t)
+        states[2][name] = torch.where(s1 | s2, bump, t)
+        states[3][name] = torch.where(s2 | s3, bump, t)
+        for key, m in zip(("S1", "S2", "S3"), (s1, s2, s3), strict=True):
+            sets[key][name] = m.numpy()
+    for i, st in enumerate(states):
+        save(st, root / f"checkpoint-{i * 100}", shards=2 if i % 2 else 1)
+    return sets
+
+
+def _count(sets: dict[str, np.ndarray]) -> int:
+    return sum(int(m.sum()) for m in sets.values())
+
+
+def test_trajectory_counts_cancelled_updates(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    sets = _sequence(root)
+    n1, n2, n3 = (_count(sets[k]) for k in ("S1", "S2", "S3"))
+    res = CliRunner().invoke(main, ["trajectory", str(root), "--name", "run", "--json",
+                                    "--plot", str(tmp_path / "traj.png")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    n = data["n_params"]
+    assert n == sum(m.size for m in sets["S1"].values())
+    pts = data["points"]
+    assert [p["step"] for p in pts] == [0, 100, 200, 300]
+    assert [p["n_updated_vs_first"] for p in pts] == [0, n1, n1 + n2, n2 + n3]
+    assert [p["n_updated_vs_prev"] for p in pts] == [0, n1, n2, n1 + n3]
+    assert [p["n_ever"] for p in pts] == [0, n1, n1 + n2, n1 + n2 + n3]
+    assert (data["n_subnetwork"], data["n_cancelled"], data["n_never"]) == (
+        n2 + n3, n1, n - n1 - n2 - n3)
+    assert data["frac_never"] + data["frac_cancelled"] + data["frac_subnetwork"] == 1.0
+
+    reg = Registry()
+    final, ever = reg.get("run-final"), reg.get("run-ever")
+    for name in sets["S1"]:
+        assert np.array_equal(final[name], sets["S2"][name] | sets["S3"][name]), name
+        assert np.array_equal(ever[name], sets["S1"][name] | sets["S2"][name]
+                              | sets["S3"][name]), name
+    cols, rows = reg.sql("select idx, n_ever from trajectory_points order by idx")
+    assert [r[1] for r in rows] == [0, n1, n1 + n2, n1 + n2 + n3]
+    cols, rows = reg.sql("select n_cancelled, final_mask_id from trajectories")
+    assert rows == [(n1, final.id)]
+    png = tmp_path / "traj.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png.read_bytes()[16:20], "big"), \
+        int.from_bytes(png.read_bytes()[20:24], "big")
+    assert (width, height) == (1000, 400)
+
+
+def test_trajectory_explicit_list_and_errors(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _sequence(root)
+    res = CliRunner().invoke(main, ["trajectory", str(root / "checkpoint-0")])
+    assert res.exit_code == 1 and "at least two checkpoints" in res.output
+    res = CliRunner().invoke(main, ["trajectory", str(root / "checkpoint-0"),
+                                    str(root / "checkpoint-300")])
+    assert res.exit_code == 0, res.output
+    assert "registered checkpoint-300-final and checkpoint-300-ever" in res.stdout
+    res = CliRunner().invoke(main, ["trajectory", str(root / "checkpoint-0"),
+                                    str(root / "checkpoint-300")])
+    assert res.exit_code == 1 and "already exists" in res.output
+    assert len(Registry().ls()) == 2
