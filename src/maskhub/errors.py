@@ -82,3 +82,16 @@ class HubError(MaskhubError, RuntimeError):
 
 class UsageError(MaskhubError, ValueError):
     """An argument is invalid (bad tolerance, unknown device, malformed option...)."""
+
+
+class MaskMismatchError(MaskhubError, LookupError):
+    """A mask's tensors do not match a model's parameters or a checkpoint's tensors (names or
+    shapes); lists what is missing on each side."""
+
+    def __init__(self, message: str, missing_in_target: list[str] | None = None,
+                 missing_in_mask: list[str] | None = None,
+                 shape_mismatches: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing_in_target = list(missing_in_target or [])
+        self.missing_in_mask = list(missing_in_mask or [])
+        self.shape_mismatches = list(shape_mismatches or [])

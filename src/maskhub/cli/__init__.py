@@ -54,9 +54,14 @@ def main() -> None:
 
 
 def _register() -> None:
+    from maskhub.cli import analysis as analysis_cli
     from maskhub.cli import core
+    from maskhub.cli import hub as hub_cli
+    from maskhub.cli import overlap as overlap_cli
+    from maskhub.cli import verify as verify_cli
 
-    for command in core.COMMANDS:
+    for command in (core.COMMANDS + overlap_cli.COMMANDS + hub_cli.COMMANDS
+                    + verify_cli.COMMANDS + analysis_cli.COMMANDS):
         main.add_command(command)
 
 

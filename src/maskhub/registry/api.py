@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,12 @@ from maskhub.registry.kernel import DiffKernel
 from maskhub.registry.sources import open_checkpoint
 from maskhub.registry.store import MaskStore, MaskWriter, publish, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
+
+if TYPE_CHECKING:
+    from maskhub.registry.hub import PullResult, PushResult
+    from maskhub.registry.overlap import OverlapMatrix, OverlapResult
+    from maskhub.registry.trajectory import TrajectoryResult
+    from maskhub.registry.verify import VerifyReport
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -93,6 +99,25 @@ class Mask:
     def to_torch(self, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Boolean mask of one tensor as a torch tensor."""
         return torch.from_numpy(self[tensor]).to(device)
+
+    # -- Hugging Face Hub (maskhub.registry.hub) ------------------------------------------
+
+    @classmethod
+    def from_hub(cls, repo_id: str, revision: str | None = None,
+                 home: str | os.PathLike[str] | None = None, *, name: str | None = None,
+                 repo_type: str = "model", token: str | None = None) -> Mask:
+        """Pull the mask of Hub repo ``repo_id`` (``org/name[@rev]``) into the registry at
+        ``home`` (verified; a no-op when that commit is already there) and return it."""
+        return Registry(home).pull(repo_id, revision, name=name, repo_type=repo_type,
+                                   token=token).mask
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    commit_message: str | None = None, repo_type: str = "model",
+                    license: str | None = None, token: str | None = None) -> PushResult:
+        """Push this mask to ``repo_id`` in one commit (see :meth:`Registry.push`)."""
+        return self.registry.push(self.id, repo_id, private=private, revision=revision,
+                                  commit_message=commit_message, repo_type=repo_type,
+                                  license=license, token=token)
 
     def __repr__(self) -> str:
         return (f"Mask(name={self.name!r}, id={self.id[:12]!r}, "
@@ -307,6 +332,120 @@ class Registry:
         remove_tree(mask.path)
         return mask
 
+    # -- overlap analytics (maskhub.registry.overlap, combine, plot) ---------------------
+
+    def overlap(self, a: str, b: str, *, refresh: bool = False,
+                progress: ProgressFn | None = None) -> OverlapResult:
+        """Overlap of mask ``a`` (I1) with mask ``b`` (I2): counts, o1/o2, Jaccard, uniform
+        and stratified random baselines, z-score; cached in the ``overlaps`` table."""
+        from maskhub.registry.overlap import overlap
+
+        return overlap(self, self.get(a), self.get(b), refresh=refresh, progress=progress)
+
+    def overlap_all(self, refs: Sequence[str] = (), *, base_model: str | None = None,
+                    refresh: bool = False, progress: ProgressFn | None = None) -> OverlapMatrix:
+        """Every pair among ``refs`` (default: the masks of ``base_model``, or all masks when
+        they share one base model), counted in one pass that reads each mask once."""
+        from maskhub.registry.overlap import overlap_all, select_masks
+
+        masks = select_masks(self, refs, base_model)
+        return overlap_all(self, masks, refresh=refresh, progress=progress)
+
+    def combine(self, operation: str, refs: Sequence[str], *, name: str | None = None,
+                min_count: int | None = None, notes: str | None = None,
+                progress: ProgressFn | None = None) -> Mask:
+        """Register ``intersect``/``union``/``difference``/``consensus`` of masks as a new
+        mask with its lineage (see :mod:`maskhub.registry.combine`)."""
+        from maskhub.registry.combine import combine
+
+        masks = [self.get(r) for r in refs]
+        return combine(self, operation, masks, name=name, min_count=min_count, notes=notes,
+                       progress=progress)
+
+    def plot(self, refs: Sequence[str], output: str | os.PathLike[str], *,
+             kind: str | None = None, base_model: str | None = None,
+             baseline: str = "stratified", size: tuple[int, int] | None = None,
+             refresh: bool = False, progress: ProgressFn | None = None) -> Path:
+        """Draw a figure into ``output`` and return its path. ``kind="sparsity"``: the layer x
+        module heatmap of one mask; ``kind="overlap"``: the overlap matrix of several masks
+        with a random baseline. Default: sparsity for one mask, overlap otherwise."""
+        from maskhub.registry.plot import plot_overlap, plot_sparsity
+
+        kind = kind or ("sparsity" if len(refs) == 1 and base_model is None else "overlap")
+        if kind == "sparsity":
+            if len(refs) != 1:
+                raise UsageError("a sparsity plot shows exactly one mask")
+            return plot_sparsity(self, self.get(refs[0]), output, size)
+        if kind != "overlap":
+            raise UsageError(f"unknown plot kind {kind!r}; choose sparsity or overlap")
+        matrix = self.overlap_all(refs, base_model=base_model, refresh=refresh,
+                                  progress=progress)
+        return plot_overlap(matrix, output, baseline, size)
+
+    # -- Hugging Face Hub (maskhub.registry.hub) ------------------------------------------
+
+    def push(self, ref: str, repo_id: str, *, private: bool = False,
+             revision: str | None = None, commit_message: str | None = None,
+             repo_type: str = "model", license: str | None = None,
+             token: str | None = None) -> PushResult:
+        """Upload mask ``ref`` to Hub repo ``repo_id`` in one commit (Zarr store,
+        maskhub.json with every file's sha256, tensors.parquet, model card), creating the repo
+        and branch ``revision`` if needed; record the repo and commit in the index. An
+        unchanged mask makes no new commit. See :mod:`maskhub.registry.hub`."""
+        from maskhub.registry.hub import push
+
+        return push(self, ref, repo_id, private=private, revision=revision,
+                    commit_message=commit_message, repo_type=repo_type, license=license,
+                    token=token)
+
+    def pull(self, repo_id: str, revision: str | None = None, *, name: str | None = None,
+             repo_type: str = "model", token: str | None = None) -> PullResult:
+        """Download, verify (versions, paths, every sha256, arrays vs metadata) and register
+        the mask of Hub repo ``repo_id`` at ``revision``; a no-op for a commit already
+        pulled. Works offline for a cached revision. See :mod:`maskhub.registry.hub`."""
+        from maskhub.registry.hub import pull
+
+        return pull(self, repo_id, revision, name=name, repo_type=repo_type, token=token)
+
+    def search(self, *, base_model: str | None = None, algorithm: str | None = None,
+               repo_type: str = "model", limit: int = 50,
+               token: str | None = None) -> list[dict[str, Any]]:
+        """Mask repos on the Hub (tag ``maskhub``), filtered by base model and algorithm."""
+        from maskhub.registry.hub import search
+
+        return search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
+                      limit=limit, token=token)
+
+    # -- masked training (maskhub.registry.verify; training itself: maskhub.torch) -------
+
+    def verify(self, mask: str | Any, base: str | os.PathLike[str],
+               trained: str | os.PathLike[str], *, tol: float = 0.0, device: str = "auto",
+               allow_missing: bool = False, progress: ProgressFn | None = None,
+               warn: Callable[[str], None] | None = None) -> VerifyReport:
+        """Diff ``trained`` against ``base`` and count, per tensor, the entries that changed
+        by more than ``tol`` outside ``mask`` (a name, id prefix or :class:`Mask`); the
+        report's ``ok`` is False if any did. See :mod:`maskhub.registry.verify`."""
+        from maskhub.registry.verify import verify_mask
+
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise UsageError(f"tolerance must be a finite number >= 0, not {tol!r}")
+        source = self.get(mask) if isinstance(mask, str) else mask
+        return verify_mask(source, base, trained, tol=tol, device=resolve_device(device),
+                           allow_missing=allow_missing, progress=progress, warn=warn)
+
+
+    # -- analysis (maskhub.registry.trajectory) --------------------------------------------
+
+    def trajectory(self, checkpoints: Sequence[str], *, name: str | None = None,
+                   tol: float = 1e-5, device: str = "auto",
+                   progress: ProgressFn | None = None) -> TrajectoryResult:
+        """Measure a sequence of checkpoints (or one directory of them, ordered by step):
+        sparsity against the first and between consecutive ones, the ever-updated set and the
+        never / cancelled / subnetwork split; registers ``NAME-final`` and ``NAME-ever``."""
+        from maskhub.registry.trajectory import run_trajectory
+
+        return run_trajectory(self, checkpoints, name=name, tol=tol,
+                              device=resolve_device(device), progress=progress)
 
 def _check_name_syntax(name: str) -> None:
     if not name or name.strip() != name or "/" in name or len(name) > 200:

@@ -28,15 +28,16 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except hf_errors.RepositoryNotFoundError as exc:
         raise HubError(f"Hub repo {repo_id} not found (or it is private and no valid HF_TOKEN "
                        "is set)", repo_id) from exc
-    except hf_errors.EntryNotFoundError as exc:
-        raise HubError(f"{where}: file not found on the Hub: {_first_line(exc)}",
-                       repo_id) from exc
     except hf_errors.OfflineModeIsEnabled as exc:
         raise HubError(f"{where}: HF_HUB_OFFLINE is set and this needs the network",
                        repo_id) from exc
     except hf_errors.LocalEntryNotFoundError as exc:
         raise HubError(f"{where}: not in the local Hub cache and the Hub cannot be reached "
                        f"({_first_line(exc)})", repo_id) from exc
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
+    except hf_errors.EntryNotFoundError as exc:
+        raise HubError(f"{where}: file not found on the Hub: {_first_line(exc)}",
+                       repo_id) from exc
     except hf_errors.HfHubHTTPError as exc:
         raise HubError(f"{where}: Hub request failed: {_first_line(exc)}", repo_id) from exc
     except (OSError, ConnectionError) as exc:

@@ -94,7 +94,7 @@ class Index:
                 con.execute(MIGRATIONS_TABLE)
                 rows = con.execute("SELECT number FROM schema_migrations").fetchall()
                 done = {r[0] for r in rows}
-                for m in MIGRATIONS:
+                for m in sorted(MIGRATIONS, key=lambda m: m.number):
                     if m.number in done:
                         continue
                     con.execute("BEGIN TRANSACTION")

@@ -4,23 +4,37 @@ Definition (DESIGN.md): an entry is *updated* iff ``|target - base| > tol``, the
 taken exactly (inputs up-cast to float64, never subtracted in bf16). ``+0 == -0``; NaN vs NaN
 is unchanged, NaN vs a number is updated; equal infinities are unchanged.
 
-The kernel works through a tensor in fixed-size chunks so that its scratch memory does not
-grow with the tensor, and returns the mask packed at one bit per entry
-(``numpy.packbits(flat_mask, bitorder="little")``).
+:func:`updated` is the reference (float64, slow). :class:`DiffKernel` gives the same bits
+fast: for bf16/fp16/fp32 it compares bit patterns first and subtracts (in float64) only the
+few entries whose magnitude is so small that one step of the format could be ``<= tol``
+(:mod:`maskhub.registry.floatbits`, :mod:`maskhub.registry.fastkernel`); other dtypes and
+exotic mixes go through the reference. On CUDA it compares and packs on the GPU
+(:mod:`maskhub.registry.gpukernel`).
+
+Masks are packed at one bit per entry (``numpy.packbits(flat_mask, bitorder="little")``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from maskhub.registry import fastkernel
+from maskhub.registry.floatbits import BF16, FORMATS, FP32, FloatFormat, value_table
 from maskhub.schemas.metadata import BITORDER
 
 #: Entries per chunk; a multiple of 8 so that chunks pack to whole bytes.
-CHUNK = 1 << 22
+CHUNK = 1 << 20
+
+#: ``fn(a_raw, b_raw, out, counts)``: diff one chunk given as raw bytes (uint8 arrays of
+#: ``n * itemsize`` bytes each); writes ``ceil(n/8)`` packed bytes into ``out`` and adds the
+#: number of updated entries at each tolerance of :attr:`DiffKernel.tols` to ``counts``.
+ChunkFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+BACKENDS = ("auto", "numba", "numpy", "reference")
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,7 @@ def updated(a: torch.Tensor, b: torch.Tensor, tol: float) -> torch.Tensor:
     """Reference definition: boolean tensor of the entries of ``b`` updated from ``a``.
 
     Both inputs are up-cast to float64 before subtracting. Slow; used for checks and for
-    small tensors.
+    dtypes the fast paths do not cover.
     """
     a64 = a.to(torch.float64)
     b64 = b.to(torch.float64)
@@ -55,42 +69,163 @@ def pack_bits(mask: torch.Tensor) -> np.ndarray:
     flat = mask.reshape(-1)
     if flat.device.type == "cpu":
         return np.packbits(flat.numpy(), bitorder=BITORDER)
-    n = flat.numel()
-    pad = (-n) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
-    return packed.cpu().numpy()
+    from maskhub.registry.gpukernel import pack_on_device
+
+    return pack_on_device(flat).cpu().numpy()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"bfloat16"``...)."""
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of the dtype called ``name``."""
+    return torch.empty((), dtype=torch_dtype(name)).element_size()
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    # numba compiles one specialisation per (writeable, aligned) flavour: keep inputs uniform.
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def _to_fp32_bits(raw: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """Exact up-cast of bf16/fp16/fp32 raw bytes to fp32 bit patterns (uint32)."""
+    if fmt is FP32:
+        return raw.view(np.uint32)
+    if fmt is BF16:
+        return raw.view(np.uint16).astype(np.uint32) << np.uint32(16)
+    return raw.view(np.float16).astype(np.float32).view(np.uint32)
 
 
 class DiffKernel:
     """Diffs tensor pairs at one tolerance, counting a sweep of other tolerances on the way."""
 
-    def __init__(self, tol: float = 1e-5, sweep: Sequence[float] = (), device: str = "cpu"):
-        """``device`` is ``"cpu"`` or a CUDA device string; inputs are moved there per chunk."""
+    def __init__(self, tol: float = 1e-5, sweep: Sequence[float] = (), device: str = "cpu",
+                 backend: str = "auto"):
+        """``device``: ``"cpu"`` or a CUDA device string. ``backend`` (CPU only): ``auto``
+        (numba when installed, else numpy), ``numba``, ``numpy`` or ``reference``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if backend == "numba" and not fastkernel.HAVE_NUMBA:
+            raise ValueError("the numba backend needs numba installed")
         self.tol = float(tol)
         self.sweep = tuple(float(t) for t in sweep)
         self.device = torch.device(device)
+        self.backend = ("numba" if fastkernel.HAVE_NUMBA else "numpy") if backend == "auto" \
+            else backend
+        #: ``[tol, *sweep]``: ``counts[0]`` is the mask's count, ``counts[1:]`` the sweep's.
+        self.tols = np.array((self.tol, *self.sweep), dtype=np.float64)
+        self._luts: dict[str, np.ndarray] = {}
+
+    @property
+    def tol_max(self) -> float:
+        """Largest tolerance of the pass (decides which entries need the exact check)."""
+        return float(self.tols.max())
+
+    def _lut(self, fmt: FloatFormat) -> np.ndarray:
+        if fmt.name not in self._luts:
+            self._luts[fmt.name] = value_table(fmt)
+        return self._luts[fmt.name]
+
+    def chunk_fn(self, dtype_a: str, dtype_b: str) -> ChunkFn:
+        """The CPU function that diffs chunks of a ``dtype_a`` base and ``dtype_b`` target."""
+        fa, fb = FORMATS.get(dtype_a), FORMATS.get(dtype_b)
+        if self.backend == "reference" or fa is None or fb is None:
+            return self._reference_fn(dtype_a, dtype_b)
+        if fa is fb and fa.width == 16:
+            return self._fn16(fa)
+        return self._fn32(fa, fb)
+
+    def _fn16(self, fmt: FloatFormat) -> ChunkFn:
+        lut, big, inf, tols = self._lut(fmt), fmt.big_bits(self.tol_max), fmt.inf_bits, self.tols
+        if self.backend == "numba":
+            def fn(a_raw, b_raw, out, counts):
+                fastkernel.numba_chunk16(_readonly(a_raw.view(np.uint16)),
+                                         _readonly(b_raw.view(np.uint16)),
+                                         lut, lut, big, inf, tols, out, counts)
+        else:
+            def fn(a_raw, b_raw, out, counts):
+                fastkernel.numpy_chunk(a_raw.view(np.uint16), b_raw.view(np.uint16), lut, lut,
+                                       fmt.mag_mask, big, inf, tols, out, counts)
+        return fn
+
+    def _fn32(self, fmt_a: FloatFormat, fmt_b: FloatFormat) -> ChunkFn:
+        big, inf, tols = FP32.big_bits(self.tol_max), FP32.inf_bits, self.tols
+
+        def fn(a_raw, b_raw, out, counts):
+            a = _readonly(_to_fp32_bits(a_raw, fmt_a))
+            b = _readonly(_to_fp32_bits(b_raw, fmt_b))
+            va, vb = a.view(np.float32), b.view(np.float32)
+            if self.backend == "numba":
+                fastkernel.numba_chunk32(a, b, va, vb, big, inf, tols, out, counts)
+            else:
+                fastkernel.numpy_chunk(a, b, None, None, FP32.mag_mask, big, inf, tols, out,
+                                       counts)
+        return fn
+
+    def _reference_fn(self, dtype_a: str, dtype_b: str) -> ChunkFn:
+        ta, tb = torch_dtype(dtype_a), torch_dtype(dtype_b)
+        tols = self.tols
+
+        def fn(a_raw, b_raw, out, counts):
+            a = torch.from_numpy(np.array(a_raw, copy=True)).view(ta).to(torch.float64)
+            b = torch.from_numpy(np.array(b_raw, copy=True)).view(tb).to(torch.float64)
+            m = _updated64(a, b, float(tols[0]))
+            counts[0] += int(m.sum())
+            if tols.shape[0] > 1:
+                absdiff = (b - a).abs()
+                changed = (a != b) & ~(torch.isnan(a) & torch.isnan(b))
+                for i in range(1, tols.shape[0]):
+                    counts[i] += int((changed & ~(absdiff <= float(tols[i]))).sum())
+            out[:] = np.packbits(m.numpy(), bitorder=BITORDER)
+        return fn
 
     def run(self, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
         """Diff ``b`` (target) against ``a`` (base); both must have the same shape."""
-        fa = a.reshape(-1)
-        fb = b.reshape(-1)
-        n = fa.numel()
-        packed = np.empty((n + 7) // 8, dtype=np.uint8)
-        n_updated = 0
-        sweep_counts = [0] * len(self.sweep)
-        for start in range(0, n, CHUNK):
-            stop = min(n, start + CHUNK)
-            ca = fa[start:stop].to(self.device, torch.float64, non_blocking=True)
-            cb = fb[start:stop].to(self.device, torch.float64, non_blocking=True)
-            m = _updated64(ca, cb, self.tol)
-            n_updated += int(m.sum())
-            if self.sweep:
-                absdiff = (cb - ca).abs()
-                changed = (ca != cb) & ~(torch.isnan(ca) & torch.isnan(cb))
-                for i, t in enumerate(self.sweep):
-                    sweep_counts[i] += int((changed & ~(absdiff <= t)).sum())
-            packed[start // 8 : (stop + 7) // 8] = pack_bits(m)
-        return TensorDiff(packed, n_updated, tuple(sweep_counts))
+        if a.shape != b.shape:
+            raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a_raw = _raw_bytes(a)
+        b_raw = _raw_bytes(b)
+        da, db = str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch.")
+        return self.run_raw(a_raw, b_raw, da, db, a.numel())
+
+    def run_raw(self, a_raw: np.ndarray, b_raw: np.ndarray, dtype_a: str, dtype_b: str,
+                numel: int) -> TensorDiff:
+        """Diff one tensor pair given as raw bytes (chunk by chunk, in this thread)."""
+        if self.device.type == "cuda":
+            from maskhub.registry.gpukernel import CudaDiffer
+
+            packed = np.empty((numel + 7) // 8, dtype=np.uint8)
+            counts = CudaDiffer.for_kernel(self).diff(a_raw, b_raw, dtype_a, dtype_b, numel,
+                                                      packed)
+            return _result(packed, counts)
+        fn = self.chunk_fn(dtype_a, dtype_b)
+        sa, sb = itemsize(dtype_a), itemsize(dtype_b)
+        packed = np.empty((numel + 7) // 8, dtype=np.uint8)
+        counts = np.zeros(self.tols.shape[0], dtype=np.int64)
+        for start in range(0, numel, CHUNK):
+            stop = min(numel, start + CHUNK)
+            fn(a_raw[start * sa:stop * sa], b_raw[start * sb:stop * sb],
+               packed[start // 8:(stop + 7) // 8], counts)
+        return _result(packed, counts)
+
+
+def _result(packed: np.ndarray, counts: np.ndarray) -> TensorDiff:
+    return TensorDiff(packed, int(counts[0]), tuple(int(c) for c in counts[1:]))
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)

@@ -190,8 +190,55 @@ M002_OVERLAPS = Migration(
     """,
 )
 
+
+M004_ANALYSIS = Migration(
+    4,
+    "analysis: tensor_analysis, trajectories, trajectory_points",
+    """
+    CREATE TABLE tensor_analysis (
+        mask_id         VARCHAR NOT NULL,
+        tensor          VARCHAR NOT NULL,
+        rank            BIGINT,
+        max_rank        BIGINT,
+        rank_fraction   DOUBLE,
+        rank_rtol       DOUBLE,
+        sign_flips      BIGINT,
+        mean_abs_delta  DOUBLE,
+        max_abs_delta   DOUBLE,
+        mean_rel_delta  DOUBLE,
+        max_rel_delta   DOUBLE,
+        n_sub_bf16_step BIGINT,
+        PRIMARY KEY (mask_id, tensor)
+    );
+    CREATE TABLE trajectories (
+        id             VARCHAR PRIMARY KEY,
+        name           VARCHAR NOT NULL,
+        tol            DOUBLE NOT NULL,
+        n_checkpoints  INTEGER NOT NULL,
+        n_params       BIGINT NOT NULL,
+        n_never        BIGINT NOT NULL,
+        n_cancelled    BIGINT NOT NULL,
+        n_subnetwork   BIGINT NOT NULL,
+        final_mask_id  VARCHAR NOT NULL,
+        ever_mask_id   VARCHAR NOT NULL,
+        created_at     TIMESTAMP NOT NULL
+    );
+    CREATE TABLE trajectory_points (
+        trajectory_id      VARCHAR NOT NULL,
+        idx                INTEGER NOT NULL,
+        step               BIGINT NOT NULL,
+        checkpoint         VARCHAR NOT NULL,
+        revision           VARCHAR,
+        n_updated_vs_first BIGINT NOT NULL,
+        n_updated_vs_prev  BIGINT NOT NULL,
+        n_ever             BIGINT NOT NULL,
+        PRIMARY KEY (trajectory_id, idx)
+    );
+    """,
+)
+
 #: Every migration, in order. Append only.
-MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS]
+MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

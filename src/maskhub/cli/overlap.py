@@ -1,0 +1,244 @@
+"""Overlap analytics commands: overlap, combine, plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from maskhub.cli.common import (
+    byte_progress,
+    echo_json,
+    home_option,
+    json_option,
+    pct,
+    print_table,
+    registry,
+    stdout,
+)
+from maskhub.errors import UsageError
+from maskhub.registry.combine import OPERATIONS
+from maskhub.registry.overlap import OverlapMatrix, OverlapResult, TensorOverlap
+from maskhub.registry.plot import BASELINES, parse_size
+
+METRICS = ("o1", "jaccard", "lift_stratified", "z_score")
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+    return "" if v is None else f"{v:,.{digits}g}"
+
+
+def _significance(r: OverlapResult) -> str:
+    if r.z_score is None:
+        return "significance: undefined (no randomness under the stratified null)"
+    p = r.p_value
+    p_text = f"p = {p:.3g}" if p else f"p < 1e-300 (log10 p = {r.log10_p_value:,.1f})"
+    return (f"significance vs the stratified null: z = {r.z_score:,.2f}, one-sided {p_text}")
+
+
+def _print_pair(r: OverlapResult) -> None:
+    source = " (from the index cache)" if r.cached else ""
+    stdout.print(f"I1 = [bold]{r.name_a}[/bold], I2 = [bold]{r.name_b}[/bold]: "
+                 f"{r.n_params:,} parameters in {r.n_tensors} tensors{source}", highlight=False)
+    rows = [
+        ["|I1|", f"{r.n_a:,}", "", ""],
+        ["|I2|", f"{r.n_b:,}", "", ""],
+        ["|I1 ∩ I2|", f"{r.n_both:,}", _num(r.expected_random, 6),
+         _num(r.expected_stratified, 6)],
+        ["o1 = |I1 ∩ I2| / |I1|", pct(r.o1), pct(r.o1_random), pct(r.o1_stratified)],
+        ["o2 = |I1 ∩ I2| / |I2|", pct(r.o2), pct(r.o2_random), pct(r.o2_stratified)],
+        ["Jaccard", pct(r.jaccard), "", ""],
+        ["lift (observed / expected)", "", _num(r.lift_random), _num(r.lift_stratified)],
+    ]
+    print_table(["", "observed", "uniform random", "stratified random"], rows)
+    stdout.print(_significance(r), highlight=False)
+
+
+def _group(tensors: Sequence[TensorOverlap], per: str) -> list[list[Any]]:
+    groups: dict[Any, list[TensorOverlap]] = {}
+    for t in tensors:
+        key = {"tensor": t.tensor, "module": t.module, "layer": t.layer}[per]
+        if per == "layer" and key is None:
+            continue
+        groups.setdefault(key, []).append(t)
+    out = []
+    for key, ts in groups.items():
+        numel = sum(t.numel for t in ts)
+        n_a, n_b = sum(t.n_a for t in ts), sum(t.n_b for t in ts)
+        both = sum(t.n_both for t in ts)
+        strat = sum(t.expected for t in ts)
+        out.append([key, numel, n_a, n_b, both, both / n_a if n_a else None,
+                    both / n_b if n_b else None, strat / n_a if n_a else None,
+                    strat / n_b if n_b else None])
+    return out
+
+
+def _print_matrix(m: OverlapMatrix, metric: str) -> None:
+    names = [x.name for x in m.masks]
+    values = m.matrix(metric)
+    percent = metric in ("o1", "jaccard")
+    fmt = pct if percent else (lambda v: _num(v))
+    rows = [[names[i]] + [("—" if i == j else fmt(v)) for j, v in enumerate(row)]
+            for i, row in enumerate(values)]
+    title = {"o1": "o1 (row = I1, column = I2): share of the row mask's updates also in the "
+                   "column mask",
+             "jaccard": "Jaccard |I1 ∩ I2| / |I1 ∪ I2|",
+             "lift_stratified": "|I1 ∩ I2| / its stratified random expectation",
+             "z_score": "z-score of |I1 ∩ I2| against the stratified null"}[metric]
+    print_table(["I1 \\ I2", *names], rows, title=title)
+    if metric == "o1":
+        base = m.matrix("o1_stratified")
+        rows = [[names[i]] + [("—" if i == j else pct(v)) for j, v in enumerate(row)]
+                for i, row in enumerate(base)]
+        stdout.print()
+        print_table(["I1 \\ I2", *names], rows, title="stratified random baseline of o1")
+    n_pairs = len(m.results)
+    stdout.print(f"{n_pairs} pairs, {m.cached} from the index cache", highlight=False)
+
+
+@click.command()
+@click.argument("masks", nargs=-1)
+@click.option("--all", "all_pairs", is_flag=True,
+              help="Every pair among MASKS (or the masks of --base-model, or all masks).")
+@click.option("--base-model", help="With --all: the masks of this base model.")
+@click.option("--per", type=click.Choice(["tensor", "module", "layer"]),
+              help="Also print the overlap per tensor, module or layer (pairs only).")
+@click.option("--metric", type=click.Choice(METRICS), default="o1", show_default=True,
+              help="Which matrix --all prints.")
+@click.option("--refresh", is_flag=True, help="Recount even if the index holds the result.")
+@json_option
+@home_option
+def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per: str | None,
+            metric: str, refresh: bool, as_json: bool, home: str | None) -> None:
+    """How much two masks overlap, against random baselines.
+
+    With two MASKS (I1, I2): |I1 ∩ I2|, o1 = |I1 ∩ I2|/|I1|, o2 = |I1 ∩ I2|/|I2|, Jaccard,
+    the uniform random baseline of the paper's Appendix E, the stricter stratified baseline
+    (random placement inside each tensor) and a z-score against it. With --all: every pair
+    among the masks, read in one pass, printed as a matrix. Results are kept in the
+    `overlaps` and `tensor_overlaps` tables and reused.
+
+    \b
+    Example:
+      maskhub overlap tulu-dpo-s42 tulu-dpo-s123 --per module
+      maskhub overlap --all --base-model allenai/Llama-3.1-Tulu-3-8B-SFT
+      maskhub overlap --all dpo-s42 dpo-s123 prime --metric jaccard --json
+    """
+    reg = registry(home)
+    if all_pairs:
+        if per:
+            raise UsageError("--per applies to a pair of masks, not to --all")
+        with byte_progress("overlap --all") as progress:
+            m = reg.overlap_all(masks, base_model=base_model, refresh=refresh,
+                                progress=progress)
+        if as_json:
+            echo_json(m.to_dict(metric))
+        else:
+            _print_matrix(m, metric)
+        return
+    if base_model:
+        raise UsageError("--base-model applies to --all")
+    if len(masks) != 2:
+        raise UsageError(f"overlap takes two masks (or --all), got {len(masks)}")
+    with byte_progress("overlap") as progress:
+        r = reg.overlap(masks[0], masks[1], refresh=refresh, progress=progress)
+    if as_json:
+        echo_json(r.to_dict(with_tensors=True))
+        return
+    _print_pair(r)
+    if per:
+        stdout.print()
+        print_table([per, "numel", "|I1|", "|I2|", "|I1 ∩ I2|", "o1", "o2", "o1 stratified",
+                     "o2 stratified"], _group(r.tensors, per), title=f"per {per}",
+                    formatters={c: pct for c in ("o1", "o2", "o1 stratified",
+                                                 "o2 stratified")})
+
+
+@click.command()
+@click.argument("operation", type=click.Choice(OPERATIONS))
+@click.argument("masks", nargs=-1, required=True)
+@click.option("--min-count", type=int,
+              help="consensus: keep parameters updated in at least K masks "
+                   "(default: a strict majority).")
+@click.option("--name", help="Name of the new mask (default: OPERATION-MASK1-MASK2...).")
+@click.option("--notes", help="Free-text notes stored with the new mask.")
+@json_option
+@home_option
+def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name: str | None,
+            notes: str | None, as_json: bool, home: str | None) -> None:
+    """Combine MASKS into a new registered mask, recording its lineage.
+
+    \b
+    intersect   parameters updated in every mask
+    union       parameters updated in any mask
+    difference  parameters updated in the first mask and in none of the others
+    consensus   parameters updated in at least --min-count masks: a reusable
+                subnetwork built from several runs
+
+    \b
+    Example:
+      maskhub combine consensus dpo-s1 dpo-s2 dpo-s3 --min-count 2 --name dpo-consensus
+      maskhub combine difference dpo prime --name dpo-only
+    """
+    reg = registry(home)
+    with byte_progress(operation) as progress:
+        mask = reg.combine(operation, masks, name=name, min_count=min_count, notes=notes,
+                           progress=progress)
+    if as_json:
+        r = mask.row
+        echo_json({"id": mask.id, "name": mask.name, "operation": r["operation"],
+                   "parents": r["parents"], "min_count": mask.metadata.extra.get("min_count"),
+                   "base_model": r["base_model"], "tol": r["tol"], "n_params": mask.n_params,
+                   "n_updated": mask.n_updated, "sparsity": mask.sparsity})
+        return
+    stdout.print(f"registered [bold]{mask.name}[/bold] (id {mask.id[:12]}) = {operation} of "
+                 f"{', '.join(masks)}: {mask.n_updated:,} of {mask.n_params:,} parameters, "
+                 f"sparsity {pct(mask.sparsity)}", highlight=False)
+
+
+@click.command()
+@click.argument("masks", nargs=-1)
+@click.option("--kind", type=click.Choice(["sparsity", "overlap"]),
+              help="sparsity: layer x module heatmap of one mask; overlap: overlap matrix. "
+                   "Default: sparsity for one mask, overlap for several.")
+@click.option("--base-model", help="Overlap plot of every mask of this base model.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Image file (.png, .svg, .pdf). Default: <mask>-sparsity.png or "
+                   "overlap.png in the current directory.")
+@click.option("--size", help="WIDTHxHEIGHT in pixels, e.g. 1600x900.")
+@click.option("--baseline", type=click.Choice(BASELINES), default="stratified",
+              show_default=True, help="Random baseline shown in the overlap cells.")
+@click.option("--refresh", is_flag=True, help="Recount overlaps even if cached.")
+@json_option
+@home_option
+def plot(masks: tuple[str, ...], kind: str | None, base_model: str | None,
+         output: str | None, size: str | None, baseline: str, refresh: bool, as_json: bool,
+         home: str | None) -> None:
+    """Draw a mask's sparsity per layer and module (the paper's Figure 3), or the overlap
+    matrix of several masks with its random baseline. Needs matplotlib
+    (pip install 'maskhub[plot]').
+
+    \b
+    Example:
+      maskhub plot tulu-dpo -o tulu-dpo.png
+      maskhub plot dpo-s42 dpo-s123 prime -o overlap.png --baseline uniform
+      maskhub plot --base-model allenai/Llama-3.1-Tulu-3-8B-SFT -o overlap.png
+    """
+    reg = registry(home)
+    if not masks and not base_model and kind != "overlap":
+        raise UsageError("name a mask to plot, several masks, or --base-model")
+    effective = kind or ("sparsity" if len(masks) == 1 and not base_model else "overlap")
+    if output is None:
+        output = f"{masks[0]}-sparsity.png" if effective == "sparsity" else "overlap.png"
+    dims = parse_size(size) if size else None
+    with byte_progress("overlap --all") as progress:
+        path = reg.plot(masks, output, kind=effective, base_model=base_model,
+                        baseline=baseline, size=dims, refresh=refresh, progress=progress)
+    if as_json:
+        echo_json({"path": str(path), "kind": effective, "bytes": path.stat().st_size})
+    else:
+        click.echo(f"wrote {path}")
+
+
+COMMANDS = [overlap, combine, plot]

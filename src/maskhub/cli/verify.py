@@ -1,0 +1,75 @@
+"""``maskhub verify``: did a masked training run change anything outside the mask?"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from maskhub.cli.common import (
+    byte_progress,
+    echo_json,
+    home_option,
+    json_option,
+    print_table,
+    registry,
+    stdout,
+    warn,
+)
+
+
+@click.command()
+@click.argument("mask")
+@click.argument("base")
+@click.argument("trained")
+@click.option("--tol", type=float, default=0.0, show_default=True,
+              help="An entry changed iff |trained - base| > tol (0: any change, the exact-mode "
+              "guarantee).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available), cpu, or cuda[:N].")
+@click.option("--allow-missing", is_flag=True,
+              help="Skip (with a warning) tensors not present in the mask and both checkpoints.")
+@click.option("--all", "show_all", is_flag=True,
+              help="List every tensor, not only those changed outside the mask.")
+@json_option
+@home_option
+def verify(mask: str, base: str, trained: str, tol: float, device: str, allow_missing: bool,
+           show_all: bool, as_json: bool, home: str | None) -> None:
+    """Check that TRAINED differs from BASE only inside MASK: diff the two checkpoints and
+    count, per tensor, the entries that changed outside the mask. Exit code 1 if any did.
+
+    MASK is a registered mask's name or id prefix; BASE and TRAINED are checkpoints as for
+    `maskhub diff` (directory, .safetensors file or Hub repo id[@revision]).
+
+    \b
+    Example:
+      maskhub verify tulu-dpo ./tulu-sft ./my-masked-run
+      maskhub verify tulu-dpo ./tulu-sft ./my-masked-run --json
+    """
+    with byte_progress("verify") as progress:
+        report = registry(home).verify(mask, base, trained, tol=tol, device=device,
+                                       allow_missing=allow_missing, progress=progress,
+                                       warn=warn)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        rows = report.tensors if show_all else report.outside()
+        if rows:
+            print_table(["tensor", "numel", "in mask", "changed", "outside mask"],
+                        [[t.tensor, f"{t.numel:,}", f"{t.n_mask:,}", f"{t.n_changed:,}",
+                          f"{t.n_outside:,}"] for t in rows])
+        stdout.print(f"mask {report.mask}: {report.n_changed:,} of {report.n_params:,} "
+                     f"parameters changed (tol {report.tol:g}), {report.n_outside:,} outside "
+                     "the mask", highlight=False)
+        if report.ok:
+            stdout.print("OK: nothing changed outside the mask", highlight=False)
+        else:
+            stdout.print(f"FAIL: {report.n_outside:,} parameter(s) changed outside the mask, "
+                         f"in {len(report.outside())} tensor(s)", highlight=False)
+    if not report.ok:
+        # SystemExit, not ctx.exit(): the group runs click with standalone_mode=False, where
+        # ctx.exit(1) would become a return value and exit code 0.
+        sys.exit(1)
+
+
+COMMANDS = [verify]

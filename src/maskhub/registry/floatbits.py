@@ -1,0 +1,91 @@
+"""IEEE float formats as bit patterns: the magnitude above which one step exceeds a tolerance.
+
+The fast diff kernel decides most entries from bit patterns alone. Two entries with different
+bit patterns differ in value by at least the spacing of the format at the smaller magnitude,
+so once both magnitudes are large enough, the spacing already exceeds ``tol`` and no
+subtraction is needed. :meth:`FloatFormat.big_bits` gives the smallest magnitude, as a bit
+pattern, from which the base value alone settles it (see ``docs/performance.md`` for the
+proof): if ``|base| >= 2T`` where ``T`` is the smallest power of two whose spacing exceeds
+``tol``, then any target with a different bit pattern is updated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A binary IEEE-style float format with ``mant`` explicit mantissa bits."""
+
+    name: str
+    width: int  # total bits
+    mant: int  # explicit mantissa bits
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias."""
+        return (1 << (self.width - 2 - self.mant)) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal number."""
+        return 1 - self.bias
+
+    @property
+    def inf_bits(self) -> int:
+        """Bit pattern of +inf (also the largest magnitude that is not NaN)."""
+        return ((1 << (self.width - 1 - self.mant)) - 1) << self.mant
+
+    @property
+    def mag_mask(self) -> int:
+        """Mask that clears the sign bit."""
+        return (1 << (self.width - 1)) - 1
+
+    def pow2_bits(self, e: int) -> int:
+        """Bit pattern of ``2**e``; ``inf_bits + 1`` when it overflows the format."""
+        if e > self.bias:
+            return self.inf_bits + 1
+        if e >= self.emin:
+            return (e + self.bias) << self.mant
+        sub = e - (self.emin - self.mant)
+        if sub < 0:
+            raise ValueError(f"2**{e} is below the smallest {self.name} subnormal")
+        return 1 << sub
+
+    def big_bits(self, tol_max: float) -> int:
+        """Magnitude bit pattern ``B``: a base entry with ``B <= |bits| <= inf`` whose target
+        has a different bit pattern is updated at every tolerance ``<= tol_max``.
+
+        ``T = 2**e`` is the smallest power of two such that every magnitude ``>= T`` has a
+        spacing ``> tol_max`` (subnormals included); the bound is ``2T``.
+        """
+        if not (math.isfinite(tol_max) and tol_max >= 0):
+            raise ValueError(f"tolerance must be finite and >= 0, not {tol_max!r}")
+        lowest = self.emin - self.mant  # exponent of the smallest subnormal (its spacing)
+        if tol_max == 0:
+            e = lowest
+        else:
+            k = math.frexp(tol_max)[1]  # 2**(k-1) <= tol_max < 2**k
+            e = max(k + self.mant, lowest)
+        return self.pow2_bits(e + 1)
+
+
+BF16 = FloatFormat("bfloat16", 16, 7)
+FP16 = FloatFormat("float16", 16, 10)
+FP32 = FloatFormat("float32", 32, 23)
+FORMATS = {f.name: f for f in (BF16, FP16, FP32)}
+
+
+def value_table(fmt: FloatFormat) -> np.ndarray:
+    """float64 value of every 16-bit pattern of ``fmt`` (65536 entries)."""
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        if fmt is BF16:
+            return (bits << 16).view(np.float32).astype(np.float64)
+        if fmt is FP16:
+            return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+    raise ValueError(f"no 16-bit value table for {fmt.name}")

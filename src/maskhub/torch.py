@@ -1,0 +1,40 @@
+"""Train only a mask's subnetwork with PyTorch: ``from maskhub.torch import apply_mask``.
+
+Example::
+
+    from maskhub import Registry
+    from maskhub.torch import apply_mask
+
+    mask = Registry().get("tulu-dpo")
+    handle = apply_mask(model, mask)        # after DDP / fully_shard, before training
+    ...                                     # any loop, any torch.optim optimizer
+    handle.remove()
+
+See :mod:`maskhub.registry.training` and docs/training.md.
+"""
+
+from maskhub.registry.training import (
+    DictMask,
+    MaskedParameter,
+    MaskHandle,
+    MaskLike,
+    StoreMask,
+    apply_mask,
+    canonical_name,
+    match_parameters,
+    resolve_mask,
+    unwrap_model,
+)
+
+__all__ = [
+    "DictMask",
+    "MaskHandle",
+    "MaskLike",
+    "MaskedParameter",
+    "StoreMask",
+    "apply_mask",
+    "canonical_name",
+    "match_parameters",
+    "resolve_mask",
+    "unwrap_model",
+]

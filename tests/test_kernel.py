@@ -1,0 +1,217 @@
+"""The fast diff kernels give exactly the bits of the float64 reference definition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maskhub.registry import fastkernel
+from maskhub.registry.floatbits import BF16, FP16, FP32
+from maskhub.registry.kernel import DiffKernel, updated
+
+BACKENDS = ["numba", "numpy"] if fastkernel.HAVE_NUMBA else ["numpy"]
+FLOATS = [torch.bfloat16, torch.float16, torch.float32]
+# Tolerances: the usual ones, exact powers of two (= some representable differences), 0.
+TOLS = [0.0, 1e-5, 1e-4, 1e-3, 2.0 ** -17, 2.0 ** -9, 3e-8, 0.25, 1e-30]
+
+
+def _values(rng: np.random.Generator, n: int, tol: float) -> np.ndarray:
+    """float64 values mixing weights, magnitudes near the decisive thresholds and specials."""
+    scale = max(tol, 1e-6)
+    kinds = rng.integers(0, 6, n)
+    v = rng.normal(0, 0.02, n)
+    v = np.where(kinds == 1, rng.uniform(-8, 8, n) * scale * 2.0 ** rng.integers(0, 10, n), v)
+    v = np.where(kinds == 2, rng.choice([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-42,
+                                         6e-8, 2.0 ** -126], n), v)
+    v = np.where(kinds == 3, rng.uniform(-1, 1, n) * 2.0 ** rng.integers(-30, 10, n), v)
+    v = np.where(kinds == 4, rng.normal(0, 2.0 ** -9, n), v)
+    return v
+
+
+def _perturb(rng: np.random.Generator, a: np.ndarray, tol: float) -> np.ndarray:
+    """Targets: unchanged, moved by about tol, by tiny or large steps, specials, random."""
+    n = a.size
+    move = rng.integers(0, 8, n)
+    step = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    b = a.copy()
+    b = np.where(move == 1, a + step * tol, b)
+    b = np.where(move == 2, a + step * tol * (1 + rng.choice([-1e-3, 1e-3, -0.5, 0.5], n)), b)
+    b = np.where(move == 3, a * (1 + step * 2.0 ** -rng.integers(1, 12, n)), b)
+    b = np.where(move == 4, rng.choice([0.0, -0.0, np.nan, np.inf, -np.inf], n), b)
+    b = np.where(move == 5, rng.normal(0, 0.02, n), b)
+    b = np.where(move == 6, -a, b)
+    return b
+
+
+def _bit_nudge(t: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Move some entries by one or two units in the last place (bit-pattern increments)."""
+    ints = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    bits = t.view(ints).clone()
+    which = torch.from_numpy(rng.random(t.numel()) < 0.2)
+    delta = torch.from_numpy(rng.choice([-2, -1, 1, 2], t.numel())).to(ints)
+    bits[which] += delta[which]
+    return bits.view(t.dtype)
+
+
+def _reference_check(a: torch.Tensor, b: torch.Tensor, tol: float, sweep: list[float],
+                     backend: str) -> None:
+    k = DiffKernel(tol=tol, sweep=sweep, backend=backend)
+    res = k.run(a, b)
+    want = updated(a, b, tol).numpy().reshape(-1)
+    got = np.unpackbits(res.packed, count=a.numel(), bitorder="little").astype(bool)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, (
+        f"first mismatch at {bad[0]}: base {a.reshape(-1)[bad[0]].item()!r} target "
+        f"{b.reshape(-1)[bad[0]].item()!r} tol {tol} fast {got[bad[0]]} ref {want[bad[0]]}")
+    assert res.n_updated == int(want.sum())
+    assert res.sweep_counts == tuple(int(updated(a, b, t).sum()) for t in sweep)
+    if a.numel() % 8:
+        assert res.packed[-1] >> (a.numel() % 8) == 0  # padding bits stay clear
+
+
+@st.composite
+def _pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, float, list[float], int]:
+    n = draw(st.integers(1, 300))
+    tol = draw(st.sampled_from(TOLS) | st.floats(0, 1e-2))
+    sweep = draw(st.lists(st.sampled_from(TOLS), max_size=3, unique=True))
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    a = _values(rng, n, tol)
+    return a, _perturb(rng, a, tol), tol, sweep, seed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_pairs())
+def test_fast_path_matches_float64_reference(dtype: torch.dtype, backend: str, case) -> None:
+    a64, b64, tol, sweep, seed = case
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = torch.from_numpy(a64).to(dtype)
+        b = torch.from_numpy(b64).to(dtype)
+    _reference_check(a, b, tol, sweep, backend)
+    _reference_check(a, _bit_nudge(a, np.random.default_rng(seed)), tol, sweep, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.bfloat16),
+                                    (torch.float32, torch.float16),
+                                    (torch.bfloat16, torch.float16)], ids=str)
+@settings(max_examples=60, deadline=None)
+@given(case=_pairs())
+def test_mixed_dtypes_match_reference(dtypes: tuple[torch.dtype, torch.dtype], backend: str,
+                                      case) -> None:
+    a64, b64, tol, sweep, _ = case
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = torch.from_numpy(a64).to(dtypes[0])
+        b = torch.from_numpy(b64).to(dtypes[1])
+    _reference_check(a, b, tol, sweep, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_every_bit_pattern_pair_class(dtype: torch.dtype, backend: str) -> None:
+    """All 65536 bf16/fp16 patterns (a sample for fp32) against neighbours and specials."""
+    rng = np.random.default_rng(7)
+    if dtype == torch.float32:
+        bits = torch.from_numpy(rng.integers(-2 ** 31, 2 ** 31, 1 << 17, dtype=np.int32))
+    else:
+        bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    a = bits.view(dtype)
+    for tol in (0.0, 1e-5, 2.0 ** -16):
+        _reference_check(a, _bit_nudge(a, rng), tol, [1e-6], backend)
+        _reference_check(a, a[torch.randperm(a.numel(), generator=torch.Generator()
+                                              .manual_seed(1))], tol, [], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_special_values_exact(backend: str) -> None:
+    nan, inf = float("nan"), float("inf")
+    base = [0.0, -0.0, nan, nan, 1.0, inf, inf, 1.0, 1.0, 2.0 ** -9, 0.0, 5.0]
+    targ = [-0.0, 0.0, nan, 1.0, nan, inf, -inf, inf, 1.0078125, 2.0 ** -9 + 2.0 ** -16,
+            1e-5, 5.0]
+    want = [False, False, False, True, True, False, True, True, True, True, False, False]
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.tensor(base, dtype=dtype), torch.tensor(targ, dtype=dtype)
+        res = DiffKernel(tol=1e-5, backend=backend).run(a, b)
+        got = np.unpackbits(res.packed, count=len(base), bitorder="little").astype(bool)
+        # 1e-5 rounds to 1.0014e-5 in bf16 (updated) and to 9.99999975e-6 in fp32 (not).
+        exp = list(want)
+        exp[10] = dtype == torch.bfloat16
+        assert got.tolist() == exp, dtype
+    # tol = 0: any value change, but the ±0 pair and NaN pairs are unchanged.
+    a = torch.tensor([0.0, nan, 1.0, 2.0 ** -133], dtype=torch.bfloat16)
+    b = torch.tensor([-0.0, -nan, 1.0, 0.0], dtype=torch.bfloat16)
+    res = DiffKernel(tol=0.0, backend=backend).run(a, b)
+    assert np.unpackbits(res.packed, count=4, bitorder="little").tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_difference_equal_to_tol_is_not_updated(backend: str) -> None:
+    # bf16 neighbours of 1.0 differ by 2**-7; at tol == 2**-7 they are unchanged, just below
+    # it they are updated.
+    a = torch.full((17,), 1.0, dtype=torch.bfloat16)
+    b = torch.full((17,), 1.0078125, dtype=torch.bfloat16)
+    assert DiffKernel(tol=2.0 ** -7, backend=backend).run(a, b).n_updated == 0
+    res = DiffKernel(tol=math.nextafter(2.0 ** -7, 0), sweep=[2.0 ** -7, 0.0],
+                     backend=backend).run(a, b)
+    assert (res.n_updated, res.sweep_counts) == (17, (0, 17))
+
+
+def test_other_dtypes_use_the_reference() -> None:
+    a = torch.tensor([1.0, 2.0, 3.0, float("nan")], dtype=torch.float64)
+    b = torch.tensor([1.0, 2.0 + 1e-6, 3.1, float("nan")], dtype=torch.float64)
+    res = DiffKernel(tol=1e-5, sweep=[0.0]).run(a, b)
+    assert np.unpackbits(res.packed, count=4, bitorder="little").tolist() == [0, 0, 1, 0]
+    assert res.sweep_counts == (2,)
+    ai = torch.tensor([1, 2, 3], dtype=torch.int64)
+    res = DiffKernel(tol=0.5).run(ai, torch.tensor([1, 3, 3], dtype=torch.int64))
+    assert np.unpackbits(res.packed, count=3, bitorder="little").tolist() == [0, 1, 0]
+
+
+def test_big_bits_thresholds() -> None:
+    # bf16 at 1e-5: one step exceeds 1e-5 from 2**-9 up, so the base-side bound is 2**-8.
+    assert BF16.big_bits(1e-5) == BF16.pow2_bits(-8) == 0x3B80
+    # Exactly representable tol: spacing must be strictly greater.
+    assert BF16.big_bits(2.0 ** -17) == BF16.pow2_bits(-8)
+    assert FP16.big_bits(1e-5) == FP16.pow2_bits(-5)
+    # fp32 resolves 1e-5 up to 2**7: nearly every changed fp32 entry takes the exact check.
+    assert FP32.big_bits(1e-5) == FP32.pow2_bits(8)
+    # tol 0: everything but zero (and the smallest subnormal) is decided from the bits.
+    assert BF16.big_bits(0.0) == 2
+    assert BF16.big_bits(2.0 ** 130) == BF16.inf_bits + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_tensor_larger_than_a_chunk(backend: str) -> None:
+    from maskhub.registry import kernel
+
+    n = kernel.CHUNK * 2 + 13
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    noise = torch.randn(n, generator=g) * 1e-4 * (torch.rand(n, generator=g) < 0.2)
+    b = (a.double() + noise.double()).to(torch.bfloat16)
+    _reference_check(a, b, 1e-5, [0.0, 1e-4], backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64], ids=str)
+def test_cuda_path_matches_reference(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(5)
+    n = (1 << 22) + 5
+    a64 = _values(rng, n, 1e-5)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = torch.from_numpy(a64).to(dtype)
+        b = torch.from_numpy(_perturb(rng, a64, 1e-5)).to(dtype)
+    k = DiffKernel(tol=1e-5, sweep=[0.0, 1e-4], device="cuda")
+    res = k.run(a, b)
+    want = updated(a, b, 1e-5).numpy()
+    got = np.unpackbits(res.packed, count=n, bitorder="little").astype(bool)
+    assert (got == want).all()
+    assert res.sweep_counts == (int(updated(a, b, 0.0).sum()), int(updated(a, b, 1e-4).sum()))

@@ -1,0 +1,114 @@
+"""Mask arrays written by maskhub's direct writer are plain Zarr v3 that stock zarr reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ZstdCodec
+
+from maskhub.registry.store import (
+    CHUNK_BYTES,
+    ZSTD_LEVEL,
+    MaskStore,
+    MaskWriter,
+    write_packed_array,
+)
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+
+
+def _entropy_bits(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def _stock_read(path: Path) -> tuple[np.ndarray, dict]:
+    """What a reader with only zarr + numpy does."""
+    arr = zarr.open_array(store=str(path), mode="r", zarr_format=3)
+    attrs = dict(arr.attrs)
+    n = math.prod(attrs["shape"])
+    bits = np.unpackbits(arr[:], count=n, bitorder=attrs["bitorder"])
+    return bits.astype(bool).reshape(attrs["shape"]), attrs
+
+
+@pytest.mark.parametrize("numel,density,chunk", [
+    (1, 1.0, CHUNK_BYTES), (13, 0.5, CHUNK_BYTES), (4096 * 8 + 3, 0.1, 1000),
+    (100_000, 0.0, 1000), (65_536, 0.02, 4096), (50_001, 1.0, 777)])
+def test_direct_writer_roundtrips_through_stock_zarr(tmp_path: Path, numel: int, density: float,
+                                                     chunk: int) -> None:
+    rng = np.random.default_rng(numel)
+    mask = rng.random(numel) < density
+    packed = np.packbits(mask, bitorder="little")
+    attrs = {"shape": [numel], "bitorder": "little", "numel": numel}
+    write_packed_array(tmp_path / "t", packed, attrs, chunk_bytes=chunk)
+    got, got_attrs = _stock_read(tmp_path / "t")
+    assert np.array_equal(got, mask)
+    assert got_attrs == attrs
+    n_chunks = -(-packed.size // min(chunk, packed.size))
+    stored = sorted(int(p.name) for p in (tmp_path / "t" / "c").iterdir())
+    nonzero = [i for i in range(n_chunks)
+               if packed[i * chunk:(i + 1) * chunk].any()]
+    assert stored == nonzero  # all-zero chunks are not written
+
+
+def test_metadata_document_is_what_zarr_writes(tmp_path: Path) -> None:
+    packed = np.packbits(np.random.default_rng(0).random(80_000) < 0.1, bitorder="little")
+    attrs = {"shape": [400, 200], "bitorder": "little"}
+    write_packed_array(tmp_path / "mine", packed, attrs, chunk_bytes=4096)
+    ref = zarr.create_array(store=str(tmp_path / "ref"), shape=packed.shape, dtype="uint8",
+                            chunks=(4096,), compressors=[ZstdCodec(level=ZSTD_LEVEL)],
+                            fill_value=0, attributes=attrs, zarr_format=3)
+    ref[:] = packed
+    mine = json.loads((tmp_path / "mine" / "zarr.json").read_text())
+    theirs = json.loads((tmp_path / "ref" / "zarr.json").read_text())
+    assert mine == theirs
+    for i in range(3):  # same codec output, byte for byte
+        assert (tmp_path / "mine" / "c" / str(i)).read_bytes() == \
+            (tmp_path / "ref" / "c" / str(i)).read_bytes()
+
+
+def _write_store(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    w = MaskWriter(path)
+    n_params = n_upd = 0
+    for name, mask in tensors.items():
+        st = TensorStats(name, mask.shape, mask.size, int(mask.sum()))
+        w.add(st, np.packbits(mask.reshape(-1), bitorder="little"))
+        n_params += mask.size
+        n_upd += int(mask.sum())
+    w.finish(MaskMetadata(id="x", name="x", base_model="a", target_model="b",
+                          n_params=n_params, n_updated=n_upd))
+
+
+def test_mask_store_reads_direct_and_fallback_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": rng.random((96, 40)) < 0.2,
+        "model.norm.weight": np.zeros(40, dtype=bool),
+        "odd/nested name": rng.random((7, 3)) < 0.5,  # not a plain name: zarr's own path
+    }
+    _write_store(tmp_path / "m.zarr", tensors)
+    store = MaskStore(tmp_path / "m.zarr")
+    store.validate()
+    for name, mask in tensors.items():
+        assert np.array_equal(store.unpacked(name), mask)
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="r", zarr_format=3)
+    got, _ = _stock_read(tmp_path / "m.zarr" / "model.layers.0.mlp.up_proj.weight")
+    assert np.array_equal(got, tensors["model.layers.0.mlp.up_proj.weight"])
+    assert group.attrs["tensors"] == list(tensors)
+    # An untouched tensor costs only its metadata document.
+    norm = tmp_path / "m.zarr" / "model.norm.weight"
+    assert sum(p.stat().st_size for p in norm.rglob("*") if p.is_file()) < 1024
+
+
+@pytest.mark.parametrize("density,bound", [(0.05, 1.35), (0.1, 1.15), (0.2, 1.15), (0.5, 1.01)])
+def test_stored_size_tracks_the_entropy_bound(tmp_path: Path, density: float,
+                                              bound: float) -> None:
+    n = 1 << 23
+    mask = np.random.default_rng(2).random(n) < density
+    stored = write_packed_array(tmp_path / "t", np.packbits(mask, bitorder="little"),
+                                {"shape": [n], "bitorder": "little"})
+    ratio = stored * 8 / (n * _entropy_bits(float(mask.mean())))
+    assert ratio <= bound, ratio
