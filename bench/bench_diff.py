@@ -203,6 +203,7 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
                  warm_read_s, naive, warm_runs, cold, codec) -> str:
     """BENCHMARKS.md: machine, side-by-side table, storage, codec, targets."""
     warm = sorted(warm_runs, key=lambda r: r["wall_s"])[len(warm_runs) // 2]
+    best = min(warm_runs, key=lambda r: r["wall_s"])
     n_params = warm["n_params"]
     assert warm["n_updated"] == naive["n_updated"] == cold["n_updated"], "masks disagree"
     bound_bits = sum(n * entropy(u / n) for n, u in warm["tensors"] if n)
@@ -248,6 +249,13 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
         f"{cold['wall_s']:.2f} | {warm['wall_s'] / naive['wall_s']:.3f} |",
         f"| input GB/s (both sides) | {gbs(naive):.2f} | {gbs(warm):.2f} | {gbs(cold):.2f} | "
         f"{gbs(warm) / gbs(naive):.1f}x |",
+        f"| CPU time, user + sys (s) | {naive['cpu_s']:.2f} | {warm['cpu_s']:.2f} | "
+        f"{cold['cpu_s']:.2f} | {warm['cpu_s'] / naive['cpu_s']:.3f} |",
+        f"| GB of input per CPU-second | {input_bytes / naive['cpu_s'] / GB:.2f} | "
+        f"{input_bytes / warm['cpu_s'] / GB:.2f} | {input_bytes / cold['cpu_s'] / GB:.2f} | "
+        f"{naive['cpu_s'] / warm['cpu_s']:.1f}x |",
+        f"| pipeline alone (`run_diff`), GB/s | | {input_bytes / warm['pipeline_s'] / GB:.2f} | "
+        f"{input_bytes / cold['pipeline_s'] / GB:.2f} | |",
         f"| peak RSS (MiB) | {peak(naive):.0f} | {peak(warm):.0f} | {peak(cold):.0f} | "
         f"{peak(warm) / peak(naive):.3f} |",
         f"| RSS above imports (MiB) | {peak(naive) - naive['before_kb'] / 1024:.0f} | "
@@ -287,7 +295,32 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
     ]
     lines += ["", "## Targets (issue 3)", "", "| target | met | figure |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else '**no**'} | {fig} |" for name, ok, fig in checks]
-    lines.append("")
+    cpu_gb = warm["cpu_s"] / (input_bytes / GB)
+    cores = warm["cpu_s"] / warm["wall_s"]
+    lines += [
+        "", "## Reading the figures", "",
+        f"- Warm cache, maskhub is CPU-bound: {cpu_gb:.2f} CPU-seconds per GB of input "
+        "(kernel ~0.2, page faults of the memory-mapped shards ~0.1, zstd ~0.08, plus a fixed "
+        "~0.15 s of registry bookkeeping per diff; breakdown in docs/performance.md). It used "
+        f"{cores:.1f} cores on average in the median run (load average {load[0]:.1f} at the "
+        "start: other jobs held part of the 2 cores); the best warm run reached "
+        f"{input_bytes / best['wall_s'] / GB:.2f} GB/s. With both cores free the ceiling is "
+        f"2 / {cpu_gb:.2f} = {2 / cpu_gb:.1f} GB/s, less the serial registry bookkeeping. "
+        "Where the 5 GB/s target is missed, this is why: the kernel itself runs at ~5 GB/s "
+        "per core, but reading the page cache through a mapping and compressing the mask "
+        "cost as much again on this 2-core VM, and the cores were shared.",
+        f"- Cold cache: {gbs(cold):.2f} GB/s against {disk_gbs:.2f} GB/s for one sequential "
+        "reader of the same files; the disk of this VM is shared and its speed varies by 2x "
+        "between measurements, so the ratio is noisy.",
+        f"- Memory: the naive script holds both models ({peak(naive):.0f} MiB peak); maskhub's "
+        f"peak is the interpreter with torch, numba, zarr and duckdb loaded plus "
+        f"{peak(warm) - warm['before_kb'] / 1024:.0f} MiB, whatever the model size "
+        "(tests/test_memory.py checks this).",
+        "- Storage: zstd-1 on packed bits is within 1.02x of the entropy bound at 20%, 1.07x "
+        "at 10%, 1.27x at 5%; at 1% it is ~1.8x: only index or run-length codes do better "
+        "there, and stock zarr cannot decode those (the store contract).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ snapshot memory against parameter and AdamW-state memory.
 Usage::
 
     .venv/bin/python bench/bench_training.py                    # 1.34e8 params, batch 8x128
-    .venv/bin/python bench/bench_training.py --rounds 5 --json
+    .venv/bin/python bench/bench_training.py --threads 1 --rounds 4 --json
 """
 
 from __future__ import annotations
@@ -79,8 +79,12 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); "
+                    "1 gives stable figures on a machine shared with other jobs")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     cfg = TinyConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                      num_layers=a.layers, num_heads=a.hidden // 64, max_len=a.seq + 1)

@@ -10,6 +10,7 @@ peak across fork+exec) and its resident memory before the work.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,11 @@ from pathlib import Path
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _shards(directory: Path) -> list[Path]:
@@ -31,7 +37,7 @@ def naive(base: Path, target: Path, out: Path, tol: float) -> dict:
     from safetensors.torch import load_file
 
     before = _status_kb("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     a: dict = {}
     b: dict = {}
     for f in _shards(base):
@@ -40,25 +46,37 @@ def naive(base: Path, target: Path, out: Path, tol: float) -> dict:
         b.update(load_file(str(f)))
     masks = {k: ((a[k].float() - b[k].float()).abs() > tol) for k in a}
     torch.save(masks, str(out))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     n_updated = sum(int(m.sum()) for m in masks.values())
-    return {"wall_s": wall, "peak_kb": _status_kb("VmHWM"), "before_kb": before,
+    return {"wall_s": wall, "cpu_s": cpu, "peak_kb": _status_kb("VmHWM"), "before_kb": before,
             "n_updated": n_updated, "stored_bytes": out.stat().st_size}
 
 
 def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> dict:
     """``Registry.diff``, the library call behind ``maskhub diff``."""
-    from maskhub.registry.api import Registry
+    import maskhub.registry.api as api
 
-    reg = Registry(home)
+    pipeline = []
+
+    def timed_run_diff(*args, **kwargs):  # the pipeline alone, without registry bookkeeping
+        t = time.perf_counter()
+        try:
+            return run_diff(*args, **kwargs)
+        finally:
+            pipeline.append(time.perf_counter() - t)
+
+    run_diff = api.run_diff
+    api.run_diff = timed_run_diff
+    reg = api.Registry(home)
     reg.diff(warmup, warmup, name=f"warmup-{time.time_ns()}", tol=tol, device="cpu")
     before = _status_kb("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     mask = reg.diff(base, target, name=f"bench-{time.time_ns()}", tol=tol, device="cpu")
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     stats = [(t.numel, t.n_updated) for t in mask.tensor_stats()]
     stored = sum(p.stat().st_size for p in mask.path.rglob("*") if p.is_file())
-    return {"wall_s": wall, "peak_kb": _status_kb("VmHWM"), "before_kb": before,
+    return {"wall_s": wall, "cpu_s": cpu, "pipeline_s": pipeline[-1],
+            "peak_kb": _status_kb("VmHWM"), "before_kb": before,
             "n_updated": mask.n_updated, "n_params": mask.n_params, "stored_bytes": stored,
             "tensors": stats, "mask_path": str(mask.path)}
 

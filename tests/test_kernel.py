@@ -175,17 +175,20 @@ def test_other_dtypes_use_the_reference() -> None:
     assert np.unpackbits(res.packed, count=3, bitorder="little").tolist() == [0, 1, 0]
 
 
-def test_big_bits_thresholds() -> None:
-    # bf16 at 1e-5: one step exceeds 1e-5 from 2**-9 up, so the base-side bound is 2**-8.
-    assert BF16.big_bits(1e-5) == BF16.pow2_bits(-8) == 0x3B80
-    # Exactly representable tol: spacing must be strictly greater.
-    assert BF16.big_bits(2.0 ** -17) == BF16.pow2_bits(-8)
-    assert FP16.big_bits(1e-5) == FP16.pow2_bits(-5)
+def test_decisive_thresholds() -> None:
+    # bf16 at 1e-5: one step exceeds 1e-5 from 2**-9 up (2**-16 > 1e-5 > 2**-17).
+    assert BF16.decisive_bits(1e-5) == BF16.pow2_bits(-9) == 0x3B00
+    # Exactly representable tol: the spacing must be strictly greater.
+    assert BF16.decisive_bits(2.0 ** -17) == BF16.pow2_bits(-9)
+    assert BF16.decisive_bits(2.0 ** -16) == BF16.pow2_bits(-8)
+    assert FP16.decisive_bits(1e-5) == FP16.pow2_bits(-6)
     # fp32 resolves 1e-5 up to 2**7: nearly every changed fp32 entry takes the exact check.
-    assert FP32.big_bits(1e-5) == FP32.pow2_bits(8)
-    # tol 0: everything but zero (and the smallest subnormal) is decided from the bits.
-    assert BF16.big_bits(0.0) == 2
-    assert BF16.big_bits(2.0 ** 130) == BF16.inf_bits + 1
+    assert FP32.decisive_bits(1e-5) == FP32.pow2_bits(7)
+    # tol 0: everything but zero is decided from the bits (smallest subnormal and up).
+    assert BF16.decisive_bits(0.0) == 1
+    assert FP16.decisive_bits(1e-9) == FP16.pow2_bits(-24) == 1
+    assert BF16.decisive_bits(2.0 ** 130) == BF16.inf_bits + 1
+    assert BF16.pow2_bits(127) == 0x7F00
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -215,3 +218,98 @@ def test_cuda_path_matches_reference(dtype: torch.dtype) -> None:
     got = np.unpackbits(res.packed, count=n, bitorder="little").astype(bool)
     assert (got == want).all()
     assert res.sweep_counts == (int(updated(a, b, 0.0).sum()), int(updated(a, b, 1e-4).sum()))
+
+
+def _pipeline_pair(root) -> tuple:
+    from factory import save
+
+    g = torch.Generator().manual_seed(11)
+    from maskhub.registry import kernel
+
+    big = kernel.CHUNK * 3 + 5  # several chunks, odd tail
+    base = {
+        "model.embed_tokens.weight": (torch.randn(big, generator=g) * 0.02).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(37, 29, generator=g).half(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(64, 33, generator=g),
+        "model.layers.0.input_layernorm.weight": torch.ones(33, dtype=torch.bfloat16),
+        "model.layers.0.empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "model.layers.0.mixed.weight": torch.randn(100, generator=g).to(torch.bfloat16),
+        "model.layers.0.f64.weight": torch.randn(50, generator=g).double(),
+    }
+    target = {}
+    for name, t in base.items():
+        noise = torch.randn(t.shape, generator=g).double() * 1e-4
+        keep = torch.rand(t.shape, generator=g) < 0.7
+        target[name] = torch.where(keep, t.double(), t.double() + noise).to(t.dtype)
+    target["model.layers.0.mixed.weight"] = target["model.layers.0.mixed.weight"].float()
+    target["model.layers.0.input_layernorm.weight"] = base["model.layers.0.input_layernorm.weight"]
+    save(base, root / "base", shards=3)
+    save(target, root / "target", shards=2)
+    return base, target
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_pipeline_stores_exactly_the_reference_bits(tmp_path, backend: str) -> None:
+    from maskhub.registry.diff import match_tensors, run_diff
+    from maskhub.registry.sources import open_checkpoint
+    from maskhub.registry.store import MaskStore, MaskWriter
+
+    base, target = _pipeline_pair(tmp_path)
+    b_ck, t_ck = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "target")
+    names, _ = match_tensors(b_ck, t_ck, allow_missing=False)
+    writer = MaskWriter(tmp_path / "m.zarr")
+    seen = []
+    outcome = run_diff(b_ck, t_ck, names, DiffKernel(1e-5, sweep=[0.0, 1e-4], backend=backend),
+                       writer,
+                       progress=lambda i, n, done, total, name: seen.append((i, name)))
+    assert seen == [(i + 1, n) for i, n in enumerate(names)]
+    assert [t.tensor for t in outcome.tensors] == names
+    from maskhub.schemas.metadata import MaskMetadata
+
+    writer.finish(MaskMetadata(id="m", name="m", base_model="b", target_model="t",
+                               n_params=outcome.n_params, n_updated=outcome.n_updated))
+    store = MaskStore(tmp_path / "m.zarr")
+    store.validate()
+    sweep = {(n, t): c for n, t, c in outcome.sweep}
+    for name in names:
+        want = updated(base[name], target[name], 1e-5).numpy()
+        assert np.array_equal(store.unpacked(name), want), name
+        assert sweep[(name, 0.0)] == int(updated(base[name], target[name], 0.0).sum())
+        assert sweep[(name, 1e-4)] == int(updated(base[name], target[name], 1e-4).sum())
+    stats = {t.tensor: t for t in outcome.tensors}
+    assert stats["model.layers.0.mixed.weight"].target_dtype == "float32"
+    assert stats["model.layers.0.input_layernorm.weight"].n_updated == 0
+
+
+def test_pipeline_surfaces_a_writer_failure(tmp_path) -> None:
+    from maskhub.registry.diff import match_tensors, run_diff
+    from maskhub.registry.sources import open_checkpoint
+    from maskhub.registry.store import MaskWriter
+
+    class FailingWriter(MaskWriter):
+        def add(self, stats, packed):  # noqa: ANN001
+            if len(self.names) == 2:
+                raise OSError(28, "No space left on device")
+            super().add(stats, packed)
+
+    _pipeline_pair(tmp_path)
+    b_ck, t_ck = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "target")
+    names, _ = match_tensors(b_ck, t_ck, allow_missing=False)
+    with pytest.raises(OSError, match="No space left"):
+        run_diff(b_ck, t_ck, names, DiffKernel(1e-5), FailingWriter(tmp_path / "m.zarr"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pipeline_matches_cpu(tmp_path) -> None:
+    from maskhub.registry.api import Registry
+
+    _pipeline_pair(tmp_path)
+    reg = Registry(tmp_path / "home")
+    cpu = reg.diff(tmp_path / "base", tmp_path / "target", name="cpu", device="cpu",
+                   sweep=[0.0, 1e-4])
+    gpu = reg.diff(tmp_path / "base", tmp_path / "target", name="gpu", device="cuda",
+                   sweep=[0.0, 1e-4])
+    assert gpu.n_updated == cpu.n_updated
+    for name in cpu.tensor_names():
+        assert np.array_equal(gpu.packed(name), cpu.packed(name)), name
+    assert reg.show("gpu")["sweep"] == reg.show("cpu")["sweep"]

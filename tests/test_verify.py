@@ -150,3 +150,20 @@ def test_unknown_mask_and_help(run):
     assert res.exit_code == 1 and "no mask named 'nope'" in res.stderr
     res = cli("verify", "--help")
     assert res.exit_code == 0 and "Example:" in res.output and "--json" in res.output
+
+
+def test_odd_sized_tensors(tmp_path):
+    """Tensors whose size is not a multiple of 8: the padding bits of the packed masks
+    count for nothing."""
+    base = {"a": torch.ones(13), "b": torch.ones(3, 5)}
+    target = {k: v.clone() for k, v in base.items()}
+    target["a"][0] = 2.0
+    target["b"][0, 0] = 2.0
+    trained = {k: v.clone() for k, v in target.items()}
+    trained["a"][12] = 3.0
+    dirs = [str(save(s, tmp_path / n)) for s, n in ((base, "b0"), (target, "t"), (trained, "x"))]
+    Registry().diff(dirs[0], dirs[1], name="odd")
+    assert Registry().verify("odd", dirs[0], dirs[1]).n_outside == 0
+    report = Registry().verify("odd", dirs[0], dirs[2])
+    assert [(t.tensor, t.n_changed, t.n_outside) for t in report.tensors] == [("a", 2, 1),
+                                                                              ("b", 1, 0)]

@@ -64,12 +64,16 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--target-model", help="Name to record for the target.")
 @click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
 @click.option("--notes", help="Free-text notes stored with the mask.")
+@click.option("--rank", is_flag=True,
+              help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
+@click.option("--stats", is_flag=True,
+              help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
 @json_option
 @home_option
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, as_json: bool, home: str | None) -> None:
+         notes: str | None, rank: bool, stats: bool, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -85,8 +89,8 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
         mask = reg.diff(base, target, name=name, algorithm=algorithm, seed=seed,
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
-                        target_model=target_model, tags=tags, notes=notes,
-                        progress=progress, warn=warn)
+                        target_model=target_model, tags=tags, notes=notes, rank=rank,
+                        stats=stats, progress=progress, warn=warn)
     if as_json:
         echo_json(_summary(mask))
     else:
@@ -155,6 +159,20 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
         print_table(["tol", "n_updated", "sparsity"],
                     [[r["tol"], r["n_updated"], r["sparsity"]] for r in info["sweep"]],
                     title="tolerance sweep", formatters={"sparsity": pct})
+    if info["analysis"]:
+        a = info["analysis"]
+        stdout.print()
+        rows = []
+        if a["n_rank_tensors"]:
+            rows += [["2-D updates with a rank", a["n_rank_tensors"]],
+                     ["mean update rank", pct(a["mean_rank_fraction"])],
+                     ["lowest update rank", pct(a["min_rank_fraction"])]]
+        if a["n_stats_tensors"]:
+            rows += [["sign flips", f"{a['sign_flips']:,}"],
+                     ["mean |delta|", f"{a['mean_abs_delta']:.3g}"],
+                     ["max |delta|", f"{a['max_abs_delta']:.3g}"],
+                     ["changes below one bf16 step", f"{a['n_sub_bf16_step']:,}"]]
+        print_table(["update", "value"], rows, title="update analysis (diff --rank/--stats)")
 
 
 @click.command()

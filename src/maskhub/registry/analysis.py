@@ -15,9 +15,14 @@ float32 matrix, on the GPU when the diff runs there).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from maskhub.registry.sources import Checkpoint
 
 CHUNK = 1 << 22
 _BF16_MANTISSA = 7
@@ -112,3 +117,21 @@ def analyze_pair(name: str, a: torch.Tensor, b: torch.Tensor, *, rank: bool, sta
     if stats:
         kw.update(update_stats(a, b))
     return TensorAnalysis(name, **kw)
+
+
+def analyze_checkpoints(base: Checkpoint, target: Checkpoint, names: Sequence[str], *,
+                        rank: bool, stats: bool, device: str = "cpu",
+                        progress: Callable[[int, int, int, int, str], None] | None = None,
+                        ) -> list[TensorAnalysis]:
+    """:func:`analyze_pair` for every tensor of ``names``, one pair in memory at a time."""
+    total = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
+    done = 0
+    out = []
+    for i, name in enumerate(names):
+        a, b = base.get(name), target.get(name)
+        out.append(analyze_pair(name, a, b, rank=rank, stats=stats, device=device))
+        done += base.tensors[name].nbytes + target.tensors[name].nbytes
+        del a, b
+        if progress:
+            progress(i + 1, len(names), done, total, name)
+    return out

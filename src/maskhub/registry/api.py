@@ -18,6 +18,7 @@ import torch
 
 from maskhub.config import home_dir
 from maskhub.errors import MaskNotFoundError, NameTakenError, UsageError
+from maskhub.registry.analysis import TensorAnalysis, analyze_checkpoints
 from maskhub.registry.diff import ProgressFn, match_tensors, resolve_device, run_diff
 from maskhub.registry.index import Index
 from maskhub.registry.kernel import DiffKernel
@@ -178,7 +179,9 @@ class Registry:
         return self.index.query(query)
 
     def show(self, ref: str) -> dict[str, Any]:
-        """Summary of one mask: its row, per-layer and per-module tables, and the sweep."""
+        """Summary of one mask: its row, per-layer and per-module tables, the sweep, and the
+        ``--rank/--stats`` summary (``analysis``: mean rank fraction over the 2-D updates as in
+        the paper's Table 2, sign flips, |Δ|; ``None`` when neither was recorded)."""
         mask = self.get(ref)
         with self.index.connect(write=False) as con:
             by_layer = self.index.rows(con, """
@@ -196,8 +199,20 @@ class Registry:
                        1 - sum(n_updated) / (SELECT n_params FROM masks WHERE id = ?) AS sparsity
                 FROM tensor_sweep WHERE mask_id = ? GROUP BY tol ORDER BY tol""",
                 [mask.id, mask.id])
+            analysis = self.index.rows(con, """
+                SELECT count(rank) AS n_rank_tensors, avg(rank_fraction) AS mean_rank_fraction,
+                       min(rank_fraction) AS min_rank_fraction,
+                       count(sign_flips) AS n_stats_tensors, sum(sign_flips) AS sign_flips,
+                       sum(a.mean_abs_delta * t.numel) / sum(t.numel)
+                           FILTER (WHERE a.mean_abs_delta IS NOT NULL) AS mean_abs_delta,
+                       max(max_abs_delta) AS max_abs_delta,
+                       sum(n_sub_bf16_step) AS n_sub_bf16_step
+                FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
+                WHERE mask_id = ?""", [mask.id])
+        summary = analysis[0] if analysis and (analysis[0]["n_rank_tensors"]
+                                               or analysis[0]["n_stats_tensors"]) else None
         return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
-                "sweep": sweep}
+                "sweep": sweep, "analysis": summary}
 
     # -- writing -------------------------------------------------------------------------
 
@@ -221,9 +236,11 @@ class Registry:
         return f"{stem}-{i}"
 
     def register_store(self, tmp: Path, meta: MaskMetadata, tensors: Sequence[TensorStats],
-                       sweep: Sequence[tuple[str, float, int]] = ()) -> Mask:
+                       sweep: Sequence[tuple[str, float, int]] = (),
+                       analysis: Sequence[TensorAnalysis] = ()) -> Mask:
         """Move a completed store from staging into place and index it, atomically.
 
+        ``analysis``: optional ``tensor_analysis`` rows (``diff --rank/--stats``).
         On any failure the store is removed and nothing is registered.
         """
         final = self.store_path(meta.id)
@@ -233,6 +250,7 @@ class Registry:
                 if con.execute("SELECT 1 FROM masks WHERE name = ?", [meta.name]).fetchone():
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
+                Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
                 publish(tmp, final)
                 published = True
         except BaseException:
@@ -259,6 +277,8 @@ class Registry:
         target_model: str | None = None,
         tags: Sequence[str] = (),
         notes: str | None = None,
+        rank: bool = False,
+        stats: bool = False,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> Mask:
@@ -269,6 +289,9 @@ class Registry:
         ``tol``: a parameter is updated iff ``|target - base| > tol``. ``sweep``: extra
         tolerances whose per-tensor counts are recorded too. ``base_model``/``target_model``
         override the recorded model names (default: the repo id or the absolute path).
+        ``rank``: also record the numerical rank of every 2-D update (the paper's Table 2);
+        ``stats``: sign flips and |Δ| statistics per tensor (both into ``tensor_analysis``,
+        computed in a second streaming pass; see :mod:`maskhub.registry.analysis`).
         """
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise UsageError(f"tolerance must be a finite number >= 0, not {tol!r}")
@@ -291,6 +314,9 @@ class Registry:
             writer = MaskWriter(tmp)
             kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
             outcome = run_diff(base_ck, target_ck, names, kernel, writer, progress)
+            analysis = (analyze_checkpoints(base_ck, target_ck, names, rank=rank, stats=stats,
+                                            device=str(dev), progress=progress)
+                        if rank or stats else [])
             meta = MaskMetadata(
                 id=mask_id, name=name, base_model=base_name, target_model=target_name,
                 base_revision=base_ck.revision, target_revision=target_ck.revision,
@@ -307,7 +333,7 @@ class Registry:
         finally:
             base_ck.close()
             target_ck.close()
-        return self.register_store(tmp, meta, outcome.tensors, outcome.sweep)
+        return self.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)
 
     def demo(self, directory: Path | None = None,
              progress_cb: ProgressFn | None = None) -> dict[str, Any]:

@@ -39,8 +39,8 @@ from maskhub.schemas.names import parse_tensor_name
 
 #: Bytes the prefetcher may read ahead of the chunks handed to the kernel.
 READ_AHEAD = 256 << 20
-#: Bytes per read-ahead request.
-READ_STEP = 16 << 20
+#: Bytes per read-ahead request (larger requests are only partly honoured by Linux).
+READ_STEP = 4 << 20
 #: Finished tensors that may wait for the writer.
 WRITE_QUEUE = 8
 
@@ -188,6 +188,7 @@ class _WriterThread(threading.Thread):
         self.writer = writer
         self.queue: queue.Queue[tuple[TensorStats, np.ndarray] | None] = queue.Queue(WRITE_QUEUE)
         self.error: BaseException | None = None
+        self.cancelled = False
 
     def put(self, stats: TensorStats, packed: np.ndarray) -> None:
         """Queue one tensor (blocks while the queue is full); re-raises a writer failure."""
@@ -212,7 +213,7 @@ class _WriterThread(threading.Thread):
             item = self.queue.get()
             if item is None:
                 return
-            if self.error is None:
+            if self.error is None and not self.cancelled:
                 try:
                     self.writer.add(*item)
                 except BaseException as exc:  # handed to the main thread
@@ -237,7 +238,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     this thread after each tensor, in order.
     """
     outcome = DiffOutcome()
-    total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
+    total_bytes = sum(_nbytes(base.tensors[n]) + _nbytes(target.tensors[n]) for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
         prefetch = _Prefetcher([r for n in names for r in (mb.region(n), mt.region(n))])
         wthread = _WriterThread(writer)
@@ -259,7 +260,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
-            done_bytes += job.a_info.nbytes + job.b_info.nbytes
+            done_bytes += _nbytes(job.a_info) + _nbytes(job.b_info)
             if progress:
                 progress(i + 1, len(names), done_bytes, total_bytes, job.name)
 
@@ -273,10 +274,17 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             wthread.finish()
         finally:
             prefetch.stop()
-            if wthread.is_alive():
+            prefetch.join()  # before the files it advises on are closed
+            if wthread.is_alive():  # an error elsewhere: drop what is still queued
+                wthread.cancelled = True
                 wthread.queue.put(None)
                 wthread.join()
     return outcome
+
+
+def _nbytes(info: TensorInfo) -> int:
+    # TensorInfo.nbytes builds a torch tensor per call; this runs for every tensor twice.
+    return info.numel * itemsize(info.dtype)
 
 
 def _stats(job: _Job) -> TensorStats:
@@ -340,5 +348,5 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                                       job.b_info.dtype, n, job.packed)
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
-        prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)
+        prefetch.advance(_nbytes(job.a_info) + _nbytes(job.b_info))
         finish_job(i, job)

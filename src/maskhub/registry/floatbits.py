@@ -3,10 +3,9 @@
 The fast diff kernel decides most entries from bit patterns alone. Two entries with different
 bit patterns differ in value by at least the spacing of the format at the smaller magnitude,
 so once both magnitudes are large enough, the spacing already exceeds ``tol`` and no
-subtraction is needed. :meth:`FloatFormat.big_bits` gives the smallest magnitude, as a bit
-pattern, from which the base value alone settles it (see ``docs/performance.md`` for the
-proof): if ``|base| >= 2T`` where ``T`` is the smallest power of two whose spacing exceeds
-``tol``, then any target with a different bit pattern is updated.
+subtraction is needed. :meth:`FloatFormat.decisive_bits` gives that magnitude as a bit
+pattern: ``T``, the smallest power of two such that every magnitude ``>= T`` has a spacing
+``> tol`` (proof in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -56,22 +55,23 @@ class FloatFormat:
             raise ValueError(f"2**{e} is below the smallest {self.name} subnormal")
         return 1 << sub
 
-    def big_bits(self, tol_max: float) -> int:
-        """Magnitude bit pattern ``B``: a base entry with ``B <= |bits| <= inf`` whose target
-        has a different bit pattern is updated at every tolerance ``<= tol_max``.
+    def decisive_bits(self, tol_max: float) -> int:
+        """Magnitude bit pattern of ``T``: a pair whose patterns differ and whose magnitudes
+        both lie in ``[T, inf]`` is updated at every tolerance ``<= tol_max``.
 
         ``T = 2**e`` is the smallest power of two such that every magnitude ``>= T`` has a
-        spacing ``> tol_max`` (subnormals included); the bound is ``2T``.
+        spacing ``> tol_max`` (subnormals included). ``inf_bits + 1`` (nothing qualifies)
+        when ``T`` overflows the format.
         """
         if not (math.isfinite(tol_max) and tol_max >= 0):
             raise ValueError(f"tolerance must be finite and >= 0, not {tol_max!r}")
         lowest = self.emin - self.mant  # exponent of the smallest subnormal (its spacing)
         if tol_max == 0:
-            e = lowest
-        else:
-            k = math.frexp(tol_max)[1]  # 2**(k-1) <= tol_max < 2**k
-            e = max(k + self.mant, lowest)
-        return self.pow2_bits(e + 1)
+            return self.pow2_bits(lowest)
+        k = math.frexp(tol_max)[1]  # 2**(k-1) <= tol_max < 2**k
+        if k <= lowest:  # even the subnormal spacing 2**lowest exceeds tol_max
+            return self.pow2_bits(lowest)
+        return self.pow2_bits(k + self.mant)  # binade [2**(k+m), ...) has spacing >= 2**k
 
 
 BF16 = FloatFormat("bfloat16", 16, 7)

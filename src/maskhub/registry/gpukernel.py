@@ -76,6 +76,11 @@ class CudaDiffer:
 
         Returns the counts at each tolerance (``int64``, ``[tol, *sweep]``).
         """
+        with torch.cuda.device(self.device):  # events and allocations on the right GPU
+            return self._diff(a_raw, b_raw, dtype_a, dtype_b, numel, out)
+
+    def _diff(self, a_raw: np.ndarray, b_raw: np.ndarray, dtype_a: str, dtype_b: str,
+              numel: int, out: np.ndarray) -> np.ndarray:
         ta, tb = getattr(torch, dtype_a), getattr(torch, dtype_b)
         sa = torch.empty((), dtype=ta).element_size()
         sb = torch.empty((), dtype=tb).element_size()

@@ -138,6 +138,18 @@ class Index:
             con.executemany("INSERT INTO tensor_sweep VALUES (?, ?, ?, ?)",
                             [[meta.id, name, tol, n] for name, tol, n in sweep])
 
+    @staticmethod
+    def insert_analysis(con: duckdb.DuckDBPyConnection, mask_id: str,
+                        rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``tensor_analysis`` rows (dicts of :meth:`TensorAnalysis.to_row`)."""
+        if not rows:
+            return
+        cols = list(rows[0])
+        names = ", ".join(["mask_id", *cols])
+        marks = ", ".join("?" for _ in range(len(cols) + 1))
+        con.executemany(f"INSERT INTO tensor_analysis ({names}) VALUES ({marks})",
+                        [[mask_id, *(r[c] for c in cols)] for r in rows])
+
     def find(self, ref: str) -> dict[str, Any] | None:
         """The mask row whose name is ``ref``, or whose id starts with ``ref``.
 

@@ -16,6 +16,8 @@ Masks are packed at one bit per entry (``numpy.packbits(flat_mask, bitorder="lit
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,9 +84,26 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
+@functools.cache
 def itemsize(name: str) -> int:
     """Bytes per element of the dtype called ``name``."""
     return torch.empty((), dtype=torch_dtype(name)).element_size()
+
+
+_tls = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread scratch of the numba kernels for ``n`` entries: ``sure``/``cand`` flags and
+    the packed candidates (reused: fresh allocations cost page faults)."""
+    size = getattr(_tls, "size", 0)
+    if size < n:
+        size = max(n, CHUNK)
+        _tls.size = size
+        _tls.sure = np.empty(size, dtype=np.uint8)
+        _tls.cand = np.empty(size, dtype=np.uint8)
+        _tls.pc = np.empty((size + 63) // 64 * 8, dtype=np.uint8)
+    return _tls.sure[:n], _tls.cand[:n], _tls.pc[:(n + 63) // 64 * 8]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -101,7 +120,8 @@ def _to_fp32_bits(raw: np.ndarray, fmt: FloatFormat) -> np.ndarray:
         return raw.view(np.uint32)
     if fmt is BF16:
         return raw.view(np.uint16).astype(np.uint32) << np.uint32(16)
-    return raw.view(np.float16).astype(np.float32).view(np.uint32)
+    with np.errstate(invalid="ignore"):  # NaN stays NaN; its payload does not matter
+        return raw.view(np.float16).astype(np.float32).view(np.uint32)
 
 
 class DiffKernel:
@@ -144,29 +164,35 @@ class DiffKernel:
         return self._fn32(fa, fb)
 
     def _fn16(self, fmt: FloatFormat) -> ChunkFn:
-        lut, big, inf, tols = self._lut(fmt), fmt.big_bits(self.tol_max), fmt.inf_bits, self.tols
+        lo, inf, tols = fmt.decisive_bits(self.tol_max), fmt.inf_bits, self.tols
         if self.backend == "numba":
+            kind = 0 if fmt is BF16 else 1
+            nk = fastkernel.numba_kernels()
+
             def fn(a_raw, b_raw, out, counts):
-                fastkernel.numba_chunk16(_readonly(a_raw.view(np.uint16)),
-                                         _readonly(b_raw.view(np.uint16)),
-                                         lut, lut, big, inf, tols, out, counts)
+                a = _readonly(a_raw.view(np.uint16))
+                nk.numba_chunk16(a, _readonly(b_raw.view(np.uint16)), kind, lo, inf, tols, out,
+                                 counts, *_scratch(a.shape[0]))
         else:
+            lut = self._lut(fmt)
+
             def fn(a_raw, b_raw, out, counts):
                 fastkernel.numpy_chunk(a_raw.view(np.uint16), b_raw.view(np.uint16), lut, lut,
-                                       fmt.mag_mask, big, inf, tols, out, counts)
+                                       fmt.mag_mask, lo, inf, tols, out, counts)
         return fn
 
     def _fn32(self, fmt_a: FloatFormat, fmt_b: FloatFormat) -> ChunkFn:
-        big, inf, tols = FP32.big_bits(self.tol_max), FP32.inf_bits, self.tols
+        lo, inf, tols = FP32.decisive_bits(self.tol_max), FP32.inf_bits, self.tols
+        nk = fastkernel.numba_kernels() if self.backend == "numba" else None
 
         def fn(a_raw, b_raw, out, counts):
             a = _readonly(_to_fp32_bits(a_raw, fmt_a))
             b = _readonly(_to_fp32_bits(b_raw, fmt_b))
-            va, vb = a.view(np.float32), b.view(np.float32)
-            if self.backend == "numba":
-                fastkernel.numba_chunk32(a, b, va, vb, big, inf, tols, out, counts)
+            if nk is not None:
+                nk.numba_chunk32(a, b, a.view(np.float32), b.view(np.float32), lo, inf, tols,
+                                 out, counts, *_scratch(a.shape[0]))
             else:
-                fastkernel.numpy_chunk(a, b, None, None, FP32.mag_mask, big, inf, tols, out,
+                fastkernel.numpy_chunk(a, b, None, None, FP32.mag_mask, lo, inf, tols, out,
                                        counts)
         return fn
 

@@ -21,6 +21,9 @@ from maskhub.errors import CheckpointError
 from maskhub.registry.sources import Checkpoint
 
 PAGE = mmap.PAGESIZE
+# Both are advice: where the platform lacks them (macOS has no posix_fadvise) they are skipped.
+_FADVISE = hasattr(os, "posix_fadvise")
+_DONTNEED = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
 
 
 class MappedFile:
@@ -51,7 +54,7 @@ class MappedFile:
 
     def willneed(self, start: int, length: int) -> None:
         """Ask the kernel to start reading ``[start, start+length)`` into the page cache."""
-        if length > 0:
+        if length > 0 and _FADVISE:
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def release(self, start: int, length: int) -> None:
@@ -62,7 +65,7 @@ class MappedFile:
         outwards matters: the kernel maps whole (large) folios on a fault, so edge pages
         would otherwise stay resident, a few per chunk.
         """
-        if self.mm is None or length <= 0:
+        if self.mm is None or length <= 0 or not _DONTNEED:
             return
         lo = max(0, start // PAGE * PAGE)
         hi = min(len(self.mm), -(-(start + length) // PAGE) * PAGE)

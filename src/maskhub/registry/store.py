@@ -134,7 +134,7 @@ class MaskWriter:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
-        self.group.attrs.update(attrs)
+        self.group.update_attributes(attrs)  # one write (attrs.update writes once per key)
 
 
 class MaskStore:

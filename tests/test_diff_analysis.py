@@ -1,0 +1,135 @@
+"""``maskhub diff --rank --stats``: update rank (Table 2), sign flips and |Δ| per tensor,
+stored in ``tensor_analysis`` and summarised by ``show``; driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from maskhub.cli import main
+
+ROWS, COLS = 40, 24
+
+
+def _low_rank(rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ROWS, rank, generator=g) @ torch.randn(rank, COLS, generator=g)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """fp32 checkpoints with updates of rank 3, full rank and 0, plus a 1-D tensor whose
+    sign flips and |Δ| are known exactly."""
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(ROWS, COLS, generator=g),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(ROWS, COLS, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(ROWS, COLS, generator=g),
+        "model.layers.0.input_layernorm.weight":
+            torch.tensor([1.0, -1.0, 2.0, 0.0, 3.0, -0.5, 1.0, 4.0]),
+    }
+    target = {
+        "model.layers.0.self_attn.q_proj.weight":
+            base["model.layers.0.self_attn.q_proj.weight"] + _low_rank(3, 1),
+        "model.layers.0.self_attn.k_proj.weight":
+            base["model.layers.0.self_attn.k_proj.weight"] + _low_rank(COLS, 2),
+        "model.layers.0.mlp.up_proj.weight": base["model.layers.0.mlp.up_proj.weight"].clone(),
+        # flips at 0 (1 -> -1) and 5 (-0.5 -> 0.5); 0 -> 1 at 3 is not a strict flip;
+        # 1 -> 1 + 2^-10 at 6 is below one bf16 step at 1.0 (2^-7).
+        "model.layers.0.input_layernorm.weight":
+            torch.tensor([-1.0, -1.0, 2.5, 1.0, 3.0, 0.5, 1.0 + 2.0 ** -10, 4.0]),
+    }
+    b, t = tmp_path / "base.safetensors", tmp_path / "target.safetensors"
+    save_file(base, str(b))
+    save_file(target, str(t))
+    return b, t
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_rank_and_stats_are_stored_and_shown(pair: tuple[Path, Path]) -> None:
+    base, target = pair
+    _cli("diff", str(base), str(target), "--name", "r", "--rank", "--stats", "--device", "cpu")
+    rows = json.loads(_cli("sql", "select * from tensor_analysis order by tensor", "--json"))
+    by = {r["tensor"]: r for r in rows}
+    assert len(rows) == 4
+
+    q = by["model.layers.0.self_attn.q_proj.weight"]
+    assert (q["rank"], q["max_rank"]) == (3, COLS)
+    assert q["rank_fraction"] == pytest.approx(3 / COLS)
+    assert q["rank_rtol"] == pytest.approx(ROWS * torch.finfo(torch.float32).eps)
+    k = by["model.layers.0.self_attn.k_proj.weight"]
+    assert (k["rank"], k["rank_fraction"]) == (COLS, 1.0)
+    up = by["model.layers.0.mlp.up_proj.weight"]
+    assert (up["rank"], up["sign_flips"], up["max_abs_delta"]) == (0, 0, 0.0)
+
+    norm = by["model.layers.0.input_layernorm.weight"]
+    assert norm["rank"] is None and norm["max_rank"] is None  # 1-D: no rank
+    assert norm["sign_flips"] == 2
+    step = 2.0 ** -10
+    assert norm["mean_abs_delta"] == pytest.approx((2 + 0.5 + 1 + 1 + step) / 8, rel=1e-12)
+    assert norm["max_abs_delta"] == 2.0
+    # |Δ|/|θ0| over changed entries with θ0 != 0: 2/1, 0.5/2, 1/0.5, step/1
+    assert norm["mean_rel_delta"] == pytest.approx((2 + 0.25 + 2 + step) / 4, rel=1e-12)
+    assert norm["max_rel_delta"] == 2.0
+    assert norm["n_sub_bf16_step"] == 1
+
+    info = json.loads(_cli("show", "r", "--json"))["analysis"]
+    assert info["n_rank_tensors"] == 3
+    assert info["mean_rank_fraction"] == pytest.approx((3 / COLS + 1 + 0) / 3)
+    assert info["min_rank_fraction"] == 0.0
+    flips, max_delta = _reference(base, target)
+    assert flips > 2  # the random 2-D updates flip signs too
+    assert info["sign_flips"] == flips == sum(r["sign_flips"] for r in rows)
+    assert info["max_abs_delta"] == pytest.approx(max_delta, rel=1e-6)
+
+    text = _cli("show", "r")
+    assert "mean update rank" in text and f"{100 * (3 / COLS + 1) / 3:.2f}%" in text
+    assert "sign flips" in text
+
+
+def _reference(base: Path, target: Path) -> tuple[int, float]:
+    """Total strict sign flips and max |Δ| in float64."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(base)), load_file(str(target))
+    flips = sum(int((a[n].double() * b[n].double() < 0).sum()) for n in a)
+    return flips, max(float((b[n].double() - a[n].double()).abs().max()) for n in a)
+
+
+def test_without_flags_nothing_is_recorded_and_rm_cleans_up(pair: tuple[Path, Path]) -> None:
+    base, target = pair
+    _cli("diff", str(base), str(target), "--name", "plain")
+    assert json.loads(_cli("show", "plain", "--json"))["analysis"] is None
+    _cli("diff", str(base), str(target), "--name", "ranked", "--rank")
+    info = json.loads(_cli("show", "ranked", "--json"))["analysis"]
+    assert info["n_rank_tensors"] == 3 and info["sign_flips"] is None
+    _cli("rm", "ranked")
+    assert json.loads(_cli("sql", "select count(*) as n from tensor_analysis", "--json")) \
+        == [{"n": 0}]
+
+
+def test_rank_of_a_bf16_update(tmp_path: Path) -> None:
+    """bf16 inputs are up-cast before subtracting: a rank-2 update survives bf16 storage
+    of a base whose own values are exactly representable."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-8, 8, (32, 16), generator=g).to(torch.bfloat16)
+    u = torch.randint(-2, 3, (32, 2), generator=g).float()
+    v = torch.randint(-2, 3, (2, 16), generator=g).float()
+    b = (a.float() + u @ v).to(torch.bfloat16)  # small integers: exact in bf16
+    assert torch.equal(b.float() - a.float(), u @ v)
+    save_file({"model.layers.0.mlp.down_proj.weight": a}, str(tmp_path / "a.safetensors"))
+    save_file({"model.layers.0.mlp.down_proj.weight": b}, str(tmp_path / "b.safetensors"))
+    _cli("diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+         "--name", "bf", "--rank")
+    rows = json.loads(_cli("sql", "select rank, max_rank from tensor_analysis", "--json"))
+    assert rows == [{"rank": int(torch.linalg.matrix_rank(u @ v)), "max_rank": 16}]
