@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_pair import make_pair  # noqa: E402
+from report import write_section  # noqa: E402
 
 GB = 1e9
 MB = 1 << 20
@@ -192,7 +193,7 @@ def main() -> None:
         codec = codec_rows([0.01, 0.05, 0.1, 0.2, 0.5], args.codec_params, root)
         report = build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb,
                               disk_s, warm_read_s, naive, warm_runs, cold, codec)
-        args.out.write_text(report)
+        write_section(args.out, "bench_diff", report)
         print(report)
     finally:
         if not args.keep:
@@ -223,11 +224,11 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
     warm_list = ", ".join(f"{r['wall_s']:.2f}" for r in warm_runs)
     dropped_ok = cold_dropped_kb * 1024 > 0.8 * input_bytes
     lines = [
-        "# Benchmarks", "",
+        "## Diff: `bench/bench_diff.py` (issue 3)", "",
         "Produced by one run of `.venv/bin/python bench/bench_diff.py "
         f"--size-gb {args.size_gb:g}` (density {args.density:g}, tol {args.tol:g}); "
-        "rerun it to refresh this file.", "",
-        "## Machine", "",
+        "rerun it to refresh this section.", "",
+        "### Machine", "",
         f"- CPU: {info['cpu']}, {info['cores']} cores; RAM {info['ram_gib']:.0f} GiB; "
         f"Linux {info['kernel']}; GPU: {info['gpu']}",
         f"- Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}, "
@@ -237,7 +238,7 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
         "are those of this run.",
         "- GPU: no GPU run was recorded (no CUDA device in this session); the CUDA path is "
         "covered by tests that skip without CUDA.", "",
-        "## Side by side", "",
+        "### Side by side", "",
         f"Checkpoint pair: bf16, Llama-shaped, {len(warm['tensors'])} tensors, "
         f"{n_params / 1e9:.2f} G parameters, {input_bytes / GB:.2f} GB of input (both sides), "
         f"planted density {density:.2%}. Disk sequential read (cold) "
@@ -268,7 +269,7 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
         f"{cold_dropped_kb / 1e6:.2f} GB before the cold run "
         f"({'took effect' if dropped_ok else 'did NOT fully take effect'}; "
         f"{dropped_kb / 1e6:.2f} GB before the disk measurement).", "",
-        "## Storage vs the entropy bound", "",
+        "### Storage vs the entropy bound", "",
         f"Entropy bound of this mask: sum_t n_t H(d_t) = {bound_bits / n_params:.4f} "
         f"bits/parameter; stored (all files of the Zarr store, metadata included): "
         f"{bits_m:.4f} bits/parameter = **{bits_m * n_params / bound_bits:.3f}x** the bound. "
@@ -293,12 +294,12 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
         ("<= 1.15x bound at 10%", by_density[0.1] <= 1.15, f"{by_density[0.1]:.3f}x"),
         ("<= 1.35x bound at 5%", by_density[0.05] <= 1.35, f"{by_density[0.05]:.3f}x"),
     ]
-    lines += ["", "## Targets (issue 3)", "", "| target | met | figure |", "|---|---|---|"]
+    lines += ["", "### Targets (issue 3)", "", "| target | met | figure |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else '**no**'} | {fig} |" for name, ok, fig in checks]
     cpu_gb = warm["cpu_s"] / (input_bytes / GB)
     cores = warm["cpu_s"] / warm["wall_s"]
     lines += [
-        "", "## Reading the figures", "",
+        "", "### Reading the figures", "",
         f"- Warm cache, maskhub is CPU-bound: {cpu_gb:.2f} CPU-seconds per GB of input "
         "(kernel ~0.2, page faults of the memory-mapped shards ~0.1, zstd ~0.08, plus a fixed "
         "~0.15 s of registry bookkeeping per diff; breakdown in docs/performance.md). It used "
