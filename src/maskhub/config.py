@@ -8,11 +8,34 @@ from pathlib import Path
 
 def home_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """The maskhub home: ``override``, else ``$MASKHUB_HOME``, else ``$XDG_CACHE_HOME/maskhub``
-    (``~/.cache/maskhub``). It holds ``registry.duckdb`` and the mask stores."""
-    if override:
+    (``~/.cache/maskhub``). It holds ``registry.duckdb`` and the local mask stores. A URL
+    (``s3://...``) in ``override`` or ``$MASKHUB_HOME`` names a store root (see
+    :func:`store_url`), not a home: the default home is used then."""
+    if override and not _is_url(str(override)):
         return Path(override).expanduser()
     env = os.environ.get("MASKHUB_HOME")
-    if env:
+    if env and not _is_url(env) and not (override and _is_url(str(override))):
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "maskhub"
+
+
+def store_url(override: str | None = None, home: str | os.PathLike[str] | None = None
+              ) -> str | None:
+    """Where new mask stores go when not under the home: ``override`` (``--store``), else
+    ``$MASKHUB_STORE``, else ``home`` (``--home``) or ``$MASKHUB_HOME`` when that is a URL
+    such as ``s3://bucket/prefix`` (the index then stays in the default local home, see
+    :func:`home_dir`). ``None`` means ``<home>/masks``."""
+    if override:
+        return override
+    env = os.environ.get("MASKHUB_STORE")
+    if env:
+        return env
+    value = str(home) if home else os.environ.get("MASKHUB_HOME")
+    return value if value and _is_url(value) else None
+
+
+def _is_url(value: str) -> bool:
+    head, sep, _ = value.partition("://")
+    return bool(sep) and head.replace("+", "").replace(".", "").replace("-", "").isalnum() \
+        and head.lower() != "file"

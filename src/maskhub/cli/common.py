@@ -47,9 +47,28 @@ def json_option(f: F) -> F:
                         help="Print JSON instead of tables.")(f)
 
 
-def registry(home: str | None) -> Registry:
-    """Open the registry of ``--home``."""
-    return Registry(home)
+def ray_option(f: F) -> F:
+    """``--ray [ADDRESS]``: run the work as Ray tasks (alone: ``ray.init()``, i.e. the cluster
+    of ``RAY_ADDRESS`` or a new local Ray)."""
+    return click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None,
+                        metavar="[ADDRESS]",
+                        help="Run as Ray tasks: on the cluster at ADDRESS, or alone for "
+                             "ray.init() (RAY_ADDRESS, else a local Ray). Needs "
+                             "pip install 'maskhub[ray]'.")(f)
+
+
+def store_option(f: F) -> F:
+    """``--store URL``: where new mask stores are written (``s3://bucket/prefix``)."""
+    return click.option("--store", default=None, envvar="MASKHUB_STORE", show_envvar=True,
+                        metavar="URL",
+                        help="Write the mask store under this URL (s3://bucket/prefix) instead "
+                             "of HOME/masks; the index stays local. Needs "
+                             "pip install 'maskhub[s3]'.")(f)
+
+
+def registry(home: str | None, store: str | None = None) -> Registry:
+    """Open the registry of ``--home`` (new stores under ``--store`` when given)."""
+    return Registry(home, store=store)
 
 
 def _plain(v: Any) -> Any:

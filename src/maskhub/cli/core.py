@@ -15,8 +15,10 @@ from maskhub.cli.common import (
     pct,
     print_csv,
     print_table,
+    ray_option,
     registry,
     stdout,
+    store_option,
     warn,
 )
 from maskhub.errors import UsageError
@@ -68,12 +70,15 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
               help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
 @click.option("--stats", is_flag=True,
               help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
+@ray_option
+@store_option
 @json_option
 @home_option
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, as_json: bool, home: str | None) -> None:
+         notes: str | None, rank: bool, stats: bool, ray_address: str | None,
+         store: str | None, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -83,14 +88,15 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
     Example:
       maskhub diff ./tulu-sft ./tulu-dpo --algorithm dpo --seed 42 \\
           --dataset tulu-pref --name tulu-dpo --sweep 0,1e-8,1e-7,1e-6,1e-5
+      maskhub diff /shared/sft /shared/rl --ray --store s3://bucket/maskhub
     """
-    reg = registry(home)
+    reg = registry(home, store)
     with byte_progress("diff") as progress:
         mask = reg.diff(base, target, name=name, algorithm=algorithm, seed=seed,
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, progress=progress, warn=warn)
+                        stats=stats, ray=ray_address, progress=progress, warn=warn)
     if as_json:
         echo_json(_summary(mask))
     else:

@@ -14,6 +14,7 @@ from maskhub.cli.common import (
     json_option,
     pct,
     print_table,
+    ray_option,
     registry,
     stdout,
 )
@@ -107,10 +108,12 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
 @click.option("--metric", type=click.Choice(METRICS), default="o1", show_default=True,
               help="Which matrix --all prints.")
 @click.option("--refresh", is_flag=True, help="Recount even if the index holds the result.")
+@ray_option
 @json_option
 @home_option
 def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per: str | None,
-            metric: str, refresh: bool, as_json: bool, home: str | None) -> None:
+            metric: str, refresh: bool, ray_address: str | None, as_json: bool,
+            home: str | None) -> None:
     """How much two masks overlap, against random baselines.
 
     With two MASKS (I1, I2): |I1 ∩ I2|, o1 = |I1 ∩ I2|/|I1|, o2 = |I1 ∩ I2|/|I2|, Jaccard,
@@ -124,6 +127,7 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
       maskhub overlap tulu-dpo-s42 tulu-dpo-s123 --per module
       maskhub overlap --all --base-model allenai/Llama-3.1-Tulu-3-8B-SFT
       maskhub overlap --all dpo-s42 dpo-s123 prime --metric jaccard --json
+      maskhub overlap --all --base-model allenai/Llama-3.1-Tulu-3-8B-SFT --ray
     """
     reg = registry(home)
     if all_pairs:
@@ -131,7 +135,7 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
             raise UsageError("--per applies to a pair of masks, not to --all")
         with byte_progress("overlap --all") as progress:
             m = reg.overlap_all(masks, base_model=base_model, refresh=refresh,
-                                progress=progress)
+                                progress=progress, ray=ray_address)
         if as_json:
             echo_json(m.to_dict(metric))
         else:
@@ -139,6 +143,8 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
         return
     if base_model:
         raise UsageError("--base-model applies to --all")
+    if ray_address is not None:
+        raise UsageError("--ray applies to --all (one pair is counted locally)")
     if len(masks) != 2:
         raise UsageError(f"overlap takes two masks (or --all), got {len(masks)}")
     with byte_progress("overlap") as progress:

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from maskhub.config import home_dir
+from maskhub.config import home_dir, store_url
 from maskhub.errors import MaskNotFoundError, NameTakenError, UsageError
+from maskhub.registry import remote
 from maskhub.registry.analysis import TensorAnalysis, analyze_checkpoints
 from maskhub.registry.diff import ProgressFn, match_tensors, resolve_device, run_diff
 from maskhub.registry.index import Index
 from maskhub.registry.kernel import DiffKernel
+from maskhub.registry.remote import is_url
 from maskhub.registry.sources import open_checkpoint
 from maskhub.registry.store import MaskStore, MaskWriter, publish, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
@@ -44,7 +46,8 @@ class Mask:
         self.row = row
         self.id: str = row["id"]
         self.name: str = row["name"]
-        self.path: Path = registry.store_path(self.id)
+        #: The store: a directory under the home, or a URL (``s3://...``) for a remote store.
+        self.path: Path | str = row.get("store_url") or registry.store_path(self.id)
         self._store: MaskStore | None = None
 
     @property
@@ -128,8 +131,19 @@ class Mask:
 class Registry:
     """A maskhub home: the mask stores and the SQL index ``registry.duckdb``."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
-        """Open (creating if needed) the registry at ``home`` (default: :func:`home_dir`)."""
+    def __init__(self, home: str | os.PathLike[str] | None = None,
+                 store: str | None = None) -> None:
+        """Open (creating if needed) the registry at ``home`` (default: :func:`home_dir`).
+
+        ``store``: a URL (``s3://bucket/prefix``) under which new masks are written instead of
+        ``<home>/masks`` (default: ``$MASKHUB_STORE``, or ``home``/``$MASKHUB_HOME`` when that
+        is a URL, the index then staying in the default local home); see
+        :mod:`maskhub.registry.remote`. The index is always local.
+        """
+        self.store_url = store_url(store, home)
+        if self.store_url is not None and not is_url(self.store_url):
+            raise UsageError(f"a mask store must be a URL such as s3://bucket/prefix, not "
+                             f"{self.store_url!r} (for a local directory use --home)")
         self.home = home_dir(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.index = Index(self.home / "registry.duckdb")
@@ -145,6 +159,15 @@ class Registry:
     def staging_path(self, mask_id: str) -> Path:
         """Where a store is written before it is complete."""
         return self.home / "tmp" / f"{mask_id}.{os.getpid()}{PARTIAL_SUFFIX}"
+
+    def new_store_location(self, mask_id: str) -> Path | str:
+        """Where a new diff writes its store: the local staging directory, or, with a remote
+        store root, the final URL (registered by its index row, see :meth:`register_store`)."""
+        if self.store_url is not None:
+            return remote.join(self.store_url, "masks", f"{mask_id}.zarr")
+        path = self.staging_path(mask_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _clean_stale_partials(self) -> None:
         """Remove stores left half-written by processes that died (crash, kill -9)."""
@@ -223,7 +246,10 @@ class Registry:
 
     def _default_name(self, target_model: str) -> str:
         stem = Path(target_model.rstrip("/")).name or "mask"
-        stem = stem.replace("@", "-")
+        return self.free_name(stem.replace("@", "-"))
+
+    def free_name(self, stem: str) -> str:
+        """``stem`` if no mask has that name, else the first free ``stem-2``, ``stem-3``..."""
         with self.index.connect(write=False) as con:
             taken = {r[0] for r in con.execute(
                 "SELECT name FROM masks WHERE name = ? OR name LIKE ?",
@@ -235,14 +261,18 @@ class Registry:
             i += 1
         return f"{stem}-{i}"
 
-    def register_store(self, tmp: Path, meta: MaskMetadata, tensors: Sequence[TensorStats],
+    def register_store(self, tmp: Path | str, meta: MaskMetadata,
+                       tensors: Sequence[TensorStats],
                        sweep: Sequence[tuple[str, float, int]] = (),
                        analysis: Sequence[TensorAnalysis] = ()) -> Mask:
         """Move a completed store from staging into place and index it, atomically.
 
         ``analysis``: optional ``tensor_analysis`` rows (``diff --rank/--stats``).
-        On any failure the store is removed and nothing is registered.
+        A remote store (``tmp`` a URL) stays where it was written; its index row, committed
+        last, is what makes it visible. On any failure the store is removed and nothing is
+        registered.
         """
+        url = str(tmp) if is_url(tmp) else None
         final = self.store_path(meta.id)
         published = False
         try:
@@ -251,8 +281,11 @@ class Registry:
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
                 Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
-                publish(tmp, final)
-                published = True
+                if url is not None:
+                    con.execute("UPDATE masks SET store_url = ? WHERE id = ?", [url, meta.id])
+                else:
+                    publish(Path(tmp), final)
+                    published = True
         except BaseException:
             remove_tree(tmp)
             if published:
@@ -279,6 +312,7 @@ class Registry:
         notes: str | None = None,
         rank: bool = False,
         stats: bool = False,
+        ray: str | None = None,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> Mask:
@@ -292,12 +326,21 @@ class Registry:
         ``rank``: also record the numerical rank of every 2-D update (the paper's Table 2);
         ``stats``: sign flips and |Δ| statistics per tensor (both into ``tensor_analysis``,
         computed in a second streaming pass; see :mod:`maskhub.registry.analysis`).
+        ``ray``: run the diff as Ray tasks over groups of tensors, each writing its arrays
+        straight into the store: a cluster address, or ``"auto"`` for ``ray.init()``
+        (``RAY_ADDRESS`` or a local Ray); see :mod:`maskhub.registry.raydiff`. Same bits.
+        With a remote store (``Registry(store=...)``) the store is written to that URL.
         """
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise UsageError(f"tolerance must be a finite number >= 0, not {tol!r}")
         if any(not (math.isfinite(t) and t >= 0) for t in sweep):
             raise UsageError("sweep tolerances must be finite numbers >= 0")
-        dev = resolve_device(device)
+        if ray is not None:
+            from maskhub.registry.raydiff import driver_device, ray_diff
+
+            dev = driver_device(device)  # "cuda" is checked on the workers' nodes
+        else:
+            dev = resolve_device(device)
         if name is not None:
             _check_name_syntax(name)
             self._check_name_free(name)
@@ -308,12 +351,17 @@ class Registry:
         target_name = target_model or _model_name(target_ck.ref, target_ck.revision)
         name = name or self._default_name(target_name)
         mask_id = uuid.uuid4().hex
-        tmp = self.staging_path(mask_id)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if self.store_url is not None:
+            remote.check_writable(self.store_url)
+        tmp = self.new_store_location(mask_id)
         try:
             writer = MaskWriter(tmp)
             kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
-            outcome = run_diff(base_ck, target_ck, names, kernel, writer, progress)
+            if ray is not None:
+                outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
+                                   sweep=kernel.sweep, device=device, progress=progress)
+            else:
+                outcome = run_diff(base_ck, target_ck, names, kernel, writer, progress)
             analysis = (analyze_checkpoints(base_ck, target_ck, names, rank=rank, stats=stats,
                                             device=str(dev), progress=progress)
                         if rank or stats else [])
@@ -369,13 +417,15 @@ class Registry:
         return overlap(self, self.get(a), self.get(b), refresh=refresh, progress=progress)
 
     def overlap_all(self, refs: Sequence[str] = (), *, base_model: str | None = None,
-                    refresh: bool = False, progress: ProgressFn | None = None) -> OverlapMatrix:
+                    refresh: bool = False, progress: ProgressFn | None = None,
+                    ray: str | None = None) -> OverlapMatrix:
         """Every pair among ``refs`` (default: the masks of ``base_model``, or all masks when
-        they share one base model), counted in one pass that reads each mask once."""
+        they share one base model), counted in one pass that reads each mask once.
+        ``ray``: count as Ray tasks (a cluster address, or ``"auto"``); same counts."""
         from maskhub.registry.overlap import overlap_all, select_masks
 
         masks = select_masks(self, refs, base_model)
-        return overlap_all(self, masks, refresh=refresh, progress=progress)
+        return overlap_all(self, masks, refresh=refresh, progress=progress, ray=ray)
 
     def combine(self, operation: str, refs: Sequence[str], *, name: str | None = None,
                 min_count: int | None = None, notes: str | None = None,
@@ -420,6 +470,9 @@ class Registry:
         unchanged mask makes no new commit. See :mod:`maskhub.registry.hub`."""
         from maskhub.registry.hub import push
 
+        if is_url(self.get(ref).path):
+            raise UsageError(f"mask {ref!r} is stored at {self.get(ref).path}; push publishes "
+                             "local stores only (copy it under HOME/masks first)")
         return push(self, ref, repo_id, private=private, revision=revision,
                     commit_message=commit_message, repo_type=repo_type, license=license,
                     token=token)

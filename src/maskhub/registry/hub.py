@@ -595,18 +595,6 @@ def _valid_name(name: Any) -> bool:
             and len(name) <= 200)
 
 
-def _free_name(registry: Registry, stem: str) -> str:
-    with registry.index.connect(write=False) as con:
-        taken = {r[0] for r in con.execute(
-            "SELECT name FROM masks WHERE name = ? OR name LIKE ?", [stem, stem + "-%"]
-        ).fetchall()}
-    if stem not in taken:
-        return stem
-    i = 2
-    while f"{stem}-{i}" in taken:
-        i += 1
-    return f"{stem}-{i}"
-
 
 def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
          name: str | None = None, repo_type: str = "model",
@@ -687,7 +675,7 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
         notes: tuple[str, ...] = ()
         if name is None:
             stem = meta.name if _valid_name(meta.name) else "hub-mask"
-            name = _free_name(registry, stem)
+            name = registry.free_name(stem)
             if name != meta.name:
                 notes = (f"a mask named {meta.name!r} already exists: registered this one as "
                          f"{name!r} (choose another with --name)",)

@@ -593,7 +593,21 @@ def count_overlaps(
             for _, _, fut in futures:
                 fut.cancel()
             raise
-    for k, st in enumerate(tensors):
+    per_pair = assemble_counts(masks, layout, pairs, involved, ones, both)
+    if progress is not None:
+        progress(len(tensors), len(tensors), done_bytes, total_bytes, "")
+    return per_pair
+
+
+def assemble_counts(masks: Sequence[Mask], layout: Layout, pairs: Sequence[tuple[int, int]],
+                    involved: Sequence[int], ones: Sequence[Sequence[int]],
+                    both: Sequence[Sequence[int]]) -> dict[tuple[int, int], list[TensorOverlap]]:
+    """Per-tensor results of ``pairs`` from summed counts: ``ones[k][n]`` set bits of mask
+    ``involved[n]`` in tensor ``k`` of the layout, ``both[k][p]`` the intersection of pair
+    ``p``. Each mask's count is checked against the index (a damaged store is an error)."""
+    pos = {m: n for n, m in enumerate(involved)}
+    per_pair: dict[tuple[int, int], list[TensorOverlap]] = {p: [] for p in pairs}
+    for k, st in enumerate(layout.tensors):
         for n, i in enumerate(involved):
             recorded = layout.counts[masks[i].id][st.tensor]
             if ones[k][n] != recorded:
@@ -604,8 +618,6 @@ def count_overlaps(
             per_pair[(i, j)].append(TensorOverlap(
                 tensor=st.tensor, numel=st.numel, n_a=ones[k][pos[i]], n_b=ones[k][pos[j]],
                 n_both=both[k][p], layer=st.layer, module=st.module))
-    if progress is not None:
-        progress(len(tensors), len(tensors), done_bytes, total_bytes, "")
     return per_pair
 
 
@@ -729,10 +741,12 @@ def overlap(registry: Registry, a: Mask, b: Mask, *, refresh: bool = False,
 
 
 def overlap_all(registry: Registry, masks: Sequence[Mask], *, refresh: bool = False,
-                progress: ProgressFn | None = None) -> OverlapMatrix:
+                progress: ProgressFn | None = None, ray: str | None = None) -> OverlapMatrix:
     """Every pair among ``masks``: cached pairs are reused, the others counted in one pass.
 
     The pass reads each mask involved in a missing pair once (see :func:`count_overlaps`).
+    ``ray``: count as Ray tasks over byte ranges instead, the partial counts summed here (a
+    cluster address, or ``"auto"``; see :mod:`maskhub.registry.rayoverlap`). Same counts.
     """
     masks = list(masks)
     if len(masks) < 2:
@@ -744,7 +758,12 @@ def overlap_all(registry: Registry, masks: Sequence[Mask], *, refresh: bool = Fa
     results = {} if refresh else load_cached(registry, masks, pairs, with_tensors=False)
     missing = [p for p in pairs if p not in results]
     if missing:
-        counts = count_overlaps(masks, layout, missing, progress)
+        if ray is not None:
+            from maskhub.registry.rayoverlap import ray_count_overlaps
+
+            counts = ray_count_overlaps(ray, masks, layout, missing, progress)
+        else:
+            counts = count_overlaps(masks, layout, missing, progress)
         fresh = {p: OverlapResult.from_tensors(masks[p[0]], masks[p[1]], counts[p])
                  for p in missing}
         save_results(registry, list(fresh.values()))

@@ -33,13 +33,15 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
 
-from maskhub.errors import MaskStoreError
+from maskhub.errors import MaskStoreError, UsageError
+from maskhub.registry import remote
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
 
 #: Packed bytes per chunk: 4 MiB, i.e. 32 Mi parameters per chunk.
@@ -80,10 +82,20 @@ def write_packed_array(directory: Path, packed: np.ndarray, attributes: dict,
 
     All-zero chunks are skipped (read back as the fill value).
     """
-    nbytes = packed.shape[0]
-    chunk = max(1, min(nbytes, chunk_bytes))
     (directory / "c").mkdir(parents=True)
     stored = 0
+    for key, data in packed_array_files(packed, attributes, chunk_bytes):
+        (directory / key).write_bytes(data)
+        stored += len(data)
+    return stored
+
+
+def packed_array_files(packed: np.ndarray, attributes: dict,
+                       chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, bytes]]:
+    """The files of one packed-bit Zarr v3 array, ``(key relative to the array, bytes)``:
+    the compressed chunks (all-zero ones skipped), then ``zarr.json``."""
+    nbytes = packed.shape[0]
+    chunk = max(1, min(nbytes, chunk_bytes))
     for i, start in enumerate(range(0, nbytes, chunk)):
         part = packed[start:start + chunk]
         if not part.any():
@@ -92,29 +104,55 @@ def write_packed_array(directory: Path, packed: np.ndarray, attributes: dict,
             full = np.zeros(chunk, dtype=np.uint8)
             full[:part.shape[0]] = part
             part = full
-        data = _ZSTD.encode(part)
-        (directory / "c" / str(i)).write_bytes(data)
-        stored += len(data)
-    meta = json.dumps(array_metadata(nbytes, chunk, attributes), indent=2)
-    (directory / "zarr.json").write_text(meta)
-    return stored + len(meta)
+        yield f"c/{i}", _ZSTD.encode(part)
+    yield "zarr.json", json.dumps(array_metadata(nbytes, chunk, attributes),
+                                  indent=2).encode()
 
 
 class MaskWriter:
-    """Writes the arrays of one mask store, then its metadata."""
+    """Writes the arrays of one mask store, then its metadata.
 
-    def __init__(self, path: Path) -> None:
-        """Create an empty store at ``path`` (which must not exist)."""
-        self.path = Path(path)
-        self.group = zarr.open_group(store=str(self.path), mode="w-", zarr_format=3)
+    The store is a local directory or a URL (``s3://...``, see :mod:`maskhub.registry.remote`).
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+        """Create an empty store at ``path`` (a directory that must not exist, or a URL).
+
+        ``create=False`` attaches to a store that another writer created, to add arrays only
+        (the Ray tasks of a diff); an array written again replaces the earlier one.
+        """
+        self.url: str | None = str(path) if remote.is_url(path) else None
+        self.path: Path | str = self.url or Path(path)
+        self.attached = not create
+        self._group: zarr.Group | None = None
+        if create:
+            self._group = zarr.open_group(store=self._zarr_store(), mode="w-", zarr_format=3)
         self.names: list[str] = []
+
+    def _zarr_store(self) -> Any:
+        return remote.zarr_store(self.url, read_only=False) if self.url else str(self.path)
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's root group."""
+        if self._group is None:
+            self._group = zarr.open_group(store=self._zarr_store(), mode="r+", zarr_format=3)
+        return self._group
 
     def add(self, stats: TensorStats, packed: np.ndarray) -> None:
         """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats."""
         nbytes = (stats.numel + 7) // 8
         if packed.shape != (nbytes,) or packed.dtype != np.uint8:
             raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
-        if _PLAIN_NAME.match(stats.tensor) and not (self.path / stats.tensor).exists():
+        plain = _PLAIN_NAME.match(stats.tensor)
+        if plain and self.url:  # same bytes as below; a rewrite replaces the same keys
+            remote.put_files(self.url, {f"{stats.tensor}/{key}": data for key, data in
+                                        packed_array_files(packed, _array_attrs(stats))})
+            self.names.append(stats.tensor)
+            return
+        if self.attached and isinstance(self.path, Path):
+            remove_tree(self.path / stats.tensor)  # left by an earlier attempt
+        if plain and isinstance(self.path, Path) and not (self.path / stats.tensor).exists():
             write_packed_array(self.path / stats.tensor, packed, _array_attrs(stats))
         else:
             arr = self.group.create_array(
@@ -140,12 +178,16 @@ class MaskWriter:
 class MaskStore:
     """Read access to one mask store."""
 
-    def __init__(self, path: Path) -> None:
-        """Open and validate the store at ``path``."""
-        self.path = Path(path)
+    def __init__(self, path: Path | str) -> None:
+        """Open and validate the store at ``path`` (a directory or a URL)."""
+        self.path: Path | str = str(path) if remote.is_url(path) else Path(path)
         try:
-            self.group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
+            zstore = remote.zarr_store(str(path), read_only=True) \
+                if isinstance(self.path, str) else str(self.path)
+            self.group = zarr.open_group(store=zstore, mode="r", zarr_format=3)
             attrs = dict(self.group.attrs)
+        except UsageError:
+            raise
         except Exception as exc:
             raise MaskStoreError(f"{self.path} is not a readable Zarr v3 mask store: {exc}",
                                  str(self.path)) from exc
@@ -219,8 +261,12 @@ class MaskStore:
                                  f"says {self.metadata.n_params}", str(self.path))
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a store directory if present (no error when absent)."""
+def remove_tree(path: Path | str) -> None:
+    """Remove a store directory, or everything under a store URL, if present (no error when
+    absent)."""
+    if remote.is_url(path):
+        remote.remove_prefix(str(path))
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 

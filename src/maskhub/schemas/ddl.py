@@ -237,8 +237,16 @@ M004_ANALYSIS = Migration(
     """,
 )
 
+M005_STORE_URL = Migration(
+    5,
+    "masks.store_url: the URL of a store kept outside the home (s3://...)",
+    """
+    ALTER TABLE masks ADD COLUMN store_url VARCHAR;
+    """,
+)
+
 #: Every migration, in order. Append only.
-MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS]
+MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -1,0 +1,175 @@
+"""Scale-out on Ray (local mode, 2 CPUs): ``diff --ray`` and ``overlap --all --ray`` give
+exactly the bits, stats and counts of the single-process run, survive a failed task, and
+register nothing when the tasks cannot finish."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from factory import llama_shapes, make_pair, plant_updates, random_state, save
+
+from maskhub import Registry
+from maskhub.cli import main
+from maskhub.errors import CheckpointMismatchError
+from maskhub.registry import rayoverlap
+from maskhub.registry.raydiff import FAIL_ONCE_ENV, plan_groups, ray_diff
+from maskhub.registry.sources import open_checkpoint
+from maskhub.registry.store import MaskWriter
+
+pytest.importorskip("ray")
+
+SWEEP = "0,1e-8,1e-3,0.1"
+
+
+def run(*args: str) -> dict | list:
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def fail(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def assert_same_mask(reg: Registry, a: str, b: str) -> None:
+    """Every packed array, every per-tensor row, the sweep and the totals are identical."""
+    ma, mb = reg.get(a), reg.get(b)
+    assert ma.tensor_names() == mb.tensor_names()
+    for name in ma.tensor_names():
+        pa, pb = ma.packed(name), mb.packed(name)
+        assert pa.dtype == pb.dtype and np.array_equal(pa, pb), name
+    assert ma.tensor_stats() == mb.tensor_stats()
+    for col in ("n_params", "n_updated", "sparsity", "dtype", "tol", "n_tensors"):
+        assert ma.row[col] == mb.row[col], col
+    assert ma.metadata.sweep == mb.metadata.sweep
+    q = ("select tensor, tol, n_updated from tensor_sweep where mask_id = '{}' "
+         "order by tensor, tol")
+    sweep_a = reg.sql(q.format(ma.id))[1]
+    assert sweep_a and sweep_a == reg.sql(q.format(mb.id))[1]
+    q = ("select tensor, layer, module, shape, numel, n_updated, sparsity, base_dtype, "
+         "target_dtype from tensors where mask_id = '{}' order by tensor")
+    assert reg.sql(q.format(ma.id))[1] == reg.sql(q.format(mb.id))[1]
+    mb.store.validate()
+
+
+def test_plan_groups_is_contiguous_balanced_and_complete() -> None:
+    assert plan_groups([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert plan_groups([100, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]
+    assert plan_groups([1, 1, 1], 8) == [(0, 1), (1, 2), (2, 3)]
+    assert plan_groups([5], 4) == [(0, 1)]
+    assert plan_groups([0, 0, 7, 0], 3) == [(0, 2), (2, 3), (3, 4)]
+    for sizes in ([3, 1, 4, 1, 5, 9, 2, 6], [1] * 21, [0] * 5):
+        for n in (1, 2, 3, 4, 30):
+            groups = plan_groups(sizes, n)
+            assert groups[0][0] == 0 and groups[-1][1] == len(sizes)
+            assert all(a < b for a, b in groups)
+            assert all(groups[k][1] == groups[k + 1][0] for k in range(len(groups) - 1))
+            assert len(groups) == min(n, len(sizes))
+
+
+def test_ray_diff_is_bit_identical_and_survives_a_failed_task(
+        tmp_path: Path, ray_local: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, target, planted = make_pair(tmp_path, density=0.2, shards=3)
+    local = run("diff", str(base), str(target), "--name", "local", "--sweep", SWEEP,
+                "--algorithm", "grpo", "--seed", "7")
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+    remote = run("diff", str(base), str(target), "--name", "on-ray", "--sweep", SWEEP,
+                 "--algorithm", "grpo", "--seed", "7", "--ray")
+    assert marker.exists()  # one task failed after writing its arrays, and was retried
+    assert remote["n_updated"] == local["n_updated"] == sum(int(m.sum()) for m in
+                                                            planted.values())
+    reg = Registry()
+    assert_same_mask(reg, "local", "on-ray")
+    mask = reg.get("on-ray")
+    for name, bits in planted.items():
+        assert np.array_equal(mask[name], bits), name
+    assert mask.row["store_url"] is None  # a local store, moved into HOME/masks
+    assert Path(mask.path).is_dir() and not list((reg.home / "tmp").iterdir())
+
+
+def test_ray_diff_failure_registers_nothing(
+        tmp_path: Path, ray_local: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, target, _ = make_pair(tmp_path, shards=2)
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(tmp_path / "no-such-dir" / "marker"))  # every try
+    reg = Registry()
+    with pytest.raises(RuntimeError, match="injected failure on every attempt"):
+        reg.diff(base, target, name="doomed", ray="auto")
+    assert reg.ls() == []
+    assert not list((reg.home / "tmp").iterdir())
+    assert not (reg.home / "masks").exists() or not list((reg.home / "masks").iterdir())
+
+
+def test_worker_error_is_the_maskhub_error(tmp_path: Path, ray_local: object) -> None:
+    """A task's own error (here: the worker sees other tensors than the driver) reaches the
+    caller as that error, not retried."""
+    base, target, _ = make_pair(tmp_path)
+    b, t = open_checkpoint(base), open_checkpoint(target)
+    name = "model.layers.1.mlp.up_proj.weight"
+    b.tensors[name] = dataclasses.replace(b.tensors[name], dtype="float16")
+    writer = MaskWriter(tmp_path / "store.zarr")
+    with pytest.raises(CheckpointMismatchError, match="Ray worker's view") as info:
+        ray_diff("auto", b, t, list(b.tensors), writer, tol=1e-5, sweep=())
+    assert info.value.tensor == name
+
+
+def test_ray_cli_errors(tmp_path: Path, ray_local: object) -> None:
+    base, target, _ = make_pair(tmp_path)
+    line = fail("diff", str(base), str(target), "--ray", "--device", "cuda")
+    assert "the Ray cluster has no GPU" in line
+    line = fail("diff", str(base), str(target), "--ray", "--device", "tpu")
+    assert "unknown device 'tpu'" in line
+    assert Registry().ls() == []
+    run("diff", str(base), str(target), "--name", "a")
+    run("diff", str(base), str(target), "--name", "b")
+    assert "--ray applies to --all" in fail("overlap", "a", "b", "--ray")
+
+
+def _masks_for_overlap(root: Path) -> list[str]:
+    shapes = llama_shapes(hidden=24, inter=40)  # odd-sized tensors: padding bits matter
+    shapes["model.layers.0.mlp.odd.weight"] = (13, 7)
+    base = random_state(shapes, seed=3)
+    base_dir = save(base, root / "base")
+    out = []
+    for k, density in enumerate((0.05, 0.2, 0.35)):
+        target, _ = plant_updates(base, density, seed=10 + k, skip_norms=k != 2)
+        out.append(str(save(target, root / f"t{k}")))
+    run("diff", str(base_dir), out[0], "--name", "m0")
+    run("diff", str(base_dir), out[1], "--name", "m1")
+    run("diff", str(base_dir), out[2], "--name", "m2", "--tol", "0")
+    return ["m0", "m1", "m2"]
+
+
+def test_ray_overlap_all_matches_the_local_pass(
+        tmp_path: Path, ray_local: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = _masks_for_overlap(tmp_path)
+    local = run("overlap", "--all", *names)
+    # tiny ranges: many per tensor, not aligned to chunks, the last one partial
+    monkeypatch.setattr(rayoverlap, "range_bytes", lambda n_masks: 24)
+    remote = run("overlap", "--all", *names, "--ray", "--refresh")
+    assert remote["matrix"] == local["matrix"]
+    keys = ("mask_a", "mask_b", "n_params", "n_tensors", "n_a", "n_b", "n_both",
+            "expected_stratified", "var_stratified", "o1", "o2", "jaccard", "z_score")
+    assert len(local["pairs"]) == 3
+    assert [{k: p[k] for k in keys} for p in remote["pairs"]] == \
+        [{k: p[k] for k in keys} for p in local["pairs"]]
+    reg = Registry()
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expect = {}
+    for i, j in pairs:
+        a, b = reg.get(names[i]), reg.get(names[j])
+        expect[(a.id, b.id)] = sum(int((a[t] & b[t]).sum()) for t in a.tensor_names())
+    got = {(p["mask_a"], p["mask_b"]): p["n_both"] for p in remote["pairs"]}
+    assert got == expect
+    rows = reg.sql("select mask_a, mask_b, tensor, n_a, n_b, n_both from tensor_overlaps "
+                   "order by all")[1]
+    assert len(rows) == 3 * len(reg.get("m0").tensor_names())
