@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from factory import make_pair
+from factory import llama_shapes, make_pair, plant_updates, random_state, save
 
 from maskhub import Registry
 from maskhub.cli import main
@@ -153,3 +153,31 @@ def test_ray_workers_write_one_s3_store(tmp_path: Path, s3_bucket: str, ray_loca
     remote = run("overlap", "--all", "local", "ray-s3", "local-2", "--ray", "--refresh")
     assert remote["matrix"] == local["matrix"]
     assert [p["n_both"] for p in remote["pairs"]] == [p["n_both"] for p in local["pairs"]]
+
+
+def test_combine_and_trajectory_write_to_the_s3_store(tmp_path: Path, s3_bucket: str) -> None:
+    """`--store` on combine and trajectory: the new masks live on S3, with the same bits as
+    the same commands writing locally."""
+    store = f"{s3_bucket}/derived"
+    base, t1, _ = make_pair(tmp_path / "a", density=0.2, seed=0)
+    # a second target of the same base: other updates planted on the same base state
+    state = random_state(llama_shapes(), seed=0)
+    other, _ = plant_updates(state, 0.3, seed=7)
+    t2 = save(other, tmp_path / "b" / "target")
+    run("diff", str(base), str(t1), "--name", "m1")
+    run("diff", str(base), str(t2), "--name", "m2")
+    for op, extra in (("union", []), ("consensus", ["--min-count", "1"])):
+        run("combine", op, "m1", "m2", "--name", f"{op}-local", *extra)
+        out = run("combine", op, "m1", "m2", "--name", f"{op}-s3", *extra, "--store", store)
+        assert out["n_updated"] > 0
+    reg = Registry()
+    for op in ("union", "consensus"):
+        assert reg.get(f"{op}-s3").path == f"{store}/masks/{reg.get(f'{op}-s3').id}.zarr"
+        assert_same_bits(reg, f"{op}-local", f"{op}-s3")
+    run("trajectory", str(base), str(t1), str(t2), "--name", "traj-local")
+    run("trajectory", str(base), str(t1), str(t2), "--name", "traj-s3", "--store", store)
+    for suffix in ("-final", "-ever"):
+        mask = reg.get("traj-s3" + suffix)
+        assert str(mask.path).startswith(f"{store}/masks/")
+        assert_same_bits(reg, "traj-local" + suffix, "traj-s3" + suffix)
+    assert len({k.split("/")[1] for k in keys(store)}) == 4  # four stores under masks/

@@ -13,6 +13,7 @@ from maskhub.cli.common import (
     print_table,
     registry,
     stdout,
+    store_option,
 )
 
 
@@ -24,10 +25,12 @@ from maskhub.cli.common import (
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also write a PNG: sparsity against step, and the split.")
+@store_option
 @json_option
 @home_option
 def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, device: str,
-               plot_path: str | None, as_json: bool, home: str | None) -> None:
+               plot_path: str | None, store: str | None, as_json: bool, home: str | None
+               ) -> None:
     """Follow the mask along CKPT0 CKPT1 ... CKPTn (or one directory of checkpoint
     subdirectories, ordered by the step number in their names).
 
@@ -40,7 +43,7 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
       maskhub trajectory ./run/checkpoint-0 ./run/checkpoint-500 ./run/checkpoint-1000
       maskhub trajectory ./run --name grpo-run --plot grpo.png
     """
-    reg = registry(home)
+    reg = registry(home, store)
     with byte_progress("trajectory") as progress:
         result = reg.trajectory(list(checkpoints), name=name, tol=tol, device=device,
                                 progress=progress)

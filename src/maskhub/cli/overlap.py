@@ -17,6 +17,7 @@ from maskhub.cli.common import (
     ray_option,
     registry,
     stdout,
+    store_option,
 )
 from maskhub.errors import UsageError
 from maskhub.registry.combine import OPERATIONS
@@ -169,10 +170,11 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
                    "(default: a strict majority).")
 @click.option("--name", help="Name of the new mask (default: OPERATION-MASK1-MASK2...).")
 @click.option("--notes", help="Free-text notes stored with the new mask.")
+@store_option
 @json_option
 @home_option
 def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name: str | None,
-            notes: str | None, as_json: bool, home: str | None) -> None:
+            notes: str | None, store: str | None, as_json: bool, home: str | None) -> None:
     """Combine MASKS into a new registered mask, recording its lineage.
 
     \b
@@ -187,7 +189,7 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name:
       maskhub combine consensus dpo-s1 dpo-s2 dpo-s3 --min-count 2 --name dpo-consensus
       maskhub combine difference dpo prime --name dpo-only
     """
-    reg = registry(home)
+    reg = registry(home, store)
     with byte_progress(operation) as progress:
         mask = reg.combine(operation, masks, name=name, min_count=min_count, notes=notes,
                            progress=progress)

@@ -162,8 +162,10 @@ class Registry:
 
     def new_store_location(self, mask_id: str) -> Path | str:
         """Where a new diff writes its store: the local staging directory, or, with a remote
-        store root, the final URL (registered by its index row, see :meth:`register_store`)."""
+        store root, the final URL (registered by its index row, see :meth:`register_store`),
+        after checking that the store root can be reached."""
         if self.store_url is not None:
+            remote.check_writable(self.store_url)
             return remote.join(self.store_url, "masks", f"{mask_id}.zarr")
         path = self.staging_path(mask_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,8 +353,6 @@ class Registry:
         target_name = target_model or _model_name(target_ck.ref, target_ck.revision)
         name = name or self._default_name(target_name)
         mask_id = uuid.uuid4().hex
-        if self.store_url is not None:
-            remote.check_writable(self.store_url)
         tmp = self.new_store_location(mask_id)
         try:
             writer = MaskWriter(tmp)

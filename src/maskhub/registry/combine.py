@@ -149,8 +149,7 @@ def combine(registry: Registry, operation: str, masks: Sequence[Mask], *,
         _check_name(registry, name)
     layout = check_compatible(registry, masks)
     mask_id = uuid.uuid4().hex
-    tmp = registry.staging_path(mask_id)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = registry.new_store_location(mask_id)
     rows = [m.row for m in masks]
     total = sum((t.numel + 7) // 8 for t in layout.tensors) * len(masks)
     done = 0

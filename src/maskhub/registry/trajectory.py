@@ -130,8 +130,8 @@ def run_trajectory(registry: Registry, specs: Sequence[str], *, name: str | None
         for suffix in ("-final", "-ever"):
             registry._check_name_free(name + suffix)
         final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
-        tmp_final, tmp_ever = registry.staging_path(final_id), registry.staging_path(ever_id)
-        tmp_final.parent.mkdir(parents=True, exist_ok=True)
+        tmp_final = registry.new_store_location(final_id)
+        tmp_ever = registry.new_store_location(ever_id)
         kernel = DiffKernel(tol=tol, device=device)
         try:
             w_final, w_ever = MaskWriter(tmp_final), MaskWriter(tmp_ever)
@@ -192,7 +192,11 @@ def run_trajectory(registry: Registry, specs: Sequence[str], *, name: str | None
     finally:
         for ck in ckpts:
             ck.close()
-    final_mask = registry.register_store(tmp_final, meta_final, final_stats)
+    try:
+        final_mask = registry.register_store(tmp_final, meta_final, final_stats)
+    except BaseException:
+        remove_tree(tmp_ever)  # not registered: register_store cleans up only its own store
+        raise
     try:
         ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats)
     except BaseException:
