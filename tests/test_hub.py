@@ -191,6 +191,30 @@ def test_push_pull_roundtrip_identical_bits_stats_metadata(
     assert "already registered" in text and head[:12] in text
 
 
+def test_rank_and_stats_travel_with_the_mask(hub_server: HubServer, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`diff --rank --stats` rows go into tensors.parquet on push and back into
+    tensor_analysis on pull, identical."""
+    base = random_state(llama_shapes(), seed=3)
+    target, _ = plant_updates(base, 0.3, 4)
+    b, t = save(base, tmp_path / "ck" / "base"), save(target, tmp_path / "ck" / "target")
+    cli("diff", str(b), str(t), "--name", "ranked", "--rank", "--stats")
+    cli("push", "ranked", "alice/ranked-mask")
+    query = ("select tensor, rank, max_rank, rank_fraction, rank_rtol, sign_flips, "
+             "mean_abs_delta, max_abs_delta, mean_rel_delta, max_rel_delta, n_sub_bf16_step "
+             "from tensor_analysis order by tensor")
+    before = cli("sql", query, "--json").stdout
+    shown = json.loads(cli("show", "ranked", "--json").stdout)["analysis"]
+    assert shown["n_rank_tensors"] > 0 and shown["sign_flips"] > 0
+    rows = pq.read_table(pa.BufferReader(hub_server.file_bytes("alice/ranked-mask",
+                                                               "tensors.parquet"))).to_pylist()
+    assert all(r["analysis"]["sign_flips"] is not None for r in rows)
+    new_home(monkeypatch, tmp_path / "fresh")
+    cli("pull", "alice/ranked-mask")
+    assert cli("sql", query, "--json").stdout == before
+    assert json.loads(cli("show", "ranked", "--json").stdout)["analysis"] == shown
+
+
 def test_pin_older_revision_after_second_push(pushed: Mask, hub_server: HubServer,
                                               tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
+from maskhub.registry.analysis import TensorAnalysis
 from maskhub.registry.hubio import hub_errors
 from maskhub.registry.sources import split_revision
 from maskhub.registry.store import MaskStore, remove_tree
@@ -223,9 +224,19 @@ def store_files(store: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
+#: The ``diff --rank/--stats`` figures carried in ``tensors.parquet`` (column ``analysis``).
+ANALYSIS_FIELDS = (("rank", pa.int64()), ("max_rank", pa.int64()), ("rank_rtol", pa.float64()),
+                   ("sign_flips", pa.int64()), ("mean_abs_delta", pa.float64()),
+                   ("max_abs_delta", pa.float64()), ("mean_rel_delta", pa.float64()),
+                   ("max_rel_delta", pa.float64()), ("n_sub_bf16_step", pa.int64()))
+
+
 def tensors_table(stats: Sequence[TensorStats],
-                  sweep: Sequence[tuple[str, float, int]] = ()) -> pa.Table:
-    """Per-tensor stats as an Arrow table (the schema of ``tensors.parquet``)."""
+                  sweep: Sequence[tuple[str, float, int]] = (),
+                  analysis: Sequence[TensorAnalysis] = ()) -> pa.Table:
+    """Per-tensor stats as an Arrow table (the schema of ``tensors.parquet``); ``analysis``
+    fills the nullable ``analysis`` column for the tensors it covers."""
+    by_name = {a.tensor: {f: getattr(a, f) for f, _ in ANALYSIS_FIELDS} for a in analysis}
     by_tensor: dict[str, list[dict[str, Any]]] = {}
     for tensor, tol, n in sorted(sweep, key=lambda s: (s[0], s[1])):
         by_tensor.setdefault(tensor, []).append({"tol": float(tol), "n_updated": int(n)})
@@ -234,11 +245,13 @@ def tensors_table(stats: Sequence[TensorStats],
         ("shape", pa.list_(pa.int64())), ("numel", pa.int64()), ("n_updated", pa.int64()),
         ("sparsity", pa.float64()), ("base_dtype", pa.string()), ("target_dtype", pa.string()),
         ("sweep", pa.list_(pa.struct([("tol", pa.float64()), ("n_updated", pa.int64())]))),
+        ("analysis", pa.struct(list(ANALYSIS_FIELDS))),
     ])
     rows = [{"tensor": t.tensor, "layer": t.layer, "module": t.module, "shape": list(t.shape),
              "numel": t.numel, "n_updated": t.n_updated, "sparsity": t.sparsity,
              "base_dtype": t.base_dtype, "target_dtype": t.target_dtype,
-             "sweep": by_tensor.get(t.tensor, [])} for t in stats]
+             "sweep": by_tensor.get(t.tensor, []), "analysis": by_name.get(t.tensor)}
+            for t in stats]
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -337,8 +350,12 @@ def write_repo_files(mask: Mask, dest: Path, repo_id: str, repo_type: str = "mod
     with mask.registry.index.connect(write=False) as con:
         sweep = con.execute("SELECT tensor, tol, n_updated FROM tensor_sweep WHERE mask_id = ?",
                             [mask.id]).fetchall()
+        fields = ", ".join(f for f, _ in ANALYSIS_FIELDS)
+        analysis = [TensorAnalysis(**r) for r in mask.registry.index.rows(
+            con, f"SELECT tensor, {fields} FROM tensor_analysis WHERE mask_id = ?", [mask.id])]
     files = dict(store_files(mask.path))
-    pq.write_table(tensors_table(stats, sweep), dest / TENSORS_FILE, compression="zstd")
+    pq.write_table(tensors_table(stats, sweep, analysis), dest / TENSORS_FILE,
+                   compression="zstd")
     files[TENSORS_FILE] = dest / TENSORS_FILE
     license = license or (store.metadata.extra or {}).get("license")
     card = render_card(store.metadata, mask.name, stats, repo_id, repo_type, license)
@@ -562,9 +579,10 @@ def _check_listing(listing: dict[str, Any], manifest_bytes: bytes, manifest_path
                              "the Hub's checksum of it (removed from the cache; retry)", where)
 
 
-def _check_parquet(data: bytes, stats: Sequence[TensorStats],
-                   where: str) -> list[tuple[str, float, int]]:
-    """Check ``tensors.parquet`` against the store's stats; return its sweep rows."""
+def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
+                   ) -> tuple[list[tuple[str, float, int]], list[TensorAnalysis]]:
+    """Check ``tensors.parquet`` against the store's stats; return its sweep rows and its
+    ``diff --rank/--stats`` rows (none for repos pushed without them)."""
     try:
         rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except (pa.ArrowException, OSError) as exc:
@@ -574,6 +592,7 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats],
         raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} does not list the store's "
                              "tensors", where)
     sweep: list[tuple[str, float, int]] = []
+    analysis: list[TensorAnalysis] = []
     for r, t in zip(rows, stats, strict=True):
         got = (tuple(r.get("shape") or ()), r.get("numel"), r.get("n_updated"), r.get("layer"),
                r.get("module"))
@@ -581,7 +600,15 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats],
             raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} disagrees with the store "
                                  f"on tensor {t.tensor!r}", where)
         sweep += [(t.tensor, float(s["tol"]), int(s["n_updated"])) for s in r.get("sweep") or []]
-    return sweep
+        extra = r.get("analysis")
+        if extra:
+            try:
+                analysis.append(TensorAnalysis(t.tensor, **{f: extra.get(f) for f, _ in
+                                                            ANALYSIS_FIELDS}))
+            except TypeError as exc:
+                raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} has a malformed "
+                                     f"analysis row for {t.tensor!r}", where) from exc
+    return sweep, analysis
 
 
 def _row(registry: Registry, sql: str, params: list[Any]) -> dict[str, Any] | None:
@@ -671,7 +698,7 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
         parquet = _fetch(folder, needed, manifest, tmp, where)
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
-        sweep = _check_parquet(parquet, stats, where)
+        sweep, analysis = _check_parquet(parquet, stats, where)
         notes: tuple[str, ...] = ()
         if name is None:
             stem = meta.name if _valid_name(meta.name) else "hub-mask"
@@ -686,7 +713,7 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
         remove_tree(tmp)
         raise
     try:
-        mask = registry.register_store(tmp, local_meta, stats, sweep)
+        mask = registry.register_store(tmp, local_meta, stats, sweep, analysis)
     except duckdb.Error as exc:  # metadata the index cannot hold (a bad date...): refuse it
         raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be indexed: "
                              f"{str(exc).splitlines()[0]}", where) from exc
