@@ -19,9 +19,14 @@ class MaskhubGroup(click.Group):
     """Click group that turns maskhub errors and Ctrl-C into one-line messages."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        kwargs.setdefault("standalone_mode", True)
+        standalone = kwargs.pop("standalone_mode", True)
         try:
-            return super().main(*args, **{**kwargs, "standalone_mode": False})
+            rv = super().main(*args, **kwargs, standalone_mode=False)
+            if not standalone:
+                return rv
+            # Without standalone mode click turns ctx.exit(code) into a return value:
+            # give it back as the exit status, as standalone click would.
+            sys.exit(rv if isinstance(rv, int) else 0)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
