@@ -154,6 +154,49 @@ def test_interrupt_in_api_leaves_nothing(tmp_path: Path, maskhub_home: Path) -> 
     assert_nothing_registered(maskhub_home)
 
 
+def _sigint_self() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # let the handler run
+
+
+def test_ctrl_c_after_the_last_tensor_registers_nothing(tmp_path: Path,
+                                                        maskhub_home: Path) -> None:
+    """A Ctrl-C that arrives while the last tensor finishes (a real SIGINT, not an exception
+    from the callback) stops the diff before it registers anything."""
+    base, target, _ = make_pair(tmp_path)
+
+    def progress(done: int, total: int, *_: object) -> None:
+        if done == total:
+            _sigint_self()
+
+    with pytest.raises(KeyboardInterrupt):
+        Registry().diff(base, target, name="late", progress=progress)
+    assert_nothing_registered(maskhub_home)
+
+
+def test_ctrl_c_during_the_commit_completes_it(tmp_path: Path, maskhub_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C between the store's rename and the index commit used to split them (a row
+    without its store); now the registration finishes and stays whole."""
+    import maskhub.registry.api as api
+
+    base, target, planted = make_pair(tmp_path)
+    real_publish = api.publish
+
+    def publish_then_sigint(tmp: Path, final: Path) -> None:
+        real_publish(tmp, final)
+        _sigint_self()
+
+    monkeypatch.setattr(api, "publish", publish_then_sigint)
+    mask = Registry().diff(base, target, name="whole")
+    assert [r["name"] for r in Registry().ls()] == ["whole"]
+    assert mask.path.is_dir()
+    for name, bits in planted.items():
+        assert (mask[name] == bits).all(), name
+    # the handler is restored afterwards: Ctrl-C is an ordinary KeyboardInterrupt again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def _big_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A pair with many small tensors: a CLI diff takes seconds (per-tensor work) on little
     disk."""

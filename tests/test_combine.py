@@ -137,3 +137,25 @@ def test_rm_of_a_combined_mask_drops_its_lineage(reg: Registry):
     assert reg.sql("SELECT count(*) FROM mask_lineage")[1] == [(2,)]
     run("rm", "u")
     assert reg.sql("SELECT count(*) FROM mask_lineage")[1] == [(0,)]
+
+
+def test_rm_of_a_parent_warns_and_keeps_the_children(reg: Registry):
+    run("combine", "union", "a", "b", "--name", "u")
+    run("combine", "intersect", "a", "c", "--name", "i")
+    a_id = reg.get("a").id
+    assert reg.derived_from("a") == ["i", "u"]
+    out = run("rm", "a")
+    assert f"removed a (id {a_id[:12]})" in out
+    assert f"2 mask(s) made from it stay registered, their lineage naming id {a_id[:12]}: i, u" \
+        in " ".join(out.split())
+    assert sorted(r["name"] for r in reg.ls()) == ["b", "c", "i", "u"]
+    assert run("rm", "b", "--json") == {"removed": reg.sql(
+        "SELECT parent_id FROM mask_lineage WHERE mask_id = (SELECT id FROM masks WHERE "
+        "name = 'u') AND position = 1")[1][0][0], "name": "b", "derived": ["u"]}
+
+
+def test_names_follow_one_rule_everywhere(reg: Registry):
+    for bad in ("a b", "x'; drop table masks;--", "../up", "-dash", ".hidden", ""):
+        assert "invalid mask name" in fail("combine", "union", "a", "b", "--name", bad)
+    run("combine", "union", "a", "b", "--name", "ok.name_1-x")
+    assert reg.get("ok.name_1-x").n_updated > 0

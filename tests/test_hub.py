@@ -588,7 +588,7 @@ def test_bad_repo_arguments(maskhub_home: Path, tmp_path: Path) -> None:
     assert "invalid Hub repo id 'a/b/c'" in fails("pull", "a/b/c")
     assert "no mask named 'nope'" in fails("push", "nope", "alice/x")
     res = cli("pull", "alice/x", "--repo-type", "space", ok=False)
-    assert res.exit_code == 2 and "'space' is not one of" in res.output
+    assert res.exit_code == 1 and "'space' is not one of" in res.output
 
 
 def test_help_has_examples() -> None:

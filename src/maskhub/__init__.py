@@ -10,9 +10,18 @@ from maskhub.errors import (
     MaskStoreError,
     NameTakenError,
 )
-from maskhub.registry.api import Mask, Registry
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Mask and Registry pull in torch, zarr and duckdb: imported on first use, so that
+    # `import maskhub.errors` (and the CLI's start, see maskhub.entry) stays light.
+    if name in ("Mask", "Registry"):
+        from maskhub.registry import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'maskhub' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError",

@@ -95,3 +95,22 @@ class MaskMismatchError(MaskhubError, LookupError):
         self.missing_in_target = list(missing_in_target or [])
         self.missing_in_mask = list(missing_in_mask or [])
         self.shape_mismatches = list(shape_mismatches or [])
+
+
+class HomeError(MaskhubError, OSError):
+    """The maskhub home cannot be created or used (a file in the way, no permission...)."""
+
+    def __init__(self, home: object, reason: str) -> None:
+        super().__init__(f"cannot use {home} as the maskhub home: {reason}")
+        self.home = home
+
+
+class ReadOnlyRegistryError(MaskhubError, PermissionError):
+    """The registry must be written (a new mask, a removal, a schema upgrade) but its home is
+    read-only for this process; reading it still works."""
+
+    def __init__(self, home: object, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"the registry at {home} is read-only ({reason}); "
+                         + (detail or "it can be read (ls, show, sql...) but not written"))
+        self.home = home
+        self.reason = reason

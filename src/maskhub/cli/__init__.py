@@ -1,7 +1,8 @@
 """The ``maskhub`` command line: a thin layer over :mod:`maskhub.registry`.
 
-Every user error (a :class:`~maskhub.errors.MaskhubError`) becomes one line on stderr and
-exit code 1, here and only here.
+Every user error (a :class:`~maskhub.errors.MaskhubError`, or a click usage error such as
+an unknown option or a bad value) becomes one line on stderr and exit code 1, here and only
+here. ``maskhub`` alone prints the help and exits 0.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from maskhub import __version__
 from maskhub.errors import MaskhubError
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """A click usage error as one line: ``Error: <message> (see 'maskhub <cmd> --help')``."""
+    message = " ".join(exc.format_message().split())
+    words = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+    return f"Error: {message} (see '{' '.join(['maskhub', *words, '--help'])}')"
+
+
 class MaskhubGroup(click.Group):
-    """Click group that turns maskhub errors and Ctrl-C into one-line messages."""
+    """Click group that turns maskhub errors, usage errors and Ctrl-C into one-line
+    messages with exit code 1."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         standalone = kwargs.pop("standalone_mode", True)
@@ -29,6 +38,12 @@ class MaskhubGroup(click.Group):
             sys.exit(rv if isinstance(rv, int) else 0)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `maskhub` alone: its help
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:
+            click.echo(usage_line(exc), err=True)
+            sys.exit(1)
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)

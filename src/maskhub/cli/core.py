@@ -188,7 +188,8 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @home_option
 def sql(query: str, fmt_: str, as_json: bool, home: str | None) -> None:
-    """Run a read-only SQL QUERY over the index (tables masks, tensors, tensor_sweep...).
+    """Run a read-only SQL QUERY over the index (tables masks, tensors, tensor_sweep...):
+    one SELECT, SHOW, DESCRIBE, SUMMARIZE, PRAGMA or EXPLAIN statement.
 
     \b
     Example:
@@ -214,11 +215,16 @@ def rm(mask: str, as_json: bool, home: str | None) -> None:
     Example:
       maskhub rm tulu-dpo
     """
-    removed = registry(home).rm(mask)
+    reg = registry(home)
+    children = reg.derived_from(mask)
+    removed = reg.rm(mask)
     if as_json:
-        echo_json({"removed": removed.id, "name": removed.name})
-    else:
-        click.echo(f"removed {removed.name} (id {removed.id[:12]})")
+        echo_json({"removed": removed.id, "name": removed.name, "derived": children})
+        return
+    click.echo(f"removed {removed.name} (id {removed.id[:12]})")
+    if children:
+        warn(f"{len(children)} mask(s) made from it stay registered, their lineage naming "
+             f"id {removed.id[:12]}: {', '.join(children)}")
 
 
 @click.command()

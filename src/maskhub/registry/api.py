@@ -17,16 +17,24 @@ import numpy as np
 import torch
 
 from maskhub.config import home_dir, store_url
-from maskhub.errors import MaskNotFoundError, NameTakenError, UsageError
+from maskhub.errors import (
+    HomeError,
+    MaskNotFoundError,
+    NameTakenError,
+    ReadOnlyRegistryError,
+    UsageError,
+)
 from maskhub.registry import remote
 from maskhub.registry.analysis import TensorAnalysis, analyze_checkpoints
 from maskhub.registry.diff import ProgressFn, match_tensors, resolve_device, run_diff
 from maskhub.registry.index import Index
+from maskhub.registry.interrupts import check_interrupt, critical_section, safe_interrupts
 from maskhub.registry.kernel import DiffKernel
 from maskhub.registry.remote import is_url
 from maskhub.registry.sources import open_checkpoint
 from maskhub.registry.store import MaskStore, MaskWriter, publish, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
 
 if TYPE_CHECKING:
     from maskhub.registry.hub import PullResult, PushResult
@@ -145,10 +153,11 @@ class Registry:
             raise UsageError(f"a mask store must be a URL such as s3://bucket/prefix, not "
                              f"{self.store_url!r} (for a local directory use --home)")
         self.home = home_dir(home)
-        self.home.mkdir(parents=True, exist_ok=True)
+        _make_home(self.home)
         self.index = Index(self.home / "registry.duckdb")
-        self.index.migrate()
-        self._clean_stale_partials()
+        self.index.migrate()  # on a read-only home: only if the index is already up to date
+        if self.index.writable:
+            self._clean_stale_partials()
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -156,8 +165,17 @@ class Registry:
         """Where the store of a registered mask lives."""
         return self.home / "masks" / f"{mask_id}.zarr"
 
+    def check_writable(self) -> None:
+        """Raise :class:`ReadOnlyRegistryError` unless this process can write the registry."""
+        if not self.index.writable:
+            read_only_fs = bool(os.statvfs(self.home).f_flag & os.ST_RDONLY)
+            raise ReadOnlyRegistryError(
+                self.home, "read-only file system" if read_only_fs else "permission denied")
+
     def staging_path(self, mask_id: str) -> Path:
-        """Where a store is written before it is complete."""
+        """Where a store is written before it is complete (``ReadOnlyRegistryError`` when this
+        process cannot write the home: every local write starts here)."""
+        self.check_writable()
         return self.home / "tmp" / f"{mask_id}.{os.getpid()}{PARTIAL_SUFFIX}"
 
     def new_store_location(self, mask_id: str) -> Path | str:
@@ -180,7 +198,10 @@ class Registry:
             parts = entry.name.split(".")
             if len(parts) == 3 and entry.name.endswith(PARTIAL_SUFFIX) and parts[1].isdigit():
                 if not _pid_alive(int(parts[1])):
-                    remove_tree(entry)
+                    try:
+                        remove_tree(entry)
+                    except OSError:  # not ours to remove (another user's): leave it
+                        pass
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -194,10 +215,9 @@ class Registry:
     def ls(self, where: str | None = None) -> list[dict[str, Any]]:
         """Rows of the ``masks`` table, newest first (``where``: an optional SQL filter)."""
         sql = "SELECT * FROM masks"
-        if where:
-            sql += f" WHERE {where}"
-        with self.index.connect(write=False) as con:
-            return self.index.rows(con, sql + " ORDER BY created_at DESC, name")
+        if where:  # user-written: one read-only statement, errors as one line (UsageError)
+            sql += f" WHERE {where}\n"
+        return self.index.user_rows(sql + " ORDER BY created_at DESC, name")
 
     def sql(self, query: str) -> tuple[list[str], list[tuple]]:
         """Run a read-only SQL query over the index; return ``(columns, rows)``."""
@@ -247,8 +267,7 @@ class Registry:
                 raise NameTakenError(name)
 
     def _default_name(self, target_model: str) -> str:
-        stem = Path(target_model.rstrip("/")).name or "mask"
-        return self.free_name(stem.replace("@", "-"))
+        return self.free_name(mask_name_from(Path(target_model.rstrip("/")).name))
 
     def free_name(self, stem: str) -> str:
         """``stem`` if no mask has that name, else the first free ``stem-2``, ``stem-3``..."""
@@ -274,6 +293,12 @@ class Registry:
         last, is what makes it visible. On any failure the store is removed and nothing is
         registered.
         """
+        with critical_section():  # a Ctrl-C here would split the row from its store
+            return self._register_store(tmp, meta, tensors, sweep, analysis)
+
+    def _register_store(self, tmp: Path | str, meta: MaskMetadata,
+                        tensors: Sequence[TensorStats], sweep: Sequence[tuple[str, float, int]],
+                        analysis: Sequence[TensorAnalysis]) -> Mask:
         url = str(tmp) if is_url(tmp) else None
         final = self.store_path(meta.id)
         published = False
@@ -346,42 +371,45 @@ class Registry:
         if name is not None:
             _check_name_syntax(name)
             self._check_name_free(name)
-        base_ck = open_checkpoint(base)
-        target_ck = open_checkpoint(target)
-        names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
-        base_name = base_model or _model_name(base_ck.ref, base_ck.revision)
-        target_name = target_model or _model_name(target_ck.ref, target_ck.revision)
-        name = name or self._default_name(target_name)
-        mask_id = uuid.uuid4().hex
-        tmp = self.new_store_location(mask_id)
-        try:
-            writer = MaskWriter(tmp)
-            kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
-            if ray is not None:
-                outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
-                                   sweep=kernel.sweep, device=device, progress=progress)
-            else:
-                outcome = run_diff(base_ck, target_ck, names, kernel, writer, progress)
-            analysis = (analyze_checkpoints(base_ck, target_ck, names, rank=rank, stats=stats,
-                                            device=str(dev), progress=progress)
-                        if rank or stats else [])
-            meta = MaskMetadata(
-                id=mask_id, name=name, base_model=base_name, target_model=target_name,
-                base_revision=base_ck.revision, target_revision=target_ck.revision,
-                n_params=outcome.n_params, n_updated=outcome.n_updated, tol=float(tol),
-                algorithm=algorithm, seed=seed, dataset=dataset,
-                dtype=outcome.dtype_summary(), created_at=_now(), tags=tuple(tags),
-                sweep=tuple(kernel.sweep), notes=notes,
-                extra={"skipped_tensors": skipped} if skipped else {},
-            )
-            writer.finish(meta)
-        except BaseException:
-            remove_tree(tmp)
-            raise
-        finally:
-            base_ck.close()
-            target_ck.close()
-        return self.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)
+        checked = _interruptible(progress)
+        with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
+            base_ck = open_checkpoint(base)
+            target_ck = open_checkpoint(target)
+            names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
+            base_name = base_model or _model_name(base_ck.ref, base_ck.revision)
+            target_name = target_model or _model_name(target_ck.ref, target_ck.revision)
+            name = name or self._default_name(target_name)
+            mask_id = uuid.uuid4().hex
+            tmp = self.new_store_location(mask_id)
+            try:
+                writer = MaskWriter(tmp)
+                kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
+                if ray is not None:
+                    outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
+                                       sweep=kernel.sweep, device=device, progress=checked)
+                else:
+                    outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked)
+                analysis = (analyze_checkpoints(base_ck, target_ck, names, rank=rank, stats=stats,
+                                                device=str(dev), progress=checked)
+                            if rank or stats else [])
+                meta = MaskMetadata(
+                    id=mask_id, name=name, base_model=base_name, target_model=target_name,
+                    base_revision=base_ck.revision, target_revision=target_ck.revision,
+                    n_params=outcome.n_params, n_updated=outcome.n_updated, tol=float(tol),
+                    algorithm=algorithm, seed=seed, dataset=dataset,
+                    dtype=outcome.dtype_summary(), created_at=_now(), tags=tuple(tags),
+                    sweep=tuple(kernel.sweep), notes=notes,
+                    extra={"skipped_tensors": skipped} if skipped else {},
+                )
+                writer.finish(meta)
+                check_interrupt()  # the last point where Ctrl-C stops the diff
+            except BaseException:
+                remove_tree(tmp)
+                raise
+            finally:
+                base_ck.close()
+                target_ck.close()
+            return self.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)
 
     def demo(self, directory: Path | None = None,
              progress_cb: ProgressFn | None = None) -> dict[str, Any]:
@@ -391,6 +419,7 @@ class Registry:
         """
         from maskhub.registry.demo import make_demo_pair
 
+        self.check_writable()  # before training: the demo registers a mask
         directory = directory or self.home / "demo"
         base, target, losses = make_demo_pair(directory)
         mask = self.diff(base, target, name=self._default_name("demo"), algorithm="demo",
@@ -399,8 +428,17 @@ class Registry:
                          target_model="maskhub-demo/tiny-llama-ft", progress=progress_cb)
         return {"mask": mask, "base": base, "target": target, "losses": losses}
 
+    def derived_from(self, ref: str) -> list[str]:
+        """Names of the registered masks made from mask ``ref`` (``combine``, trajectory)."""
+        mask = self.get(ref)
+        with self.index.connect(write=False) as con:
+            return [r[0] for r in con.execute(
+                "SELECT DISTINCT m.name FROM mask_lineage l JOIN masks m ON m.id = l.mask_id "
+                "WHERE l.parent_id = ? ORDER BY 1", [mask.id]).fetchall()]
+
     def rm(self, ref: str) -> Mask:
-        """Unregister a mask and delete its store; returns the removed mask."""
+        """Unregister a mask and delete its store; returns the removed mask. Masks derived
+        from it (:meth:`derived_from`) stay, their lineage still naming its id."""
         mask = self.get(ref)
         self.index.delete_mask(mask.id)
         remove_tree(mask.path)
@@ -526,9 +564,30 @@ class Registry:
         return run_trajectory(self, checkpoints, name=name, tol=tol,
                               device=resolve_device(device), progress=progress)
 
+def _interruptible(progress: ProgressFn | None) -> ProgressFn:
+    """``progress`` preceded by :func:`check_interrupt`: a deferred Ctrl-C stops the work
+    after the tensor that just finished."""
+    def fn(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
+        check_interrupt()
+        if progress is not None:
+            progress(done, total, bytes_done, bytes_total, name)
+    return fn
+
+
+def _make_home(home: Path) -> None:
+    """Create the home directory if needed; :class:`HomeError` when it cannot be."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+        reason = (f"{blocker} is a file, not a directory" if blocker is not None
+                  else (exc.strerror or str(exc)).lower())
+        raise HomeError(home, reason) from None
+
+
 def _check_name_syntax(name: str) -> None:
-    if not name or name.strip() != name or "/" in name or len(name) > 200:
-        raise UsageError(f"invalid mask name {name!r}: use letters, digits, '-', '_', '.'")
+    if not valid_mask_name(name):
+        raise UsageError(invalid_mask_name_message(name))
 
 
 def _model_name(ref: str, revision: str | None) -> str:

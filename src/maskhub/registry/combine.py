@@ -25,6 +25,7 @@ from maskhub.registry.overlap import (
 )
 from maskhub.registry.store import MaskWriter, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
 
 if TYPE_CHECKING:
     from maskhub.registry.api import Mask, Registry
@@ -107,16 +108,15 @@ def _check_args(operation: str, masks: Sequence[Mask], min_count: int | None) ->
 
 
 def _check_name(registry: Registry, name: str) -> None:
-    if not name or name.strip() != name or "/" in name or len(name) > 200:
-        raise UsageError(f"invalid mask name {name!r}: use letters, digits, '-', '_', '.'")
+    if not valid_mask_name(name):
+        raise UsageError(invalid_mask_name_message(name))
     with registry.index.connect(write=False) as con:
         if con.execute("SELECT 1 FROM masks WHERE name = ?", [name]).fetchone():
             raise NameTakenError(name)
 
 
 def _default_name(registry: Registry, operation: str, masks: Sequence[Mask]) -> str:
-    stem = f"{operation}-" + "-".join(m.name for m in masks)
-    stem = stem.replace("/", "_")[:120]
+    stem = mask_name_from(f"{operation}-" + "-".join(m.name for m in masks))[:120]
     with registry.index.connect(write=False) as con:
         taken = {r[0] for r in con.execute(
             "SELECT name FROM masks WHERE name = ? OR starts_with(name, ?)",

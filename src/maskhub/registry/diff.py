@@ -80,20 +80,30 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA GPU is available")
-        return device
-    raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+    index = device[5:] if device.startswith("cuda:") else None
+    if device != "cuda" and not (index and index.isdigit() and str(int(index)) == index):
+        raise UsageError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N "
+                         "(N a GPU number such as 0)")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device} was asked for but no CUDA GPU is available")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there is no such GPU (this machine has "
+                         f"{torch.cuda.device_count()}, cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def match_tensors(base: Checkpoint, target: Checkpoint, allow_missing: bool,
-                  warn: Callable[[str], None] | None = None) -> tuple[list[str], list[str]]:
-    """Names to diff (base order) and names skipped; errors on any mismatch."""
+                  warn: Callable[[str], None] | None = None,
+                  sides: tuple[str, str] = ("base", "target")) -> tuple[list[str], list[str]]:
+    """Names to diff (base order) and names skipped; errors on any mismatch.
+
+    ``sides``: what the messages call the two checkpoints (``verify`` says ``trained``).
+    """
     only_base = [n for n in base.tensors if n not in target.tensors]
     only_target = [n for n in target.tensors if n not in base.tensors]
     if (only_base or only_target) and not allow_missing:
-        name, side = (only_base[0], "base") if only_base else (only_target[0], "target")
+        name, side = (only_base[0], sides[0]) if only_base else (only_target[0], sides[1])
         more = len(only_base) + len(only_target) - 1
         extra = f" (and {more} more)" if more else ""
         raise CheckpointMismatchError(
@@ -108,8 +118,8 @@ def match_tensors(base: Checkpoint, target: Checkpoint, allow_missing: bool,
         a, b = base.tensors[n], target.tensors[n]
         if a.shape != b.shape:
             raise CheckpointMismatchError(
-                f"tensor {n!r} has shape {list(a.shape)} in the base and {list(b.shape)} in the "
-                "target", n)
+                f"tensor {n!r} has shape {list(a.shape)} in the {sides[0]} checkpoint and "
+                f"{list(b.shape)} in the {sides[1]} checkpoint", n)
     if not names:
         raise CheckpointMismatchError("the two checkpoints have no tensor in common")
     return names, skipped

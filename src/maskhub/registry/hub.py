@@ -41,6 +41,7 @@ from maskhub.registry.hubio import hub_errors
 from maskhub.registry.sources import split_revision
 from maskhub.registry.store import MaskStore, remove_tree
 from maskhub.schemas.metadata import FORMAT_VERSION, MaskMetadata, TensorStats
+from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -617,11 +618,6 @@ def _row(registry: Registry, sql: str, params: list[Any]) -> dict[str, Any] | No
     return rows[0] if rows else None
 
 
-def _valid_name(name: Any) -> bool:
-    return (isinstance(name, str) and bool(name) and name.strip() == name and "/" not in name
-            and len(name) <= 200)
-
-
 
 def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
          name: str | None = None, repo_type: str = "model",
@@ -640,8 +636,8 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
     if revision is None:
         repo_id, revision = split_revision(repo_id)
     _check_repo(repo_id, repo_type)
-    if name is not None and not _valid_name(name):
-        raise UsageError(f"invalid mask name {name!r}: use letters, digits, '-', '_', '.'")
+    if name is not None and not valid_mask_name(name):
+        raise UsageError(invalid_mask_name_message(name))
     api = _api(token)
     offline = is_offline()
     with _read_errors(repo_id, revision):
@@ -701,7 +697,8 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, *,
         sweep, analysis = _check_parquet(parquet, stats, where)
         notes: tuple[str, ...] = ()
         if name is None:
-            stem = meta.name if _valid_name(meta.name) else "hub-mask"
+            stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
+                else "hub-mask"
             name = registry.free_name(stem)
             if name != meta.name:
                 notes = (f"a mask named {meta.name!r} already exists: registered this one as "

@@ -9,8 +9,10 @@ does not block ``maskhub ls`` in another.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,12 @@ from typing import Any
 
 import duckdb
 
-from maskhub.errors import AmbiguousMaskError, RegistryBusyError, UsageError
+from maskhub.errors import (
+    AmbiguousMaskError,
+    ReadOnlyRegistryError,
+    RegistryBusyError,
+    UsageError,
+)
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 
@@ -32,6 +39,62 @@ MASK_COLUMNS = (
     "operation", "parents", "notes",
 )
 
+#: What ``maskhub sql`` (and ``ls --where``) may run: queries. To DuckDB ``SHOW``,
+#: ``DESCRIBE``, ``SUMMARIZE``, ``FROM ...``, ``VALUES`` and ``WITH ... SELECT`` are SELECTs;
+#: ``PRAGMA table_info(...)`` and friends are PRAGMAs (run, like everything, on a read-only
+#: connection closed right after). ``EXPLAIN`` is allowed when what it explains is one of
+#: these (``EXPLAIN ANALYZE`` runs its statement). ``COPY ... TO``, ``EXPORT``, ``ATTACH``,
+#: ``SET``, ``INSTALL``/``LOAD``, ``CALL`` and every DDL/DML statement are refused.
+READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.PRAGMA})
+
+# The head of an EXPLAIN statement: comments, EXPLAIN, then ANALYZE or an option list.
+_EXPLAIN_HEAD = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)*explain\b\s*(?:analyze\b|\([^()]*\))?",
+                           re.IGNORECASE | re.DOTALL)
+
+# errno values meaning "this process may not write there".
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def sql_error(exc: BaseException) -> UsageError:
+    """The one-line user error for a DuckDB error raised by user-written SQL."""
+    lines = str(exc).strip().splitlines()
+    return UsageError(f"SQL error: {lines[0] if lines else type(exc).__name__}")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise :class:`UsageError` unless ``sql`` is exactly one read-only statement (see
+    :data:`READ_ONLY_STATEMENTS`)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise sql_error(exc) from exc
+    if not statements:
+        raise UsageError("SQL error: the query is empty")
+    if len(statements) > 1:
+        raise UsageError(f"SQL error: one statement at a time, not {len(statements)} "
+                         "(separated by ';')")
+    kind = statements[0].type
+    what = kind.name
+    if kind == duckdb.StatementType.EXPLAIN:
+        head = _EXPLAIN_HEAD.match(sql)
+        try:
+            inner = con.extract_statements(sql[head.end():]) if head else []
+        except duckdb.Error:
+            inner = []
+        if len(inner) == 1 and inner[0].type in READ_ONLY_STATEMENTS:
+            return
+        what = f"EXPLAIN {inner[0].type.name}" if len(inner) == 1 else "this EXPLAIN"
+    elif kind in READ_ONLY_STATEMENTS:
+        return
+    raise UsageError(f"SQL error: only read-only queries can run here (SELECT, SHOW, DESCRIBE, "
+                     f"SUMMARIZE, PRAGMA, EXPLAIN), not {what}")
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may create files in the directory ``path`` (effective ids)."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
+
 
 class Index:
     """Access to ``registry.duckdb`` with migrations applied on first use."""
@@ -43,10 +106,61 @@ class Index:
         self.timeout = timeout
         self._migrated = False
 
+    @property
+    def writable(self) -> bool:
+        """Whether this process can write the index (its directory, and the database and lock
+        files where they exist)."""
+        return _writable(self.path.parent) and all(
+            os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+            for p in (self.path, self.lock_path) if p.exists())
+
+    def _read_only(self, exc: OSError | duckdb.Error, detail: str | None = None
+                   ) -> ReadOnlyRegistryError:
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = ("read-only file system" if "Read-only file system" in str(exc)
+                      else "permission denied")
+        return ReadOnlyRegistryError(self.path.parent, reason[:1].lower() + reason[1:], detail)
+
+    def _open_lock(self, exclusive: bool) -> int | None:
+        """A descriptor on the lock file; ``None`` for a reader of a directory where the lock
+        file does not exist and cannot be made (no writer can work there either)."""
+        if not exclusive:
+            try:  # a reader needs no write access to the lock
+                return os.open(self.lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NOT_WRITABLE:
+                    raise
+                return None  # another user's lock: readers need not wait for its writers
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            if exclusive:
+                raise self._read_only(exc) from None
+            return None
+
+    def _connect_db(self, write: bool) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`."""
+        try:
+            return duckdb.connect(str(self.path), read_only=not write)
+        except duckdb.IOException as exc:
+            message = str(exc)
+            if write and ("Permission denied" in message or "Read-only file system" in message):
+                raise self._read_only(exc) from None
+            raise
+
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock(exclusive)
+        if fd is None:
+            yield
+            return
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             deadline = time.monotonic() + self.timeout
@@ -70,7 +184,7 @@ class Index:
         if not self._migrated:
             self.migrate()
         with self._locked(exclusive=write):
-            con = duckdb.connect(str(self.path), read_only=not write)
+            con = self._connect_db(write)
             try:
                 if write:
                     con.execute("BEGIN TRANSACTION")
@@ -85,11 +199,48 @@ class Index:
             finally:
                 con.close()
 
+    def _pending(self) -> list[int] | None:
+        """Numbers of the migrations not applied yet, read without write access; ``None``
+        when there is no readable index (none yet, or one that the writer path must open)."""
+        if not self.path.is_file():
+            return None
+        with self._locked(exclusive=False):
+            try:
+                con = self._connect_db(write=False)
+            except duckdb.Error:
+                return None
+            try:
+                done = {r[0] for r in con.execute(
+                    "SELECT number FROM schema_migrations").fetchall()}
+            except duckdb.CatalogException:
+                done = set()
+            finally:
+                con.close()
+        return sorted(m.number for m in MIGRATIONS if m.number not in done)
+
     def migrate(self) -> list[int]:
-        """Apply pending migrations; return the numbers applied."""
+        """Apply pending migrations; return the numbers applied.
+
+        An index that is up to date is only read, so a read-only registry can be opened;
+        one that needs creating or upgrading there is a :class:`ReadOnlyRegistryError`.
+        """
+        pending = self._pending()
+        if pending == []:
+            self._migrated = True
+            return []
+        try:
+            return self._apply_migrations()
+        except ReadOnlyRegistryError as exc:
+            detail = (("its index cannot be opened read-only" if self.path.exists() else
+                       "it holds no index (registry.duckdb) yet") if pending is None else
+                      f"its index needs {len(pending)} schema migration(s) from this maskhub "
+                      "version") + "; open it once with write access"
+            raise ReadOnlyRegistryError(exc.home, exc.reason, detail) from None
+
+    def _apply_migrations(self) -> list[int]:
         applied: list[int] = []
         with self._locked(exclusive=True):
-            con = duckdb.connect(str(self.path))
+            con = self._connect_db(write=True)
             try:
                 con.execute(MIGRATIONS_TABLE)
                 rows = con.execute("SELECT number FROM schema_migrations").fetchall()
@@ -154,8 +305,11 @@ class Index:
         """The mask row whose name is ``ref``, or whose id starts with ``ref``.
 
         Returns ``None`` when nothing matches; raises ``AmbiguousMaskError`` for an id prefix
-        that matches several masks.
+        that matches several masks, ``UsageError`` for an empty ``ref`` (a prefix of every id).
         """
+        if not ref.strip():
+            raise UsageError("a MASK must be a mask name or a prefix of its id, not an empty "
+                             "string (see `maskhub ls`)")
         with self.connect(write=False) as con:
             rows = self.rows(con, "SELECT * FROM masks WHERE name = ?", [ref])
             if rows:
@@ -175,15 +329,22 @@ class Index:
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query; return ``(columns, rows)``."""
+        """Run one read-only SQL statement written by a user (see :func:`check_read_only`);
+        return ``(columns, rows)``. Any problem with it is a one-line ``UsageError``."""
         with self.connect(write=False) as con:
+            check_read_only(con, sql)
             try:
                 cur = con.execute(sql)
+                if cur.description is None:
+                    return [], []
+                return [d[0] for d in cur.description], cur.fetchall()
             except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {str(exc).splitlines()[0]}") from exc
-            if cur.description is None:
-                return [], []
-            return [d[0] for d in cur.description], cur.fetchall()
+                raise sql_error(exc) from exc
+
+    def user_rows(self, sql: str) -> list[dict[str, Any]]:
+        """:meth:`query`, for SQL holding user-written parts: the rows as dicts."""
+        columns, rows = self.query(sql)
+        return [dict(zip(columns, r, strict=True)) for r in rows]
 
     def delete_mask(self, mask_id: str) -> None:
         """Remove a mask's rows from every table that refers to it.

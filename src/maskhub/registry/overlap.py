@@ -683,9 +683,10 @@ def load_cached(registry: Registry, masks: Sequence[Mask],
 def save_results(registry: Registry, results: Sequence[OverlapResult]) -> None:
     """Store results (summary and per-tensor rows) in one transaction, replacing old ones.
 
-    Pairs whose masks were removed meanwhile are skipped.
+    Pairs whose masks were removed meanwhile are skipped; nothing is stored in a registry
+    this process cannot write (the results are a cache).
     """
-    if not results:
+    if not results or not registry.index.writable:
         return
     cols = ", ".join(_OVERLAP_COLUMNS)
     marks = ", ".join("?" for _ in _OVERLAP_COLUMNS)

@@ -96,7 +96,8 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
     base_ck = open_checkpoint(base)
     trained_ck = open_checkpoint(trained)
     try:
-        names, skipped = match_tensors(base_ck, trained_ck, allow_missing, warn)
+        names, skipped = match_tensors(base_ck, trained_ck, allow_missing, warn,
+                                       sides=("base", "trained"))
         stats = {s.tensor: s for s in mask.tensor_stats()}
         present = set(names)
         not_in_mask = [n for n in names if n not in stats]

@@ -34,3 +34,26 @@ def parse_tensor_name(name: str) -> tuple[int | None, str]:
             rest = rest[: -len(suffix)]
             break
     return layer, rest
+
+
+#: A mask name: letters, digits, '.', '_' and '-', starting with a letter or digit (it appears
+#: in file names, SQL and Hub repo cards, so it stays plain).
+_MASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def valid_mask_name(name: object) -> bool:
+    """Whether ``name`` may name a mask."""
+    return isinstance(name, str) and _MASK_NAME.fullmatch(name) is not None
+
+
+def mask_name_from(text: str, fallback: str = "mask") -> str:
+    """A valid mask name made from ``text`` (a directory or repo name): other characters
+    become '-', and ``fallback`` is used when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip("._-")[:180].rstrip("-")
+    return name if valid_mask_name(name) else fallback
+
+
+def invalid_mask_name_message(name: object) -> str:
+    """The one-line error for a name that :func:`valid_mask_name` refuses."""
+    return (f"invalid mask name {name!r}: use letters, digits, '.', '_' and '-', starting "
+            "with a letter or digit (at most 200 characters)")
