@@ -348,3 +348,11 @@ def test_diff_keeps_base_and_target(verify_run: dict[str, Path]) -> None:
     assert error_line("diff", base, str(verify_run["reshaped"])) == (
         "Error: tensor 'lm_head.weight' has shape [32, 16] in the base checkpoint and "
         "[16, 32] in the target checkpoint")
+
+
+def test_demo_dir_that_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    line = error_line("demo", "--dir", str(blocker / "demo"))
+    assert line.startswith(f"Error: cannot write the demo checkpoints to {blocker / 'demo'}")
+    assert ok("ls", "--json").strip() == "[]"  # nothing registered

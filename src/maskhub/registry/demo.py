@@ -11,15 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors.torch import save_file
 
+from maskhub.errors import UsageError
 from maskhub.registry.tinymodel import TinyConfig, TinyLlama, synthetic_batches, train
 
 
 def save_checkpoint(model: torch.nn.Module, directory: Path, dtype: torch.dtype = torch.bfloat16,
                     shards: int = 2) -> Path:
-    """Save a model's parameters as sharded safetensors with a Hugging Face index."""
+    """Save a model's parameters as sharded safetensors with a Hugging Face index.
+
+    A directory that cannot be written is a :class:`~maskhub.errors.UsageError`."""
+    try:
+        return _save(model, directory, dtype, shards)
+    except (OSError, safetensors.SafetensorError) as exc:
+        text = str(exc).strip().splitlines()
+        raise UsageError(f"cannot write the demo checkpoints to {directory}: "
+                         f"{text[0] if text else type(exc).__name__}") from None
+
+
+def _save(model: torch.nn.Module, directory: Path, dtype: torch.dtype, shards: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     names = list(state)
