@@ -3,6 +3,7 @@ inside a guard, so that Ctrl-C during start-up is one line too, not a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -13,4 +14,9 @@ def run() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted: nothing was done.\n")
         sys.exit(1)
-    main()
+    try:
+        main()
+    finally:
+        # The command has finished and said so: a Ctrl-C during the interpreter's teardown
+        # (a fraction of a second with torch loaded) must not kill the exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,9 +7,7 @@ here. ``maskhub`` alone prints the help and exits 0.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -35,10 +33,6 @@ class MaskhubGroup(click.Group):
             rv = super().main(*args, **kwargs, standalone_mode=False)
             if not standalone:
                 return rv
-            if threading.current_thread() is threading.main_thread():
-                # The command has finished and said so: a Ctrl-C during the interpreter's
-                # teardown must not turn it into an "interrupted" exit.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
             # Without standalone mode click turns ctx.exit(code) into a return value:
             # give it back as the exit status, as standalone click would.
             sys.exit(rv if isinstance(rv, int) else 0)
