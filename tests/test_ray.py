@@ -5,16 +5,14 @@ register nothing when the tasks cannot finish."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clitools import fail_line, run_json
 from factory import llama_shapes, make_pair, plant_updates, random_state, save
 
 from maskhub import Registry
-from maskhub.cli import main
 from maskhub.errors import CheckpointMismatchError
 from maskhub.registry import rayoverlap
 from maskhub.registry.raydiff import FAIL_ONCE_ENV, plan_groups, ray_diff
@@ -26,18 +24,8 @@ pytest.importorskip("ray")
 SWEEP = "0,1e-8,1e-3,0.1"
 
 
-def run(*args: str) -> dict | list:
-    result = CliRunner().invoke(main, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def fail(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
+run = run_json
+fail = fail_line
 
 
 def assert_same_mask(reg: Registry, a: str, b: str) -> None:

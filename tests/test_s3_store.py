@@ -4,35 +4,23 @@ committed by its index row only, and is written by Ray workers too."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
+from clitools import fail_line, run_json
 from factory import llama_shapes, make_pair, plant_updates, random_state, save
 
 from maskhub import Registry
-from maskhub.cli import main
 from maskhub.registry.raydiff import FAIL_ONCE_ENV
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 
-def run(*args: str) -> dict | list:
-    result = CliRunner().invoke(main, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def fail(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
+run = run_json
+fail = fail_line
 
 
 def keys(url: str) -> list[str]:
