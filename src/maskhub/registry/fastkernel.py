@@ -10,9 +10,9 @@ one whose pattern differs while both magnitudes lie in ``[lo, inf]`` (``lo``: se
 :mod:`maskhub.registry.floatbits`) is updated; the rest ("candidates": a small or NaN value
 on either side, the ±0 pair) are decided exactly in float64 with the reference formula.
 
-The numba backend (:mod:`maskhub.registry.numbakernel`) runs three passes per chunk, none
-with a data-dependent branch in its hot loop: a vectorised classification into
-``sure``/``cand`` byte flags, a multiply-based pack of both into bits, and a walk over the
+The numba backend (:mod:`maskhub.registry.numbakernel`) runs per chunk one vectorised pass
+that classifies and packs at once (sure-updated bits into the mask, candidate bits into a
+scratch bitmap), a popcount of the mask, and a walk over the
 set bits of the packed candidates (``cttz``) that does the float64 check. The numpy backend
 does the same in vectorised numpy passes.
 """

@@ -93,17 +93,15 @@ def itemsize(name: str) -> int:
 _tls = threading.local()
 
 
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-thread scratch of the numba kernels for ``n`` entries: ``sure``/``cand`` flags and
-    the packed candidates (reused: fresh allocations cost page faults)."""
+def _scratch(n: int) -> np.ndarray:
+    """Per-thread scratch of the numba kernels for ``n`` entries: the packed candidates
+    (reused: fresh allocations cost page faults)."""
     size = getattr(_tls, "size", 0)
     if size < n:
         size = max(n, CHUNK)
         _tls.size = size
-        _tls.sure = np.empty(size, dtype=np.uint8)
-        _tls.cand = np.empty(size, dtype=np.uint8)
         _tls.pc = np.empty((size + 63) // 64 * 8, dtype=np.uint8)
-    return _tls.sure[:n], _tls.cand[:n], _tls.pc[:(n + 63) // 64 * 8]
+    return _tls.pc[:(n + 63) // 64 * 8]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -172,7 +170,7 @@ class DiffKernel:
             def fn(a_raw, b_raw, out, counts):
                 a = _readonly(a_raw.view(np.uint16))
                 nk.numba_chunk16(a, _readonly(b_raw.view(np.uint16)), kind, lo, inf, tols, out,
-                                 counts, *_scratch(a.shape[0]))
+                                 counts, _scratch(a.shape[0]))
         else:
             lut = self._lut(fmt)
 
@@ -190,7 +188,7 @@ class DiffKernel:
             b = _readonly(_to_fp32_bits(b_raw, fmt_b))
             if nk is not None:
                 nk.numba_chunk32(a, b, a.view(np.float32), b.view(np.float32), lo, inf, tols,
-                                 out, counts, *_scratch(a.shape[0]))
+                                 out, counts, _scratch(a.shape[0]))
             else:
                 fastkernel.numpy_chunk(a, b, None, None, FP32.mag_mask, lo, inf, tols, out,
                                        counts)

@@ -22,57 +22,66 @@ except ImportError:  # pragma: no cover
         return j
 
 _u64 = np.uint64
-_ONES = _u64(0x0101010101010101)
-_GATHER = _u64(0x0102040810204080)  # byte j's low bit -> bit 56 + j
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _flags(x, y, m, lo, inf):  # pragma: no cover - compiled
+    """``(sure, cand)`` of one entry: changed with both magnitudes in ``[lo, inf]``, or
+    changed otherwise (decided exactly later)."""
+    ma = x & m
+    mb = y & m
+    ok = (ma >= lo) & (ma <= inf) & (mb >= lo) & (mb <= inf)
+    ne = x != y
+    return ne & ok, ne & (not ok)
+
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _classify16(a, b, lo, inf, sure, cand):  # pragma: no cover - compiled
-    """Vectorised: ``sure[i]``/``cand[i]`` flags; returns the number of sure entries."""
-    n_sure = 0
-    m = np.uint16(0x7FFF)
-    for i in range(a.shape[0]):
-        x = a[i]
-        y = b[i]
-        ma = x & m
-        mb = y & m
-        ok = (ma >= lo) & (ma <= inf) & (mb >= lo) & (mb <= inf)
-        ne = x != y
-        s = ne & ok
-        sure[i] = s
-        cand[i] = ne & (not ok)
-        n_sure += s
-    return n_sure
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _classify32(a, b, lo, inf, sure, cand):  # pragma: no cover - compiled
-    """32-bit version of :func:`_classify16`."""
-    n_sure = 0
-    m = np.uint32(0x7FFFFFFF)
-    for i in range(a.shape[0]):
-        x = a[i]
-        y = b[i]
-        ma = x & m
-        mb = y & m
-        ok = (ma >= lo) & (ma <= inf) & (mb >= lo) & (mb <= inf)
-        ne = x != y
-        s = ne & ok
-        sure[i] = s
-        cand[i] = ne & (not ok)
-        n_sure += s
-    return n_sure
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _pack(flags, n, out):  # pragma: no cover - compiled
-    """Pack ``n`` 0/1 bytes into ``ceil(n/8)`` bytes of ``out``, little bit order."""
+def _classify_pack(a, b, m, lo, inf, out, pc):  # pragma: no cover - compiled
+    """Classify and pack in one pass: bit ``i`` of ``out`` = sure-updated, of ``pc`` =
+    candidate (little bit order, ``ceil(n/8)`` bytes each). Eight entries per output byte:
+    the inner loop unrolls and the outer one vectorises, about 2.5x the speed of writing
+    byte flags and packing them after (nothing else may go in this loop: a counter or a
+    table lookup there stops the vectorisation, hence :func:`_popcount` afterwards)."""
+    n = a.shape[0]
     full = n // 8
-    f64 = flags[:8 * full].view(np.uint64)
     for k in range(full):
-        out[k] = np.uint8(((f64[k] & _ONES) * _GATHER) >> _u64(56))
+        bs = np.uint8(0)
+        bc = np.uint8(0)
+        for j in range(8):
+            s, c = _flags(a[8 * k + j], b[8 * k + j], m, lo, inf)
+            bs |= np.uint8(s) << np.uint8(j)
+            bc |= np.uint8(c) << np.uint8(j)
+        out[k] = bs
+        pc[k] = bc
     if n > 8 * full:
-        s = 0
+        bs = np.uint8(0)
+        bc = np.uint8(0)
         for j in range(n - 8 * full):
-            s |= np.int64(flags[8 * full + j] & 1) << j
-        out[full] = np.uint8(s)
+            s, c = _flags(a[8 * full + j], b[8 * full + j], m, lo, inf)
+            bs |= np.uint8(s) << np.uint8(j)
+            bc |= np.uint8(c) << np.uint8(j)
+        out[full] = bs
+        pc[full] = bc
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _popcount64(x):  # pragma: no cover - compiled
+    x = x - ((x >> _u64(1)) & _u64(0x5555555555555555))
+    x = (x & _u64(0x3333333333333333)) + ((x >> _u64(2)) & _u64(0x3333333333333333))
+    x = (x + (x >> _u64(4))) & _u64(0x0F0F0F0F0F0F0F0F)
+    return (x * _u64(0x0101010101010101)) >> _u64(56)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _popcount(packed, nbytes):  # pragma: no cover - compiled
+    """Set bits in ``packed[:nbytes]``."""
+    words = nbytes // 8
+    total = 0
+    w64 = packed[:8 * words].view(np.uint64)
+    for w in range(words):
+        total += _popcount64(w64[w])
+    for k in range(8 * words, nbytes):
+        total += _popcount64(_u64(packed[k]))
+    return total
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _value16(bits, kind):  # pragma: no cover - compiled
@@ -100,16 +109,15 @@ def _exact(fa, fb, tols, counts):  # pragma: no cover - compiled
     return changed & (1 - np.int64(d <= tols[0]))
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def numba_chunk16(a, b, kind, lo, inf, tols, out, counts, sure, cand, pc
+def numba_chunk16(a, b, kind, lo, inf, tols, out, counts, pc
                   ):  # pragma: no cover - compiled
-    """16-bit kernel; ``kind`` 0 = bfloat16, 1 = float16; ``sure``/``cand`` (n bytes)
-    and ``pc`` (``ceil(n/64)*8`` bytes) are scratch."""
+    """16-bit kernel; ``kind`` 0 = bfloat16, 1 = float16; ``pc`` (``ceil(n/64)*8`` bytes)
+    is scratch for the packed candidates."""
     n = a.shape[0]
-    n_sure = _classify16(a, b, np.uint16(lo), np.uint16(inf), sure, cand)
-    _pack(sure, n, out)
     nb = (n + 7) // 8
     pc[nb:] = 0
-    _pack(cand, n, pc)
+    _classify_pack(a, b, np.uint16(0x7FFF), np.uint16(lo), np.uint16(inf), out, pc)
+    n_sure = _popcount(out, nb)
     exact = 0
     pc64 = pc.view(np.uint64)
     for w in range(pc64.shape[0]):
@@ -125,16 +133,15 @@ def numba_chunk16(a, b, kind, lo, inf, tols, out, counts, sure, cand, pc
         counts[t] += n_sure
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def numba_chunk32(a, b, fa, fb, lo, inf, tols, out, counts, sure, cand, pc
+def numba_chunk32(a, b, fa, fb, lo, inf, tols, out, counts, pc
                   ):  # pragma: no cover - compiled
     """32-bit kernel; ``fa``/``fb`` are float32 views of ``a``/``b``; as
     :func:`numba_chunk16` otherwise."""
     n = a.shape[0]
-    n_sure = _classify32(a, b, np.uint32(lo), np.uint32(inf), sure, cand)
-    _pack(sure, n, out)
     nb = (n + 7) // 8
     pc[nb:] = 0
-    _pack(cand, n, pc)
+    _classify_pack(a, b, np.uint32(0x7FFFFFFF), np.uint32(lo), np.uint32(inf), out, pc)
+    n_sure = _popcount(out, nb)
     exact = 0
     pc64 = pc.view(np.uint64)
     for w in range(pc64.shape[0]):
