@@ -84,11 +84,11 @@ def test_failed_diff_leaves_nothing_on_s3(tmp_path: Path, s3_bucket: str) -> Non
     before = keys(s3_bucket)
     # the second diff writes its whole store, then loses the race for the name: nothing stays
     reg = Registry(store=s3_bucket)
-    original = reg._check_name_free
-    reg._check_name_free = lambda name: None  # type: ignore[method-assign]
+    original = reg.check_new_name
+    reg.check_new_name = lambda name: None  # type: ignore[method-assign]
     with pytest.raises(Exception, match="already exists"):
         reg.diff(base, target, name="taken")
-    reg._check_name_free = original  # type: ignore[method-assign]
+    reg.check_new_name = original  # type: ignore[method-assign]
     assert keys(s3_bucket) == before
     assert [m["name"] for m in reg.ls()] == ["taken"]
 

@@ -261,7 +261,11 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _check_name_free(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
+        """Raise unless ``name`` is a valid mask name (see :func:`valid_mask_name`) that no
+        registered mask has."""
+        if not valid_mask_name(name):
+            raise UsageError(invalid_mask_name_message(name))
         with self.index.connect(write=False) as con:
             if con.execute("SELECT 1 FROM masks WHERE name = ?", [name]).fetchone():
                 raise NameTakenError(name)
@@ -273,8 +277,8 @@ class Registry:
         """``stem`` if no mask has that name, else the first free ``stem-2``, ``stem-3``..."""
         with self.index.connect(write=False) as con:
             taken = {r[0] for r in con.execute(
-                "SELECT name FROM masks WHERE name = ? OR name LIKE ?",
-                [stem, stem + "-%"]).fetchall()}
+                "SELECT name FROM masks WHERE name = ? OR starts_with(name, ?)",
+                [stem, stem + "-"]).fetchall()}
         if stem not in taken:
             return stem
         i = 2
@@ -369,8 +373,7 @@ class Registry:
         else:
             dev = resolve_device(device)
         if name is not None:
-            _check_name_syntax(name)
-            self._check_name_free(name)
+            self.check_new_name(name)
         checked = _interruptible(progress)
         with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
             base_ck = open_checkpoint(base)
@@ -508,9 +511,10 @@ class Registry:
         unchanged mask makes no new commit. See :mod:`maskhub.registry.hub`."""
         from maskhub.registry.hub import push
 
-        if is_url(self.get(ref).path):
-            raise UsageError(f"mask {ref!r} is stored at {self.get(ref).path}; push publishes "
-                             "local stores only (copy it under HOME/masks first)")
+        path = self.get(ref).path
+        if is_url(path):
+            raise UsageError(f"mask {ref!r} is stored at {path}; push publishes local stores "
+                             "only (copy it under HOME/masks first)")
         return push(self, ref, repo_id, private=private, revision=revision,
                     commit_message=commit_message, repo_type=repo_type, license=license,
                     token=token)
@@ -564,6 +568,7 @@ class Registry:
         return run_trajectory(self, checkpoints, name=name, tol=tol,
                               device=resolve_device(device), progress=progress)
 
+
 def _interruptible(progress: ProgressFn | None) -> ProgressFn:
     """``progress`` preceded by :func:`check_interrupt`: a deferred Ctrl-C stops the work
     after the tensor that just finished."""
@@ -583,11 +588,6 @@ def _make_home(home: Path) -> None:
         reason = (f"{blocker} is a file, not a directory" if blocker is not None
                   else (exc.strerror or str(exc)).lower())
         raise HomeError(home, reason) from None
-
-
-def _check_name_syntax(name: str) -> None:
-    if not valid_mask_name(name):
-        raise UsageError(invalid_mask_name_message(name))
 
 
 def _model_name(ref: str, revision: str | None) -> str:

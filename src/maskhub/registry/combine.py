@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from maskhub.errors import NameTakenError, UsageError
+from maskhub.errors import UsageError
 from maskhub.registry.overlap import (
     ProgressFn,
     check_compatible,
@@ -25,7 +25,7 @@ from maskhub.registry.overlap import (
 )
 from maskhub.registry.store import MaskWriter, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
-from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
+from maskhub.schemas.names import mask_name_from
 
 if TYPE_CHECKING:
     from maskhub.registry.api import Mask, Registry
@@ -107,24 +107,9 @@ def _check_args(operation: str, masks: Sequence[Mask], min_count: int | None) ->
     return k
 
 
-def _check_name(registry: Registry, name: str) -> None:
-    if not valid_mask_name(name):
-        raise UsageError(invalid_mask_name_message(name))
-    with registry.index.connect(write=False) as con:
-        if con.execute("SELECT 1 FROM masks WHERE name = ?", [name]).fetchone():
-            raise NameTakenError(name)
-
-
 def _default_name(registry: Registry, operation: str, masks: Sequence[Mask]) -> str:
-    stem = mask_name_from(f"{operation}-" + "-".join(m.name for m in masks))[:120]
-    with registry.index.connect(write=False) as con:
-        taken = {r[0] for r in con.execute(
-            "SELECT name FROM masks WHERE name = ? OR starts_with(name, ?)",
-            [stem, stem + "-"]).fetchall()}
-    name, i = stem, 2
-    while name in taken:
-        name, i = f"{stem}-{i}", i + 1
-    return name
+    return registry.free_name(
+        mask_name_from(f"{operation}-" + "-".join(m.name for m in masks))[:120])
 
 
 def _common(rows: Sequence[dict[str, Any]], key: str) -> Any:
@@ -146,7 +131,7 @@ def combine(registry: Registry, operation: str, masks: Sequence[Mask], *,
     if name is None:
         name = _default_name(registry, operation, masks)
     else:
-        _check_name(registry, name)
+        registry.check_new_name(name)
     layout = check_compatible(registry, masks)
     mask_id = uuid.uuid4().hex
     tmp = registry.new_store_location(mask_id)

@@ -248,7 +248,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     this thread after each tensor, in order.
     """
     outcome = DiffOutcome()
-    total_bytes = sum(_nbytes(base.tensors[n]) + _nbytes(target.tensors[n]) for n in names)
+    total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
         prefetch = _Prefetcher([r for n in names for r in (mb.region(n), mt.region(n))])
         wthread = _WriterThread(writer)
@@ -270,7 +270,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
-            done_bytes += _nbytes(job.a_info) + _nbytes(job.b_info)
+            done_bytes += job.a_info.nbytes + job.b_info.nbytes
             if progress:
                 progress(i + 1, len(names), done_bytes, total_bytes, job.name)
 
@@ -290,11 +290,6 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                 wthread.queue.put(None)
                 wthread.join()
     return outcome
-
-
-def _nbytes(info: TensorInfo) -> int:
-    # TensorInfo.nbytes builds a torch tensor per call; this runs for every tensor twice.
-    return info.numel * itemsize(info.dtype)
 
 
 def _stats(job: _Job) -> TensorStats:
@@ -358,5 +353,5 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                                       job.b_info.dtype, n, job.packed)
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
-        prefetch.advance(_nbytes(job.a_info) + _nbytes(job.b_info))
+        prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)
         finish_job(i, job)

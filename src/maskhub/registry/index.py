@@ -90,10 +90,9 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
                      f"SUMMARIZE, PRAGMA, EXPLAIN), not {what}")
 
 
-def _writable(path: Path) -> bool:
-    """Whether this process may create files in the directory ``path`` (effective ids)."""
-    effective = os.access in os.supports_effective_ids
-    return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
+def _may(path: Path, mode: int) -> bool:
+    """``os.access`` with the effective ids where the platform supports them."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 class Index:
@@ -110,9 +109,8 @@ class Index:
     def writable(self) -> bool:
         """Whether this process can write the index (its directory, and the database and lock
         files where they exist)."""
-        return _writable(self.path.parent) and all(
-            os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
-            for p in (self.path, self.lock_path) if p.exists())
+        return _may(self.path.parent, os.W_OK | os.X_OK) and all(
+            _may(p, os.W_OK) for p in (self.path, self.lock_path) if p.exists())
 
     def _read_only(self, exc: OSError | duckdb.Error, detail: str | None = None
                    ) -> ReadOnlyRegistryError:

@@ -166,11 +166,12 @@ class DiffKernel:
         if self.backend == "numba":
             kind = 0 if fmt is BF16 else 1
             nk = fastkernel.numba_kernels()
+            m, lo16, inf16 = np.uint16(fmt.mag_mask), np.uint16(lo), np.uint16(inf)
 
             def fn(a_raw, b_raw, out, counts):
                 a = _readonly(a_raw.view(np.uint16))
-                nk.numba_chunk16(a, _readonly(b_raw.view(np.uint16)), kind, lo, inf, tols, out,
-                                 counts, _scratch(a.shape[0]))
+                nk.numba_chunk(a, _readonly(b_raw.view(np.uint16)), kind, m, lo16, inf16, tols,
+                               out, counts, _scratch(a.shape[0]))
         else:
             lut = self._lut(fmt)
 
@@ -182,13 +183,13 @@ class DiffKernel:
     def _fn32(self, fmt_a: FloatFormat, fmt_b: FloatFormat) -> ChunkFn:
         lo, inf, tols = FP32.decisive_bits(self.tol_max), FP32.inf_bits, self.tols
         nk = fastkernel.numba_kernels() if self.backend == "numba" else None
+        m, lo32, inf32 = np.uint32(FP32.mag_mask), np.uint32(lo), np.uint32(inf)
 
         def fn(a_raw, b_raw, out, counts):
             a = _readonly(_to_fp32_bits(a_raw, fmt_a))
             b = _readonly(_to_fp32_bits(b_raw, fmt_b))
             if nk is not None:
-                nk.numba_chunk32(a, b, a.view(np.float32), b.view(np.float32), lo, inf, tols,
-                                 out, counts, _scratch(a.shape[0]))
+                nk.numba_chunk(a, b, 2, m, lo32, inf32, tols, out, counts, _scratch(a.shape[0]))
             else:
                 fastkernel.numpy_chunk(a, b, None, None, FP32.mag_mask, lo, inf, tols, out,
                                        counts)

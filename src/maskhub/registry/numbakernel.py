@@ -84,8 +84,10 @@ def _popcount(packed, nbytes):  # pragma: no cover - compiled
     return total
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _value16(bits, kind):  # pragma: no cover - compiled
-    """Exact float64 value of a 16-bit pattern: ``kind`` 0 = bfloat16, 1 = float16."""
+def _value(bits, kind):  # pragma: no cover - compiled
+    """Exact float64 value of a pattern: ``kind`` 0 = bfloat16, 1 = float16, 2 = float32."""
+    if kind == 2:
+        return np.float64(np.uint32(bits).view(np.float32))
     if kind == 0:
         return np.float64(np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32))
     e = (bits >> 10) & 0x1F
@@ -109,14 +111,15 @@ def _exact(fa, fb, tols, counts):  # pragma: no cover - compiled
     return changed & (1 - np.int64(d <= tols[0]))
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def numba_chunk16(a, b, kind, lo, inf, tols, out, counts, pc
-                  ):  # pragma: no cover - compiled
-    """16-bit kernel; ``kind`` 0 = bfloat16, 1 = float16; ``pc`` (``ceil(n/64)*8`` bytes)
-    is scratch for the packed candidates."""
+def numba_chunk(a, b, kind, m, lo, inf, tols, out, counts, pc):  # pragma: no cover - compiled
+    """The kernel for one chunk. ``a``/``b``: uint16 patterns (``kind`` 0 = bfloat16,
+    1 = float16) or uint32 float32 patterns (``kind`` 2); ``m`` the magnitude mask and
+    ``lo``/``inf`` the decisive range, of the same unsigned type; ``pc``
+    (``ceil(n/64)*8`` bytes) is scratch for the packed candidates."""
     n = a.shape[0]
     nb = (n + 7) // 8
     pc[nb:] = 0
-    _classify_pack(a, b, np.uint16(0x7FFF), np.uint16(lo), np.uint16(inf), out, pc)
+    _classify_pack(a, b, m, lo, inf, out, pc)
     n_sure = _popcount(out, nb)
     exact = 0
     pc64 = pc.view(np.uint64)
@@ -125,31 +128,7 @@ def numba_chunk16(a, b, kind, lo, inf, tols, out, counts, pc
         while c:
             j = 64 * w + trailing_zeros(c)
             c &= c - _u64(1)
-            upd = _exact(_value16(a[j], kind), _value16(b[j], kind), tols, counts)
-            exact += upd
-            out[j >> 3] |= np.uint8(upd << (j & 7))
-    counts[0] += exact
-    for t in range(tols.shape[0]):
-        counts[t] += n_sure
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def numba_chunk32(a, b, fa, fb, lo, inf, tols, out, counts, pc
-                  ):  # pragma: no cover - compiled
-    """32-bit kernel; ``fa``/``fb`` are float32 views of ``a``/``b``; as
-    :func:`numba_chunk16` otherwise."""
-    n = a.shape[0]
-    nb = (n + 7) // 8
-    pc[nb:] = 0
-    _classify_pack(a, b, np.uint32(0x7FFFFFFF), np.uint32(lo), np.uint32(inf), out, pc)
-    n_sure = _popcount(out, nb)
-    exact = 0
-    pc64 = pc.view(np.uint64)
-    for w in range(pc64.shape[0]):
-        c = pc64[w]
-        while c:
-            j = 64 * w + trailing_zeros(c)
-            c &= c - _u64(1)
-            upd = _exact(np.float64(fa[j]), np.float64(fb[j]), tols, counts)
+            upd = _exact(_value(a[j], kind), _value(b[j], kind), tols, counts)
             exact += upd
             out[j >> 3] |= np.uint8(upd << (j & 7))
     counts[0] += exact

@@ -32,7 +32,7 @@ import torch
 
 from maskhub.errors import CheckpointMismatchError, MaskhubError, UsageError
 from maskhub.registry.diff import DiffOutcome, ProgressFn, resolve_device, run_diff
-from maskhub.registry.kernel import DiffKernel, itemsize
+from maskhub.registry.kernel import DiffKernel
 from maskhub.registry.sources import Checkpoint, open_checkpoint
 from maskhub.registry.store import MaskWriter
 from maskhub.schemas.metadata import TensorStats
@@ -201,8 +201,7 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
         raise UsageError(f"--device {device} was asked for but the Ray cluster has no GPU")
     use_gpu = device != "cpu" and gpus > 0
     slots = gpus if use_gpu else max(1, int(resources.get("CPU", 1)))
-    sizes = [base.tensors[n].numel * (itemsize(base.tensors[n].dtype)
-                                      + itemsize(target.tensors[n].dtype)) for n in names]
+    sizes = [base.tensors[n].nbytes + target.tensors[n].nbytes for n in names]
     groups = plan_groups(sizes, slots * TASKS_PER_SLOT)
     task = ray.remote(diff_group).options(
         num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=MAX_RETRIES,

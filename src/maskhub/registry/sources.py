@@ -6,6 +6,7 @@ holds a whole checkpoint. Pickle formats are refused without being opened.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -55,7 +56,14 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         """Bytes of data in the file."""
-        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.numel * _element_size(self.dtype)
+
+
+@functools.cache
+def _element_size(dtype: str) -> int:
+    # Asked for every tensor several times per diff: building a torch scalar each time
+    # showed in profiles.
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 @dataclass

@@ -28,12 +28,7 @@ from maskhub.registry.kernel import DiffKernel
 from maskhub.registry.sources import Checkpoint, open_checkpoint
 from maskhub.registry.store import MaskWriter, remove_tree
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
-from maskhub.schemas.names import (
-    invalid_mask_name_message,
-    mask_name_from,
-    parse_tensor_name,
-    valid_mask_name,
-)
+from maskhub.schemas.names import mask_name_from, parse_tensor_name
 
 if TYPE_CHECKING:
     from maskhub.registry.api import Mask, Registry
@@ -131,11 +126,9 @@ def run_trajectory(registry: Registry, specs: Sequence[str], *, name: str | None
         labels = [_model_name(ck.ref, ck.revision) for ck in ckpts]
         points = [TrajectoryPoint(i, _step_of(s, i), labels[i], ck.revision)
                   for i, (s, ck) in enumerate(zip(specs, ckpts, strict=True))]
-        if name is not None and not valid_mask_name(name + "-final"):
-            raise UsageError(invalid_mask_name_message(name))
         name = name or mask_name_from(Path(specs[-1].rstrip("/")).name)
         for suffix in ("-final", "-ever"):
-            registry._check_name_free(name + suffix)
+            registry.check_new_name(name + suffix)
         final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
         tmp_final = registry.new_store_location(final_id)
         tmp_ever = registry.new_store_location(ever_id)
