@@ -95,7 +95,7 @@ def codec_rows(densities: list[float], n_params: int, workdir: Path) -> list[dic
     """Stored size and encode/decode speed of one packed mask per density (iid bits)."""
     import zarr
 
-    from maskhub.registry.store import write_packed_array
+    from maskhub.storage.store import write_packed_array
 
     rng = np.random.default_rng(0)
     rows = []
@@ -126,7 +126,7 @@ def codec_rows(densities: list[float], n_params: int, workdir: Path) -> list[dic
 def kernel_gbs(n: int = 1 << 27, density: float = 0.2) -> float:
     """GB/s of input (both sides) of the CPU diff kernel alone, in memory, on one thread:
     bf16 pairs of ``n`` entries with ``density`` updated (best of 3)."""
-    from maskhub.registry.kernel import DiffKernel
+    from maskhub.kernels.kernel import DiffKernel
 
     g = torch.Generator().manual_seed(0)
     a = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)

@@ -38,9 +38,9 @@ import numpy as np
 import zarr
 
 from maskhub import Mask, Registry
-from maskhub.registry.store import MaskWriter
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import parse_tensor_name
+from maskhub.storage.store import MaskWriter
 
 GEN_STEP = 64 << 20  # bytes of random bits drawn at a time
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from maskhub.registry import training
-from maskhub.registry.tinymodel import TinyConfig, TinyLlama, synthetic_batches
+from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
 from maskhub.torch import DictMask, apply_mask
+from maskhub.training import masking as training
 
 MODES = ("plain", "grad-mask", "exact")
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from maskhub import Registry
-from maskhub.registry.demo import save_checkpoint
-from maskhub.registry.tinymodel import TinyConfig, TinyLlama, synthetic_batches, train
+from maskhub.demo.pair import save_checkpoint
+from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches, train
 from maskhub.torch import apply_mask
 
 TOLS = (1e-5, 1e-4)

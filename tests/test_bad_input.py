@@ -178,7 +178,7 @@ def test_ctrl_c_during_the_commit_completes_it(tmp_path: Path, maskhub_home: Pat
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C between the store's rename and the index commit used to split them (a row
     without its store); now the registration finishes and stays whole."""
-    import maskhub.registry.api as api
+    import maskhub.core.home as api
 
     base, target, planted = make_pair(tmp_path)
     real_publish = api.publish

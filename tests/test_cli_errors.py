@@ -21,7 +21,7 @@ from factory import llama_shapes, make_pair, random_state, save
 from maskhub import Registry
 from maskhub.cli import main
 from maskhub.errors import HomeError, ReadOnlyRegistryError, UsageError
-from maskhub.registry.diff import resolve_device
+from maskhub.kernels.device import resolve_device
 from maskhub.schemas.ddl import MIGRATIONS
 
 NOBODY = 65534

@@ -7,7 +7,7 @@ import pytest
 from test_overlap import fail, register_bits, run
 
 from maskhub import Registry
-from maskhub.registry.combine import combine_blocks
+from maskhub.analytics.combine import combine_blocks
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 N = "model.layers.0.input_layernorm.weight"

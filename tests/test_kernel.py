@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskhub.registry import fastkernel
-from maskhub.registry.floatbits import BF16, FP16, FP32
-from maskhub.registry.kernel import DiffKernel, updated
+from maskhub.kernels import fastkernel
+from maskhub.kernels.floatbits import BF16, FP16, FP32
+from maskhub.kernels.kernel import DiffKernel, updated
 
 BACKENDS = ["numba", "numpy"] if fastkernel.HAVE_NUMBA else ["numpy"]
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
@@ -193,7 +193,7 @@ def test_decisive_thresholds() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_tensor_larger_than_a_chunk(backend: str) -> None:
-    from maskhub.registry import kernel
+    from maskhub.kernels import kernel
 
     n = kernel.CHUNK * 2 + 13
     g = torch.Generator().manual_seed(3)
@@ -224,7 +224,7 @@ def _pipeline_pair(root) -> tuple:
     from factory import save
 
     g = torch.Generator().manual_seed(11)
-    from maskhub.registry import kernel
+    from maskhub.kernels import kernel
 
     big = kernel.CHUNK * 3 + 5  # several chunks, odd tail
     base = {
@@ -250,9 +250,10 @@ def _pipeline_pair(root) -> tuple:
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_pipeline_stores_exactly_the_reference_bits(tmp_path, backend: str) -> None:
-    from maskhub.registry.diff import match_tensors, run_diff
-    from maskhub.registry.sources import open_checkpoint
-    from maskhub.registry.store import MaskStore, MaskWriter
+    from maskhub.checkpoints.pairing import match_tensors
+    from maskhub.checkpoints.sources import open_checkpoint
+    from maskhub.diff.pipeline import run_diff
+    from maskhub.storage.store import MaskStore, MaskWriter
 
     base, target = _pipeline_pair(tmp_path)
     b_ck, t_ck = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "target")
@@ -282,9 +283,10 @@ def test_pipeline_stores_exactly_the_reference_bits(tmp_path, backend: str) -> N
 
 
 def test_pipeline_surfaces_a_writer_failure(tmp_path) -> None:
-    from maskhub.registry.diff import match_tensors, run_diff
-    from maskhub.registry.sources import open_checkpoint
-    from maskhub.registry.store import MaskWriter
+    from maskhub.checkpoints.pairing import match_tensors
+    from maskhub.checkpoints.sources import open_checkpoint
+    from maskhub.diff.pipeline import run_diff
+    from maskhub.storage.store import MaskWriter
 
     class FailingWriter(MaskWriter):
         def add(self, stats, packed):  # noqa: ANN001

@@ -14,12 +14,13 @@ from factory import llama_shapes, plant_updates, random_state, save
 from zarr.codecs import ZstdCodec
 
 from maskhub import IncompatibleMasksError, Mask, Registry
+from maskhub.analytics.overlap_counting import popcount
+from maskhub.analytics.overlap_results import log10_normal_tail
 from maskhub.cli import main
 from maskhub.errors import MaskStoreError, UsageError
-from maskhub.registry.overlap import log10_normal_tail, popcount
-from maskhub.registry.store import MaskWriter
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import parse_tensor_name
+from maskhub.storage.store import MaskWriter
 
 BASE = "org/base-model"
 
@@ -243,7 +244,7 @@ def test_padding_bits_are_ignored():
 def test_multi_chunk_stores_missing_chunks_and_mixed_chunkings():
     """Chunk-sized reads (edge chunk, all-zero chunks zarr never wrote) and, for masks chunked
     differently, the zarr-slicing fallback give the same exact counts."""
-    from maskhub.registry.overlap import PackedSource
+    from maskhub.analytics.overlap_counting import PackedSource
 
     reg = Registry()
     rng = np.random.default_rng(8)

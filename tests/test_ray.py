@@ -13,11 +13,11 @@ from clitools import fail_line, run_json
 from factory import llama_shapes, make_pair, plant_updates, random_state, save
 
 from maskhub import Registry
+from maskhub.analytics import ray_overlap as rayoverlap
+from maskhub.checkpoints.sources import open_checkpoint
+from maskhub.diff.ray import FAIL_ONCE_ENV, plan_groups, ray_diff
 from maskhub.errors import CheckpointMismatchError
-from maskhub.registry import rayoverlap
-from maskhub.registry.raydiff import FAIL_ONCE_ENV, plan_groups, ray_diff
-from maskhub.registry.sources import open_checkpoint
-from maskhub.registry.store import MaskWriter
+from maskhub.storage.store import MaskWriter
 
 pytest.importorskip("ray")
 

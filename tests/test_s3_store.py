@@ -13,7 +13,7 @@ from clitools import fail_line, run_json
 from factory import llama_shapes, make_pair, plant_updates, random_state, save
 
 from maskhub import Registry
-from maskhub.registry.raydiff import FAIL_ONCE_ENV
+from maskhub.diff.ray import FAIL_ONCE_ENV
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

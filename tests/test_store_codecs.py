@@ -11,14 +11,14 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from maskhub.registry.store import (
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.storage.store import (
     CHUNK_BYTES,
     ZSTD_LEVEL,
     MaskStore,
     MaskWriter,
     write_packed_array,
 )
-from maskhub.schemas.metadata import MaskMetadata, TensorStats
 
 
 def _entropy_bits(p: float) -> float:

@@ -21,10 +21,10 @@ from factory import plant_updates, save
 from torch import nn
 
 from maskhub import Registry
+from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
 from maskhub.errors import MaskMismatchError, UsageError
-from maskhub.registry import training
-from maskhub.registry.tinymodel import TinyConfig, TinyLlama, synthetic_batches
 from maskhub.torch import apply_mask
+from maskhub.training import masking as training
 
 ROOT = Path(__file__).resolve().parent.parent
 # vocab 61: embeddings and lm_head shard unevenly over two FSDP2 ranks (31 + 30 rows).

@@ -10,10 +10,10 @@ Example::
     ...                                     # any loop, any torch.optim optimizer
     handle.remove()
 
-See :mod:`maskhub.registry.training` and docs/training.md.
+See :mod:`maskhub.training.masking` and docs/training.md.
 """
 
-from maskhub.registry.training import (
+from maskhub.training.masking import (
     DictMask,
     MaskedParameter,
     MaskHandle,

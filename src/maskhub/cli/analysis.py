@@ -49,7 +49,7 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
                                 progress=progress)
     data = result.to_dict()
     if plot_path:
-        from maskhub.registry.trajectory_plot import plot_trajectory
+        from maskhub.analytics.trajectory_plot import plot_trajectory
 
         plot_trajectory(data, plot_path)
     if as_json:

@@ -1,9 +1,10 @@
-"""Hub commands: push, pull, search (thin layers over :mod:`maskhub.registry.hub`)."""
+"""Hub commands: push, pull, search (thin layers over :mod:`maskhub.hub.repo`)."""
 
 from __future__ import annotations
 
 import click
 
+from maskhub.checkpoints.sources import split_revision
 from maskhub.cli.common import (
     F,
     echo_json,
@@ -15,7 +16,6 @@ from maskhub.cli.common import (
     stdout,
     warn,
 )
-from maskhub.registry.sources import split_revision
 
 REPO_TYPE = click.Choice(["model", "dataset"])
 
@@ -107,7 +107,7 @@ def search(base_model: str | None, algorithm: str | None, limit: int, repo_type:
     Example:
       maskhub search --base-model allenai/Llama-3.1-Tulu-3-8B-SFT --algorithm dpo
     """
-    from maskhub.registry.hub import search as hub_search  # lazy: keeps `maskhub` start fast
+    from maskhub.hub.repo import search as hub_search  # lazy: keeps `maskhub` start fast
 
     hits = hub_search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
                       limit=limit)

@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+from maskhub.analytics.combine import OPERATIONS
+from maskhub.analytics.overlap_results import OverlapMatrix, OverlapResult, TensorOverlap
+from maskhub.analytics.plot import BASELINES, parse_size
 from maskhub.cli.common import (
     byte_progress,
     echo_json,
@@ -20,9 +23,6 @@ from maskhub.cli.common import (
     store_option,
 )
 from maskhub.errors import UsageError
-from maskhub.registry.combine import OPERATIONS
-from maskhub.registry.overlap import OverlapMatrix, OverlapResult, TensorOverlap
-from maskhub.registry.plot import BASELINES, parse_size
 
 METRICS = ("o1", "jaccard", "lift_stratified", "z_score")
 

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from maskhub.errors import UsageError
-from maskhub.registry.training import MaskHandle, apply_mask, resolve_mask
+from maskhub.training.masking import MaskHandle, apply_mask, resolve_mask
 
 try:
     from transformers import TrainerCallback

@@ -1,4 +1,5 @@
-"""The maskhub library: diff, store, index, overlap, hub and training of update masks."""
+"""The facade: :class:`Registry` and :class:`Mask`, the public Python API on top of the
+features (see docs/architecture.md)."""
 
 from maskhub.registry.api import Mask, Registry
 

@@ -1,0 +1,79 @@
+"""Which masks can be compared: same base model (and revision), same tensors and shapes,
+decided from the SQL index alone (no store is opened, so a cached overlap stays light)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from maskhub.errors import IncompatibleMasksError, UsageError
+from maskhub.schemas.metadata import TensorStats
+
+if TYPE_CHECKING:
+    from maskhub.core.home import Home
+    from maskhub.core.record import MaskRecord
+
+
+def tensor_stats(registry: Home, masks: Sequence[MaskRecord]) -> dict[str, dict[str, TensorStats]]:
+    """Per-tensor stats of several masks from the SQL index: ``{mask_id: {tensor: stats}}``."""
+    ids = [m.id for m in masks]
+    with registry.index.connect(write=False) as con:
+        rows = registry.index.rows(
+            con, "SELECT * FROM tensors WHERE list_contains(?, mask_id)", [ids])
+    out: dict[str, dict[str, TensorStats]] = {i: {} for i in ids}
+    for r in rows:
+        out[r["mask_id"]][r["tensor"]] = TensorStats(
+            tensor=r["tensor"], shape=tuple(r["shape"]), numel=int(r["numel"]),
+            n_updated=int(r["n_updated"]), layer=r["layer"], module=r["module"],
+            base_dtype=r["base_dtype"] or "", target_dtype=r["target_dtype"] or "")
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The common parameter layout of compatible masks, with each mask's recorded counts."""
+
+    tensors: list[TensorStats]
+    counts: dict[str, dict[str, int]]
+
+
+def check_compatible(registry: Home, masks: Sequence[MaskRecord]) -> Layout:
+    """Check that ``masks`` cover the same parameters of the same base model.
+
+    Raises :class:`IncompatibleMasksError` naming the first mismatch (base model, base
+    revision when both record one, a tensor present on one side only, or a shape). Returns the
+    tensors in the first mask's checkpoint order and every mask's recorded per-tensor counts.
+    """
+    if not masks:
+        raise UsageError("no masks given")
+    stats = tensor_stats(registry, masks)
+    first = masks[0]
+    ref = stats[first.id]
+    for other in masks[1:]:
+        ra, rb = first.row, other.row
+        if ra["base_model"] != rb["base_model"]:
+            raise IncompatibleMasksError(
+                f"{first.name} and {other.name} have different base models: "
+                f"{ra['base_model']!r} vs {rb['base_model']!r}")
+        if ra["base_revision"] and rb["base_revision"] and \
+                ra["base_revision"] != rb["base_revision"]:
+            raise IncompatibleMasksError(
+                f"{first.name} and {other.name} have different base revisions of "
+                f"{ra['base_model']}: {ra['base_revision']!r} vs {rb['base_revision']!r}")
+        cur = stats[other.id]
+        for name in ref:
+            if name not in cur:
+                raise IncompatibleMasksError(
+                    f"tensor {name!r} is in {first.name} but not in {other.name}")
+        for name in cur:
+            if name not in ref:
+                raise IncompatibleMasksError(
+                    f"tensor {name!r} is in {other.name} but not in {first.name}")
+        for name in ref:
+            if ref[name].shape != cur[name].shape:
+                raise IncompatibleMasksError(
+                    f"tensor {name!r} has shape {list(ref[name].shape)} in {first.name} but "
+                    f"{list(cur[name].shape)} in {other.name}")
+    counts = {m: {t: st.n_updated for t, st in per.items()} for m, per in stats.items()}
+    return Layout(list(ref.values()), counts)

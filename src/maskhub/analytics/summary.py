@@ -1,0 +1,50 @@
+"""``show``: one mask summarised from the SQL index alone (no store is opened)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from maskhub.core.home import Home
+
+
+def mask_summary(home: Home, ref: str) -> dict[str, Any]:
+    """Summary of mask ``ref``: its row, per-layer and per-module tables, the sweep, and the
+    ``--rank/--stats`` summary (``analysis``: mean rank fraction over the 2-D updates as in
+    the paper's Table 2, sign flips, |Δ|; ``None`` when neither was recorded). One DuckDB
+    connection."""
+    with home.index.connect(write=False) as con:
+        mask = home.get(ref)
+        by_layer = home.index.rows(con, """
+            SELECT layer, sum(numel) AS numel, sum(n_updated) AS n_updated,
+                   1 - sum(n_updated) / sum(numel) AS sparsity
+            FROM tensors WHERE mask_id = ? AND layer IS NOT NULL
+            GROUP BY layer ORDER BY layer""", [mask.id])
+        by_module = home.index.rows(con, """
+            SELECT module, count(*) AS tensors, sum(numel) AS numel,
+                   sum(n_updated) AS n_updated, 1 - sum(n_updated) / sum(numel) AS sparsity
+            FROM tensors WHERE mask_id = ?
+            GROUP BY module ORDER BY min(coalesce(layer, -1)), module""", [mask.id])
+        sweep = home.index.rows(con, """
+            SELECT tol, sum(n_updated) AS n_updated,
+                   1 - sum(n_updated) / (SELECT n_params FROM masks WHERE id = ?) AS sparsity
+            FROM tensor_sweep WHERE mask_id = ? GROUP BY tol ORDER BY tol""",
+            [mask.id, mask.id])
+        analysis = home.index.rows(con, """
+            SELECT count(rank) AS n_rank_tensors, avg(rank_fraction) AS mean_rank_fraction,
+                   min(rank_fraction) AS min_rank_fraction,
+                   count(sign_flips) AS n_stats_tensors, sum(sign_flips) AS sign_flips,
+                   sum(a.mean_abs_delta * t.numel) / sum(t.numel)
+                       FILTER (WHERE a.mean_abs_delta IS NOT NULL) AS mean_abs_delta,
+                   max(max_abs_delta) AS max_abs_delta,
+                   sum(n_sub_bf16_step) AS n_sub_bf16_step
+            FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
+            WHERE mask_id = ?""", [mask.id])
+    summary = analysis[0] if analysis and (analysis[0]["n_rank_tensors"]
+                                           or analysis[0]["n_stats_tensors"]) else None
+    return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
+            "sweep": sweep, "analysis": summary}
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}

@@ -1,0 +1,223 @@
+"""Trajectories: how the update mask evolves across intermediate checkpoints.
+
+For checkpoints C0..Cn (the paper's Figures 2, 5 and 7): the sparsity of each Ck against C0,
+the sparsity between consecutive checkpoints, the **ever-updated** set (the union of the
+consecutive changes) and the split of all parameters into *never touched*, *touched but
+cancelled out* (ever updated, yet back within ``tol`` of C0 at the end) and the *final
+subnetwork* (updated in Cn against C0).
+
+One tensor at a time: C0's tensor, the previous checkpoint's and the current one's are in
+memory, and the per-tensor bitsets stay packed, so memory does not grow with the number of
+checkpoints or the model size.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from maskhub.checkpoints.pairing import match_tensors
+from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.core.provenance import model_name, timestamp
+from maskhub.errors import UsageError
+from maskhub.kernels.kernel import DiffKernel
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.names import mask_name_from, parse_tensor_name
+from maskhub.storage.files import remove_tree
+from maskhub.storage.store import MaskWriter
+
+if TYPE_CHECKING:
+    from maskhub.core.home import Home
+    from maskhub.core.record import MaskRecord
+
+_STEP = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass
+class TrajectoryPoint:
+    """Counts for checkpoint ``index`` of a trajectory."""
+
+    index: int
+    step: int
+    checkpoint: str
+    revision: str | None
+    n_updated_vs_first: int = 0
+    n_updated_vs_prev: int = 0
+    n_ever: int = 0
+
+
+@dataclass
+class TrajectoryResult:
+    """A finished trajectory and the two masks it registered."""
+
+    id: str
+    name: str
+    tol: float
+    n_params: int
+    points: list[TrajectoryPoint]
+    n_never: int
+    n_cancelled: int
+    n_subnetwork: int
+    final: MaskRecord
+    ever: MaskRecord
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def split(self) -> dict[str, float]:
+        """Fractions never / cancelled / subnetwork (they sum to 1)."""
+        n = self.n_params or 1
+        return {"never": self.n_never / n, "cancelled": self.n_cancelled / n,
+                "subnetwork": self.n_subnetwork / n}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the CLI."""
+        return {
+            "id": self.id, "name": self.name, "tol": self.tol, "n_params": self.n_params,
+            "n_never": self.n_never, "n_cancelled": self.n_cancelled,
+            "n_subnetwork": self.n_subnetwork, **{f"frac_{k}": v for k, v in self.split().items()},
+            "final_mask": self.final.id, "ever_mask": self.ever.id,
+            "points": [{**p.__dict__,
+                        "sparsity_vs_first": 1 - p.n_updated_vs_first / self.n_params,
+                        "sparsity_vs_prev": 1 - p.n_updated_vs_prev / self.n_params,
+                        "sparsity_ever": 1 - p.n_ever / self.n_params} for p in self.points],
+        }
+
+
+def expand_checkpoints(specs: Sequence[str]) -> list[str]:
+    """A single directory holding checkpoint subdirectories expands to them, ordered by the
+    last number in their names (``checkpoint-500`` before ``checkpoint-1000``)."""
+    if len(specs) == 1:
+        root = Path(specs[0]).expanduser()
+        if root.is_dir() and not any(root.glob("*.safetensors")):
+            subdirs = [p for p in root.iterdir() if p.is_dir() and (
+                any(p.glob("*.safetensors")))]
+            if not subdirs:
+                raise UsageError(f"{root} holds no checkpoint directories")
+            return [str(p) for p in sorted(subdirs, key=lambda p: (_step_of(p.name, 0), p.name))]
+    return list(specs)
+
+
+def _step_of(label: str, default: int) -> int:
+    m = _STEP.search(Path(label.rstrip("/")).name.split("@")[-1])
+    return int(m.group(1)) if m else default
+
+
+def _popcount(packed: np.ndarray) -> int:
+    return int(np.bitwise_count(packed).sum(dtype=np.int64))
+
+
+def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = None,
+                   tol: float = 1e-5, device: str = "cpu",
+                   progress: Callable[[int, int, int, int, str], None] | None = None
+                   ) -> TrajectoryResult:
+    """Measure a checkpoint sequence and register its final and ever-updated masks."""
+    specs = expand_checkpoints(specs)
+    if len(specs) < 2:
+        raise UsageError("a trajectory needs at least two checkpoints")
+    ckpts: list[Checkpoint] = [open_checkpoint(s) for s in specs]
+    try:
+        names: list[str] = []
+        for ck in ckpts[1:]:
+            names, _ = match_tensors(ckpts[0], ck, allow_missing=False)
+        labels = [model_name(ck.ref) for ck in ckpts]
+        points = [TrajectoryPoint(i, _step_of(s, i), labels[i], ck.revision)
+                  for i, (s, ck) in enumerate(zip(specs, ckpts, strict=True))]
+        name = name or mask_name_from(Path(specs[-1].rstrip("/")).name)
+        for suffix in ("-final", "-ever"):
+            registry.check_new_name(name + suffix)
+        final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
+        tmp_final = registry.new_store_location(final_id)
+        tmp_ever = registry.new_store_location(ever_id)
+        kernel = DiffKernel(tol=tol, device=device)
+        try:
+            w_final, w_ever = MaskWriter(tmp_final), MaskWriter(tmp_ever)
+            final_stats, ever_stats = [], []
+            n_cancelled = 0
+            total = len(names)
+            for i, tname in enumerate(names):
+                info = ckpts[0].tensors[tname]
+                first = ckpts[0].get(tname)
+                prev = first
+                ever = np.zeros((info.numel + 7) // 8, dtype=np.uint8)
+                final = ever
+                for k in range(1, len(ckpts)):
+                    cur = ckpts[k].get(tname)
+                    vs_first = kernel.run(first, cur)
+                    vs_prev = kernel.run(prev, cur)
+                    np.bitwise_or(ever, vs_prev.packed, out=ever)
+                    points[k].n_updated_vs_first += vs_first.n_updated
+                    points[k].n_updated_vs_prev += vs_prev.n_updated
+                    points[k].n_ever += _popcount(ever)
+                    final = vs_first.packed
+                    prev = cur
+                layer, module = parse_tensor_name(tname)
+                n_final = _popcount(final)
+                # Tiny steps that each stay within tol can add up past it: count such
+                # entries as ever updated too, so the three classes partition the tensor.
+                np.bitwise_or(ever, final, out=ever)
+                n_ever = _popcount(ever)
+                n_cancelled += n_ever - n_final
+                dt = info.dtype
+                common = dict(shape=info.shape, numel=info.numel, layer=layer, module=module,
+                              base_dtype=dt, target_dtype=ckpts[-1].tensors[tname].dtype)
+                fs = TensorStats(tname, n_updated=n_final, **common)
+                es = TensorStats(tname, n_updated=n_ever, **common)
+                w_final.add(fs, final)
+                w_ever.add(es, ever)
+                final_stats.append(fs)
+                ever_stats.append(es)
+                if progress:
+                    progress(i + 1, total, i + 1, total, tname)
+            n_params = sum(s.numel for s in final_stats)
+            n_sub = sum(s.n_updated for s in final_stats)
+            n_ever_total = sum(s.n_updated for s in ever_stats)
+            common_meta = dict(base_model=labels[0], base_revision=ckpts[0].revision,
+                               target_model=labels[-1], target_revision=ckpts[-1].revision,
+                               n_params=n_params, tol=float(tol), created_at=timestamp(),
+                               dtype=ckpts[0].tensors[names[0]].dtype)
+            meta_final = MaskMetadata(id=final_id, name=f"{name}-final", n_updated=n_sub,
+                                      operation="trajectory-final", **common_meta)
+            meta_ever = MaskMetadata(id=ever_id, name=f"{name}-ever", n_updated=n_ever_total,
+                                     operation="trajectory-ever", **common_meta)
+            w_final.finish(meta_final)
+            w_ever.finish(meta_ever)
+        except BaseException:
+            remove_tree(tmp_final)
+            remove_tree(tmp_ever)
+            raise
+    finally:
+        for ck in ckpts:
+            ck.close()
+    try:
+        final_mask = registry.register_store(tmp_final, meta_final, final_stats)
+    except BaseException:
+        remove_tree(tmp_ever)  # not registered: register_store cleans up only its own store
+        raise
+    try:
+        ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats)
+    except BaseException:
+        registry.remove(final_mask)
+        raise
+    result = TrajectoryResult(
+        id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params, points=points,
+        n_never=n_params - n_ever_total, n_cancelled=n_cancelled, n_subnetwork=n_sub,
+        final=final_mask, ever=ever_mask)
+    _record(registry, result)
+    return result
+
+
+def _record(registry: Home, r: TrajectoryResult) -> None:
+    with registry.index.connect() as con:
+        con.execute(
+            "INSERT INTO trajectories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [r.id, r.name, r.tol, len(r.points), r.n_params, r.n_never, r.n_cancelled,
+             r.n_subnetwork, r.final.id, r.ever.id, timestamp()])
+        con.executemany(
+            "INSERT INTO trajectory_points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [[r.id, p.index, p.step, p.checkpoint, p.revision, p.n_updated_vs_first,
+              p.n_updated_vs_prev, p.n_ever] for p in r.points])

@@ -1,0 +1,305 @@
+"""Diff two checkpoints tensor by tensor into a mask store, as a pipeline.
+
+Three stages run at once, so the slowest one (the disk on a cold cache) sets the pace:
+
+* **read**: both checkpoints are memory-mapped (:mod:`maskhub.checkpoints.mapped`); a prefetch
+  thread asks the kernel to read ahead (``posix_fadvise(WILLNEED)``) up to
+  :data:`READ_AHEAD` bytes beyond the chunks being computed;
+* **compute**: a thread pool runs the kernel on fixed-size chunks straight from the mapping
+  (the kernel releases the GIL), each chunk writing its slice of the tensor's packed bits;
+  pages a chunk has finished with are dropped from the process (they stay in the page cache);
+* **write**: a writer thread compresses and stores each finished tensor while the next ones
+  are computed.
+
+Memory stays bounded whatever the model size: a window of chunks in flight, the packed bits
+of the tensors not yet written (1/16 of a bf16 pair), and a bounded queue to the writer.
+On CUDA the compute stage is :class:`~maskhub.kernels.gpukernel.CudaDiffer`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from maskhub.checkpoints.header import TensorInfo
+from maskhub.checkpoints.mapped import MappedCheckpoint, Region
+from maskhub.checkpoints.sources import Checkpoint
+from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
+from maskhub.schemas.dtypes import itemsize
+from maskhub.schemas.metadata import TensorStats
+from maskhub.schemas.names import parse_tensor_name
+from maskhub.schemas.progress import ProgressFn
+from maskhub.storage.store import MaskWriter
+
+#: Bytes the prefetcher may read ahead of the chunks handed to the kernel.
+READ_AHEAD = 256 << 20
+#: Bytes per read-ahead request (larger requests are only partly honoured by Linux).
+READ_STEP = 4 << 20
+#: Finished tensors that may wait for the writer.
+WRITE_QUEUE = 8
+
+
+
+@dataclass
+class DiffOutcome:
+    """What a diff found, before it is registered."""
+
+    tensors: list[TensorStats] = field(default_factory=list)
+    sweep: list[tuple[str, float, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        """Parameters compared."""
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def n_updated(self) -> int:
+        """Parameters updated."""
+        return sum(t.n_updated for t in self.tensors)
+
+    def dtype_summary(self) -> str:
+        """``"bfloat16"`` when both sides share one dtype, else ``"base->target"`` or lists."""
+        base = sorted({t.base_dtype for t in self.tensors})
+        target = sorted({t.target_dtype for t in self.tensors})
+        b, t = ",".join(base), ",".join(target)
+        return b if b == t else f"{b}->{t}"
+
+
+def compute_threads() -> int:
+    """Threads for the compute stage: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: Bytes behind a finished tensor released again (folios faulted back across its start).
+RELEASE_SLACK = 8 << 20
+
+
+@dataclass
+class _Job:
+    """One tensor pair going through the pipeline."""
+
+    name: str
+    a_info: TensorInfo
+    b_info: TensorInfo
+    a: Region
+    b: Region
+    packed: np.ndarray
+    counts: np.ndarray
+    remaining: int = 0
+
+
+class _Prefetcher(threading.Thread):
+    """Issues read-ahead for the byte ranges of the jobs, staying ``READ_AHEAD`` ahead."""
+
+    def __init__(self, regions: list[Region]) -> None:
+        super().__init__(name="maskhub-prefetch", daemon=True)
+        self.regions = regions
+        self.consumed = 0
+        self.cond = threading.Condition()
+        self.stopped = False
+
+    def advance(self, nbytes: int) -> None:
+        """The compute stage took ``nbytes`` more bytes."""
+        with self.cond:
+            self.consumed += nbytes
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """End the thread at its next step."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+    def run(self) -> None:
+        issued = 0
+        for r in self.regions:
+            for start in range(r.begin, r.end, READ_STEP):
+                length = min(READ_STEP, r.end - start)
+                with self.cond:
+                    while not self.stopped and issued - self.consumed > READ_AHEAD:
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                try:
+                    r.file.willneed(start, length)
+                except OSError:  # read-ahead is advice; the mapping still reads on demand
+                    pass
+                issued += length
+
+
+class _WriterThread(threading.Thread):
+    """Compresses and stores finished tensors in order."""
+
+    def __init__(self, writer: MaskWriter) -> None:
+        super().__init__(name="maskhub-writer", daemon=True)
+        self.writer = writer
+        self.queue: queue.Queue[tuple[TensorStats, np.ndarray] | None] = queue.Queue(WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def put(self, stats: TensorStats, packed: np.ndarray) -> None:
+        """Queue one tensor (blocks while the queue is full); re-raises a writer failure."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put((stats, packed), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; re-raises a writer failure."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None and not self.cancelled:
+                try:
+                    self.writer.add(*item)
+                except BaseException as exc:  # handed to the main thread
+                    self.error = exc
+
+
+def _chunk_task(fn: ChunkFn, job: _Job, start: int, stop: int, counts: np.ndarray) -> None:
+    sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
+    a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
+    b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
+    fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], job.packed[start // 8:(stop + 7) // 8],
+       counts)
+    job.a.file.release(a0, a1 - a0)
+    job.b.file.release(b0, b1 - b0)
+
+
+def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
+             writer: MaskWriter, progress: ProgressFn | None = None) -> DiffOutcome:
+    """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
+
+    ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
+    this thread after each tensor, in order.
+    """
+    outcome = DiffOutcome()
+    total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
+    with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
+        prefetch = _Prefetcher([r for n in names for r in (mb.region(n), mt.region(n))])
+        wthread = _WriterThread(writer)
+        done_bytes = 0
+
+        def jobs() -> Iterator[_Job]:
+            for name in names:  # made one by one: packed bits live only until written
+                a_info, b_info = base.tensors[name], target.tensors[name]
+                yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
+                           np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
+                           np.zeros(len(kernel.tols), dtype=np.int64))
+
+        def finish_job(i: int, job: _Job) -> None:
+            nonlocal done_bytes
+            for r in (job.a, job.b):  # whatever large folios left mapped around it
+                r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
+            stats = _stats(job)
+            wthread.put(stats, job.packed)
+            outcome.tensors.append(stats)
+            outcome.sweep.extend((job.name, t, int(c)) for t, c in
+                                 zip(kernel.sweep, job.counts[1:], strict=True))
+            done_bytes += job.a_info.nbytes + job.b_info.nbytes
+            if progress:
+                progress(i + 1, len(names), done_bytes, total_bytes, job.name)
+
+        prefetch.start()
+        wthread.start()
+        try:
+            if kernel.on_cuda:
+                _run_cuda(jobs(), kernel, prefetch, finish_job)
+            else:
+                _run_cpu(jobs(), kernel, prefetch, finish_job)
+            wthread.finish()
+        finally:
+            prefetch.stop()
+            prefetch.join()  # before the files it advises on are closed
+            if wthread.is_alive():  # an error elsewhere: drop what is still queued
+                wthread.cancelled = True
+                wthread.queue.put(None)
+                wthread.join()
+    return outcome
+
+
+def _stats(job: _Job) -> TensorStats:
+    layer, module = parse_tensor_name(job.name)
+    return TensorStats(job.name, job.a_info.shape, job.a_info.numel, int(job.counts[0]), layer,
+                       module, job.a_info.dtype, job.b_info.dtype)
+
+
+def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
+             finish_job: Callable[[int, _Job], None]) -> None:
+    threads = compute_threads()
+    window = 4 * threads
+    fns: dict[tuple[str, str], ChunkFn] = {}
+    inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None]] = deque()
+
+    def pop_oldest() -> None:
+        i, job, fut, counts = inflight.popleft()
+        if fut is not None:
+            fut.result()
+            job.counts += counts
+            job.remaining -= 1
+        if job.remaining == 0:
+            finish_job(i, job)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="maskhub-diff") as pool:
+        try:
+            for i, job in enumerate(jobs):
+                key = (job.a_info.dtype, job.b_info.dtype)
+                fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
+                n = job.a_info.numel
+                starts = range(0, n, CHUNK)
+                job.remaining = len(starts)
+                if not starts:  # an empty tensor: finished in order with the others
+                    inflight.append((i, job, None, None))
+                for start in starts:
+                    stop = min(n, start + CHUNK)
+                    counts = np.zeros(len(kernel.tols), dtype=np.int64)
+                    fut = pool.submit(_chunk_task, fn, job, start, stop, counts)
+                    inflight.append((i, job, fut, counts))
+                    prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
+                    while len(inflight) > window:
+                        pop_oldest()
+            while inflight:
+                pop_oldest()
+        except BaseException:
+            for _, _, fut, _ in inflight:
+                if fut is not None:
+                    fut.cancel()
+            raise
+
+
+def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
+              finish_job: Callable[[int, _Job], None]) -> None:
+    from maskhub.kernels.gpukernel import CudaDiffer
+
+    differ = CudaDiffer.for_kernel(kernel)
+    for i, job in enumerate(jobs):
+        n = job.a_info.numel
+        if n:
+            job.counts += differ.diff(job.a.raw(), job.b.raw(), job.a_info.dtype,
+                                      job.b_info.dtype, n, job.packed)
+        job.a.file.release(job.a.begin, job.a.end - job.a.begin)
+        job.b.file.release(job.b.begin, job.b.end - job.b.begin)
+        prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)
+        finish_job(i, job)

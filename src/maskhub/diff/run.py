@@ -1,0 +1,110 @@
+"""``diff``: two checkpoints in, one registered mask out.
+
+Opens both checkpoints (headers only), pairs their tensors, runs the pipeline
+(:mod:`maskhub.diff.pipeline`, or Ray tasks: :mod:`maskhub.diff.ray`) into a new store,
+optionally the ``--rank/--stats`` pass (:mod:`maskhub.diff.analysis`, the only part that
+imports torch on the CPU), writes the metadata and registers the store through the home's
+commit protocol. Ctrl-C is acted on between tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Sequence
+
+from maskhub.checkpoints.pairing import match_tensors
+from maskhub.checkpoints.sources import open_checkpoint
+from maskhub.core.home import Home
+from maskhub.core.interrupts import check_interrupt, interruptible, safe_interrupts
+from maskhub.core.provenance import model_name, timestamp
+from maskhub.core.record import MaskRecord
+from maskhub.diff.pipeline import run_diff
+from maskhub.errors import UsageError
+from maskhub.kernels.device import resolve_device
+from maskhub.kernels.kernel import DiffKernel, check_tolerance
+from maskhub.schemas.metadata import MaskMetadata
+from maskhub.schemas.progress import ProgressFn
+from maskhub.storage.files import remove_tree
+from maskhub.storage.store import MaskWriter
+
+
+def diff(
+    home: Home,
+    base: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    algorithm: str | None = None,
+    seed: int | None = None,
+    dataset: str | None = None,
+    tol: float = 1e-5,
+    sweep: Sequence[float] = (),
+    device: str = "auto",
+    allow_missing: bool = False,
+    base_model: str | None = None,
+    target_model: str | None = None,
+    tags: Sequence[str] = (),
+    notes: str | None = None,
+    rank: bool = False,
+    stats: bool = False,
+    ray: str | None = None,
+    progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> MaskRecord:
+    """Diff ``target`` against ``base`` and register the mask of updated parameters in
+    ``home`` (the arguments: see :meth:`maskhub.Registry.diff`)."""
+    check_tolerance(tol)
+    if any(not (math.isfinite(t) and t >= 0) for t in sweep):
+        raise UsageError("sweep tolerances must be finite numbers >= 0")
+    if ray is not None:
+        from maskhub.diff.ray import driver_device, ray_diff
+
+        dev = driver_device(device)  # "cuda" is checked on the workers' nodes
+    else:
+        dev = resolve_device(device)
+    if name is not None:
+        home.check_new_name(name)
+    checked = interruptible(progress)
+    with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
+        base_ck = open_checkpoint(base)
+        target_ck = open_checkpoint(target)
+        names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
+        base_name = base_model or model_name(base_ck.ref)
+        target_name = target_model or model_name(target_ck.ref)
+        name = name or home.default_name(target_name)
+        mask_id = uuid.uuid4().hex
+        tmp = home.new_store_location(mask_id)
+        try:
+            writer = MaskWriter(tmp)
+            kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
+            if ray is not None:
+                outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
+                                   sweep=kernel.sweep, device=device, progress=checked)
+            else:
+                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked)
+            analysis = []
+            if rank or stats:
+                from maskhub.diff.analysis import analyze_checkpoints  # imports torch
+
+                analysis = analyze_checkpoints(base_ck, target_ck, names, rank=rank,
+                                               stats=stats, device=dev, progress=checked)
+            meta = MaskMetadata(
+                id=mask_id, name=name, base_model=base_name, target_model=target_name,
+                base_revision=base_ck.revision, target_revision=target_ck.revision,
+                n_params=outcome.n_params, n_updated=outcome.n_updated, tol=float(tol),
+                algorithm=algorithm, seed=seed, dataset=dataset,
+                dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
+                sweep=tuple(kernel.sweep), notes=notes,
+                extra={"skipped_tensors": skipped} if skipped else {},
+            )
+            writer.finish(meta)
+            check_interrupt()  # the last point where Ctrl-C stops the diff
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        finally:
+            base_ck.close()
+            target_ck.close()
+        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)

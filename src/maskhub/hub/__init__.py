@@ -1,0 +1,1 @@
+"""The Hugging Face Hub feature: push, pull and search mask repos (:mod:`.repo`)."""

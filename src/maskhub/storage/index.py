@@ -1,0 +1,415 @@
+"""The SQL index: ``registry.duckdb``, opened briefly per operation under a file lock.
+
+DuckDB lets one process at a time open a database file for writing. maskhub therefore
+serialises access with ``flock`` on ``registry.lock``: exclusive for writes, shared for
+reads, waiting (up to ``timeout`` seconds) instead of failing when another maskhub process
+holds it. Connections are never kept open between operations, so a long diff in one process
+does not block ``maskhub ls`` in another.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from maskhub.errors import (
+    AmbiguousMaskError,
+    ReadOnlyRegistryError,
+    RegistryBusyError,
+    UsageError,
+)
+from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+
+LOCK_TIMEOUT_S = 600.0
+
+MASK_COLUMNS = (
+    "id", "name", "base_model", "base_revision", "target_model", "target_revision",
+    "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated", "sparsity",
+    "created_at", "hub_repo", "hub_revision", "tags", "n_tensors", "format_version",
+    "operation", "parents", "notes",
+)
+
+#: What ``maskhub sql`` (and ``ls --where``) may run: queries. To DuckDB ``SHOW``,
+#: ``DESCRIBE``, ``SUMMARIZE``, ``FROM ...``, ``VALUES`` and ``WITH ... SELECT`` are SELECTs;
+#: ``PRAGMA table_info(...)`` and friends are PRAGMAs (run, like everything, on a read-only
+#: connection closed right after). ``EXPLAIN`` is allowed when what it explains is one of
+#: these (``EXPLAIN ANALYZE`` runs its statement). ``COPY ... TO``, ``EXPORT``, ``ATTACH``,
+#: ``SET``, ``INSTALL``/``LOAD``, ``CALL`` and every DDL/DML statement are refused.
+READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.PRAGMA})
+
+# The head of an EXPLAIN statement: comments, EXPLAIN, then ANALYZE or an option list.
+_EXPLAIN_HEAD = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)*explain\b\s*(?:analyze\b|\([^()]*\))?",
+                           re.IGNORECASE | re.DOTALL)
+
+# errno values meaning "this process may not write there".
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def sql_error(exc: BaseException) -> UsageError:
+    """The one-line user error for a DuckDB error raised by user-written SQL."""
+    lines = str(exc).strip().splitlines()
+    return UsageError(f"SQL error: {lines[0] if lines else type(exc).__name__}")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise :class:`UsageError` unless ``sql`` is exactly one read-only statement (see
+    :data:`READ_ONLY_STATEMENTS`)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise sql_error(exc) from exc
+    if not statements:
+        raise UsageError("SQL error: the query is empty")
+    if len(statements) > 1:
+        raise UsageError(f"SQL error: one statement at a time, not {len(statements)} "
+                         "(separated by ';')")
+    kind = statements[0].type
+    what = kind.name
+    if kind == duckdb.StatementType.EXPLAIN:
+        head = _EXPLAIN_HEAD.match(sql)
+        try:
+            inner = con.extract_statements(sql[head.end():]) if head else []
+        except duckdb.Error:
+            inner = []
+        if len(inner) == 1 and inner[0].type in READ_ONLY_STATEMENTS:
+            return
+        what = f"EXPLAIN {inner[0].type.name}" if len(inner) == 1 else "this EXPLAIN"
+    elif kind in READ_ONLY_STATEMENTS:
+        return
+    raise UsageError(f"SQL error: only read-only queries can run here (SELECT, SHOW, DESCRIBE, "
+                     f"SUMMARIZE, PRAGMA, EXPLAIN), not {what}")
+
+
+def _may(path: Path, mode: int) -> bool:
+    """``os.access`` with the effective ids where the platform supports them."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+class Index:
+    """Access to ``registry.duckdb`` with migrations applied on first use."""
+
+    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S) -> None:
+        """``path`` is the database file; its lock file lies beside it."""
+        self.path = Path(path)
+        self.lock_path = self.path.with_suffix(".lock")
+        self.timeout = timeout
+        self._migrated = False
+        #: The open connection of the current ``connect()`` block and whether it writes.
+        self._session: tuple[duckdb.DuckDBPyConnection, bool] | None = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether this process can write the index (its directory, and the database and lock
+        files where they exist)."""
+        return _may(self.path.parent, os.W_OK | os.X_OK) and all(
+            _may(p, os.W_OK) for p in (self.path, self.lock_path) if p.exists())
+
+    def _read_only(self, exc: OSError | duckdb.Error, detail: str | None = None
+                   ) -> ReadOnlyRegistryError:
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = ("read-only file system" if "Read-only file system" in str(exc)
+                      else "permission denied")
+        return ReadOnlyRegistryError(self.path.parent, reason[:1].lower() + reason[1:], detail)
+
+    def _open_lock(self, exclusive: bool) -> int | None:
+        """A descriptor on the lock file; ``None`` for a reader of a directory where the lock
+        file does not exist and cannot be made (no writer can work there either)."""
+        if not exclusive:
+            try:  # a reader needs no write access to the lock
+                return os.open(self.lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NOT_WRITABLE:
+                    raise
+                return None  # another user's lock: readers need not wait for its writers
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            if exclusive:
+                raise self._read_only(exc) from None
+            return None
+
+    def _connect_db(self, write: bool) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`."""
+        try:
+            return duckdb.connect(str(self.path), read_only=not write)
+        except duckdb.IOException as exc:
+            message = str(exc)
+            if write and ("Permission denied" in message or "Read-only file system" in message):
+                raise self._read_only(exc) from None
+            raise
+
+    @contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        fd = self._open_lock(exclusive)
+        if fd is None:
+            yield
+            return
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RegistryBusyError(
+                            f"the registry {self.path} stayed locked by another maskhub process "
+                            f"for {self.timeout:.0f} s") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @contextmanager
+    def connect(self, write: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection under the registry lock; writes run in one transaction.
+
+        Re-entrant: inside an open ``connect()`` block of this index, a nested one (a write
+        inside a write, or a read inside either) reuses the same connection, so an operation
+        made of several queries costs one DuckDB connection (~10 ms each). Checking for
+        pending migrations uses that connection too.
+        """
+        if self._session is not None:
+            con, con_writes = self._session
+            if write and not con_writes:
+                raise RuntimeError("a registry write inside a read-only connection")
+            yield con
+            return
+        with ExitStack() as stack:
+            con = self._open(stack, write)
+            self._session = (con, write)
+            try:
+                if write:
+                    con.execute("BEGIN TRANSACTION")
+                    try:
+                        yield con
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
+                    con.execute("COMMIT")
+                else:
+                    yield con
+            finally:
+                self._session = None
+                con.close()
+
+    def _open(self, stack: ExitStack, write: bool) -> duckdb.DuckDBPyConnection:
+        """A migrated connection, its lock held until ``stack`` closes."""
+        if not self._migrated and not write and not self.path.is_file():
+            self.migrate()  # a reader of a home without an index yet: create it first
+        stack.enter_context(self._locked(exclusive=write))
+        con = self._connect_db(write)
+        stack.callback(con.close)
+        if self._migrated:
+            return con
+        done = _applied(con)
+        if not [m for m in MIGRATIONS if m.number not in done]:
+            self._migrated = True
+            return con
+        if write:  # the exclusive lock is held: migrate on this connection
+            _apply_pending(con, done)
+            self._migrated = True
+            return con
+        stack.close()  # a reader found pending migrations: apply them with write access
+        self.migrate()
+        stack.enter_context(self._locked(exclusive=False))
+        con = self._connect_db(False)
+        stack.callback(con.close)
+        return con
+
+    def _pending(self) -> list[int] | None:
+        """Numbers of the migrations not applied yet, read without write access; ``None``
+        when there is no readable index (none yet, or one that the writer path must open)."""
+        if not self.path.is_file():
+            return None
+        with self._locked(exclusive=False):
+            try:
+                con = self._connect_db(write=False)
+            except duckdb.Error:
+                return None
+            try:
+                done = _applied(con)
+            finally:
+                con.close()
+        return sorted(m.number for m in MIGRATIONS if m.number not in done)
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; return the numbers applied.
+
+        An index that is up to date is only read, so a read-only registry can be opened;
+        one that needs creating or upgrading there is a :class:`ReadOnlyRegistryError`.
+        """
+        pending = self._pending()
+        if pending == []:
+            self._migrated = True
+            return []
+        try:
+            return self._apply_migrations()
+        except ReadOnlyRegistryError as exc:
+            detail = (("its index cannot be opened read-only" if self.path.exists() else
+                       "it holds no index (registry.duckdb) yet") if pending is None else
+                      f"its index needs {len(pending)} schema migration(s) from this maskhub "
+                      "version") + "; open it once with write access"
+            raise ReadOnlyRegistryError(exc.home, exc.reason, detail) from None
+
+    def _apply_migrations(self) -> list[int]:
+        with self._locked(exclusive=True):
+            con = self._connect_db(write=True)
+            try:
+                applied = _apply_pending(con, _applied(con))
+            finally:
+                con.close()
+        self._migrated = True
+        return applied
+
+    # -- masks ---------------------------------------------------------------------------
+
+    @staticmethod
+    def insert_mask(con: duckdb.DuckDBPyConnection, meta: MaskMetadata,
+                    tensors: Sequence[TensorStats],
+                    sweep: Sequence[tuple[str, float, int]] = ()) -> None:
+        """Insert one mask with its tensor rows and sweep rows (inside ``connect()``)."""
+        row = {
+            "id": meta.id, "name": meta.name, "base_model": meta.base_model,
+            "base_revision": meta.base_revision, "target_model": meta.target_model,
+            "target_revision": meta.target_revision, "algorithm": meta.algorithm,
+            "seed": meta.seed, "dataset": meta.dataset, "tol": meta.tol, "dtype": meta.dtype,
+            "n_params": meta.n_params, "n_updated": meta.n_updated, "sparsity": meta.sparsity,
+            "created_at": meta.created_at, "hub_repo": meta.hub_repo,
+            "hub_revision": meta.hub_revision, "tags": list(meta.tags),
+            "n_tensors": len(tensors), "format_version": meta.format_version,
+            "operation": meta.operation, "parents": list(meta.parents), "notes": meta.notes,
+        }
+        cols = ", ".join(MASK_COLUMNS)
+        marks = ", ".join("?" for _ in MASK_COLUMNS)
+        con.execute(f"INSERT INTO masks ({cols}) VALUES ({marks})", [row[c] for c in MASK_COLUMNS])
+        con.executemany(
+            "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[meta.id, t.tensor, t.layer, t.module, list(t.shape), t.numel, t.n_updated,
+              t.sparsity, t.base_dtype or None, t.target_dtype or None] for t in tensors],
+        )
+        if sweep:
+            con.executemany("INSERT INTO tensor_sweep VALUES (?, ?, ?, ?)",
+                            [[meta.id, name, tol, n] for name, tol, n in sweep])
+
+    @staticmethod
+    def insert_analysis(con: duckdb.DuckDBPyConnection, mask_id: str,
+                        rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``tensor_analysis`` rows (dicts of :meth:`TensorAnalysis.to_row`)."""
+        if not rows:
+            return
+        cols = list(rows[0])
+        names = ", ".join(["mask_id", *cols])
+        marks = ", ".join("?" for _ in range(len(cols) + 1))
+        con.executemany(f"INSERT INTO tensor_analysis ({names}) VALUES ({marks})",
+                        [[mask_id, *(r[c] for c in cols)] for r in rows])
+
+    def find(self, ref: str) -> dict[str, Any] | None:
+        """The mask row whose name is ``ref``, or whose id starts with ``ref``.
+
+        Returns ``None`` when nothing matches; raises ``AmbiguousMaskError`` for an id prefix
+        that matches several masks, ``UsageError`` for an empty ``ref`` (a prefix of every id).
+        """
+        if not ref.strip():
+            raise UsageError("a MASK must be a mask name or a prefix of its id, not an empty "
+                             "string (see `maskhub ls`)")
+        with self.connect(write=False) as con:
+            rows = self.rows(con, "SELECT * FROM masks WHERE name = ?", [ref])
+            if rows:
+                return rows[0]
+            rows = self.rows(con, "SELECT * FROM masks WHERE starts_with(id, ?) ORDER BY id",
+                             [ref.lower()])
+        if len(rows) > 1:
+            raise AmbiguousMaskError(ref, [r["id"] for r in rows])
+        return rows[0] if rows else None
+
+    @staticmethod
+    def rows(con: duckdb.DuckDBPyConnection, sql: str,
+             params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a query and return its rows as dicts."""
+        cur = con.execute(sql, list(params))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Run one read-only SQL statement written by a user (see :func:`check_read_only`);
+        return ``(columns, rows)``. Any problem with it is a one-line ``UsageError``."""
+        with self.connect(write=False) as con:
+            check_read_only(con, sql)
+            try:
+                cur = con.execute(sql)
+                if cur.description is None:
+                    return [], []
+                return [d[0] for d in cur.description], cur.fetchall()
+            except duckdb.Error as exc:
+                raise sql_error(exc) from exc
+
+    def user_rows(self, sql: str) -> list[dict[str, Any]]:
+        """:meth:`query`, for SQL holding user-written parts: the rows as dicts."""
+        columns, rows = self.query(sql)
+        return [dict(zip(columns, r, strict=True)) for r in rows]
+
+    def delete_mask(self, mask_id: str) -> None:
+        """Remove a mask's rows from every table that refers to it.
+
+        A table refers to a mask through a ``mask_id`` column, or through ``mask_a`` /
+        ``mask_b`` (pair tables such as ``overlaps``). Views are skipped.
+        """
+        with self.connect() as con:
+            found = con.execute(
+                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                "JOIN information_schema.tables t "
+                "ON t.table_schema = c.table_schema AND t.table_name = c.table_name "
+                "WHERE t.table_type = 'BASE TABLE' "
+                "AND c.column_name IN ('mask_id', 'mask_a', 'mask_b')"
+            ).fetchall()
+            columns: dict[str, list[str]] = {}
+            for table, column in found:
+                columns.setdefault(table, []).append(column)
+            for table in sorted(columns):
+                cond = " OR ".join(f"{c} = ?" for c in sorted(columns[table]))
+                con.execute(f'DELETE FROM "{table}" WHERE {cond}', [mask_id] * len(columns[table]))
+            con.execute("DELETE FROM masks WHERE id = ?", [mask_id])
+
+
+def _applied(con: duckdb.DuckDBPyConnection) -> set[int]:
+    """Numbers of the migrations applied to the database of ``con``."""
+    try:
+        return {r[0] for r in con.execute("SELECT number FROM schema_migrations").fetchall()}
+    except duckdb.CatalogException:
+        return set()
+
+
+def _apply_pending(con: duckdb.DuckDBPyConnection, done: set[int]) -> list[int]:
+    """Apply the migrations not in ``done`` on a write connection (under the exclusive lock),
+    each in its own transaction; return their numbers."""
+    con.execute(MIGRATIONS_TABLE)
+    applied: list[int] = []
+    for m in sorted(MIGRATIONS, key=lambda m: m.number):
+        if m.number in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        con.execute(m.sql)
+        con.execute("INSERT INTO schema_migrations (number, name) VALUES (?, ?)",
+                    [m.number, m.name])
+        con.execute("COMMIT")
+        applied.append(m.number)
+    return applied

@@ -1,0 +1,165 @@
+"""Verify a masked training run: did anything change outside the mask?
+
+``verify_mask(mask, base, trained)`` diffs the trained checkpoint against the base with the
+diff code (``open_checkpoint``, ``match_tensors``, :class:`DiffKernel`), one tensor at a
+time, and counts the changed entries that the mask does not mark as trainable:
+``popcount(changed & ~mask)`` on the packed bits. The default tolerance is 0: after an
+exact-mode run every entry outside the mask must be bit-identical to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from os import PathLike
+from typing import Any
+
+import numpy as np
+
+from maskhub.checkpoints.mapped import MappedCheckpoint
+from maskhub.checkpoints.pairing import match_tensors
+from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.errors import MaskMismatchError
+from maskhub.kernels.kernel import DiffKernel
+from maskhub.schemas.metadata import TensorStats
+from maskhub.schemas.progress import ProgressFn
+from maskhub.training.mask_sources import MaskLike, listing
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """One tensor: entries changed between base and trained, and how many lie outside."""
+
+    tensor: str
+    numel: int
+    n_mask: int       # entries the mask marks as trainable
+    n_changed: int    # entries with |trained - base| > tol
+    n_outside: int    # changed entries the mask does not cover
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of :func:`verify_mask`; ``ok`` iff nothing changed outside the mask."""
+
+    mask: str | None
+    mask_id: str | None
+    base: str
+    trained: str
+    tol: float
+    tensors: tuple[TensorCheck, ...]
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def n_params(self) -> int:
+        """Entries compared."""
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def n_changed(self) -> int:
+        """Entries changed between base and trained."""
+        return sum(t.n_changed for t in self.tensors)
+
+    @property
+    def n_outside(self) -> int:
+        """Changed entries outside the mask."""
+        return sum(t.n_outside for t in self.tensors)
+
+    @property
+    def ok(self) -> bool:
+        """True iff no entry changed outside the mask."""
+        return self.n_outside == 0
+
+    def outside(self) -> list[TensorCheck]:
+        """The tensors with changes outside the mask, most first."""
+        return sorted((t for t in self.tensors if t.n_outside), key=lambda t: -t.n_outside)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (with the totals and ``ok``)."""
+        return {"ok": self.ok, "mask": self.mask, "mask_id": self.mask_id, "base": self.base,
+                "trained": self.trained, "tol": self.tol, "n_params": self.n_params,
+                "n_changed": self.n_changed, "n_outside": self.n_outside,
+                "tensors": [asdict(t) for t in self.tensors], "skipped": list(self.skipped)}
+
+
+def _popcount(bits: np.ndarray) -> int:
+    return int(np.bitwise_count(bits).sum()) if bits.size else 0
+
+
+def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLike[str], *,
+                tol: float = 0.0, device: str = "cpu", allow_missing: bool = False,
+                progress: ProgressFn | None = None,
+                warn: Callable[[str], None] | None = None) -> VerifyReport:
+    """Count, per tensor, the entries of ``trained`` that differ from ``base`` by more than
+    ``tol`` where ``mask`` says they should be frozen.
+
+    ``base``/``trained``: anything :func:`~maskhub.checkpoints.sources.open_checkpoint` takes.
+    Tensors present in one checkpoint only, or in the checkpoints and not in the mask (or the
+    reverse), are an error unless ``allow_missing`` (then they are skipped with a warning).
+    """
+    base_ck = open_checkpoint(base)
+    trained_ck = open_checkpoint(trained)
+    try:
+        names, skipped = match_tensors(base_ck, trained_ck, allow_missing, warn,
+                                       sides=("base", "trained"))
+        stats = {s.tensor: s for s in mask.tensor_stats()}
+        present = set(names)
+        not_in_mask = [n for n in names if n not in stats]
+        # (a tensor in one checkpoint only is already in ``skipped``)
+        not_in_ckpt = [n for n in mask.tensor_names() if n not in present and n not in skipped]
+        label = getattr(mask, "name", None)
+        if (not_in_mask or not_in_ckpt) and not allow_missing:
+            parts = [f"mask {label!r} and the checkpoints do not hold the same tensors"]
+            if not_in_ckpt:
+                parts.append(f"{len(not_in_ckpt)} mask tensor(s) not in the checkpoints: "
+                             + listing(not_in_ckpt))
+            if not_in_mask:
+                parts.append(f"{len(not_in_mask)} checkpoint tensor(s) not in the mask: "
+                             + listing(not_in_mask))
+            raise MaskMismatchError("; ".join(parts) + "; use --allow-missing to skip them",
+                                    not_in_ckpt, not_in_mask)
+        if not_in_mask or not_in_ckpt:
+            if warn:
+                warn(f"skipping {len(not_in_mask) + len(not_in_ckpt)} tensor(s) not in both "
+                     "the mask and the checkpoints: " + listing(not_in_mask + not_in_ckpt))
+            skipped = skipped + not_in_mask + not_in_ckpt
+            names = [n for n in names if n in stats]
+        bad = [f"{n} {list(stats[n].shape)} in the mask vs {list(base_ck.tensors[n].shape)} in "
+               "the checkpoints" for n in names
+               if tuple(stats[n].shape) != tuple(base_ck.tensors[n].shape)]
+        if bad:
+            raise MaskMismatchError(f"mask {label!r} does not fit the checkpoints: "
+                                    f"{len(bad)} shape(s) differ: " + listing(bad, 3),
+                                    shape_mismatches=bad)
+        kernel = DiffKernel(tol=tol, device=device)
+        with MappedCheckpoint(base_ck) as mb, MappedCheckpoint(trained_ck) as mt:
+            checks = _check_tensors(mask, names, stats, base_ck, trained_ck, mb, mt, kernel,
+                                    progress)
+    finally:
+        base_ck.close()
+        trained_ck.close()
+    return VerifyReport(label, getattr(mask, "id", None), str(base), str(trained), float(tol),
+                        tuple(checks), tuple(skipped))
+
+
+def _check_tensors(mask: MaskLike, names: list[str], stats: dict[str, TensorStats],
+                   base_ck: Checkpoint, trained_ck: Checkpoint, mb: MappedCheckpoint,
+                   mt: MappedCheckpoint, kernel: DiffKernel, progress: ProgressFn | None
+                   ) -> list[TensorCheck]:
+    """One :class:`TensorCheck` per tensor, read from the mapped files one pair at a time."""
+    checks = []
+    total = sum(base_ck.tensors[n].nbytes + trained_ck.tensors[n].nbytes for n in names)
+    done = 0
+    for i, name in enumerate(names):
+        a, b = base_ck.tensors[name], trained_ck.tensors[name]
+        result = kernel.run_raw(mb.region(name).raw(), mt.region(name).raw(), a.dtype, b.dtype,
+                                a.numel)
+        frozen = np.invert(mask.packed(name))
+        if stats[name].numel % 8 and frozen.size:  # padding bits are not entries
+            frozen[-1] &= (1 << (stats[name].numel % 8)) - 1
+        checks.append(TensorCheck(name, stats[name].numel, stats[name].n_updated,
+                                  result.n_updated,
+                                  _popcount(np.bitwise_and(result.packed, frozen))))
+        done += a.nbytes + b.nbytes
+        if progress:
+            progress(i + 1, len(names), done, total, name)
+    return checks
