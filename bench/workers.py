@@ -54,6 +54,7 @@ def naive(base: Path, target: Path, out: Path, tol: float) -> dict:
 
 def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> dict:
     """``Registry.diff``, the library call behind ``maskhub diff``."""
+    import maskhub.diff.run as diff_run
     import maskhub.registry.api as api
 
     pipeline = []
@@ -65,8 +66,8 @@ def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> d
         finally:
             pipeline.append(time.perf_counter() - t)
 
-    run_diff = api.run_diff
-    api.run_diff = timed_run_diff
+    run_diff = diff_run.run_diff
+    diff_run.run_diff = timed_run_diff
     reg = api.Registry(home)
     reg.diff(warmup, warmup, name=f"warmup-{time.time_ns()}", tol=tol, device="cpu")
     before = _status_kb("VmRSS")

@@ -18,7 +18,7 @@ from maskhub.analytics.compatibility import check_compatible
 from maskhub.analytics.overlap_counting import iter_blocks, packed_array, popcount
 from maskhub.core.provenance import timestamp
 from maskhub.errors import UsageError
-from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.metadata import COMBINE_OPERATIONS, MaskMetadata, TensorStats
 from maskhub.schemas.names import mask_name_from
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from maskhub.core.home import Home
     from maskhub.core.record import MaskRecord
 
-OPERATIONS = ("intersect", "union", "difference", "consensus")
+OPERATIONS = COMBINE_OPERATIONS
 
 
 def combine_blocks(operation: str, blocks: Sequence[np.ndarray], min_count: int = 1

@@ -60,7 +60,10 @@ class MaskhubGroup(click.Group):
 
 @click.group(cls=MaskhubGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="maskhub")
-def main() -> None:
+@click.option("--home", type=click.Path(file_okay=False), default=None, envvar="MASKHUB_HOME",
+              show_envvar=True, help="maskhub home holding registry.duckdb and the mask "
+                                     "stores, for every command (a command's own --home wins).")
+def main(home: str | None) -> None:
     """maskhub: diff, store, query, compare and share the sparse update masks of RL
     fine-tuned LLMs.
 
@@ -70,6 +73,7 @@ def main() -> None:
       maskhub diff ./sft ./dpo --algorithm dpo --seed 42 --name tulu-dpo
       maskhub ls
       maskhub show tulu-dpo
+      maskhub --home /data/masks ls
     """
 
 

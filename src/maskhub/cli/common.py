@@ -11,34 +11,60 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from maskhub.registry.api import Registry
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class LazyConsole:
+    """A ``rich`` console made on first use: ``maskhub --help`` and the commands that print
+    no table never import rich (~40 ms of start-up)."""
+
+    def __init__(self, **options: Any) -> None:
+        """``options``: the keyword arguments of ``rich.console.Console``."""
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The real console."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
 # Tables are not folded to 80 columns when stdout is a pipe or a file.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-stderr = Console(stderr=True)
+stdout = LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+stderr = LazyConsole(stderr=True)
+
+
+HOME_HELP = "maskhub home holding registry.duckdb and the mask stores."
 
 
 def home_option(f: F) -> F:
-    """``--home DIR``: the maskhub home (default ``$MASKHUB_HOME`` or the user cache dir)."""
+    """``--home DIR`` on a command: the maskhub home. It wins over the global
+    ``maskhub --home DIR``, which wins over ``$MASKHUB_HOME`` (read by the global option)."""
     return click.option("--home", type=click.Path(file_okay=False), default=None,
-                        envvar="MASKHUB_HOME", show_envvar=True,
-                        help="maskhub home holding registry.duckdb and the mask stores.")(f)
+                        help=HOME_HELP + " Default: the global --home, else $MASKHUB_HOME, "
+                             "else ~/.cache/maskhub.")(f)
+
+
+def global_home() -> str | None:
+    """The global ``maskhub --home DIR`` (or ``$MASKHUB_HOME``) of the running command."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().params.get("home") if ctx is not None else None
 
 
 def json_option(f: F) -> F:
@@ -67,8 +93,9 @@ def store_option(f: F) -> F:
 
 
 def registry(home: str | None, store: str | None = None) -> Registry:
-    """Open the registry of ``--home`` (new stores under ``--store`` when given)."""
-    return Registry(home, store=store)
+    """Open the registry of ``--home`` (the command's, else the global one, else
+    ``$MASKHUB_HOME``); new stores under ``--store`` when given."""
+    return Registry(home or global_home(), store=store)
 
 
 def _plain(v: Any) -> Any:
@@ -113,6 +140,8 @@ def pct(fraction: float | None) -> str:
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
                 formatters: dict[str, Callable[[Any], str]] | None = None) -> None:
     """Print a rich table on stdout."""
+    from rich.table import Table
+
     formatters = formatters or {}
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for c in columns:
@@ -140,10 +169,19 @@ def warn(message: str) -> None:
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
     """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(),
-        console=stderr, transient=True, disable=not stderr.is_terminal,
+        console=stderr.console, transient=True, disable=not stderr.is_terminal,
     )
     task = None
 

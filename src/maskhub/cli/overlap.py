@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from maskhub.analytics.combine import OPERATIONS
 from maskhub.analytics.overlap_results import OverlapMatrix, OverlapResult, TensorOverlap
 from maskhub.analytics.plot import BASELINES, parse_size
 from maskhub.cli.common import (
@@ -23,6 +22,7 @@ from maskhub.cli.common import (
     store_option,
 )
 from maskhub.errors import UsageError
+from maskhub.schemas.metadata import COMBINE_OPERATIONS as OPERATIONS
 
 METRICS = ("o1", "jaccard", "lift_stratified", "z_score")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from maskhub.storage.store import MaskStore
 
 

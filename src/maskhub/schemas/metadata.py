@@ -111,3 +111,7 @@ class MaskMetadata:
         kw["sweep"] = tuple(float(t) for t in kw.get("sweep") or ())
         kw["extra"] = dict(kw.get("extra") or {})
         return cls(**kw)
+
+
+#: The mask algebra of ``combine``, as recorded in ``masks.operation``.
+COMBINE_OPERATIONS = ("intersect", "union", "difference", "consensus")

@@ -1,0 +1,79 @@
+"""Each command imports only what it uses: torch, zarr and numba stay out of the light
+commands, and a CPU diff never imports torch. Checked in a fresh interpreter through the
+console script's entry point, without timing anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from factory import llama_shapes, plant_updates, random_state, save
+
+from maskhub import Registry
+
+HEAVY = ("torch", "zarr", "numba", "pyarrow", "huggingface_hub", "matplotlib")
+
+# Runs one command as `maskhub ARGS` would, then reports which heavy packages got imported.
+PROBE = """
+import json, sys
+watch = set(json.loads(sys.argv[2]))
+sys.argv = ["maskhub", *json.loads(sys.argv[1])]
+from maskhub.entry import run
+code = 0
+try:
+    run()
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & watch)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def imported(*args: str) -> list[str]:
+    """The heavy top-level packages that ``maskhub ARGS`` imported; the command must succeed."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)],
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), proc.stderr
+    return report["heavy"]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A bf16 checkpoint pair with planted updates."""
+    state = random_state(llama_shapes())
+    target, _ = plant_updates(state, 0.2)
+    save(state, tmp_path / "base.safetensors")
+    save(target, tmp_path / "target.safetensors")
+    return tmp_path / "base.safetensors", tmp_path / "target.safetensors"
+
+
+def test_light_commands_import_neither_torch_nor_zarr_nor_numba(pair: tuple[Path, Path]
+                                                                ) -> None:
+    reg = Registry()
+    reg.diff(*pair, name="first", device="cpu")
+    reg.diff(*pair, name="second", device="cpu", tol=0.5)
+    assert imported("--help") == []
+    assert imported("ls") == []
+    assert imported("sql", "select name, sparsity from masks") == []
+    assert imported("show", "first") == []
+    assert imported("diff", "--help") == []
+    assert "torch" not in imported("overlap", "first", "second")  # counted: zarr is needed
+    assert imported("overlap", "first", "second") == []  # now answered from the cache
+
+
+def test_a_cpu_diff_never_imports_torch(pair: tuple[Path, Path]) -> None:
+    heavy = imported("diff", str(pair[0]), str(pair[1]), "--name", "cpu", "--device", "cpu")
+    assert "torch" not in heavy and "zarr" in heavy
+    heavy = imported("diff", str(pair[0]), str(pair[1]), "--name", "auto")  # no GPU here
+    assert "torch" not in heavy
+    assert [r["name"] for r in Registry().ls()] == ["auto", "cpu"]
+    assert imported("verify", "cpu", str(pair[0]), str(pair[1]), "--tol", "1e-5") == \
+        ["numba", "zarr"]
+
+
+def test_rank_imports_torch_only_because_it_needs_it(pair: tuple[Path, Path]) -> None:
+    assert "torch" in imported("diff", str(pair[0]), str(pair[1]), "--name", "r", "--rank")
