@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +317,21 @@ def test_cuda_pipeline_matches_cpu(tmp_path) -> None:
     for name in cpu.tensor_names():
         assert np.array_equal(gpu.packed(name), cpu.packed(name)), name
     assert reg.show("gpu")["sweep"] == reg.show("cpu")["sweep"]
+
+
+def test_cpu_count_honours_the_cgroup_quota(tmp_path: Path) -> None:
+    """torch's default pool counts the host's cores; maskhub sizes its threads to the CPUs
+    it may use: the affinity mask capped by the cgroup quota (v2, then v1)."""
+    from maskhub.kernels.threads import available_cpus, cgroup_quota, torch_threads_for
+
+    assert cgroup_quota(str(tmp_path)) is None
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_quota(str(tmp_path)) == 2.5
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+    assert torch_threads_for(1000) == 1 and torch_threads_for(1 << 24) == available_cpus()

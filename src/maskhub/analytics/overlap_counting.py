@@ -17,6 +17,7 @@ from numcodecs import Zstd
 
 from maskhub.analytics.overlap_results import TensorOverlap
 from maskhub.errors import MaskStoreError
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
 
@@ -154,7 +155,7 @@ def _direct_dir(arr: zarr.Array) -> Path | None:
 def _workers(n_masks: int, unit: int) -> int:
     """Threads for a pass: one per core, fewer when their buffers would exceed the budget."""
     by_budget = BLOCKS_BUDGET // max(1, (n_masks + 1) * unit)
-    return max(1, min(os.cpu_count() or 1, MAX_WORKERS, by_budget))
+    return max(1, min(available_cpus(), MAX_WORKERS, by_budget))
 
 
 class _Counter:

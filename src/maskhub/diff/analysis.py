@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from maskhub.kernels.threads import torch_threads, torch_threads_for
 from maskhub.schemas.analysis import TensorAnalysis
 
 if TYPE_CHECKING:
@@ -101,7 +102,10 @@ def analyze_checkpoints(base: Checkpoint, target: Checkpoint, names: Sequence[st
     out = []
     for i, name in enumerate(names):
         a, b = base.get(name), target.get(name)
-        out.append(analyze_pair(name, a, b, rank=rank, stats=stats, device=device))
+        # Small tensors on one thread: OpenMP threads spinning between many tiny ops fought
+        # the cores for nothing (74 s instead of 9 s on a 2-core 4.45M-parameter run).
+        with torch_threads(torch_threads_for(a.numel())):
+            out.append(analyze_pair(name, a, b, rank=rank, stats=stats, device=device))
         done += base.tensors[name].nbytes + target.tensors[name].nbytes
         del a, b
         if progress:

@@ -18,7 +18,6 @@ On CUDA the compute stage is :class:`~maskhub.kernels.gpukernel.CudaDiffer`.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -32,6 +31,7 @@ from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import parse_tensor_name
@@ -75,10 +75,7 @@ class DiffOutcome:
 
 def compute_threads() -> int:
     """Threads for the compute stage: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cpus()
 
 
 #: Bytes behind a finished tensor released again (folios faulted back across its start).
