@@ -335,3 +335,22 @@ def test_cpu_count_honours_the_cgroup_quota(tmp_path: Path) -> None:
     assert cgroup_quota(str(tmp_path)) == 2.5
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
     assert torch_threads_for(1000) == 1 and torch_threads_for(1 << 24) == available_cpus()
+
+
+def test_numba_cache_goes_to_the_user_cache_when_site_packages_is_read_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed into a read-only site-packages (and with an unwritable ~/.cache/numba),
+    numba would refuse to define the cached kernels; maskhub points its cache at
+    $XDG_CACHE_HOME/maskhub/numba instead. A user's NUMBA_CACHE_DIR always wins."""
+    numba = pytest.importorskip("numba")
+    kernels_dir = Path(fastkernel.__file__).parent
+    real = fastkernel._writable_dir
+    monkeypatch.setattr(fastkernel, "_writable_dir",
+                        lambda p: False if kernels_dir in p.parents else real(p))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fastkernel.choose_numba_cache() == str(tmp_path / "xdg" / "maskhub" / "numba")
+    assert numba.config.CACHE_DIR == str(tmp_path / "xdg" / "maskhub" / "numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert fastkernel.choose_numba_cache() == str(tmp_path / "mine")

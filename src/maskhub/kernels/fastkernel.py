@@ -20,6 +20,9 @@ does the same in vectorised numpy passes.
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -31,9 +34,46 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 def numba_kernels() -> ModuleType:
     """The compiled kernels (:mod:`maskhub.kernels.numbakernel`), imported on first use."""
+    choose_numba_cache()
     from maskhub.kernels import numbakernel
 
     return numbakernel
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def choose_numba_cache() -> str | None:
+    """Make sure numba can cache the compiled kernels on disk; return the directory chosen.
+
+    numba caches next to the source (``kernels/__pycache__``) when it can write there, as
+    in a checkout or a user's own venv. In a read-only site-packages (a system or container
+    install) its fallback, ``~/.cache/numba``, may be unwritable too, and then numba refuses
+    to even define the kernels. There the cache goes to ``$XDG_CACHE_HOME/maskhub/numba``
+    (``~/.cache/maskhub/numba``), else to a per-user directory under the temp dir.
+    ``NUMBA_CACHE_DIR`` set by the user always wins.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    if _writable_dir(Path(__file__).parent / "__pycache__"):
+        return None  # numba's own in-tree cache
+    import numba
+
+    if numba.config.CACHE_DIR:
+        return str(numba.config.CACHE_DIR)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for candidate in (Path(cache) / "maskhub" / "numba",
+                      Path(tempfile.gettempdir()) / f"maskhub-numba-{os.getuid()}"):
+        if _writable_dir(candidate):
+            numba.config.CACHE_DIR = str(candidate)
+            return str(candidate)
+    return None
 
 
 def updated_exact(fa: np.ndarray, fb: np.ndarray, tols: np.ndarray, counts: np.ndarray
