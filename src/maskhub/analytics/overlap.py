@@ -37,15 +37,18 @@ __all__ = ["OverlapMatrix", "OverlapResult", "TensorOverlap", "overlap", "overla
            "select_masks"]
 
 
-def overlap(registry: Home, a: MaskRecord, b: MaskRecord, *, refresh: bool = False,
-            progress: ProgressFn | None = None) -> OverlapResult:
-    """Overlap of ``a`` with ``b``: from the SQL cache, else counted and stored."""
-    masks = [a, b]
-    layout = check_compatible(registry, masks)
-    if not refresh:
-        cached = load_cached(registry, masks, [(0, 1)], with_tensors=True)
-        if (0, 1) in cached:
-            return cached[(0, 1)]
+def overlap(registry: Home, a: str | MaskRecord, b: str | MaskRecord, *,
+            refresh: bool = False, progress: ProgressFn | None = None) -> OverlapResult:
+    """Overlap of ``a`` with ``b`` (masks, or their names / id prefixes): from the SQL
+    cache, else counted and stored. A cached answer costs one DuckDB connection."""
+    with registry.index.connect(write=False):
+        a = registry.get(a) if isinstance(a, str) else a
+        b = registry.get(b) if isinstance(b, str) else b
+        masks = [a, b]
+        layout = check_compatible(registry, masks)
+        cached = {} if refresh else load_cached(registry, masks, [(0, 1)], with_tensors=True)
+    if (0, 1) in cached:
+        return cached[(0, 1)]
     from maskhub.analytics.overlap_counting import count_overlaps  # zarr: only to count
 
     counts = count_overlaps(masks, layout, [(0, 1)], progress)

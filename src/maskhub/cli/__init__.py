@@ -7,6 +7,7 @@ here. ``maskhub`` alone prints the help and exits 0.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -23,9 +24,45 @@ def usage_line(exc: click.UsageError) -> str:
     return f"Error: {message} (see '{' '.join(['maskhub', *words, '--help'])}')"
 
 
+#: Command name -> the module of ``maskhub.cli`` that defines it (in its ``COMMANDS``). A
+#: command's module is imported only when that command runs (or help lists them all).
+COMMAND_MODULES = {
+    "diff": "core", "ls": "core", "show": "core", "sql": "core", "rm": "core", "demo": "core",
+    "overlap": "overlap", "combine": "overlap", "plot": "overlap",
+    "push": "hub", "pull": "hub", "search": "hub",
+    "verify": "verify", "trajectory": "analysis",
+}
+
+
 class MaskhubGroup(click.Group):
     """Click group that turns maskhub errors, usage errors and Ctrl-C into one-line
-    messages with exit code 1."""
+    messages with exit code 1, and imports each command's module on first use."""
+
+    @property
+    def commands(self) -> dict[str, click.Command]:  # every command, all modules loaded
+        for module in sorted(set(COMMAND_MODULES.values())):
+            self._load(module)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands = value
+        self._loaded: set[str] = set()
+
+    def _load(self, module: str) -> None:
+        if module in self._loaded:
+            return
+        self._loaded.add(module)
+        for command in importlib.import_module(f"maskhub.cli.{module}").COMMANDS:
+            self._commands[command.name] = command
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:  # noqa: D102
+        if cmd_name in COMMAND_MODULES:
+            self._load(COMMAND_MODULES[cmd_name])
+        return self._commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: D102
+        return sorted(set(self._commands) | set(COMMAND_MODULES))
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         standalone = kwargs.pop("standalone_mode", True)
@@ -60,9 +97,9 @@ class MaskhubGroup(click.Group):
 
 @click.group(cls=MaskhubGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="maskhub")
-@click.option("--home", type=click.Path(file_okay=False), default=None, envvar="MASKHUB_HOME",
-              show_envvar=True, help="maskhub home holding registry.duckdb and the mask "
-                                     "stores, for every command (a command's own --home wins).")
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="maskhub home holding registry.duckdb and the mask stores, for every "
+                   "command (default $MASKHUB_HOME; a command's own --home wins).")
 def main(home: str | None) -> None:
     """maskhub: diff, store, query, compare and share the sparse update masks of RL
     fine-tuned LLMs.
@@ -75,18 +112,3 @@ def main(home: str | None) -> None:
       maskhub show tulu-dpo
       maskhub --home /data/masks ls
     """
-
-
-def _register() -> None:
-    from maskhub.cli import analysis as analysis_cli
-    from maskhub.cli import core
-    from maskhub.cli import hub as hub_cli
-    from maskhub.cli import overlap as overlap_cli
-    from maskhub.cli import verify as verify_cli
-
-    for command in (core.COMMANDS + overlap_cli.COMMANDS + hub_cli.COMMANDS
-                    + verify_cli.COMMANDS + analysis_cli.COMMANDS):
-        main.add_command(command)
-
-
-_register()

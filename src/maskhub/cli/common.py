@@ -50,21 +50,26 @@ stdout = LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 stderr = LazyConsole(stderr=True)
 
 
-HOME_HELP = "maskhub home holding registry.duckdb and the mask stores."
-
-
 def home_option(f: F) -> F:
-    """``--home DIR`` on a command: the maskhub home. It wins over the global
-    ``maskhub --home DIR``, which wins over ``$MASKHUB_HOME`` (read by the global option)."""
+    """``--home DIR``: the maskhub home (default ``$MASKHUB_HOME`` or the user cache dir).
+    The global ``maskhub --home DIR`` applies where the command's own is not given."""
     return click.option("--home", type=click.Path(file_okay=False), default=None,
-                        help=HOME_HELP + " Default: the global --home, else $MASKHUB_HOME, "
-                             "else ~/.cache/maskhub.")(f)
+                        envvar="MASKHUB_HOME", show_envvar=True,
+                        help="maskhub home holding registry.duckdb and the mask stores.")(f)
 
 
-def global_home() -> str | None:
-    """The global ``maskhub --home DIR`` (or ``$MASKHUB_HOME``) of the running command."""
+def command_home(home: str | None) -> str | None:
+    """The home a command works on: its own ``--home`` when given on the command line, else
+    the global ``maskhub --home DIR`` when given, else ``$MASKHUB_HOME`` (or the default)."""
+    from click.core import ParameterSource
+
     ctx = click.get_current_context(silent=True)
-    return ctx.find_root().params.get("home") if ctx is not None else None
+    if ctx is None or ctx.get_parameter_source("home") == ParameterSource.COMMANDLINE:
+        return home
+    root = ctx.find_root()
+    if root is not ctx and root.get_parameter_source("home") == ParameterSource.COMMANDLINE:
+        return root.params["home"]
+    return home
 
 
 def json_option(f: F) -> F:
@@ -95,7 +100,7 @@ def store_option(f: F) -> F:
 def registry(home: str | None, store: str | None = None) -> Registry:
     """Open the registry of ``--home`` (the command's, else the global one, else
     ``$MASKHUB_HOME``); new stores under ``--store`` when given."""
-    return Registry(home or global_home(), store=store)
+    return Registry(command_home(home), store=store)
 
 
 def _plain(v: Any) -> Any:

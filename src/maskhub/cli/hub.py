@@ -1,4 +1,4 @@
-"""Hub commands: push, pull, search (thin layers over :mod:`maskhub.hub.repo`)."""
+"""Hub commands: push, pull, search (thin layers over :mod:`maskhub.hub`)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def search(base_model: str | None, algorithm: str | None, limit: int, repo_type:
     Example:
       maskhub search --base-model allenai/Llama-3.1-Tulu-3-8B-SFT --algorithm dpo
     """
-    from maskhub.hub.repo import search as hub_search  # lazy: keeps `maskhub` start fast
+    from maskhub.hub.search import search as hub_search  # lazy: keeps `maskhub` start fast
 
     hits = hub_search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
                       limit=limit)

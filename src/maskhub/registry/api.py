@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
     from maskhub.analytics.overlap import OverlapMatrix, OverlapResult
     from maskhub.analytics.trajectory import TrajectoryResult
-    from maskhub.hub.repo import PullResult, PushResult
+    from maskhub.hub.pull import PullResult
+    from maskhub.hub.push import PushResult
     from maskhub.schemas.progress import ProgressFn
     from maskhub.training.verify import VerifyReport
 
@@ -176,9 +177,7 @@ class Registry(Home):
         and stratified random baselines, z-score; cached in the ``overlaps`` table."""
         from maskhub.analytics.overlap import overlap
 
-        with self.index.connect(write=False):  # one connection for both lookups
-            ma, mb = self.get(a), self.get(b)
-        return overlap(self, ma, mb, refresh=refresh, progress=progress)
+        return overlap(self, a, b, refresh=refresh, progress=progress)
 
     def overlap_all(self, refs: Sequence[str] = (), *, base_model: str | None = None,
                     refresh: bool = False, progress: ProgressFn | None = None,
@@ -245,8 +244,8 @@ class Registry(Home):
         """Upload mask ``ref`` to Hub repo ``repo_id`` in one commit (Zarr store,
         maskhub.json with every file's sha256, tensors.parquet, model card), creating the repo
         and branch ``revision`` if needed; record the repo and commit in the index. An
-        unchanged mask makes no new commit. See :mod:`maskhub.hub.repo`."""
-        from maskhub.hub.repo import push
+        unchanged mask makes no new commit. See :mod:`maskhub.hub.push`."""
+        from maskhub.hub.push import push
 
         path = self.get(ref).path
         if is_url(path):
@@ -260,8 +259,8 @@ class Registry(Home):
              repo_type: str = "model", token: str | None = None) -> PullResult:
         """Download, verify (versions, paths, every sha256, arrays vs metadata) and register
         the mask of Hub repo ``repo_id`` at ``revision``; a no-op for a commit already
-        pulled. Works offline for a cached revision. See :mod:`maskhub.hub.repo`."""
-        from maskhub.hub.repo import pull
+        pulled. Works offline for a cached revision. See :mod:`maskhub.hub.pull`."""
+        from maskhub.hub.pull import pull
 
         return pull(self, repo_id, revision, name=name, repo_type=repo_type, token=token)
 
@@ -269,7 +268,7 @@ class Registry(Home):
                repo_type: str = "model", limit: int = 50,
                token: str | None = None) -> list[dict[str, Any]]:
         """Mask repos on the Hub (tag ``maskhub``), filtered by base model and algorithm."""
-        from maskhub.hub.repo import search
+        from maskhub.hub.search import search
 
         return search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
                       limit=limit, token=token)

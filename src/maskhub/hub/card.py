@@ -1,0 +1,139 @@
+"""What a pushed repo says about its mask: ``tensors.parquet`` (per-tensor stats and
+analysis) and the model card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from maskhub.hub.layout import (
+    BASE_TAGS,
+    METADATA_FILE,
+    STORE_DIR,
+    TENSORS_FILE,
+    is_hub_repo_id,
+)
+from maskhub.schemas.analysis import TensorAnalysis
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+
+if TYPE_CHECKING:
+
+    pass
+
+
+ANALYSIS_FIELDS = (("rank", pa.int64()), ("max_rank", pa.int64()), ("rank_rtol", pa.float64()),
+                   ("sign_flips", pa.int64()), ("mean_abs_delta", pa.float64()),
+                   ("max_abs_delta", pa.float64()), ("mean_rel_delta", pa.float64()),
+                   ("max_rel_delta", pa.float64()), ("n_sub_bf16_step", pa.int64()))
+
+
+def tensors_table(stats: Sequence[TensorStats],
+                  sweep: Sequence[tuple[str, float, int]] = (),
+                  analysis: Sequence[TensorAnalysis] = ()) -> pa.Table:
+    """Per-tensor stats as an Arrow table (the schema of ``tensors.parquet``); ``analysis``
+    fills the nullable ``analysis`` column for the tensors it covers."""
+    by_name = {a.tensor: {f: getattr(a, f) for f, _ in ANALYSIS_FIELDS} for a in analysis}
+    by_tensor: dict[str, list[dict[str, Any]]] = {}
+    for tensor, tol, n in sorted(sweep, key=lambda s: (s[0], s[1])):
+        by_tensor.setdefault(tensor, []).append({"tol": float(tol), "n_updated": int(n)})
+    schema = pa.schema([
+        ("tensor", pa.string()), ("layer", pa.int32()), ("module", pa.string()),
+        ("shape", pa.list_(pa.int64())), ("numel", pa.int64()), ("n_updated", pa.int64()),
+        ("sparsity", pa.float64()), ("base_dtype", pa.string()), ("target_dtype", pa.string()),
+        ("sweep", pa.list_(pa.struct([("tol", pa.float64()), ("n_updated", pa.int64())]))),
+        ("analysis", pa.struct(list(ANALYSIS_FIELDS))),
+    ])
+    rows = [{"tensor": t.tensor, "layer": t.layer, "module": t.module, "shape": list(t.shape),
+             "numel": t.numel, "n_updated": t.n_updated, "sparsity": t.sparsity,
+             "base_dtype": t.base_dtype, "target_dtype": t.target_dtype,
+             "sweep": by_tensor.get(t.tensor, []), "analysis": by_name.get(t.tensor)}
+            for t in stats]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _module_rows(stats: Sequence[TensorStats]) -> list[tuple[str, int, int, int]]:
+    """``(module, tensors, numel, n_updated)`` in order of first layer, then name."""
+    acc: dict[str, list[int]] = {}
+    for t in stats:
+        a = acc.setdefault(t.module, [0, 0, 0, t.layer if t.layer is not None else -1])
+        a[0] += 1
+        a[1] += t.numel
+        a[2] += t.n_updated
+        a[3] = min(a[3], t.layer if t.layer is not None else -1)
+    order = sorted(acc, key=lambda m: (acc[m][3], m))
+    return [(m, acc[m][0], acc[m][1], acc[m][2]) for m in order]
+
+
+def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], repo_id: str,
+                repo_type: str = "model", license: str | None = None) -> str:
+    """The model card (README.md): YAML front matter for the Hub's search, then a summary,
+    the per-module table and a snippet to pull and apply the mask."""
+    from huggingface_hub import ModelCardData
+
+    algorithm = (meta.algorithm or "").strip().lower() or None
+    tags = [*BASE_TAGS, *([algorithm] if algorithm else [])]
+    details = {"mask_id": meta.id, "name": name, "algorithm": meta.algorithm,
+               "base_model": meta.base_model, "base_revision": meta.base_revision,
+               "target_model": meta.target_model, "target_revision": meta.target_revision,
+               "seed": meta.seed, "dataset": meta.dataset, "tol": meta.tol,
+               "n_params": meta.n_params, "n_updated": meta.n_updated,
+               "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version}
+    card = ModelCardData(
+        library_name="maskhub", license=license,
+        base_model=meta.base_model if is_hub_repo_id(meta.base_model) else None,
+        tags=tags, maskhub={k: v for k, v in details.items() if v is not None},
+    )
+    kind = f"{meta.algorithm} " if meta.algorithm else ""
+    summary = [
+        ("base model", _code(meta.base_model, meta.base_revision)),
+        ("fine-tuned model", _code(meta.target_model, meta.target_revision)),
+        ("algorithm", meta.algorithm), ("seed", meta.seed), ("dataset", meta.dataset),
+        ("tolerance", f"updated iff \\|θ1 − θ0\\| > {meta.tol:g}"), ("dtype", meta.dtype),
+        ("parameters", f"{meta.n_params:,}"), ("updated", f"{meta.n_updated:,}"),
+        ("sparsity", f"{100 * meta.sparsity:.2f}%"), ("mask id", f"`{meta.id}`"),
+    ]
+    lines = [
+        "---", card.to_yaml(), "---", "",
+        f"# {name}: update mask", "",
+        f"Which parameters the {kind}fine-tuning of `{meta.target_model}` changed, relative "
+        f"to `{meta.base_model}`: a boolean mask per parameter tensor, made with "
+        "[maskhub](https://github.com/maskhub/maskhub). "
+        f"{100 * meta.density:.2f}% of the parameters were updated.", "",
+        "| | |", "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in summary if v not in (None, "")), "",
+        "## Per module", "",
+        "| module | tensors | parameters | updated | sparsity |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for module, n, numel, upd in _module_rows(stats):
+        sp = 1 - upd / numel if numel else 1.0
+        lines.append(f"| {module} | {n} | {numel:,} | {upd:,} | {100 * sp:.2f}% |")
+    rt = "" if repo_type == "model" else f', repo_type="{repo_type}"'
+    rt_cli = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    lines += [
+        "", "## Use it", "",
+        "Train only the parameters this mask marks (gradient masking):", "",
+        "```python",
+        "from maskhub import Mask",
+        f'mask = Mask.from_hub("{repo_id}"{rt})', "",
+        "from maskhub.torch import apply_mask",
+        "apply_mask(model, mask)  # train only the entries the mask marks as updated",
+        "```", "",
+        "or from the command line:", "",
+        "```bash", f"pip install maskhub && maskhub pull {repo_id}{rt_cli}", "```", "",
+        "## Files", "",
+        f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
+        "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
+        "bitorder=...)`).",
+        f"- `{TENSORS_FILE}`: per-tensor counts.",
+        f"- `{METADATA_FILE}`: metadata and the sha256 of every file; `maskhub pull` checks "
+        "them all.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _code(model: str, revision: str | None) -> str:
+    return f"`{model}`" + (f" @ `{revision}`" if revision else "")

@@ -1,0 +1,317 @@
+"""``pull``: download a mask repo through the huggingface_hub cache, verify every file and
+array, and register it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskhub.checkpoints.hubio import hub_errors
+from maskhub.checkpoints.sources import split_revision
+from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
+from maskhub.hub.card import (
+    ANALYSIS_FIELDS,
+)
+from maskhub.hub.layout import (
+    COPY_BUF,
+    METADATA_FILE,
+    SHA1,
+    STORE_DIR,
+    TENSORS_FILE,
+    Manifest,
+    check_repo,
+    git_blob_sha1,
+    hf_api,
+    hub_ref,
+    is_offline,
+    parse_manifest,
+    safe_relpath,
+)
+from maskhub.schemas.analysis import TensorAnalysis
+from maskhub.schemas.metadata import TensorStats
+from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
+from maskhub.storage.files import remove_tree
+from maskhub.storage.store import MaskStore
+
+if TYPE_CHECKING:
+
+    from maskhub.core.home import Home
+    from maskhub.core.record import MaskRecord
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` did: ``status`` is ``"registered"`` or ``"already registered"``."""
+
+    mask: MaskRecord
+    repo_id: str
+    repo_type: str
+    commit: str
+    status: str
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        m = self.mask
+        return {"status": self.status, "id": m.id, "name": m.name, "repo_id": self.repo_id,
+                "repo_type": self.repo_type, "commit": self.commit, "n_params": m.n_params,
+                "n_updated": m.n_updated, "sparsity": m.sparsity, "notes": list(self.notes)}
+
+
+@contextmanager
+def _read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """:func:`hub_errors`, with the cases a pull meets told apart (no maskhub.json on the
+    Hub; not in the local cache)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with hub_errors(repo_id, revision):
+        try:
+            yield
+        except RemoteEntryNotFoundError as exc:
+            raise MaskStoreError(f"Hub repo {where} is not a maskhub mask: it has no "
+                                 f"{METADATA_FILE}", where) from exc
+        except LocalEntryNotFoundError as exc:
+            why = ("HF_HUB_OFFLINE is set" if is_offline()
+                   else "the Hub cannot be reached or the download failed")
+            raise HubError(f"{where} is not (completely) in the local Hugging Face cache and "
+                           f"{why}", repo_id) from exc
+
+
+def _evict(snapshot_file: Path) -> None:
+    """Remove a file from the huggingface_hub cache: the snapshot entry and the blob it
+    points to, so that the next download fetches it again instead of trusting it."""
+    blob = snapshot_file.resolve() if snapshot_file.is_symlink() else None
+    snapshot_file.unlink(missing_ok=True)
+    if blob is not None and blob.parent.name == "blobs":
+        blob.unlink(missing_ok=True)
+
+
+def _copy_verified(src: Path, dst: Path | None, sha256: str, size: int) -> tuple[bool, bytes]:
+    """Copy ``src`` to ``dst`` (or read it, when ``dst`` is None) while hashing it.
+
+    Returns ``(matches, content_when_read)``.
+    """
+    if src.stat().st_size != size:
+        return False, b""
+    h = hashlib.sha256()
+    chunks: list[bytes] = []
+    if dst is not None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    sink = open(dst, "wb") if dst is not None else nullcontext(None)
+    with open(src, "rb") as f, sink as out:
+        while block := f.read(COPY_BUF):
+            h.update(block)
+            if out is not None:
+                out.write(block)
+            else:
+                chunks.append(block)
+    return h.hexdigest() == sha256, b"".join(chunks)
+
+
+def _check_listing(listing: dict[str, Any], manifest_bytes: bytes, manifest_path: Path,
+                   where: str) -> None:
+    """Check the repo listing's paths and that ``maskhub.json`` is what the Hub says it is."""
+    for path in listing:
+        safe_relpath(path, "repo file", where)
+    sib = listing.get(METADATA_FILE)
+    if sib is None:
+        return
+    if sib.lfs is not None:
+        ok = hashlib.sha256(manifest_bytes).hexdigest() == sib.lfs.sha256
+    else:
+        ok = sib.blob_id is None or git_blob_sha1(manifest_bytes) == sib.blob_id
+    if not ok:
+        _evict(manifest_path)
+        raise MaskStoreError(f"Hub repo {where}: the downloaded {METADATA_FILE} does not match "
+                             "the Hub's checksum of it (removed from the cache; retry)", where)
+
+
+def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
+                   ) -> tuple[list[tuple[str, float, int]], list[TensorAnalysis]]:
+    """Check ``tensors.parquet`` against the store's stats; return its sweep rows and its
+    ``diff --rank/--stats`` rows (none for repos pushed without them)."""
+    try:
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is unreadable: {exc}",
+                             where) from exc
+    if [r.get("tensor") for r in rows] != [t.tensor for t in stats]:
+        raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} does not list the store's "
+                             "tensors", where)
+    sweep: list[tuple[str, float, int]] = []
+    analysis: list[TensorAnalysis] = []
+    for r, t in zip(rows, stats, strict=True):
+        got = (tuple(r.get("shape") or ()), r.get("numel"), r.get("n_updated"), r.get("layer"),
+               r.get("module"))
+        if got != (t.shape, t.numel, t.n_updated, t.layer, t.module):
+            raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} disagrees with the store "
+                                 f"on tensor {t.tensor!r}", where)
+        sweep += [(t.tensor, float(s["tol"]), int(s["n_updated"])) for s in r.get("sweep") or []]
+        extra = r.get("analysis")
+        if extra:
+            try:
+                analysis.append(TensorAnalysis(t.tensor, **{f: extra.get(f) for f, _ in
+                                                            ANALYSIS_FIELDS}))
+            except TypeError as exc:
+                raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} has a malformed "
+                                     f"analysis row for {t.tensor!r}", where) from exc
+    return sweep, analysis
+
+
+def _row(registry: Home, sql: str, params: list[Any]) -> dict[str, Any] | None:
+    with registry.index.connect(write=False) as con:
+        rows = registry.index.rows(con, sql, params)
+    return rows[0] if rows else None
+
+
+def pull(registry: Home, repo_id: str, revision: str | None = None, *,
+         name: str | None = None, repo_type: str = "model",
+         token: str | None = None) -> PullResult:
+    """Download the mask of Hub repo ``repo_id`` at ``revision`` (default: main) through the
+    huggingface_hub cache, verify it and register it with the repo and resolved commit.
+
+    Checks, in order: the repo listing's paths, ``maskhub.json`` (kind, versions, paths, its
+    own checksum against the Hub's), every needed file's size and sha256 (a corrupt file is
+    evicted from the cache so that a retry downloads it again), the arrays against the
+    metadata, and ``tensors.parquet`` against the arrays. Pulling a commit already pulled
+    is a no-op. ``name`` defaults to the mask's own name, suffixed ``-2``... when taken.
+    ``repo_id`` may carry the revision (``org/name@rev``).
+    Works offline (``HF_HUB_OFFLINE=1``) for a revision already in the cache.
+    """
+    if revision is None:
+        repo_id, revision = split_revision(repo_id)
+    check_repo(repo_id, repo_type)
+    if name is not None and not valid_mask_name(name):
+        raise UsageError(invalid_mask_name_message(name))
+    api = hf_api(token)
+    offline = is_offline()
+    with _read_errors(repo_id, revision):
+        manifest_path = Path(api.hf_hub_download(repo_id, METADATA_FILE, repo_type=repo_type,
+                                                 revision=revision))
+    sha = manifest_path.parent.name  # the cache keeps each commit's files under its sha
+    if not SHA1.fullmatch(sha):
+        raise HubError(f"{repo_id}: unexpected huggingface_hub cache layout at {manifest_path}",
+                       repo_id)
+    where = f"{repo_id}@{sha[:12]}"
+    ref = hub_ref(repo_id, repo_type)
+    done = _row(registry, "SELECT id FROM masks WHERE hub_repo = ? AND hub_revision = ?",
+                [ref, sha])
+    if done is not None:
+        return PullResult(registry.get(done["id"]), repo_id, repo_type, sha, "already registered")
+
+    data = manifest_path.read_bytes()
+    listing: dict[str, Any] | None = None
+    if not offline:
+        with _read_errors(repo_id, sha):
+            info = api.repo_info(repo_id, revision=sha, repo_type=repo_type, files_metadata=True)
+        listing = {s.rfilename: s for s in info.siblings or []}
+        _check_listing(listing, data, manifest_path, where)
+    manifest = parse_manifest(data, where)
+    meta = manifest.meta
+
+    same_id = _row(registry, "SELECT name FROM masks WHERE id = ?", [meta.id])
+    if same_id is not None:
+        local = registry.get(meta.id)
+        if dict(local.store.group.attrs) != manifest.attrs:
+            raise MaskStoreError(
+                f"Hub repo {where} holds mask id {meta.id}, which the local mask "
+                f"{same_id['name']!r} already uses with different content; remove it first "
+                f"(`maskhub rm {same_id['name']}`)", where)
+        return PullResult(local, repo_id, repo_type, sha, "already registered",
+                          (f"this mask (id {meta.id[:12]}) is already registered as "
+                           f"{local.name!r}",))
+
+    needed = sorted(p for p in manifest.files if p.startswith(STORE_DIR + "/") or p == TENSORS_FILE)
+    if listing is not None:
+        missing = [p for p in needed if p not in listing]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MaskStoreError(f"Hub repo {where}: {missing[0]}{more} is listed in "
+                                 f"{METADATA_FILE} but missing from the repo", where)
+    with _read_errors(repo_id, sha):
+        folder = Path(api.snapshot_download(repo_id, repo_type=repo_type, revision=sha,
+                                            allow_patterns=[glob.escape(p) for p in needed]))
+
+    tmp = registry.staging_path(meta.id)
+    remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        parquet = _fetch(folder, needed, manifest, tmp, where)
+        store = _open_checked(tmp, manifest, where)
+        stats = list(store.iter_stats())
+        sweep, analysis = _check_parquet(parquet, stats, where)
+        notes: tuple[str, ...] = ()
+        if name is None:
+            stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
+                else "hub-mask"
+            name = registry.free_name(stem)
+            if name != meta.name:
+                notes = (f"a mask named {meta.name!r} already exists: registered this one as "
+                         f"{name!r} (choose another with --name)",)
+        elif _row(registry, "SELECT 1 AS x FROM masks WHERE name = ?", [name]) is not None:
+            raise NameTakenError(name)
+        local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    try:
+        mask = registry.register_store(tmp, local_meta, stats, sweep, analysis)
+    except duckdb.Error as exc:  # metadata the index cannot hold (a bad date...): refuse it
+        raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be indexed: "
+                             f"{str(exc).splitlines()[0]}", where) from exc
+    return PullResult(mask, repo_id, repo_type, sha, "registered", notes)
+
+
+def _fetch(folder: Path, needed: Sequence[str], manifest: Manifest, tmp: Path,
+           where: str) -> bytes:
+    """Copy the store files from the snapshot into ``tmp`` checking every size and sha256;
+    return the verified bytes of ``tensors.parquet``. Corrupt files are evicted from the
+    cache before the error is raised."""
+    bad: list[str] = []
+    parquet = b""
+    for p in needed:
+        src = folder / p
+        if not src.is_file():
+            raise MaskStoreError(f"Hub repo {where}: {p} is listed in {METADATA_FILE} but "
+                                 "missing from the download", where)
+        sha, size = manifest.files[p]
+        dst = None if p == TENSORS_FILE else tmp / p[len(STORE_DIR) + 1:]
+        ok, content = _copy_verified(src, dst, sha, size)
+        if not ok:
+            bad.append(p)
+            _evict(src)
+        elif dst is None:
+            parquet = content
+    if bad:
+        more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
+        raise MaskStoreError(
+            f"Hub repo {where}: checksum mismatch for {bad[0]}{more} (sha256 differs from "
+            f"{METADATA_FILE}); the corrupt download was removed from the Hugging Face cache, "
+            "so a retry downloads it again", where)
+    return parquet
+
+
+def _open_checked(tmp: Path, manifest: Manifest, where: str) -> MaskStore:
+    """Open the staged store; check its metadata against ``maskhub.json`` and its arrays
+    against its metadata (shapes and popcounts)."""
+    try:
+        store = MaskStore(tmp)
+        if dict(store.group.attrs) != manifest.attrs:
+            raise MaskStoreError(f"Hub repo {where}: {METADATA_FILE} and {STORE_DIR}/zarr.json "
+                                 "disagree on the mask metadata", where)
+        store.validate()
+    except MaskStoreError as exc:
+        msg = str(exc).replace(str(tmp), f"Hub repo {where} ({STORE_DIR})")
+        raise MaskStoreError(msg, where) from exc
+    return store

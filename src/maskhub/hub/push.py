@@ -1,0 +1,181 @@
+"""``push``: publish a registered mask to a Hub repo in one commit.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+
+from maskhub.checkpoints.hubio import hub_errors
+from maskhub.errors import HubError
+from maskhub.hub.card import (
+    ANALYSIS_FIELDS,
+    render_card,
+    tensors_table,
+)
+from maskhub.hub.layout import (
+    CARD_FILE,
+    HUB_KIND,
+    HUB_SCHEMA_VERSION,
+    METADATA_FILE,
+    STORE_DIR,
+    TENSORS_FILE,
+    as_str,
+    check_repo,
+    hf_api,
+    hub_ref,
+    is_offline,
+    sha256_file,
+    store_files,
+)
+from maskhub.schemas.analysis import TensorAnalysis
+from maskhub.storage.files import remove_tree
+
+if TYPE_CHECKING:
+
+    from maskhub.core.home import Home
+    from maskhub.core.record import MaskRecord
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` did. ``changed`` is False when the Hub already had these files."""
+
+    mask_id: str
+    name: str
+    repo_id: str
+    repo_type: str
+    branch: str
+    commit: str
+    url: str
+    changed: bool
+    files: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+@contextmanager
+def _write_errors(repo_id: str, where: str) -> Iterator[None]:
+    """:func:`hub_errors`, plus a clear line for a write the Hub refuses (401/403) and a hint
+    after a network error (the push is safe to repeat)."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        with hub_errors(repo_id, where):
+            try:
+                yield
+            except HfHubHTTPError as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status in (401, 403) and not isinstance(exc, RepositoryNotFoundError):
+                    raise HubError(
+                        f"the Hub refused to write to {repo_id} (HTTP {status}): set HF_TOKEN "
+                        "to a token with write access to it, or log in with `hf auth login`",
+                        repo_id) from None
+                raise
+    except HubError as exc:
+        if "network error" not in str(exc):
+            raise
+        raise HubError(f"{exc} (nothing was recorded; push again: it uploads only what the Hub "
+                       "lacks and makes no commit if the mask is already there)",
+                       repo_id) from exc
+
+
+def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
+                     repo_type: str = "model", license: str | None = None) -> dict[str, Path]:
+    """Write ``maskhub.json``, ``tensors.parquet`` and ``README.md`` into ``dest``; return every
+    file of the repo as ``{path in repo: local path}`` (the store files stay where they are)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    store = mask.store
+    stats = list(store.iter_stats())
+    with registry.index.connect(write=False) as con:
+        sweep = con.execute("SELECT tensor, tol, n_updated FROM tensor_sweep WHERE mask_id = ?",
+                            [mask.id]).fetchall()
+        fields = ", ".join(f for f, _ in ANALYSIS_FIELDS)
+        analysis = [TensorAnalysis(**r) for r in registry.index.rows(
+            con, f"SELECT tensor, {fields} FROM tensor_analysis WHERE mask_id = ?", [mask.id])]
+    files = dict(store_files(mask.path))
+    pq.write_table(tensors_table(stats, sweep, analysis), dest / TENSORS_FILE,
+                   compression="zstd")
+    files[TENSORS_FILE] = dest / TENSORS_FILE
+    license = license or (store.metadata.extra or {}).get("license")
+    card = render_card(store.metadata, mask.name, stats, repo_id, repo_type, license)
+    (dest / CARD_FILE).write_text(card, encoding="utf-8")
+    files[CARD_FILE] = dest / CARD_FILE
+    doc = {
+        "kind": HUB_KIND,
+        "schema_version": HUB_SCHEMA_VERSION,
+        "store": STORE_DIR,
+        "mask": dict(store.group.attrs),
+        "files": {p: {"sha256": sha256_file(f), "size": f.stat().st_size}
+                  for p, f in sorted(files.items())},
+    }
+    (dest / METADATA_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
+    files[METADATA_FILE] = dest / METADATA_FILE
+    return files
+
+
+def push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
+         revision: str | None = None, commit_message: str | None = None,
+         repo_type: str = "model", license: str | None = None,
+         token: str | None = None) -> PushResult:
+    """Upload mask ``ref`` to ``repo_id`` in one commit, creating the repo (and the branch
+    ``revision``) if needed, and record the repo and commit in the index.
+
+    Pushing an unchanged mask again makes no commit (``changed=False``). ``token`` defaults
+    to huggingface_hub's (``HF_TOKEN`` or the stored login).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    check_repo(repo_id, repo_type)
+    if is_offline():
+        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and pushing needs "
+                       "the network (unset HF_HUB_OFFLINE)", repo_id)
+    mask = registry.get(ref)
+    mask.store.validate()  # never publish a store that disagrees with its own metadata
+    branch = revision or "main"
+    stage = registry.staging_path(f"push-{mask.id}")
+    remove_tree(stage)
+    api = hf_api(token)
+    try:
+        with _write_errors(repo_id, branch):
+            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+            if branch != "main":
+                api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
+            info = api.repo_info(repo_id, revision=branch, repo_type=repo_type)
+        head = info.sha
+        # A license set by an earlier push (or on the Hub) stays unless a new one is given.
+        card = info.card_data.to_dict() if getattr(info, "card_data", None) else {}
+        license = license or as_str(card.get("license"))
+        files = write_repo_files(registry, mask, stage, repo_id, repo_type, license)
+        n_bytes = sum(f.stat().st_size for f in files.values())
+        remote = {s.rfilename for s in info.siblings or []}
+        stale = sorted(p for p in remote if p.startswith(STORE_DIR + "/") and p not in files)
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                          for p, f in sorted(files.items())]
+        ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+        message = commit_message or f"Upload update mask {mask.name} with maskhub"
+        with _write_errors(repo_id, branch), warnings.catch_warnings():
+            # tensors.parquet is part of the mask, not a dataset uploaded by mistake
+            warnings.filterwarnings("ignore", message=".*about to commit a data file")
+            commit = api.create_commit(repo_id, ops, repo_type=repo_type, revision=branch,
+                                       parent_commit=head, commit_message=message)
+    finally:
+        remove_tree(stage)
+    sha = str(commit.oid)
+    with registry.index.connect() as con:
+        con.execute("UPDATE masks SET hub_repo = ?, hub_revision = ? WHERE id = ?",
+                    [hub_ref(repo_id, repo_type), sha, mask.id])
+    return PushResult(mask_id=mask.id, name=mask.name, repo_id=repo_id, repo_type=repo_type,
+                      branch=branch, commit=sha, url=str(commit.commit_url),
+                      changed=sha != head, files=len(files), bytes=n_bytes)
