@@ -215,6 +215,19 @@ def test_rank_and_stats_travel_with_the_mask(hub_server: HubServer, tmp_path: Pa
     assert json.loads(cli("show", "ranked", "--json").stdout)["analysis"] == shown
 
 
+def test_training_resolves_a_hub_repo_id_by_pulling_it(pushed: Mask, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``apply_mask(model, "org/name")`` and friends: the training side fetches the mask
+    through the same verified pull, into the given home."""
+    from maskhub.training.mask_sources import resolve_mask
+
+    fresh = tmp_path / "fresh-training-home"
+    mask = resolve_mask(REPO, home=fresh)
+    assert_same_mask(pushed, mask)
+    assert [r["name"] for r in Registry(fresh).ls()] == ["tulu-dpo"]
+    assert resolve_mask("tulu-dpo", home=fresh).id == mask.id  # then by name, no network
+
+
 def test_pin_older_revision_after_second_push(pushed: Mask, hub_server: HubServer,
                                               tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from maskhub.checkpoints.pairing import match_tensors
-from maskhub.checkpoints.sources import open_checkpoint
+from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.home import Home
 from maskhub.core.interrupts import check_interrupt, interruptible, safe_interrupts
 from maskhub.core.provenance import model_name, timestamp
@@ -23,7 +23,7 @@ from maskhub.core.record import MaskRecord
 from maskhub.diff.pipeline import run_diff
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
-from maskhub.kernels.kernel import DiffKernel, check_tolerance
+from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
@@ -78,7 +78,8 @@ def diff(
         tmp = home.new_store_location(mask_id)
         try:
             writer = MaskWriter(tmp)
-            kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev)
+            kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev,
+                                backend=backend_for(_input_bytes(base_ck, target_ck, names)))
             if ray is not None:
                 outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
                                    sweep=kernel.sweep, device=device, progress=checked)
@@ -108,3 +109,7 @@ def diff(
             base_ck.close()
             target_ck.close()
         return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)
+
+
+def _input_bytes(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> int:
+    return sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)

@@ -43,6 +43,18 @@ CHUNK = 1 << 20
 ChunkFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 BACKENDS = ("auto", "numba", "numpy", "reference")
+#: Input bytes (both sides) from which a diff uses the numba kernels: importing numba and
+#: loading its cached kernels costs ~0.3 s, which the numba kernel (5.0 GB/s per core here,
+#: against 1.7 GB/s for numpy) wins back only on about this much input.
+NUMBA_MIN_BYTES = 1 << 30
+
+
+def backend_for(input_bytes: int) -> str:
+    """The CPU backend for a diff of ``input_bytes``: numba for large inputs (when installed),
+    numpy below :data:`NUMBA_MIN_BYTES` (same bits, no numba import)."""
+    if fastkernel.HAVE_NUMBA and input_bytes >= NUMBA_MIN_BYTES:
+        return "numba"
+    return "numpy"
 
 
 def check_tolerance(tol: object) -> None:

@@ -31,15 +31,16 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 from numcodecs import Zstd
-from zarr.codecs import ZstdCodec
 
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
+
+if TYPE_CHECKING:
+    import zarr
 from maskhub.storage import remote
 from maskhub.storage.files import remove_tree
 
@@ -108,6 +109,12 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
                                   indent=2).encode()
 
 
+def _write_group(directory: Path, attributes: dict) -> None:
+    """Write the ``zarr.json`` of a Zarr v3 group, as zarr-python 3 writes it."""
+    doc = {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+    (directory / "zarr.json").write_text(json.dumps(doc, indent=2))
+
+
 class MaskWriter:
     """Writes the arrays of one mask store, then its metadata.
 
@@ -124,7 +131,14 @@ class MaskWriter:
         self.path: Path | str = self.url or Path(path)
         self.attached = not create
         self._group: zarr.Group | None = None
-        if create:
+        if create and self.url is None:
+            # A local store is written without zarr (its import is most of a small diff's
+            # start-up): the same group document zarr-python writes.
+            Path(self.path).mkdir()
+            _write_group(Path(self.path), {})
+        elif create:
+            import zarr
+
             self._group = zarr.open_group(store=self._zarr_store(), mode="w-", zarr_format=3)
         self.names: list[str] = []
 
@@ -133,8 +147,10 @@ class MaskWriter:
 
     @property
     def group(self) -> zarr.Group:
-        """The store's root group."""
+        """The store's root group (opened with zarr on first use)."""
         if self._group is None:
+            import zarr
+
             self._group = zarr.open_group(store=self._zarr_store(), mode="r+", zarr_format=3)
         return self._group
 
@@ -154,6 +170,8 @@ class MaskWriter:
         if plain and isinstance(self.path, Path) and not (self.path / stats.tensor).exists():
             write_packed_array(self.path / stats.tensor, packed, _array_attrs(stats))
         else:
+            from zarr.codecs import ZstdCodec
+
             arr = self.group.create_array(
                 name=stats.tensor,
                 shape=(nbytes,),
@@ -171,7 +189,10 @@ class MaskWriter:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
-        self.group.update_attributes(attrs)  # one write (attrs.update writes once per key)
+        if self.url is None and self._group is None:
+            _write_group(Path(self.path), attrs)
+        else:
+            self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
 
 
 class MaskStore:
@@ -179,6 +200,8 @@ class MaskStore:
 
     def __init__(self, path: Path | str) -> None:
         """Open and validate the store at ``path`` (a directory or a URL)."""
+        import zarr
+
         self.path: Path | str = str(path) if remote.is_url(path) else Path(path)
         try:
             zstore = remote.zarr_store(str(path), read_only=True) \
@@ -217,6 +240,8 @@ class MaskStore:
             yield self.stats(name)
 
     def _array(self, name: str) -> zarr.Array:
+        import zarr
+
         try:
             arr = self.group[name]
         except KeyError as exc:

@@ -20,7 +20,7 @@ from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.errors import MaskMismatchError
-from maskhub.kernels.kernel import DiffKernel
+from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
 from maskhub.training.mask_sources import MaskLike, listing
@@ -130,7 +130,8 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
             raise MaskMismatchError(f"mask {label!r} does not fit the checkpoints: "
                                     f"{len(bad)} shape(s) differ: " + listing(bad, 3),
                                     shape_mismatches=bad)
-        kernel = DiffKernel(tol=tol, device=device)
+        kernel = DiffKernel(tol=tol, device=device, backend=backend_for(
+            sum(base_ck.tensors[n].nbytes + trained_ck.tensors[n].nbytes for n in names)))
         with MappedCheckpoint(base_ck) as mb, MappedCheckpoint(trained_ck) as mt:
             checks = _check_tensors(mask, names, stats, base_ck, trained_ck, mb, mt, kernel,
                                     progress)
