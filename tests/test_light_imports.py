@@ -87,3 +87,37 @@ def test_large_diffs_use_numba_small_ones_numpy() -> None:
 
 def test_rank_imports_torch_only_because_it_needs_it(pair: tuple[Path, Path]) -> None:
     assert "torch" in imported("diff", str(pair[0]), str(pair[1]), "--name", "r", "--rank")
+
+
+def test_duckdb_connections_per_command(pair: tuple[Path, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection costs ~10 ms of a light command: one per command (the migration check
+    shares it), two for a named diff (the name is checked before the work starts)."""
+    import duckdb
+    from click.testing import CliRunner
+
+    from maskhub.cli import main
+
+    opened: list[str] = []
+    real_connect = duckdb.connect
+
+    def counting_connect(*args: object, **kwargs: object) -> duckdb.DuckDBPyConnection:
+        opened.append(str(args[0]) if args else "")
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(duckdb, "connect", counting_connect)
+
+    def connections(*args: str) -> int:
+        opened.clear()
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 0, result.output
+        return len(opened)
+
+    assert connections("diff", str(pair[0]), str(pair[1]), "--name", "a") == 3  # + creation
+    assert connections("diff", str(pair[0]), str(pair[1]), "--name", "b") == 2
+    assert connections("diff", str(pair[0]), str(pair[1])) == 2
+    assert connections("ls") == 1
+    assert connections("sql", "select 1") == 1
+    assert connections("show", "a") == 1
+    assert connections("overlap", "a", "b") == 2  # counted, then the cache written
+    assert connections("overlap", "a", "b") == 1
