@@ -180,6 +180,11 @@ def test_push_pull_roundtrip_identical_bits_stats_metadata(
     assert_same_mask(mask, pulled)
     assert pulled.row == Registry(maskhub_home).get("tulu-dpo").row
     assert cli("show", "tulu-dpo", "--json").stdout == shown
+    strata = "select tensor, stratum, numel, n_updated from tensor_strata order by 1, 2"
+    here, there = Registry().sql(strata)[1], Registry(maskhub_home).sql(strata)[1]
+    assert here == there and len(here) > len(mask.tensor_names())  # magnitude strata travel
+    assert rows[0]["strata"] == [{"stratum": s, "numel": n, "n_updated": u}
+                                 for t, s, n, u in there if t == rows[0]["tensor"]]
 
     # The same commit again: a no-op that downloads nothing.
     before = len(hub_server.requests)
@@ -340,6 +345,27 @@ def _first_chunk(mask: Mask) -> str:
     name = "model.layers.0.self_attn.q_proj.weight"
     assert mask.n_updated and (mask.path / name / "c" / "0").is_file()
     return f"mask.zarr/{name}/c/0"
+
+
+def test_pull_refuses_strata_that_do_not_add_up(pushed: Mask, hub_server: HubServer,
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def edit(files: dict[str, bytes], manifest: dict) -> None:
+        rows = pq.read_table(pa.BufferReader(files["tensors.parquet"]))
+        table = rows.to_pylist()
+        table[1]["strata"][0]["n_updated"] += 1
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(table, schema=rows.schema), sink)
+        files["tensors.parquet"] = sink.getvalue().to_pybytes()
+
+    crafted_repo(hub_server, REPO, "mallory/strata", edit)
+    home = new_home(monkeypatch, tmp_path / "fresh").home
+    line = fails("pull", "mallory/strata")
+    name = pushed.tensor_names()[1]
+    assert line.startswith("Error: Hub repo mallory/strata@")
+    assert line.endswith(f"tensors.parquet has magnitude strata for {name!r} that do not add "
+                         "up to its counts")
+    assert masks_in(home) == []
 
 
 @pytest.mark.parametrize("which", ["chunk", "array-metadata", "maskhub.json"])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from maskhub.analytics.overlap_results import Strata
 from maskhub.errors import IncompatibleMasksError, UsageError
 from maskhub.schemas.metadata import TensorStats
 
@@ -77,3 +78,16 @@ def check_compatible(registry: Home, masks: Sequence[MaskRecord]) -> Layout:
                     f"{list(cur[name].shape)} in {other.name}")
     counts = {m: {t: st.n_updated for t, st in per.items()} for m, per in stats.items()}
     return Layout(list(ref.values()), counts)
+
+
+def tensor_strata(registry: Home, masks: Sequence[MaskRecord]) -> dict[str, Strata]:
+    """Magnitude strata of several masks from the SQL index: ``{mask_id: {tensor: {stratum:
+    (numel, n_updated)}}}`` (empty for a mask registered without strata)."""
+    ids = [m.id for m in masks]
+    with registry.index.connect(write=False) as con:
+        rows = con.execute("SELECT mask_id, tensor, stratum, numel, n_updated FROM "
+                           "tensor_strata WHERE list_contains(?, mask_id)", [ids]).fetchall()
+    out: dict[str, Strata] = {i: {} for i in ids}
+    for mask_id, tensor, stratum, numel, n_updated in rows:
+        out[mask_id].setdefault(tensor, {})[int(stratum)] = (int(numel), int(n_updated))
+    return out

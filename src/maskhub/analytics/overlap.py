@@ -23,9 +23,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from maskhub.analytics.compatibility import check_compatible
+from maskhub.analytics.compatibility import check_compatible, tensor_strata
 from maskhub.analytics.overlap_cache import load_cached, save_results
-from maskhub.analytics.overlap_results import OverlapMatrix, OverlapResult, TensorOverlap
+from maskhub.analytics.overlap_results import (
+    OverlapMatrix,
+    OverlapResult,
+    TensorOverlap,
+    magnitude_null,
+)
 from maskhub.errors import IncompatibleMasksError, UsageError
 from maskhub.schemas.progress import ProgressFn
 
@@ -52,7 +57,9 @@ def overlap(registry: Home, a: str | MaskRecord, b: str | MaskRecord, *,
     from maskhub.analytics.overlap_counting import count_overlaps  # zarr: only to count
 
     counts = count_overlaps(masks, layout, [(0, 1)], progress)
-    result = OverlapResult.from_tensors(a, b, counts[(0, 1)])
+    strata = tensor_strata(registry, masks)
+    result = OverlapResult.from_tensors(a, b, counts[(0, 1)],
+                                        magnitude_null(strata[a.id], strata[b.id]))
     save_results(registry, [result])
     return result
 
@@ -83,7 +90,10 @@ def overlap_all(registry: Home, masks: Sequence[MaskRecord], *, refresh: bool = 
             from maskhub.analytics.overlap_counting import count_overlaps
 
             counts = count_overlaps(masks, layout, missing, progress)
-        fresh = {p: OverlapResult.from_tensors(masks[p[0]], masks[p[1]], counts[p])
+        strata = tensor_strata(registry, [masks[i] for i in {i for p in missing for i in p}])
+        fresh = {p: OverlapResult.from_tensors(
+                     masks[p[0]], masks[p[1]], counts[p],
+                     magnitude_null(strata[masks[p[0]].id], strata[masks[p[1]].id]))
                  for p in missing}
         save_results(registry, list(fresh.values()))
         results.update(fresh)

@@ -18,7 +18,8 @@ _OVERLAP_COLUMNS = (
     "mask_a", "mask_b", "n_params", "n_tensors", "n_a", "n_b", "n_both", "o1", "o2",
     "o1_random", "o2_random", "o1_stratified", "o2_stratified", "jaccard", "expected_random",
     "expected_stratified", "var_stratified", "z_score", "p_value", "log10_p_value",
-    "computed_at",
+    "computed_at", "expected_magnitude", "var_magnitude", "o1_magnitude", "o2_magnitude",
+    "z_magnitude", "log10_p_magnitude",
 )
 _TENSOR_COLUMNS = ("mask_a", "mask_b", "position", "tensor", "layer", "module", "numel", "n_a",
                    "n_b", "n_both")
@@ -72,7 +73,9 @@ def load_cached(registry: Home, masks: Sequence[MaskRecord],
                 expected_stratified=float(row["expected_stratified"]),
                 var_stratified=float(row["var_stratified"]),
                 tensors=tuple(tensors.get(key, ())), cached=True,
-                computed_at=iso(row["computed_at"]))
+                computed_at=iso(row["computed_at"]),
+                expected_magnitude=_float(row.get("expected_magnitude")),
+                var_magnitude=_float(row.get("var_magnitude")))
             out[(i, j)] = res.swapped() if flip else res
             break
     return out
@@ -121,3 +124,7 @@ def save_results(registry: Home, results: Sequence[OverlapResult]) -> None:
                             "SELECT * FROM _maskhub_tensor_rows")
             finally:
                 con.unregister("_maskhub_tensor_rows")
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -84,11 +84,16 @@ class OverlapResult:
     tensors: tuple[TensorOverlap, ...] = ()
     cached: bool = False
     computed_at: str = ""
+    #: E|I1 ∩ I2| and its variance with each mask's count kept per tensor *and* per exponent
+    #: of |θ0| (:func:`magnitude_null`); None when a mask has no strata recorded.
+    expected_magnitude: float | None = None
+    var_magnitude: float | None = None
 
     @classmethod
-    def from_tensors(cls, a: MaskRecord, b: MaskRecord, tensors: Sequence[TensorOverlap]
-                     ) -> OverlapResult:
-        """Aggregate per-tensor counts into the pair's result (sums of exact integers)."""
+    def from_tensors(cls, a: MaskRecord, b: MaskRecord, tensors: Sequence[TensorOverlap],
+                     magnitude: tuple[float, float] | None = None) -> OverlapResult:
+        """Aggregate per-tensor counts into the pair's result (sums of exact integers);
+        ``magnitude``: ``(expected, variance)`` of the magnitude-stratified null."""
         return cls(
             mask_a=a.id, mask_b=b.id, name_a=a.name, name_b=b.name,
             n_params=sum(t.numel for t in tensors), n_tensors=len(tensors),
@@ -96,7 +101,9 @@ class OverlapResult:
             n_both=sum(t.n_both for t in tensors),
             expected_stratified=math.fsum(t.expected for t in tensors),
             var_stratified=math.fsum(t.variance for t in tensors),
-            tensors=tuple(tensors), computed_at=timestamp())
+            tensors=tuple(tensors), computed_at=timestamp(),
+            expected_magnitude=magnitude[0] if magnitude else None,
+            var_magnitude=magnitude[1] if magnitude else None)
 
     # overlaps ----------------------------------------------------------------------------
     @property
@@ -142,6 +149,19 @@ class OverlapResult:
         return self.expected_stratified / self.n_b if self.n_b else None
 
     @property
+    def o1_magnitude(self) -> float | None:
+        """Magnitude-stratified baseline of o1: Σ_(t,s) n1 n2 / N over tensors and exponent
+        strata of θ0, divided by |I1| (the strictest of the three nulls)."""
+        e = self.expected_magnitude
+        return e / self.n_a if e is not None and self.n_a else None
+
+    @property
+    def o2_magnitude(self) -> float | None:
+        """Magnitude-stratified baseline of o2."""
+        e = self.expected_magnitude
+        return e / self.n_b if e is not None and self.n_b else None
+
+    @property
     def lift_random(self) -> float | None:
         """|I1 ∩ I2| over its uniform expectation (also o1 / o1_random)."""
         e = self.expected_random
@@ -152,6 +172,20 @@ class OverlapResult:
         """|I1 ∩ I2| over its stratified expectation (also o1 / o1_stratified)."""
         e = self.expected_stratified
         return self.n_both / e if e else None
+
+    @property
+    def lift_magnitude(self) -> float | None:
+        """|I1 ∩ I2| over its magnitude-stratified expectation: how far above chance the
+        masks overlap once small weights' greater mobility in bf16 is accounted for."""
+        e = self.expected_magnitude
+        return self.n_both / e if e else None
+
+    @property
+    def lift(self) -> float | None:
+        """The "above random" figure to report: :attr:`lift_magnitude` where strata were
+        recorded, else :attr:`lift_stratified`."""
+        return self.lift_magnitude if self.expected_magnitude is not None \
+            else self.lift_stratified
 
     # significance ------------------------------------------------------------------------
     @property
@@ -171,6 +205,20 @@ class OverlapResult:
     def log10_p_value(self) -> float | None:
         """log10 of :attr:`p_value`, finite even where the p-value itself underflows."""
         z = self.z_score
+        return None if z is None else log10_normal_tail(z)
+
+    @property
+    def z_magnitude(self) -> float | None:
+        """z-score under the magnitude-stratified null; None when unknown or Var = 0."""
+        e, v = self.expected_magnitude, self.var_magnitude
+        if e is None or v is None or v <= 0:
+            return None
+        return (self.n_both - e) / math.sqrt(v)
+
+    @property
+    def log10_p_magnitude(self) -> float | None:
+        """log10 of the one-sided p-value under the magnitude-stratified null."""
+        z = self.z_magnitude
         return None if z is None else log10_normal_tail(z)
 
     # conversions -------------------------------------------------------------------------
@@ -193,13 +241,16 @@ class OverlapResult:
             "var_stratified": self.var_stratified, "z_score": self.z_score,
             "p_value": self.p_value, "log10_p_value": self.log10_p_value,
             "computed_at": self.computed_at or timestamp(),
+            "expected_magnitude": self.expected_magnitude, "var_magnitude": self.var_magnitude,
+            "o1_magnitude": self.o1_magnitude, "o2_magnitude": self.o2_magnitude,
+            "z_magnitude": self.z_magnitude, "log10_p_magnitude": self.log10_p_magnitude,
         }
 
     def to_dict(self, with_tensors: bool = True) -> dict[str, Any]:
         """Plain-JSON form: names, the overlaps row and (optionally) the per-tensor rows."""
         d = {"name_a": self.name_a, "name_b": self.name_b, **self.to_row(),
              "lift_random": self.lift_random, "lift_stratified": self.lift_stratified,
-             "cached": self.cached}
+             "lift_magnitude": self.lift_magnitude, "cached": self.cached}
         if with_tensors:
             d["tensors"] = [t.to_dict() for t in self.tensors]
         return d
@@ -248,6 +299,38 @@ class OverlapMatrix:
                           for m in self.masks],
                 "metric": metric, "matrix": self.matrix(metric),
                 "pairs": [r.to_dict(with_tensors=False) for _, r in sorted(self.results.items())]}
+
+
+#: ``{tensor: {stratum: (numel, n_updated)}}``: one mask's ``tensor_strata`` rows.
+Strata = dict[str, dict[int, tuple[int, int]]]
+
+
+def magnitude_null(a: Strata, b: Strata) -> tuple[float, float] | None:
+    """``(E, Var)`` of |I1 ∩ I2| when each mask's updates are placed at random within each
+    (tensor, exponent stratum of θ0) cell, keeping their counts there: per cell the
+    intersection is hypergeometric (mean n1 n2 / N, variance n1 n2 (N-n1)(N-n2) /
+    (N² (N-1))), and cells are independent, so means and variances add.
+
+    None when either mask lacks strata for a tensor or the two disagree on a cell's size
+    (not the same base weights): then no magnitude baseline is claimed.
+    """
+    if not a or not b or a.keys() != b.keys():
+        return None
+    mean: list[float] = []
+    var: list[float] = []
+    for tensor, cells_a in a.items():
+        cells_b = b[tensor]
+        if cells_a.keys() != cells_b.keys():
+            return None
+        for stratum, (n, n1) in cells_a.items():
+            m, n2 = cells_b[stratum]
+            if m != n:
+                return None
+            if n and n1 and n2:
+                mean.append(n1 * n2 / n)
+                if n > 1:
+                    var.append(n1 * n2 * (n - n1) * (n - n2) / (n * n * (n - 1)))
+    return math.fsum(mean), math.fsum(var)
 
 
 def _self_value(mask: MaskRecord, metric: str) -> float | None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from maskhub.core.record import MaskRecord
 
 DPI = 100
-BASELINES = ("stratified", "uniform")
+BASELINES = ("magnitude", "stratified", "uniform")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -128,8 +128,9 @@ def plot_overlap(matrix: OverlapMatrix, output: str | os.PathLike[str],
     """Overlap matrix heatmap of several masks, each cell with its random baseline.
 
     Cell (row i, column j) is the share of mask i's updated parameters that mask j updated
-    too (o1 with i as I1); the bracket gives the same share expected at random (uniform or
-    stratified baseline).
+    too (o1 with i as I1); the bracket gives the same share expected at random (uniform,
+    stratified or magnitude-stratified baseline; the latter is blank for masks recorded
+    without magnitude strata).
     """
     import numpy as np
 
@@ -138,7 +139,8 @@ def plot_overlap(matrix: OverlapMatrix, output: str | os.PathLike[str],
     names = [m.name for m in matrix.masks]
     n = len(names)
     observed = matrix.matrix("o1")
-    expected = matrix.matrix("o1_stratified" if baseline == "stratified" else "o1_random")
+    expected = matrix.matrix({"magnitude": "o1_magnitude", "stratified": "o1_stratified",
+                              "uniform": "o1_random"}[baseline])
     if size is None:
         side = max(600, 260 + 110 * n)
         size = (side + 120, side)

@@ -24,7 +24,7 @@ from maskhub.cli.common import (
 from maskhub.errors import UsageError
 from maskhub.schemas.metadata import COMBINE_OPERATIONS as OPERATIONS
 
-METRICS = ("o1", "jaccard", "lift_stratified", "z_score")
+METRICS = ("o1", "jaccard", "lift_magnitude", "lift_stratified", "z_magnitude", "z_score")
 
 
 def _num(v: float | None, digits: int = 4) -> str:
@@ -32,11 +32,20 @@ def _num(v: float | None, digits: int = 4) -> str:
 
 
 def _significance(r: OverlapResult) -> str:
+    if r.z_magnitude is not None:
+        lp = r.log10_p_magnitude
+        p_text = f"p = {10 ** lp:.3g}" if lp is not None and lp > -300 \
+            else f"p < 1e-300 (log10 p = {lp:,.1f})"
+        return (f"above random: {_num(r.lift_magnitude, 3)}x the magnitude-stratified "
+                f"expectation (z = {r.z_magnitude:,.2f}, one-sided {p_text}; the stratified "
+                f"null alone would say {_num(r.lift_stratified, 3)}x)")
     if r.z_score is None:
         return "significance: undefined (no randomness under the stratified null)"
     p = r.p_value
     p_text = f"p = {p:.3g}" if p else f"p < 1e-300 (log10 p = {r.log10_p_value:,.1f})"
-    return (f"significance vs the stratified null: z = {r.z_score:,.2f}, one-sided {p_text}")
+    return (f"significance vs the stratified null: z = {r.z_score:,.2f}, one-sided {p_text} "
+            "(no magnitude strata recorded for these masks: re-diff them with this maskhub "
+            "for the magnitude-stratified baseline)")
 
 
 def _print_pair(r: OverlapResult) -> None:
@@ -44,16 +53,20 @@ def _print_pair(r: OverlapResult) -> None:
     stdout.print(f"I1 = [bold]{r.name_a}[/bold], I2 = [bold]{r.name_b}[/bold]: "
                  f"{r.n_params:,} parameters in {r.n_tensors} tensors{source}", highlight=False)
     rows = [
-        ["|I1|", f"{r.n_a:,}", "", ""],
-        ["|I2|", f"{r.n_b:,}", "", ""],
+        ["|I1|", f"{r.n_a:,}", "", "", ""],
+        ["|I2|", f"{r.n_b:,}", "", "", ""],
         ["|I1 ∩ I2|", f"{r.n_both:,}", _num(r.expected_random, 6),
-         _num(r.expected_stratified, 6)],
-        ["o1 = |I1 ∩ I2| / |I1|", pct(r.o1), pct(r.o1_random), pct(r.o1_stratified)],
-        ["o2 = |I1 ∩ I2| / |I2|", pct(r.o2), pct(r.o2_random), pct(r.o2_stratified)],
-        ["Jaccard", pct(r.jaccard), "", ""],
-        ["lift (observed / expected)", "", _num(r.lift_random), _num(r.lift_stratified)],
+         _num(r.expected_stratified, 6), _num(r.expected_magnitude, 6)],
+        ["o1 = |I1 ∩ I2| / |I1|", pct(r.o1), pct(r.o1_random), pct(r.o1_stratified),
+         pct(r.o1_magnitude)],
+        ["o2 = |I1 ∩ I2| / |I2|", pct(r.o2), pct(r.o2_random), pct(r.o2_stratified),
+         pct(r.o2_magnitude)],
+        ["Jaccard", pct(r.jaccard), "", "", ""],
+        ["lift (observed / expected)", "", _num(r.lift_random), _num(r.lift_stratified),
+         _num(r.lift_magnitude)],
     ]
-    print_table(["", "observed", "uniform random", "stratified random"], rows)
+    print_table(["", "observed", "uniform random", "stratified random",
+                 "magnitude-stratified random"], rows)
     stdout.print(_significance(r), highlight=False)
 
 
@@ -86,15 +99,21 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
     title = {"o1": "o1 (row = I1, column = I2): share of the row mask's updates also in the "
                    "column mask",
              "jaccard": "Jaccard |I1 ∩ I2| / |I1 ∪ I2|",
+             "lift_magnitude": "|I1 ∩ I2| / its magnitude-stratified random expectation",
              "lift_stratified": "|I1 ∩ I2| / its stratified random expectation",
+             "z_magnitude": "z-score of |I1 ∩ I2| against the magnitude-stratified null",
              "z_score": "z-score of |I1 ∩ I2| against the stratified null"}[metric]
     print_table(["I1 \\ I2", *names], rows, title=title)
     if metric == "o1":
-        base = m.matrix("o1_stratified")
+        strict = all(r.expected_magnitude is not None for r in m.results.values())
+        key = "o1_magnitude" if strict else "o1_stratified"
+        base = m.matrix(key)
         rows = [[names[i]] + [("—" if i == j else pct(v)) for j, v in enumerate(row)]
                 for i, row in enumerate(base)]
         stdout.print()
-        print_table(["I1 \\ I2", *names], rows, title="stratified random baseline of o1")
+        print_table(["I1 \\ I2", *names], rows,
+                    title=f"{'magnitude-stratified' if strict else 'stratified'} random "
+                          "baseline of o1")
     n_pairs = len(m.results)
     stdout.print(f"{n_pairs} pairs, {m.cached} from the index cache", highlight=False)
 
@@ -119,7 +138,9 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
 
     With two MASKS (I1, I2): |I1 ∩ I2|, o1 = |I1 ∩ I2|/|I1|, o2 = |I1 ∩ I2|/|I2|, Jaccard,
     the uniform random baseline of the paper's Appendix E, the stricter stratified baseline
-    (random placement inside each tensor) and a z-score against it. With --all: every pair
+    (random placement inside each tensor), the strictest magnitude-stratified one (inside
+    each tensor and exponent of |θ0|: small bf16 weights move more easily) and a z-score
+    against it. With --all: every pair
     among the masks, read in one pass, printed as a matrix. Results are kept in the
     `overlaps` and `tensor_overlaps` tables and reused.
 

@@ -152,20 +152,23 @@ class Home:
     def register_store(self, tmp: Path | str, meta: MaskMetadata,
                        tensors: Sequence[TensorStats],
                        sweep: Sequence[tuple[str, float, int]] = (),
-                       analysis: Sequence[TensorAnalysis] = ()) -> MaskRecord:
+                       analysis: Sequence[TensorAnalysis] = (),
+                       strata: Sequence[tuple[str, int, int, int]] = ()) -> MaskRecord:
         """Move a completed store from staging into place and index it, atomically.
 
-        ``analysis``: optional ``tensor_analysis`` rows (``diff --rank/--stats``).
+        ``analysis``: optional ``tensor_analysis`` rows (``diff --rank/--stats``);
+        ``strata``: ``tensor_strata`` rows ``(tensor, stratum, numel, n_updated)``.
         A remote store (``tmp`` a URL) stays where it was written; its index row, committed
         last, is what makes it visible. On any failure the store is removed and nothing is
         registered.
         """
         with critical_section():  # a Ctrl-C here would split the row from its store
-            return self._register_store(tmp, meta, tensors, sweep, analysis)
+            return self._register_store(tmp, meta, tensors, sweep, analysis, strata)
 
     def _register_store(self, tmp: Path | str, meta: MaskMetadata,
                         tensors: Sequence[TensorStats], sweep: Sequence[tuple[str, float, int]],
-                        analysis: Sequence[TensorAnalysis]) -> MaskRecord:
+                        analysis: Sequence[TensorAnalysis],
+                        strata: Sequence[tuple[str, int, int, int]]) -> MaskRecord:
         url = str(tmp) if remote.is_url(tmp) else None
         final = self.store_path(meta.id)
         published = False
@@ -175,6 +178,7 @@ class Home:
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
                 Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
+                Index.insert_strata(con, meta.id, strata)
                 if url is not None:
                     con.execute("UPDATE masks SET store_url = ? WHERE id = ?", [url, meta.id])
                 else:

@@ -31,6 +31,7 @@ from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
+from maskhub.kernels.strata import BINS, StrataFn, strata_fn, strata_rows
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import TensorStats
@@ -54,6 +55,9 @@ class DiffOutcome:
     tensors: list[TensorStats] = field(default_factory=list)
     sweep: list[tuple[str, float, int]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: ``(tensor, stratum, numel, n_updated)``: the magnitude strata (:mod:`maskhub.kernels.
+    #: strata`), the ``tensor_strata`` rows.
+    strata: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     @property
     def n_params(self) -> int:
@@ -93,6 +97,7 @@ class _Job:
     b: Region
     packed: np.ndarray
     counts: np.ndarray
+    strata: np.ndarray  # int64 [2, BINS]: entries and updated entries per exponent of θ0
     remaining: int = 0
 
 
@@ -175,12 +180,14 @@ class _WriterThread(threading.Thread):
                     self.error = exc
 
 
-def _chunk_task(fn: ChunkFn, job: _Job, start: int, stop: int, counts: np.ndarray) -> None:
+def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
+                counts: np.ndarray, strata: np.ndarray) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
-    fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], job.packed[start // 8:(stop + 7) // 8],
-       counts)
+    packed = job.packed[start // 8:(stop + 7) // 8]
+    fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
+    sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
@@ -204,7 +211,8 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                 a_info, b_info = base.tensors[name], target.tensors[name]
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
-                           np.zeros(len(kernel.tols), dtype=np.int64))
+                           np.zeros(len(kernel.tols), dtype=np.int64),
+                           np.zeros((2, BINS), dtype=np.int64))
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
@@ -215,6 +223,8 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
+            if job.a_info.numel:
+                outcome.strata.extend(strata_rows(job.name, job.a_info.dtype, job.strata))
             done_bytes += job.a_info.nbytes + job.b_info.nbytes
             if progress:
                 progress(i + 1, len(names), done_bytes, total_bytes, job.name)
@@ -243,18 +253,25 @@ def _stats(job: _Job) -> TensorStats:
                        module, job.a_info.dtype, job.b_info.dtype)
 
 
+def _strata_fn(kernel: DiffKernel, dtype: str) -> StrataFn:
+    return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy")
+
+
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
              finish_job: Callable[[int, _Job], None]) -> None:
     threads = compute_threads()
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
-    inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None]] = deque()
+    sfns: dict[str, StrataFn] = {}
+    inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
+                          np.ndarray | None]] = deque()
 
     def pop_oldest() -> None:
-        i, job, fut, counts = inflight.popleft()
+        i, job, fut, counts, strata = inflight.popleft()
         if fut is not None:
             fut.result()
             job.counts += counts
+            job.strata += strata
             job.remaining -= 1
         if job.remaining == 0:
             finish_job(i, job)
@@ -264,23 +281,25 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
             for i, job in enumerate(jobs):
                 key = (job.a_info.dtype, job.b_info.dtype)
                 fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
+                sfn = sfns.get(key[0]) or sfns.setdefault(key[0], _strata_fn(kernel, key[0]))
                 n = job.a_info.numel
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
                 if not starts:  # an empty tensor: finished in order with the others
-                    inflight.append((i, job, None, None))
+                    inflight.append((i, job, None, None, None))
                 for start in starts:
                     stop = min(n, start + CHUNK)
                     counts = np.zeros(len(kernel.tols), dtype=np.int64)
-                    fut = pool.submit(_chunk_task, fn, job, start, stop, counts)
-                    inflight.append((i, job, fut, counts))
+                    strata = np.zeros((2, BINS), dtype=np.int64)
+                    fut = pool.submit(_chunk_task, fn, sfn, job, start, stop, counts, strata)
+                    inflight.append((i, job, fut, counts, strata))
                     prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
                     while len(inflight) > window:
                         pop_oldest()
             while inflight:
                 pop_oldest()
         except BaseException:
-            for _, _, fut, _ in inflight:
+            for _, _, fut, _, _ in inflight:
                 if fut is not None:
                     fut.cancel()
             raise
@@ -296,6 +315,7 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
         if n:
             job.counts += differ.diff(job.a.raw(), job.b.raw(), job.a_info.dtype,
                                       job.b_info.dtype, n, job.packed)
+            _strata_fn(kernel, job.a_info.dtype)(job.a.raw(), job.packed, n, job.strata)
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
         prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)

@@ -79,10 +79,11 @@ def _fail_once(marker: str) -> None:
 
 def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store: str,
                tol: float, sweep: Sequence[float], device: str, fail_once: str | None = None
-               ) -> tuple[list[TensorStats], list[tuple[str, float, int]]]:
+               ) -> tuple[list[TensorStats], list[tuple[str, float, int]],
+                          list[tuple[str, int, int, int]]]:
     """The body of one Ray task: diff the tensors of ``expect`` (``{name: (shape, base dtype,
     target dtype)}``, in checkpoint order) and write their arrays into ``store``; return their
-    stats and sweep counts. Runs anywhere, with or without Ray."""
+    stats, sweep counts and magnitude strata. Runs anywhere, with or without Ray."""
     base_ck = open_checkpoint(base_spec)
     target_ck = open_checkpoint(target_spec)
     try:
@@ -102,7 +103,7 @@ def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store
         target_ck.close()
     if fail_once:
         _fail_once(fail_once)
-    return outcome.tensors, outcome.sweep
+    return outcome.tensors, outcome.sweep, outcome.strata
 
 
 def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: Sequence[str],
@@ -133,10 +134,10 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
                   for n in names[start:stop]}
         refs.append(task.remote(base_spec, target_spec, expect, store, float(tol),
                                 tuple(sweep), device, fail_once))
-    results: dict[int, tuple[list[TensorStats], list[tuple[str, float, int]]]] = {}
+    results: dict[int, tuple] = {}
     total_bytes, done = sum(sizes), [0, 0]
 
-    def collect(k: int, value: tuple[list[TensorStats], list[tuple[str, float, int]]]) -> None:
+    def collect(k: int, value: tuple) -> None:
         results[k] = value
         start, stop = groups[k]
         done[0] += stop - start
@@ -147,8 +148,9 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
     gather(ray, refs, collect)
     outcome = DiffOutcome()
     for k in range(len(groups)):
-        stats, sweep_rows = results[k]
+        stats, sweep_rows, strata_rows = results[k]
         outcome.tensors.extend(stats)
         outcome.sweep.extend(sweep_rows)
+        outcome.strata.extend(strata_rows)
     writer.names = [t.tensor for t in outcome.tensors]
     return outcome

@@ -108,7 +108,8 @@ def diff(
         finally:
             base_ck.close()
             target_ck.close()
-        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis)
+        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis,
+                                   outcome.strata)
 
 
 def _input_bytes(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> int:

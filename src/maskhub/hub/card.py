@@ -32,10 +32,16 @@ ANALYSIS_FIELDS = (("rank", pa.int64()), ("max_rank", pa.int64()), ("rank_rtol",
 
 def tensors_table(stats: Sequence[TensorStats],
                   sweep: Sequence[tuple[str, float, int]] = (),
-                  analysis: Sequence[TensorAnalysis] = ()) -> pa.Table:
+                  analysis: Sequence[TensorAnalysis] = (),
+                  strata: Sequence[tuple[str, int, int, int]] = ()) -> pa.Table:
     """Per-tensor stats as an Arrow table (the schema of ``tensors.parquet``); ``analysis``
-    fills the nullable ``analysis`` column for the tensors it covers."""
+    fills the nullable ``analysis`` column for the tensors it covers, ``strata`` (rows of
+    ``tensor_strata``) the ``strata`` column."""
     by_name = {a.tensor: {f: getattr(a, f) for f, _ in ANALYSIS_FIELDS} for a in analysis}
+    by_stratum: dict[str, list[dict[str, int]]] = {}
+    for tensor, stratum, numel, n in sorted(strata, key=lambda s: (s[0], s[1])):
+        by_stratum.setdefault(tensor, []).append(
+            {"stratum": int(stratum), "numel": int(numel), "n_updated": int(n)})
     by_tensor: dict[str, list[dict[str, Any]]] = {}
     for tensor, tol, n in sorted(sweep, key=lambda s: (s[0], s[1])):
         by_tensor.setdefault(tensor, []).append({"tol": float(tol), "n_updated": int(n)})
@@ -45,11 +51,14 @@ def tensors_table(stats: Sequence[TensorStats],
         ("sparsity", pa.float64()), ("base_dtype", pa.string()), ("target_dtype", pa.string()),
         ("sweep", pa.list_(pa.struct([("tol", pa.float64()), ("n_updated", pa.int64())]))),
         ("analysis", pa.struct(list(ANALYSIS_FIELDS))),
+        ("strata", pa.list_(pa.struct([("stratum", pa.int32()), ("numel", pa.int64()),
+                                       ("n_updated", pa.int64())]))),
     ])
     rows = [{"tensor": t.tensor, "layer": t.layer, "module": t.module, "shape": list(t.shape),
              "numel": t.numel, "n_updated": t.n_updated, "sparsity": t.sparsity,
              "base_dtype": t.base_dtype, "target_dtype": t.target_dtype,
-             "sweep": by_tensor.get(t.tensor, []), "analysis": by_name.get(t.tensor)}
+             "sweep": by_tensor.get(t.tensor, []), "analysis": by_name.get(t.tensor),
+             "strata": by_stratum.get(t.tensor, [])}
             for t in stats]
     return pa.Table.from_pylist(rows, schema=schema)
 

@@ -138,9 +138,11 @@ def _check_listing(listing: dict[str, Any], manifest_bytes: bytes, manifest_path
 
 
 def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
-                   ) -> tuple[list[tuple[str, float, int]], list[TensorAnalysis]]:
-    """Check ``tensors.parquet`` against the store's stats; return its sweep rows and its
-    ``diff --rank/--stats`` rows (none for repos pushed without them)."""
+                   ) -> tuple[list[tuple[str, float, int]], list[TensorAnalysis],
+                              list[tuple[str, int, int, int]]]:
+    """Check ``tensors.parquet`` against the store's stats; return its sweep rows, its
+    ``diff --rank/--stats`` rows and its magnitude strata (none for repos pushed without
+    them; strata must add up to each tensor's counts)."""
     try:
         rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except (pa.ArrowException, OSError) as exc:
@@ -151,6 +153,7 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
                              "tensors", where)
     sweep: list[tuple[str, float, int]] = []
     analysis: list[TensorAnalysis] = []
+    strata: list[tuple[str, int, int, int]] = []
     for r, t in zip(rows, stats, strict=True):
         got = (tuple(r.get("shape") or ()), r.get("numel"), r.get("n_updated"), r.get("layer"),
                r.get("module"))
@@ -166,7 +169,18 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
             except TypeError as exc:
                 raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} has a malformed "
                                      f"analysis row for {t.tensor!r}", where) from exc
-    return sweep, analysis
+        cells = [(t.tensor, int(c["stratum"]), int(c["numel"]), int(c["n_updated"]))
+                 for c in r.get("strata") or []]
+        if cells and (sum(c[2] for c in cells) != t.numel
+                      or sum(c[3] for c in cells) != t.n_updated
+                      or len({c[1] for c in cells}) != len(cells)):
+            raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} has magnitude strata for "
+                                 f"{t.tensor!r} that do not add up to its counts", where)
+        strata += cells
+    if strata and {c[0] for c in strata} != {t.tensor for t in stats if t.numel}:
+        raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} has magnitude strata for "
+                             "some tensors only", where)
+    return sweep, analysis, strata
 
 
 def _row(registry: Home, sql: str, params: list[Any]) -> dict[str, Any] | None:
@@ -250,7 +264,7 @@ def pull(registry: Home, repo_id: str, revision: str | None = None, *,
         parquet = _fetch(folder, needed, manifest, tmp, where)
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
-        sweep, analysis = _check_parquet(parquet, stats, where)
+        sweep, analysis, strata = _check_parquet(parquet, stats, where)
         notes: tuple[str, ...] = ()
         if name is None:
             stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
@@ -266,7 +280,7 @@ def pull(registry: Home, repo_id: str, revision: str | None = None, *,
         remove_tree(tmp)
         raise
     try:
-        mask = registry.register_store(tmp, local_meta, stats, sweep, analysis)
+        mask = registry.register_store(tmp, local_meta, stats, sweep, analysis, strata)
     except duckdb.Error as exc:  # metadata the index cannot hold (a bad date...): refuse it
         raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be indexed: "
                              f"{str(exc).splitlines()[0]}", where) from exc

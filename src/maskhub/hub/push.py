@@ -103,8 +103,10 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
         fields = ", ".join(f for f, _ in ANALYSIS_FIELDS)
         analysis = [TensorAnalysis(**r) for r in registry.index.rows(
             con, f"SELECT tensor, {fields} FROM tensor_analysis WHERE mask_id = ?", [mask.id])]
+        strata = con.execute("SELECT tensor, stratum, numel, n_updated FROM tensor_strata "
+                             "WHERE mask_id = ?", [mask.id]).fetchall()
     files = dict(store_files(mask.path))
-    pq.write_table(tensors_table(stats, sweep, analysis), dest / TENSORS_FILE,
+    pq.write_table(tensors_table(stats, sweep, analysis, strata), dest / TENSORS_FILE,
                    compression="zstd")
     files[TENSORS_FILE] = dest / TENSORS_FILE
     license = license or (store.metadata.extra or {}).get("license")

@@ -134,3 +134,38 @@ def numba_chunk(a, b, kind, m, lo, inf, tols, out, counts, pc):  # pragma: no co
     counts[0] += exact
     for t in range(tols.shape[0]):
         counts[t] += n_sure
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def strata_counts(a, shift, emask, packed, n, out):  # pragma: no cover - compiled
+    """Exponent histogram of one chunk: ``out[0, e]`` += entries of ``a`` (unsigned bit
+    patterns of θ0) whose exponent field ``(a >> shift) & emask`` is ``e``, ``out[1, e]`` +=
+    those whose bit is set in ``packed`` (the chunk's mask). Four sub-histograms break the
+    store-to-load chain on runs of one exponent; updated entries are walked by set bit."""
+    loc = np.zeros((4, out.shape[1]), np.int64)
+    n4 = n // 4 * 4
+    for i in range(0, n4, 4):
+        loc[0, (a[i] >> shift) & emask] += 1
+        loc[1, (a[i + 1] >> shift) & emask] += 1
+        loc[2, (a[i + 2] >> shift) & emask] += 1
+        loc[3, (a[i + 3] >> shift) & emask] += 1
+    for i in range(n4, n):
+        loc[0, (a[i] >> shift) & emask] += 1
+    for e in range(out.shape[1]):
+        out[0, e] += loc[0, e] + loc[1, e] + loc[2, e] + loc[3, e]
+    nb = (n + 7) // 8
+    nw = nb // 8
+    for w in range(nw):
+        word = _u64(0)
+        for k in range(8):
+            word |= _u64(packed[w * 8 + k]) << _u64(8 * k)
+        while word:
+            i = w * 64 + trailing_zeros(word)
+            out[1, (a[i] >> shift) & emask] += 1
+            word &= word - _u64(1)
+    for byte_i in range(nw * 8, nb):
+        byte = packed[byte_i]
+        for k in range(8):
+            i = byte_i * 8 + k
+            if i < n and (byte >> k) & 1:
+                out[1, (a[i] >> shift) & emask] += 1

@@ -245,8 +245,64 @@ M005_STORE_URL = Migration(
     """,
 )
 
+M006_MAGNITUDE_STRATA = Migration(
+    6,
+    "tensor_strata (entries and updated entries per exponent of |θ0|) and the "
+    "magnitude-stratified baseline in overlaps",
+    """
+    CREATE TABLE tensor_strata (
+        mask_id   VARCHAR NOT NULL,
+        tensor    VARCHAR NOT NULL,
+        stratum   INTEGER NOT NULL,
+        numel     BIGINT NOT NULL,
+        n_updated BIGINT NOT NULL,
+        PRIMARY KEY (mask_id, tensor, stratum)
+    );
+    ALTER TABLE "overlaps" ADD COLUMN expected_magnitude DOUBLE;
+    ALTER TABLE "overlaps" ADD COLUMN var_magnitude DOUBLE;
+    ALTER TABLE "overlaps" ADD COLUMN o1_magnitude DOUBLE;
+    ALTER TABLE "overlaps" ADD COLUMN o2_magnitude DOUBLE;
+    ALTER TABLE "overlaps" ADD COLUMN z_magnitude DOUBLE;
+    ALTER TABLE "overlaps" ADD COLUMN log10_p_magnitude DOUBLE;
+    DROP VIEW overlap_summary;
+    DROP VIEW overlap_pairs;
+    CREATE VIEW overlap_pairs AS
+        SELECT mask_a, mask_b, n_params, n_tensors, n_a, n_b, n_both, o1, o2, o1_random,
+               o2_random, o1_stratified, o2_stratified, jaccard, expected_random,
+               expected_stratified, var_stratified, z_score, p_value, log10_p_value,
+               computed_at, expected_magnitude, var_magnitude, o1_magnitude, o2_magnitude,
+               z_magnitude, log10_p_magnitude
+        FROM "overlaps"
+        UNION ALL
+        SELECT o.mask_b, o.mask_a, o.n_params, o.n_tensors, o.n_b, o.n_a, o.n_both, o.o2, o.o1,
+               o.o2_random, o.o1_random, o.o2_stratified, o.o1_stratified, o.jaccard,
+               o.expected_random, o.expected_stratified, o.var_stratified, o.z_score,
+               o.p_value, o.log10_p_value, o.computed_at, o.expected_magnitude,
+               o.var_magnitude, o.o2_magnitude, o.o1_magnitude, o.z_magnitude,
+               o.log10_p_magnitude
+        FROM "overlaps" o
+        WHERE NOT EXISTS (SELECT 1 FROM "overlaps" r
+                          WHERE r.mask_a = o.mask_b AND r.mask_b = o.mask_a);
+    CREATE VIEW overlap_summary AS
+        SELECT a.name AS name_a, b.name AS name_b, a.base_model,
+               a.algorithm AS algorithm_a, b.algorithm AS algorithm_b,
+               p.*,
+               p.n_both / nullif(p.expected_random, 0) AS lift_random,
+               p.n_both / nullif(p.expected_stratified, 0) AS lift_stratified,
+               p.n_both / nullif(p.expected_magnitude, 0) AS lift_magnitude,
+               p.o1 - p.o1_stratified AS o1_excess,
+               p.o2 - p.o2_stratified AS o2_excess,
+               p.o1 - p.o1_magnitude AS o1_excess_magnitude,
+               p.o2 - p.o2_magnitude AS o2_excess_magnitude
+        FROM overlap_pairs p
+        JOIN masks a ON a.id = p.mask_a
+        JOIN masks b ON b.id = p.mask_b;
+    """,
+)
+
 #: Every migration, in order. Append only.
-MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL]
+MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
+                               M006_MAGNITUDE_STRATA]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -322,6 +322,14 @@ class Index:
         con.executemany(f"INSERT INTO tensor_analysis ({names}) VALUES ({marks})",
                         [[mask_id, *(r[c] for c in cols)] for r in rows])
 
+    @staticmethod
+    def insert_strata(con: duckdb.DuckDBPyConnection, mask_id: str,
+                      rows: Sequence[tuple[str, int, int, int]]) -> None:
+        """Insert ``tensor_strata`` rows ``(tensor, stratum, numel, n_updated)``."""
+        if rows:
+            con.executemany("INSERT INTO tensor_strata VALUES (?, ?, ?, ?, ?)",
+                            [[mask_id, *r] for r in rows])
+
     def find(self, ref: str) -> dict[str, Any] | None:
         """The mask row whose name is ``ref``, or whose id starts with ``ref``.
 
