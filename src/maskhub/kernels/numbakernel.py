@@ -140,19 +140,23 @@ def numba_chunk(a, b, kind, m, lo, inf, tols, out, counts, pc):  # pragma: no co
 def strata_counts(a, shift, emask, packed, n, out):  # pragma: no cover - compiled
     """Exponent histogram of one chunk: ``out[0, e]`` += entries of ``a`` (unsigned bit
     patterns of θ0) whose exponent field ``(a >> shift) & emask`` is ``e``, ``out[1, e]`` +=
-    those whose bit is set in ``packed`` (the chunk's mask). Four sub-histograms break the
-    store-to-load chain on runs of one exponent; updated entries are walked by set bit."""
-    loc = np.zeros((4, out.shape[1]), np.int64)
-    n4 = n // 4 * 4
-    for i in range(0, n4, 4):
-        loc[0, (a[i] >> shift) & emask] += 1
-        loc[1, (a[i + 1] >> shift) & emask] += 1
-        loc[2, (a[i + 2] >> shift) & emask] += 1
-        loc[3, (a[i + 3] >> shift) & emask] += 1
-    for i in range(n4, n):
+    those whose bit is set in ``packed`` (the chunk's mask); updated entries are walked by
+    set bit, 64 at a time."""
+    # 16 int32 sub-histograms: weights crowd into a few exponents, and one counter
+    # incremented by consecutive entries would serialise on store-to-load forwarding
+    # (16 measured 1.7x faster than 4). A chunk has < 2^31 entries.
+    loc = np.zeros((16, out.shape[1]), np.int32)
+    n16 = n // 16 * 16
+    for i in range(0, n16, 16):
+        for k in range(16):
+            loc[k, (a[i + k] >> shift) & emask] += 1
+    for i in range(n16, n):
         loc[0, (a[i] >> shift) & emask] += 1
     for e in range(out.shape[1]):
-        out[0, e] += loc[0, e] + loc[1, e] + loc[2, e] + loc[3, e]
+        total = 0
+        for k in range(16):
+            total += loc[k, e]
+        out[0, e] += total
     nb = (n + 7) // 8
     nw = nb // 8
     for w in range(nw):
