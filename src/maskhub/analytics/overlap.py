@@ -52,12 +52,12 @@ def overlap(registry: Home, a: str | MaskRecord, b: str | MaskRecord, *,
         masks = [a, b]
         layout = check_compatible(registry, masks)
         cached = {} if refresh else load_cached(registry, masks, [(0, 1)], with_tensors=True)
-    if (0, 1) in cached:
-        return cached[(0, 1)]
+        if (0, 1) in cached:
+            return cached[(0, 1)]
+        strata = tensor_strata(registry, masks)
     from maskhub.analytics.overlap_counting import count_overlaps  # zarr: only to count
 
     counts = count_overlaps(masks, layout, [(0, 1)], progress)
-    strata = tensor_strata(registry, masks)
     result = OverlapResult.from_tensors(a, b, counts[(0, 1)],
                                         magnitude_null(strata[a.id], strata[b.id]))
     save_results(registry, [result])
