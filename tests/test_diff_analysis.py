@@ -133,3 +133,29 @@ def test_rank_of_a_bf16_update(tmp_path: Path) -> None:
          "--name", "bf", "--rank")
     rows = json.loads(_cli("sql", "select rank, max_rank from tensor_analysis", "--json"))
     assert rows == [{"rank": int(torch.linalg.matrix_rank(u @ v)), "max_rank": 16}]
+
+
+def test_sub_bf16_step_counts_the_step_in_the_direction_of_the_move(tmp_path: Path) -> None:
+    """From an exact power of two the bf16 step toward zero is half the step away from it:
+    1.0 -> 0.99609375 (1 - 2^-8) is one whole step down, never "below one bf16 step"."""
+    down = [1.0, 2.0 ** -3, -4.0, 1.0]
+    base = torch.tensor(down, dtype=torch.bfloat16)
+    moved = torch.tensor([1 - 2.0 ** -8, 2.0 ** -3 * (1 - 2.0 ** -8), -4.0 * (1 - 2.0 ** -8),
+                          1 + 2.0 ** -7], dtype=torch.bfloat16)
+    assert moved.float().tolist() == [0.99609375, 0.12451171875, -3.984375, 1.0078125]
+    save_file({"w": base}, str(tmp_path / "a.safetensors"))
+    save_file({"w": moved}, str(tmp_path / "b.safetensors"))
+    _cli("diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--name",
+         "bf", "--stats")
+    # fp32 targets: 1.0 down by 2^-10 (a quarter of the step below, 2^-8), 2^-3 up by 2^-12
+    # and 1.0 up by 2^-9 are below one step in their direction; -4.0 toward zero by 2^-6 is
+    # one whole step (the step away from zero there is 2^-5: the old count said 4).
+    save_file({"w": base.float()}, str(tmp_path / "c.safetensors"))
+    save_file({"w": torch.tensor([1 - 2.0 ** -10, 2.0 ** -3 + 2.0 ** -12, -4.0 + 2.0 ** -6,
+                                  1 + 2.0 ** -9])}, str(tmp_path / "d.safetensors"))
+    _cli("diff", str(tmp_path / "c.safetensors"), str(tmp_path / "d.safetensors"), "--name",
+         "fp", "--stats")
+    rows = {r["name"]: r["n_sub_bf16_step"] for r in json.loads(_cli(
+        "sql", "select m.name, a.n_sub_bf16_step from tensor_analysis a join masks m "
+               "on m.id = a.mask_id", "--json"))}
+    assert rows == {"bf": 0, "fp": 3}

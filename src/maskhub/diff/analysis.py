@@ -6,7 +6,9 @@
 * **sign flips**: entries whose sign changed strictly (``θ0 · θ1 < 0``).
 * **size**: mean and max |Δ| over all entries; |Δ| / |θ0| (mean and max) over the entries
   with θ0 ≠ 0 and Δ ≠ 0; and the number of changed entries whose change is smaller than one
-  bf16 step at θ0 — updates that a bf16 checkpoint cannot hold (always 0 for bf16 inputs).
+  bf16 step at θ0 in the direction of the change (the step toward zero from an exact power
+  of two is half the step away from it) — updates that a bf16 checkpoint cannot hold
+  (always 0 for bf16 inputs).
 
 Everything is computed in float64 in fixed-size chunks, except the rank (an SVD of the whole
 float32 matrix, on the GPU when the diff runs there).
@@ -42,10 +44,14 @@ def update_rank(a: torch.Tensor, b: torch.Tensor, device: str = "cpu",
     return rank, min(rows, cols), float(rtol)
 
 
-def _bf16_step(x: torch.Tensor) -> torch.Tensor:
-    """One bf16 step (ulp) at |x| (float64 in, float64 out); normal range assumed."""
-    _, exp = torch.frexp(x.abs().clamp_min(2.0 ** -126))
-    return torch.ldexp(torch.ones_like(x), (exp - 1 - _BF16_MANTISSA).to(torch.int32))
+def _bf16_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One bf16 step at x in the direction of the move to y (float64 in, float64 out;
+    normal range assumed). The step toward zero from an exact power of two is half the step
+    away from it: 1.0 -> 0.99609375 is one whole bf16 step (2^-8), not half of 2^-7."""
+    mant, exp = torch.frexp(x.abs().clamp_min(2.0 ** -126))
+    step = torch.ldexp(torch.ones_like(x), (exp - 1 - _BF16_MANTISSA).to(torch.int32))
+    toward_zero = torch.sign(y - x) != torch.sign(x)
+    return torch.where(toward_zero & (mant == 0.5), step / 2, step)
 
 
 def update_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int]:
@@ -70,7 +76,7 @@ def update_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int]:
             rel_sum += float(rel.sum())
             rel_max = max(rel_max, float(rel.max()))
             n_rel += int(rel_ok.sum())
-        sub_step += int((changed & (d < _bf16_step(x))).sum())
+        sub_step += int((changed & (d < _bf16_step(x, y))).sum())
     return {
         "sign_flips": flips,
         "mean_abs_delta": abs_sum / n if n else 0.0,
