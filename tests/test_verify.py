@@ -55,7 +55,8 @@ def test_clean_run_passes_with_exit_0(run):
     res = cli("verify", "rl", run["base_dir"], run["target_dir"])
     assert res.exit_code == 0, res.output
     n = run["mask"].n_updated
-    assert f"{n:,} of {run['mask'].n_params:,} parameters changed (tol 0), 0 outside" in res.stdout
+    assert (f"{n:,} of {run['mask'].n_params:,} parameters changed (tol 0: any change at all, "
+            "the exact-mode guarantee), 0 outside") in res.stdout
     assert "OK: nothing changed outside the mask" in res.stdout
     res = cli("verify", "rl", run["base_dir"], run["target_dir"], "--json")
     report = json.loads(res.stdout)
@@ -110,6 +111,30 @@ def test_tolerance(run):
     assert res.exit_code == 0 and json.loads(res.stdout)["tol"] == 0.01
     res = cli("verify", "rl", run["base_dir"], trained, "--tol", "-1")
     assert res.exit_code == 1 and "tolerance must be a finite number >= 0" in res.output
+
+
+def test_a_full_run_against_its_own_mask_needs_the_masks_tolerance(run, tmp_path: Path):
+    """The mask says updated iff |Δ| > 1e-5: a target that also moves some entries by less
+    (here two norm entries of 1.0 by 2^-20 in fp32) fails at the default tol 0, with a note
+    saying why, and passes with --tol mask."""
+    state = {k: v.float() for k, v in run["base"].items()}
+    target = {k: v.float() for k, v in run["target"].items()}
+    target[NORM].view(-1)[:2] += 2.0 ** -20
+    base_dir, full = save(state, tmp_path / "b32"), save(target, tmp_path / "t32")
+    Registry().diff(base_dir, full, name="own")  # default tol 1e-5
+    res = cli("verify", "own", str(base_dir), str(full))
+    assert res.exit_code == 1
+    assert "FAIL: 2 parameter(s) changed outside the mask, in 1 tensor(s)" in res.stdout
+    assert ("note: the mask was made at tol 1e-05, so changes of at most 1e-05 are outside it "
+            "by definition; to check a run against its own mask use --tol mask") in res.stdout
+    res = cli("verify", "own", str(base_dir), str(full), "--tol", "mask")
+    assert res.exit_code == 0, res.output
+    assert "(tol 1e-05, the mask's own tolerance), 0 outside the mask" in res.stdout
+    assert json.loads(cli("verify", "own", str(base_dir), str(full), "--tol", "MASK",
+                          "--json").stdout)["tol"] == 1e-5
+    res = cli("verify", "own", str(base_dir), str(full), "--tol", "loose")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "Error: --tol takes a number >= 0 or 'mask', not 'loose'"
 
 
 def test_missing_tensor_one_line_error_or_skip(run):

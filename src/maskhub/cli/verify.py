@@ -16,15 +16,17 @@ from maskhub.cli.common import (
     stdout,
     warn,
 )
+from maskhub.errors import UsageError
 
 
 @click.command()
 @click.argument("mask")
 @click.argument("base")
 @click.argument("trained")
-@click.option("--tol", type=float, default=0.0, show_default=True,
+@click.option("--tol", "tol_text", default="0", show_default=True, metavar="TOL|mask",
               help="An entry changed iff |trained - base| > tol (0: any change, the exact-mode "
-              "guarantee).")
+              "guarantee; 'mask': the tolerance the mask was made with, to check a full run "
+              "against its own mask).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available), cpu, or cuda[:N].")
 @click.option("--allow-missing", is_flag=True,
@@ -33,7 +35,7 @@ from maskhub.cli.common import (
               help="List every tensor, not only those changed outside the mask.")
 @json_option
 @home_option
-def verify(mask: str, base: str, trained: str, tol: float, device: str, allow_missing: bool,
+def verify(mask: str, base: str, trained: str, tol_text: str, device: str, allow_missing: bool,
            show_all: bool, as_json: bool, home: str | None) -> None:
     """Check that TRAINED differs from BASE only inside MASK: diff the two checkpoints and
     count, per tensor, the entries that changed outside the mask. Exit code 1 if any did.
@@ -45,7 +47,9 @@ def verify(mask: str, base: str, trained: str, tol: float, device: str, allow_mi
     Example:
       maskhub verify tulu-dpo ./tulu-sft ./my-masked-run
       maskhub verify tulu-dpo ./tulu-sft ./my-masked-run --json
+      maskhub verify tulu-dpo ./tulu-sft ./tulu-dpo --tol mask   # a run against its own mask
     """
+    tol: float | str = "mask" if tol_text.strip().lower() == "mask" else _number(tol_text)
     with byte_progress("verify") as progress:
         report = registry(home).verify(mask, base, trained, tol=tol, device=device,
                                        allow_missing=allow_missing, progress=progress,
@@ -58,18 +62,36 @@ def verify(mask: str, base: str, trained: str, tol: float, device: str, allow_mi
             print_table(["tensor", "numel", "in mask", "changed", "outside mask"],
                         [[t.tensor, f"{t.numel:,}", f"{t.n_mask:,}", f"{t.n_changed:,}",
                           f"{t.n_outside:,}"] for t in rows])
+        if tol == "mask":
+            why = ", the mask's own tolerance"
+        elif report.tol == 0:
+            why = ": any change at all, the exact-mode guarantee"
+        else:
+            why = ""
         stdout.print(f"mask {report.mask}: {report.n_changed:,} of {report.n_params:,} "
-                     f"parameters changed (tol {report.tol:g}), {report.n_outside:,} outside "
-                     "the mask", highlight=False)
+                     f"parameters changed (tol {report.tol:g}{why}), {report.n_outside:,} "
+                     "outside the mask", highlight=False)
         if report.ok:
             stdout.print("OK: nothing changed outside the mask", highlight=False)
         else:
             stdout.print(f"FAIL: {report.n_outside:,} parameter(s) changed outside the mask, "
                          f"in {len(report.outside())} tensor(s)", highlight=False)
+            if report.mask_tol is not None and report.tol < report.mask_tol:
+                stdout.print(f"note: the mask was made at tol {report.mask_tol:g}, so changes "
+                             f"of at most {report.mask_tol:g} are outside it by definition; "
+                             "to check a run against its own mask use --tol mask",
+                             highlight=False)
     if not report.ok:
         # SystemExit, not ctx.exit(): the group runs click with standalone_mode=False, where
         # ctx.exit(1) would become a return value and exit code 0.
         sys.exit(1)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--tol takes a number >= 0 or 'mask', not {text!r}") from None
 
 
 COMMANDS = [verify]

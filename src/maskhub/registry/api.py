@@ -276,17 +276,26 @@ class Registry(Home):
     # -- masked training (maskhub.training; training itself: maskhub.torch) --------------
 
     def verify(self, mask: str | Any, base: str | os.PathLike[str],
-               trained: str | os.PathLike[str], *, tol: float = 0.0, device: str = "auto",
+               trained: str | os.PathLike[str], *, tol: float | str = 0.0, device: str = "auto",
                allow_missing: bool = False, progress: ProgressFn | None = None,
                warn: Callable[[str], None] | None = None) -> VerifyReport:
         """Diff ``trained`` against ``base`` and count, per tensor, the entries that changed
         by more than ``tol`` outside ``mask`` (a name, id prefix or :class:`Mask`); the
-        report's ``ok`` is False if any did. See :mod:`maskhub.training.verify`."""
+        report's ``ok`` is False if any did. ``tol="mask"``: the tolerance the mask was made
+        with (a full run checked against its own mask). The default 0 is the exact-mode
+        guarantee: nothing outside the mask changed at all. See
+        :mod:`maskhub.training.verify`."""
         from maskhub.kernels.device import resolve_device
         from maskhub.kernels.kernel import check_tolerance
-        from maskhub.training.verify import verify_mask
+        from maskhub.training.verify import mask_tolerance, verify_mask
 
-        check_tolerance(tol)
         source = self.get(mask) if isinstance(mask, str) else mask
+        if tol == "mask":
+            own = mask_tolerance(source)
+            if own is None:
+                raise UsageError("--tol mask needs a registered mask (this one records no "
+                                 "tolerance); give a number")
+            tol = own
+        check_tolerance(tol)
         return verify_mask(source, base, trained, tol=tol, device=resolve_device(device),
                            allow_missing=allow_missing, progress=progress, warn=warn)

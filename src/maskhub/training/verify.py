@@ -48,6 +48,8 @@ class VerifyReport:
     tol: float
     tensors: tuple[TensorCheck, ...]
     skipped: tuple[str, ...] = ()
+    #: The tolerance the mask itself was made with (None for a mask that does not say).
+    mask_tol: float | None = None
 
     @property
     def n_params(self) -> int:
@@ -76,7 +78,8 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (with the totals and ``ok``)."""
         return {"ok": self.ok, "mask": self.mask, "mask_id": self.mask_id, "base": self.base,
-                "trained": self.trained, "tol": self.tol, "n_params": self.n_params,
+                "trained": self.trained, "tol": self.tol, "mask_tol": self.mask_tol,
+                "n_params": self.n_params,
                 "n_changed": self.n_changed, "n_outside": self.n_outside,
                 "tensors": [asdict(t) for t in self.tensors], "skipped": list(self.skipped)}
 
@@ -139,7 +142,14 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
         base_ck.close()
         trained_ck.close()
     return VerifyReport(label, getattr(mask, "id", None), str(base), str(trained), float(tol),
-                        tuple(checks), tuple(skipped))
+                        tuple(checks), tuple(skipped), mask_tolerance(mask))
+
+
+def mask_tolerance(mask: MaskLike) -> float | None:
+    """The tolerance ``mask`` was made with (its registry row), or None when unknown."""
+    row = getattr(mask, "row", None)
+    tol = row.get("tol") if isinstance(row, dict) else None
+    return float(tol) if tol is not None else None
 
 
 def _check_tensors(mask: MaskLike, names: list[str], stats: dict[str, TensorStats],
