@@ -159,3 +159,33 @@ def test_sub_bf16_step_counts_the_step_in_the_direction_of_the_move(tmp_path: Pa
         "sql", "select m.name, a.n_sub_bf16_step from tensor_analysis a join masks m "
                "on m.id = a.mask_id", "--json"))}
     assert rows == {"bf": 0, "fp": 3}
+
+
+def test_show_keeps_weight_and_bias_apart_and_the_block_rank_mean(tmp_path: Path) -> None:
+    """Qwen2's q_proj has a weight and a bias: two rows of the per-module table. The Table 2
+    mean rank covers the transformer blocks; embed_tokens is reported on its own."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(12, 4, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+            "model.layers.0.self_attn.q_proj.bias": torch.randn(4, generator=g)}
+    target = {k: v.clone() for k, v in base.items()}
+    target["model.embed_tokens.weight"][0] += 1.0  # one token seen: rank 1 of 4
+    target["model.layers.0.self_attn.q_proj.weight"] += torch.eye(4)  # rank 4 of 4
+    target["model.layers.0.self_attn.q_proj.bias"][:2] += 1.0
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(target, str(tmp_path / "b.safetensors"))
+    _cli("diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--name",
+         "q", "--rank")
+    info = json.loads(_cli("show", "q", "--json"))
+    rows = [(r["module"], r["param_kind"], r["numel"], r["n_updated"])
+            for r in info["by_module"]]
+    assert rows == [("embed_tokens", "weight", 48, 4), ("self_attn.q_proj", "weight", 16, 4),
+                    ("self_attn.q_proj", "bias", 4, 2)]
+    a = info["analysis"]
+    assert (a["n_rank_tensors"], a["n_block_rank_tensors"]) == (2, 1)
+    assert a["mean_rank_fraction"] == 1.0 and a["mean_rank_fraction_other"] == 0.25
+    assert a["rank_other"] == [{"tensor": "model.embed_tokens.weight", "rank": 1,
+                                "max_rank": 4, "rank_fraction": 0.25}]
+    text = _cli("show", "q")
+    assert "mean update rank, transformer blocks (1 matrices; Table 2)" in text
+    assert "update rank of model.embed_tokens.weight (outside the blocks)" in text

@@ -53,6 +53,7 @@ def test_trajectory_counts_cancelled_updates(tmp_path: Path) -> None:
     assert [p["n_updated_vs_first"] for p in pts] == [0, n1, n1 + n2, n2 + n3]
     assert [p["n_updated_vs_prev"] for p in pts] == [0, n1, n2, n1 + n3]
     assert [p["n_ever"] for p in pts] == [0, n1, n1 + n2, n1 + n2 + n3]
+    assert [p["n_not_in_final"] for p in pts] == [0, n1, n1, 0]  # Figure 6
     assert (data["n_subnetwork"], data["n_cancelled"], data["n_never"]) == (
         n2 + n3, n1, n - n1 - n2 - n3)
     assert data["frac_never"] + data["frac_cancelled"] + data["frac_subnetwork"] == 1.0
@@ -87,3 +88,41 @@ def test_trajectory_explicit_list_and_errors(tmp_path: Path) -> None:
                                     str(root / "checkpoint-300")])
     assert res.exit_code == 1 and "already exists" in res.output
     assert len(Registry().ls()) == 2
+
+
+def test_ever_updated_means_against_the_first_checkpoint(tmp_path: Path) -> None:
+    """One definition of "ever updated": |θk − θ0| > tol at some k. Entry 0 drifts by 0.4 tol
+    per step (never more than tol between consecutive checkpoints) and crosses tol at step 3;
+    entry 1 jumps at step 1 and comes back (cancelled); entry 2 jumps at step 2 and stays;
+    entry 3 wiggles within tol of θ0 (never touched)."""
+    tol = 1e-3
+    values = [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+              [1.0 + 0.4 * tol, 1.0 + 5 * tol, 1.0, 1.0 + 0.3 * tol, 1.0, 1.0],
+              [1.0 + 0.8 * tol, 1.0, 1.0 + 5 * tol, 1.0 - 0.3 * tol, 1.0, 1.0],
+              [1.0 + 1.2 * tol, 1.0, 1.0 + 5 * tol, 1.0, 1.0, 1.0]]
+    root = tmp_path / "drift"
+    for i, v in enumerate(values):
+        save({"w": torch.tensor(v, dtype=torch.float64)}, root / f"checkpoint-{i}")
+    res = CliRunner().invoke(main, ["trajectory", str(root), "--name", "d", "--tol", str(tol),
+                                    "--algorithm", "grpo", "--seed", "3", "--dataset", "gsm8k",
+                                    "--tag", "sweep-a", "--json"])
+    assert res.exit_code == 0, res.output
+    pts = json.loads(res.stdout)["points"]
+    assert [p["n_updated_vs_prev"] for p in pts] == [0, 1, 2, 0]  # 0's steps never count
+    assert [p["n_updated_vs_first"] for p in pts] == [0, 1, 1, 2]
+    assert [p["n_ever"] for p in pts] == [0, 1, 2, 3]
+    assert all(p["n_ever"] >= p["n_updated_vs_first"] for p in pts)
+    assert [p["n_not_in_final"] for p in pts] == [0, 1, 0, 0]
+    data = json.loads(res.stdout)
+    assert (data["n_subnetwork"], data["n_cancelled"], data["n_never"]) == (2, 1, 3)
+    reg = Registry()
+    assert reg.get("d-ever")["w"].tolist() == [True, True, True, False, False, False]
+    assert reg.get("d-final")["w"].tolist() == [True, False, True, False, False, False]
+    _, rows = reg.sql("select name, algorithm, seed, dataset, tags, operation from masks "
+                      "order by name")
+    assert rows == [("d-ever", "grpo", 3, "gsm8k", ["sweep-a"], "trajectory-ever"),
+                    ("d-final", "grpo", 3, "gsm8k", ["sweep-a"], "trajectory-final")]
+    text = CliRunner().invoke(main, ["trajectory", str(root), "--name", "e", "--tol",
+                                     str(tol)]).stdout
+    assert "not in final" in text
+

@@ -61,7 +61,8 @@ def _save(fig: Figure, output: str | os.PathLike[str]) -> Path:
 
 
 def sparsity_grid(registry: Home, mask: MaskRecord) -> dict[str, Any]:
-    """Sparsity per (module, layer) of a mask, from the ``tensors`` table.
+    """Sparsity per (module, layer) of a mask's weight matrices (biases and other parameter
+    kinds left out: Figure 3 is per matrix), from the ``tensors`` table.
 
     Returns ``{"layers", "modules", "grid" (modules x layers, None where absent),
     "other" [(module, sparsity)] for tensors outside the layers}``.
@@ -71,6 +72,7 @@ def sparsity_grid(registry: Home, mask: MaskRecord) -> dict[str, Any]:
             SELECT layer, module, 1 - sum(n_updated) / sum(numel) AS sparsity,
                    min(rowid) AS first
             FROM tensors WHERE mask_id = ? AND numel > 0
+                AND coalesce(param_kind, 'weight') = 'weight'
             GROUP BY layer, module ORDER BY first""", [mask.id])
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     modules: list[str] = []

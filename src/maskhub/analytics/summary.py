@@ -9,10 +9,12 @@ from maskhub.core.home import Home
 
 
 def mask_summary(home: Home, ref: str) -> dict[str, Any]:
-    """Summary of mask ``ref``: its row, per-layer and per-module tables, the sweep, and the
-    ``--rank/--stats`` summary (``analysis``: mean rank fraction over the 2-D updates as in
-    the paper's Table 2, sign flips, |Δ|; ``None`` when neither was recorded). One DuckDB
-    connection."""
+    """Summary of mask ``ref``: its row, per-layer and per-module tables (a module's weight
+    and bias apart: ``param_kind``), the sweep, and the ``--rank/--stats`` summary
+    (``analysis``: the mean rank fraction over the 2-D updates of the transformer blocks, the
+    paper's Table 2 figure, with the tensors outside the blocks, such as ``embed_tokens`` and
+    ``lm_head``, listed apart in ``rank_other``: an embedding's rank is bounded by the tokens
+    seen; sign flips, |Δ|; ``None`` when neither was recorded). One DuckDB connection."""
     with home.index.connect(write=False) as con:
         mask = home.get(ref)
         by_layer = home.index.rows(con, """
@@ -21,17 +23,23 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
             FROM tensors WHERE mask_id = ? AND layer IS NOT NULL
             GROUP BY layer ORDER BY layer""", [mask.id])
         by_module = home.index.rows(con, """
-            SELECT module, count(*) AS tensors, sum(numel) AS numel,
-                   sum(n_updated) AS n_updated, 1 - sum(n_updated) / sum(numel) AS sparsity
+            SELECT module, coalesce(param_kind, 'weight') AS param_kind, count(*) AS tensors,
+                   sum(numel) AS numel, sum(n_updated) AS n_updated,
+                   1 - sum(n_updated) / sum(numel) AS sparsity
             FROM tensors WHERE mask_id = ?
-            GROUP BY module ORDER BY min(coalesce(layer, -1)), module""", [mask.id])
+            GROUP BY module, param_kind
+            ORDER BY min(coalesce(layer, -1)), module, param_kind <> 'weight', param_kind
+            """, [mask.id])
         sweep = home.index.rows(con, """
             SELECT tol, sum(n_updated) AS n_updated,
                    1 - sum(n_updated) / (SELECT n_params FROM masks WHERE id = ?) AS sparsity
             FROM tensor_sweep WHERE mask_id = ? GROUP BY tol ORDER BY tol""",
             [mask.id, mask.id])
         analysis = home.index.rows(con, """
-            SELECT count(rank) AS n_rank_tensors, avg(rank_fraction) AS mean_rank_fraction,
+            SELECT count(rank) AS n_rank_tensors,
+                   avg(rank_fraction) FILTER (WHERE t.layer IS NOT NULL) AS mean_rank_fraction,
+                   count(rank) FILTER (WHERE t.layer IS NOT NULL) AS n_block_rank_tensors,
+                   avg(rank_fraction) FILTER (WHERE t.layer IS NULL) AS mean_rank_fraction_other,
                    min(rank_fraction) AS min_rank_fraction,
                    count(sign_flips) AS n_stats_tensors, sum(sign_flips) AS sign_flips,
                    sum(a.mean_abs_delta * t.numel) / sum(t.numel)
@@ -40,8 +48,14 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
                    sum(n_sub_bf16_step) AS n_sub_bf16_step
             FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
             WHERE mask_id = ?""", [mask.id])
-    summary = analysis[0] if analysis and (analysis[0]["n_rank_tensors"]
-                                           or analysis[0]["n_stats_tensors"]) else None
+        summary = analysis[0] if analysis and (analysis[0]["n_rank_tensors"]
+                                               or analysis[0]["n_stats_tensors"]) else None
+        if summary is not None and summary["n_rank_tensors"]:
+            summary["rank_other"] = home.index.rows(con, """
+                SELECT a.tensor, a.rank, a.max_rank, a.rank_fraction
+                FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
+                WHERE mask_id = ? AND t.layer IS NULL AND a.rank IS NOT NULL
+                ORDER BY a.tensor""", [mask.id])
     return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
             "sweep": sweep, "analysis": summary}
 

@@ -1,10 +1,18 @@
 """Trajectories: how the update mask evolves across intermediate checkpoints.
 
-For checkpoints C0..Cn (the paper's Figures 2, 5 and 7): the sparsity of each Ck against C0,
-the sparsity between consecutive checkpoints, the **ever-updated** set (the union of the
-consecutive changes) and the split of all parameters into *never touched*, *touched but
-cancelled out* (ever updated, yet back within ``tol`` of C0 at the end) and the *final
-subnetwork* (updated in Cn against C0).
+For checkpoints C0..Cn (the paper's Figures 2, 5, 6 and 7): the sparsity of each Ck against
+C0, the sparsity between consecutive checkpoints, the **ever-updated** set and the split of
+all parameters into *never touched*, *touched but cancelled out* (ever updated, yet back
+within ``tol`` of C0 at the end) and the *final subnetwork* (updated in Cn against C0).
+
+"Ever updated" has one definition everywhere (the ``n_ever`` column, the ``NAME-ever``
+mask, the split and the plot): **updated against C0 at some checkpoint so far**, i.e.
+``|Ck − C0| > tol`` for some ``k``. Changes between consecutive checkpoints are reported
+(``vs previous``) but do not define it: a drift of many steps each within ``tol`` that ends
+past ``tol`` is ever updated from the checkpoint where it crosses, and one that stays within
+``tol`` of C0 never is. So ``n_ever`` never falls below ``n_updated_vs_first`` and only
+grows. The paper's Figure 6, updated at step k but not in the final subnetwork, is
+``n_not_in_final``: ``|(Ck − C0 > tol) ∖ final|``.
 
 One tensor at a time: C0's tensor, the previous checkpoint's and the current one's are in
 memory, and the per-tensor bitsets stay packed, so memory does not grow with the number of
@@ -50,6 +58,7 @@ class TrajectoryPoint:
     n_updated_vs_first: int = 0
     n_updated_vs_prev: int = 0
     n_ever: int = 0
+    n_not_in_final: int = 0
 
 
 @dataclass
@@ -84,7 +93,9 @@ class TrajectoryResult:
             "points": [{**p.__dict__,
                         "sparsity_vs_first": 1 - p.n_updated_vs_first / self.n_params,
                         "sparsity_vs_prev": 1 - p.n_updated_vs_prev / self.n_params,
-                        "sparsity_ever": 1 - p.n_ever / self.n_params} for p in self.points],
+                        "sparsity_ever": 1 - p.n_ever / self.n_params,
+                        "frac_not_in_final": p.n_not_in_final / self.n_params}
+                       for p in self.points],
         }
 
 
@@ -112,10 +123,14 @@ def _popcount(packed: np.ndarray) -> int:
 
 
 def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = None,
-                   tol: float = 1e-5, device: str = "cpu",
+                   tol: float = 1e-5, device: str = "cpu", algorithm: str | None = None,
+                   seed: int | None = None, dataset: str | None = None,
+                   tags: Sequence[str] = (),
                    progress: Callable[[int, int, int, int, str], None] | None = None
                    ) -> TrajectoryResult:
-    """Measure a checkpoint sequence and register its final and ever-updated masks."""
+    """Measure a checkpoint sequence and register its final and ever-updated masks (with
+    the run's ``algorithm``, ``seed``, ``dataset`` and ``tags``; ``masks.operation`` marks
+    them ``trajectory-final`` / ``trajectory-ever``)."""
     specs = expand_checkpoints(specs)
     if len(specs) < 2:
         raise UsageError("a trajectory needs at least two checkpoints")
@@ -142,25 +157,23 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
             for i, tname in enumerate(names):
                 info = ckpts[0].tensors[tname]
                 first = ckpts[0].get(tname)
+                final = kernel.run(first, ckpts[-1].get(tname)).packed  # known first: Fig. 6
+                not_final = np.invert(final)
+                ever = np.zeros_like(final)
                 prev = first
-                ever = np.zeros((info.numel + 7) // 8, dtype=np.uint8)
-                final = ever
                 for k in range(1, len(ckpts)):
                     cur = ckpts[k].get(tname)
-                    vs_first = kernel.run(first, cur)
+                    vs_first = kernel.run(first, cur).packed if k < len(ckpts) - 1 else final
                     vs_prev = kernel.run(prev, cur)
-                    np.bitwise_or(ever, vs_prev.packed, out=ever)
-                    points[k].n_updated_vs_first += vs_first.n_updated
+                    np.bitwise_or(ever, vs_first, out=ever)
+                    points[k].n_updated_vs_first += _popcount(vs_first)
                     points[k].n_updated_vs_prev += vs_prev.n_updated
                     points[k].n_ever += _popcount(ever)
-                    final = vs_first.packed
+                    points[k].n_not_in_final += _popcount(np.bitwise_and(vs_first, not_final))
                     prev = cur
                 layer, module = parse_tensor_name(tname)
                 n_final = _popcount(final)
-                # Tiny steps that each stay within tol can add up past it: count such
-                # entries as ever updated too, so the three classes partition the tensor.
-                np.bitwise_or(ever, final, out=ever)
-                n_ever = _popcount(ever)
+                n_ever = _popcount(ever)  # final ⊆ ever: the split partitions the tensor
                 n_cancelled += n_ever - n_final
                 dt = info.dtype
                 common = dict(shape=info.shape, numel=info.numel, layer=layer, module=module,
@@ -179,7 +192,8 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
             common_meta = dict(base_model=labels[0], base_revision=ckpts[0].revision,
                                target_model=labels[-1], target_revision=ckpts[-1].revision,
                                n_params=n_params, tol=float(tol), created_at=timestamp(),
-                               dtype=ckpts[0].tensors[names[0]].dtype)
+                               dtype=ckpts[0].tensors[names[0]].dtype, algorithm=algorithm,
+                               seed=seed, dataset=dataset, tags=tuple(tags))
             meta_final = MaskMetadata(id=final_id, name=f"{name}-final", n_updated=n_sub,
                                       operation="trajectory-final", **common_meta)
             meta_ever = MaskMetadata(id=ever_id, name=f"{name}-ever", n_updated=n_ever_total,
@@ -218,6 +232,8 @@ def _record(registry: Home, r: TrajectoryResult) -> None:
             [r.id, r.name, r.tol, len(r.points), r.n_params, r.n_never, r.n_cancelled,
              r.n_subnetwork, r.final.id, r.ever.id, timestamp()])
         con.executemany(
-            "INSERT INTO trajectory_points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO trajectory_points (trajectory_id, idx, step, checkpoint, revision, "
+            "n_updated_vs_first, n_updated_vs_prev, n_ever, n_not_in_final) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [[r.id, p.index, p.step, p.checkpoint, p.revision, p.n_updated_vs_first,
-              p.n_updated_vs_prev, p.n_ever] for p in r.points])
+              p.n_updated_vs_prev, p.n_ever, p.n_not_in_final] for p in r.points])

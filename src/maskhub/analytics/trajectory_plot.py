@@ -9,7 +9,8 @@ from maskhub.errors import UsageError
 
 
 def plot_trajectory(data: dict[str, Any], path: str | Path, dpi: int = 100) -> Path:
-    """Write a two-panel PNG for a trajectory (``TrajectoryResult.to_dict()``)."""
+    """Write a two-panel PNG for a trajectory (``TrajectoryResult.to_dict()``): sparsity
+    against step with the Figure 6 curve, and the never / cancelled / subnetwork split."""
     try:
         import matplotlib
 
@@ -24,10 +25,16 @@ def plot_trajectory(data: dict[str, Any], path: str | Path, dpi: int = 100) -> P
     ax1.plot(steps, [100 * p["sparsity_vs_first"] for p in pts], "o-", label="vs first")
     ax1.plot(steps, [100 * p["sparsity_vs_prev"] for p in pts], "s--", label="vs previous")
     ax1.plot(steps, [100 * p["sparsity_ever"] for p in pts], "^:", label="ever updated")
+    ax3 = ax1.twinx()
+    ax3.plot(steps, [100 * p["frac_not_in_final"] for p in pts], "d-.", color="#9c27b0",
+             label="updated at k, not in final (right axis)")
+    ax3.set_ylabel("% of parameters not in the final subnetwork")
     ax1.set_xlabel("step")
     ax1.set_ylabel("sparsity (%)")
     ax1.set_title(f"{data['name']}: sparsity along training (tol {data['tol']:g})")
-    ax1.legend()
+    lines = ax1.get_legend_handles_labels()
+    extra = ax3.get_legend_handles_labels()
+    ax1.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
     ax1.grid(alpha=0.3)
     parts = [("never", "#bbbbbb"), ("cancelled", "#f4a261"), ("subnetwork", "#2a9d8f")]
     bottom = 0.0

@@ -25,18 +25,25 @@ from maskhub.cli.common import (
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also write a PNG: sparsity against step, and the split.")
+@click.option("--algorithm", help="RL algorithm of the run (recorded on both masks).")
+@click.option("--seed", type=int, help="Seed of the run.")
+@click.option("--dataset", help="Training dataset of the run.")
+@click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
 @store_option
 @json_option
 @home_option
 def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, device: str,
-               plot_path: str | None, store: str | None, as_json: bool, home: str | None
-               ) -> None:
+               plot_path: str | None, algorithm: str | None, seed: int | None,
+               dataset: str | None, tags: tuple[str, ...], store: str | None, as_json: bool,
+               home: str | None) -> None:
     """Follow the mask along CKPT0 CKPT1 ... CKPTn (or one directory of checkpoint
     subdirectories, ordered by the step number in their names).
 
     Reports the sparsity of each checkpoint against CKPT0 and against the previous one, the
-    ever-updated set, and the split into never touched / touched but cancelled out / final
-    subnetwork (the paper's Figure 2). Registers NAME-final and NAME-ever.
+    ever-updated set (updated against CKPT0 at some checkpoint so far), the share updated at
+    each step but not in the final subnetwork (the paper's Figure 6), and the split into
+    never touched / touched but cancelled out / final subnetwork (Figure 2). Registers
+    NAME-final and NAME-ever.
 
     \b
     Example:
@@ -46,6 +53,7 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
     reg = registry(home, store)
     with byte_progress("trajectory") as progress:
         result = reg.trajectory(list(checkpoints), name=name, tol=tol, device=device,
+                                algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
                                 progress=progress)
     data = result.to_dict()
     if plot_path:
@@ -55,11 +63,14 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
     if as_json:
         echo_json(data)
         return
-    print_table(["step", "checkpoint", "vs first", "vs previous", "ever updated"],
+    print_table(["step", "checkpoint", "vs first", "vs previous", "ever updated",
+                 "not in final"],
                 [[p["step"], p["checkpoint"], p["sparsity_vs_first"], p["sparsity_vs_prev"],
-                  p["sparsity_ever"]] for p in data["points"][1:]],
-                title=f"sparsity along {result.name}",
-                formatters={"vs first": pct, "vs previous": pct, "ever updated": pct})
+                  p["sparsity_ever"], p["frac_not_in_final"]] for p in data["points"][1:]],
+                title=f"sparsity along {result.name} (not in final: share of the parameters "
+                      "updated at that step that the final subnetwork lacks)",
+                formatters={"vs first": pct, "vs previous": pct, "ever updated": pct,
+                            "not in final": pct})
     split = result.split()
     stdout.print(f"never touched {pct(split['never'])}, touched but cancelled out "
                  f"{pct(split['cancelled'])}, final subnetwork {pct(split['subnetwork'])}; "

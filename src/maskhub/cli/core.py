@@ -157,9 +157,10 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                     [[r["layer"], r["numel"], r["n_updated"], r["sparsity"]]
                      for r in info["by_layer"]], title="per layer", formatters={"sparsity": pct})
     stdout.print()
-    print_table(["module", "tensors", "numel", "n_updated", "sparsity"],
-                [[r["module"], r["tensors"], r["numel"], r["n_updated"], r["sparsity"]]
-                 for r in info["by_module"]], title="per module", formatters={"sparsity": pct})
+    print_table(["module", "param", "tensors", "numel", "n_updated", "sparsity"],
+                [[r["module"], r["param_kind"], r["tensors"], r["numel"], r["n_updated"],
+                  r["sparsity"]] for r in info["by_module"]], title="per module",
+                formatters={"sparsity": pct})
     if info["sweep"]:
         stdout.print()
         print_table(["tol", "n_updated", "sparsity"],
@@ -171,8 +172,12 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
         rows = []
         if a["n_rank_tensors"]:
             rows += [["2-D updates with a rank", a["n_rank_tensors"]],
-                     ["mean update rank", pct(a["mean_rank_fraction"])],
+                     [f"mean update rank, transformer blocks ({a['n_block_rank_tensors']} "
+                      "matrices; Table 2)", pct(a["mean_rank_fraction"])],
                      ["lowest update rank", pct(a["min_rank_fraction"])]]
+            rows += [[f"update rank of {r['tensor']} (outside the blocks)",
+                      f"{pct(r['rank_fraction'])} ({r['rank']:,} of {r['max_rank']:,})"]
+                     for r in a.get("rank_other") or []]
         if a["n_stats_tensors"]:
             rows += [["sign flips", f"{a['sign_flips']:,}"],
                      ["mean |delta|", f"{a['mean_abs_delta']:.3g}"],

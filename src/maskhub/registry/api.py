@@ -224,16 +224,21 @@ class Registry(Home):
         return plot_overlap(matrix, output, baseline, size)
 
     def trajectory(self, checkpoints: Sequence[str], *, name: str | None = None,
-                   tol: float = 1e-5, device: str = "auto",
+                   tol: float = 1e-5, device: str = "auto", algorithm: str | None = None,
+                   seed: int | None = None, dataset: str | None = None,
+                   tags: Sequence[str] = (),
                    progress: ProgressFn | None = None) -> TrajectoryResult:
         """Measure a sequence of checkpoints (or one directory of them, ordered by step):
-        sparsity against the first and between consecutive ones, the ever-updated set and the
-        never / cancelled / subnetwork split; registers ``NAME-final`` and ``NAME-ever``."""
+        sparsity against the first and between consecutive ones, the ever-updated set (updated
+        against the first at some checkpoint), the Figure 6 share and the never / cancelled /
+        subnetwork split; registers ``NAME-final`` and ``NAME-ever`` with the run's
+        ``algorithm``, ``seed``, ``dataset`` and ``tags``."""
         from maskhub.analytics.trajectory import run_trajectory
         from maskhub.kernels.device import resolve_device
 
         return run_trajectory(self, checkpoints, name=name, tol=tol,
-                              device=resolve_device(device), progress=progress)
+                              device=resolve_device(device), algorithm=algorithm, seed=seed,
+                              dataset=dataset, tags=tags, progress=progress)
 
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
 

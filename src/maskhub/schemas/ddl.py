@@ -300,9 +300,22 @@ M006_MAGNITUDE_STRATA = Migration(
     """,
 )
 
+M007_TRAJECTORY_FIG6 = Migration(
+    7,
+    "trajectory_points.n_not_in_final (the paper's Figure 6) and tensors.param_kind",
+    """
+    ALTER TABLE trajectory_points ADD COLUMN n_not_in_final BIGINT;
+    ALTER TABLE tensors ADD COLUMN param_kind VARCHAR;
+    UPDATE tensors SET param_kind = CASE
+        WHEN tensor LIKE '%.weight' THEN 'weight'
+        WHEN tensor LIKE '%.bias' THEN 'bias'
+        ELSE regexp_extract(tensor, '[^.]+$') END;
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
-                               M006_MAGNITUDE_STRATA]
+                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -38,6 +38,13 @@ def parse_tensor_name(name: str) -> tuple[int | None, str]:
 
 #: A mask name: letters, digits, '.', '_' and '-', starting with a letter or digit (it appears
 #: in file names, SQL and Hub repo cards, so it stays plain).
+def param_kind(name: str) -> str:
+    """What kind of parameter tensor ``name`` is: its last name component (``weight``,
+    ``bias``, ...). A module's weight and bias are different matrices in the paper's
+    Figure 3: ``tensors.param_kind`` keeps them apart."""
+    return name.rsplit(".", 1)[-1]
+
+
 _MASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 

@@ -29,6 +29,7 @@ from maskhub.errors import (
 )
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.names import param_kind
 
 LOCK_TIMEOUT_S = 600.0
 
@@ -307,7 +308,8 @@ class Index:
                 [t.module for t in tensors], [list(t.shape) for t in tensors],
                 [t.numel for t in tensors], [t.n_updated for t in tensors],
                 [t.sparsity for t in tensors], [t.base_dtype or None for t in tensors],
-                [t.target_dtype or None for t in tensors]])
+                [t.target_dtype or None for t in tensors],
+                [param_kind(t.tensor) for t in tensors]])
         if sweep:
             insert_columns(con, "tensor_sweep", [meta.id],
                            [list(c) for c in zip(*sweep, strict=True)])
