@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from maskhub import Registry
 from maskhub.cli import main
 
 ROWS, COLS = 40, 24
@@ -189,3 +190,33 @@ def test_show_keeps_weight_and_bias_apart_and_the_block_rank_mean(tmp_path: Path
     text = _cli("show", "q")
     assert "mean update rank, transformer blocks (1 matrices; Table 2)" in text
     assert "update rank of model.embed_tokens.weight (outside the blocks)" in text
+
+
+def test_compare_counts_equal_entries_inside_and_outside_a_mask(tmp_path: Path) -> None:
+    """θ_sub vs θ_full: 8 entries, the mask covers 0-3. B differs from A by 2e-5 at entry 0
+    (inside), 5e-5 at entry 4 (outside) and 1 at entry 5 (outside)."""
+    base = torch.zeros(8, dtype=torch.float64)
+    full = base.clone()
+    full[:4] = 1.0  # the mask: the full run's updates
+    sub = full.clone()
+    b = sub.clone()
+    b[0] += 2e-5
+    b[4] += 5e-5
+    b[5] += 1.0
+    for name, t in (("base", base), ("full", full), ("a", sub), ("b", b)):
+        save_file({"w": t}, str(tmp_path / f"{name}.safetensors"))
+    _cli("diff", str(tmp_path / "base.safetensors"), str(tmp_path / "full.safetensors"),
+         "--name", "m")
+    out = json.loads(_cli("compare", str(tmp_path / "a.safetensors"),
+                          str(tmp_path / "b.safetensors"), "--mask", "m", "--tol", "1e-5",
+                          "--tol", "1e-4", "--json"))
+    t5, t4 = out["tolerances"]
+    assert (t5["tol"], t5["n_params"], t5["n_equal"], t5["n_inside"], t5["n_equal_inside"],
+            t5["n_outside"], t5["n_equal_outside"]) == (1e-5, 8, 5, 4, 3, 4, 2)
+    assert (t5["frac_equal"], t5["frac_equal_inside"], t5["frac_equal_outside"]) == \
+        (5 / 8, 3 / 4, 2 / 4)
+    assert (t4["n_equal"], t4["n_equal_inside"], t4["n_equal_outside"]) == (7, 4, 3)
+    text = _cli("compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert "62.50%" in text and "inside mask" not in text
+    _, rows = Registry().sql("select count(*) from masks")
+    assert rows == [(1,)]  # compare registered nothing

@@ -21,6 +21,7 @@ from maskhub.storage.remote import is_url
 if TYPE_CHECKING:
     import torch
 
+    from maskhub.analytics.compare import CompareReport
     from maskhub.analytics.overlap import OverlapMatrix, OverlapResult
     from maskhub.analytics.trajectory import TrajectoryResult
     from maskhub.hub.pull import PullResult
@@ -239,6 +240,22 @@ class Registry(Home):
         return run_trajectory(self, checkpoints, name=name, tol=tol,
                               device=resolve_device(device), algorithm=algorithm, seed=seed,
                               dataset=dataset, tags=tags, progress=progress)
+
+    def compare(self, a: str | os.PathLike[str], b: str | os.PathLike[str], *,
+                mask: str | Any | None = None, tols: Sequence[float] = (1e-5,),
+                device: str = "auto", allow_missing: bool = False,
+                progress: ProgressFn | None = None,
+                warn: Callable[[str], None] | None = None) -> CompareReport:
+        """How much checkpoints ``a`` and ``b`` (two fine-tunings of one base, e.g. θ_sub and
+        θ_full of Conjecture 1) agree: the share of entries with ``|a − b| <= tol`` for each
+        of ``tols``, overall and inside / outside ``mask`` (a name, id prefix or
+        :class:`Mask`). Registers nothing. See :mod:`maskhub.analytics.compare`."""
+        from maskhub.analytics.compare import compare
+        from maskhub.kernels.device import resolve_device
+
+        source = self.get(mask) if isinstance(mask, str) else mask
+        return compare(a, b, mask=source, tols=tols, device=resolve_device(device),
+                       allow_missing=allow_missing, progress=progress, warn=warn)
 
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
 

@@ -9,39 +9,17 @@ torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from maskhub.checkpoints.sources import looks_like_path
 from maskhub.core.home import Home
+from maskhub.core.masklike import MaskLike, listing  # noqa: F401  (re-exported)
 from maskhub.errors import UsageError
 from maskhub.schemas.metadata import BITORDER, TensorStats
-
-
-def listing(names: Sequence[str], limit: int = 5) -> str:
-    """``a, b, c (+2 more)``: the first ``limit`` names of a list, for messages."""
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-@runtime_checkable
-class MaskLike(Protocol):
-    """What training and :func:`~maskhub.training.verify.verify_mask` need of a mask."""
-
-    def tensor_names(self) -> list[str]:
-        """Tensor names, in checkpoint order."""
-        ...
-
-    def packed(self, name: str) -> np.ndarray:
-        """Packed bits of one tensor: uint8, little bit order, 1 = updated (trainable)."""
-        ...
-
-    def tensor_stats(self) -> list[TensorStats]:
-        """Per-tensor shapes and counts."""
-        ...
 
 
 class StoreMask:

@@ -19,11 +19,11 @@ import numpy as np
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.core.masklike import MaskLike, listing
 from maskhub.errors import MaskMismatchError
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
-from maskhub.training.mask_sources import MaskLike, listing
 
 
 @dataclass(frozen=True)
