@@ -68,6 +68,10 @@ def test_trajectory_counts_cancelled_updates(tmp_path: Path) -> None:
     assert [r[1] for r in rows] == [0, n1, n1 + n2, n1 + n2 + n3]
     cols, rows = reg.sql("select n_cancelled, final_mask_id from trajectories")
     assert rows == [(n1, final.id)]
+    direct = reg.diff(root / "checkpoint-0", root / "checkpoint-300", name="direct")
+    strata = ("select tensor, stratum, numel, n_updated from tensor_strata where mask_id = '{}' "
+              "order by 1, 2")
+    assert reg.sql(strata.format(final.id))[1] == reg.sql(strata.format(direct.id))[1]
     png = tmp_path / "traj.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png.read_bytes()[16:20], "big"), \
@@ -118,6 +122,11 @@ def test_ever_updated_means_against_the_first_checkpoint(tmp_path: Path) -> None
     reg = Registry()
     assert reg.get("d-ever")["w"].tolist() == [True, True, True, False, False, False]
     assert reg.get("d-final")["w"].tolist() == [True, False, True, False, False, False]
+    # magnitude strata from C0's exponents (1.0 in float64: exponent field 1023 -> a single
+    # stratum for this dtype, which maskhub treats as one whole-tensor stratum)
+    _, strata = reg.sql("select m.name, s.stratum, s.numel, s.n_updated from tensor_strata s "
+                        "join masks m on m.id = s.mask_id order by 1")
+    assert strata == [("d-ever", -1, 6, 3), ("d-final", -1, 6, 2)]
     _, rows = reg.sql("select name, algorithm, seed, dataset, tags, operation from masks "
                       "order by name")
     assert rows == [("d-ever", "grpo", 3, "gsm8k", ["sweep-a"], "trajectory-ever"),

@@ -35,6 +35,7 @@ from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import UsageError
 from maskhub.kernels.kernel import DiffKernel
+from maskhub.kernels.strata import BINS, strata_fn, strata_rows
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.storage.files import remove_tree
@@ -118,6 +119,14 @@ def _step_of(label: str, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
+def _raw(t: Any) -> np.ndarray:
+    """The raw bytes of a CPU torch tensor, as uint8."""
+    import torch
+
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8).numpy()
+
+
 def _popcount(packed: np.ndarray) -> int:
     return int(np.bitwise_count(packed).sum(dtype=np.int64))
 
@@ -152,6 +161,8 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
         try:
             w_final, w_ever = MaskWriter(tmp_final), MaskWriter(tmp_ever)
             final_stats, ever_stats = [], []
+            final_strata: list[tuple[str, int, int, int]] = []
+            ever_strata: list[tuple[str, int, int, int]] = []
             n_cancelled = 0
             total = len(names)
             for i, tname in enumerate(names):
@@ -172,6 +183,7 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
                     points[k].n_not_in_final += _popcount(np.bitwise_and(vs_first, not_final))
                     prev = cur
                 layer, module = parse_tensor_name(tname)
+                sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba" else "numpy")
                 n_final = _popcount(final)
                 n_ever = _popcount(ever)  # final ⊆ ever: the split partitions the tensor
                 n_cancelled += n_ever - n_final
@@ -180,6 +192,12 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
                               base_dtype=dt, target_dtype=ckpts[-1].tensors[tname].dtype)
                 fs = TensorStats(tname, n_updated=n_final, **common)
                 es = TensorStats(tname, n_updated=n_ever, **common)
+                if info.numel:  # magnitude strata of both masks, from C0's exponents
+                    raw = _raw(first)
+                    for bits, rows in ((final, final_strata), (ever, ever_strata)):
+                        counts = np.zeros((2, BINS), dtype=np.int64)
+                        sfn(raw, bits, info.numel, counts)
+                        rows.extend(strata_rows(tname, dt, counts))
                 w_final.add(fs, final)
                 w_ever.add(es, ever)
                 final_stats.append(fs)
@@ -208,12 +226,14 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
         for ck in ckpts:
             ck.close()
     try:
-        final_mask = registry.register_store(tmp_final, meta_final, final_stats)
+        final_mask = registry.register_store(tmp_final, meta_final, final_stats,
+                                             strata=final_strata)
     except BaseException:
         remove_tree(tmp_ever)  # not registered: register_store cleans up only its own store
         raise
     try:
-        ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats)
+        ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
+                                            strata=ever_strata)
     except BaseException:
         registry.remove(final_mask)
         raise
