@@ -30,7 +30,7 @@ COMMAND_MODULES = {
     "diff": "core", "ls": "core", "show": "core", "sql": "core", "rm": "core", "demo": "core",
     "overlap": "overlap", "combine": "overlap", "plot": "overlap",
     "push": "hub", "pull": "hub", "search": "hub",
-    "verify": "verify", "trajectory": "analysis",
+    "verify": "verify", "trajectory": "analysis", "fsck": "maintenance",
 }
 
 

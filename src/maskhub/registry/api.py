@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from maskhub.analytics.trajectory import TrajectoryResult
     from maskhub.hub.pull import PullResult
     from maskhub.hub.push import PushResult
+    from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
     from maskhub.training.verify import VerifyReport
 
@@ -100,6 +101,14 @@ class Registry(Home):
         mask = self.get(ref)
         self.remove(mask)
         return mask
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Check that the index and the stores agree (rows and stores, arrays, interrupted
+        writes, staging, lineage, overlap cache, migrations); with ``repair``, fix what can
+        be fixed. See :mod:`maskhub.maintenance.fsck`."""
+        from maskhub.maintenance.fsck import fsck
+
+        return fsck(self, repair=repair)
 
     # -- diff (maskhub.diff) -------------------------------------------------------------
 

@@ -284,6 +284,11 @@ class Index:
                 con.close()
         return sorted(m.number for m in MIGRATIONS if m.number not in done)
 
+    def pending_migrations(self) -> list[int] | None:
+        """Numbers of the known migrations not applied to the index yet, read without writing
+        anything; ``None`` when there is no index file (or none readable) yet."""
+        return self._pending()
+
     def migrate(self) -> list[int]:
         """Apply pending migrations; return the numbers applied.
 
