@@ -214,6 +214,8 @@ def _rows(home: Home, con: duckdb.DuckDBPyConnection, rows: dict[str, tuple[str,
             present = (local / "zarr.json").is_file()
             missing = [t for t in names if not (local / t / "zarr.json").is_file()]
         counts["arrays"] += len(names) - len(missing) if present else 0
+        if not present and local is not None and home.tombstone_path(mask_id).exists():
+            continue  # half-removed: the tombstone finding puts it back
         if not present:
             out.append(Finding("missing-store", subject, f"{subject}: its store {where} is "
                                "missing (repair: unregister it)",
