@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hubserver import HubServer
 from huggingface_hub import constants, hf_hub_download
-from test_hub import REPO, diff_mask, error_line, fails
+from test_hub import REPO, diff_mask, fails
 
 pytest_plugins = ["hub_fixture"]
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>'.*:DeprecationWarning")
@@ -78,4 +78,3 @@ def test_push_to_an_endpoint_without_xet(hub_server: HubServer, tmp_path: Path,
     assert line == (f"Error: the Hub endpoint at {constants.ENDPOINT} does not speak Xet (its "
                     "xet-write-token request answered HTTP 404): set HF_HUB_DISABLE_XET=1 to "
                     "upload through plain LFS")
-    assert error_line  # the helper of test_hub checked: exit 1, one line, no traceback

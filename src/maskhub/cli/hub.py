@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -34,7 +35,15 @@ def hub_output(quiet: bool) -> dict[str, Any]:
     and huggingface_hub's warnings as one short line each on stderr, or nothing."""
     if quiet:
         return {"notice": lambda line: None, "progress": False}
-    return {"notice": lambda line: click.echo(line, err=True), "progress": True}
+    return {"notice": _above_bars, "progress": True}
+
+
+def _above_bars(line: str) -> None:
+    """A line on stderr that does not run into huggingface_hub's progress bars (tqdm, which
+    it brings): printed above them, the bars redrawn below."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def repo_type_option(f: F) -> F:

@@ -78,10 +78,7 @@ def _write_errors(repo_id: str, where: str) -> Iterator[None]:
             except HfHubHTTPError as exc:
                 status = getattr(getattr(exc, "response", None), "status_code", None)
                 if status == 404 and "xet-write-token" in _request_url(exc):
-                    raise HubError(
-                        f"the Hub endpoint at {_endpoint(exc)} does not speak Xet (its "
-                        "xet-write-token request answered HTTP 404): set HF_HUB_DISABLE_XET=1 "
-                        "to upload through plain LFS", repo_id) from None
+                    raise _no_xet(_request_url(exc), repo_id) from None
                 if status in (401, 403) and not isinstance(exc, RepositoryNotFoundError):
                     raise HubError(
                         f"the Hub refused to write to {repo_id} (HTTP {status}): set HF_TOKEN "
@@ -89,7 +86,10 @@ def _write_errors(repo_id: str, where: str) -> Iterator[None]:
                         repo_id) from None
                 raise
     except HubError as exc:
-        if "network error" not in str(exc):
+        text = str(exc)
+        if "xet-write-token" in text and "404" in text:  # hf_xet's own (Rust) error
+            raise _no_xet(text, repo_id) from None
+        if "network error" not in text:
             raise
         raise HubError(f"{exc} (nothing was recorded; push again: it uploads only what the Hub "
                        "lacks and makes no commit if the mask is already there)",
@@ -102,10 +102,14 @@ def _request_url(exc: BaseException) -> str:
     return str(getattr(request, "url", "") or exc)
 
 
-def _endpoint(exc: BaseException) -> str:
-    url = _request_url(exc)
-    match = re.match(r"[a-z]+://[^/]+", url)
-    return match.group(0) if match else "HF_ENDPOINT"
+def _no_xet(text: str, repo_id: str) -> HubError:
+    """The error for an endpoint that answers 404 to the Xet token request (``hf_xet``
+    installed, talking to a self-hosted Hub or a mirror that has no Xet storage)."""
+    match = re.search(r"[a-z]+://[^/\s]+", text)
+    where = match.group(0) if match else "HF_ENDPOINT"
+    return HubError(f"the Hub endpoint at {where} does not speak Xet (its xet-write-token "
+                    "request answered HTTP 404): set HF_HUB_DISABLE_XET=1 to upload through "
+                    "plain LFS", repo_id)
 
 
 def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
