@@ -175,15 +175,12 @@ def combine(registry: Home, operation: str, masks: Sequence[MaskRecord], *,
     except BaseException:
         remove_tree(tmp)
         raise
-    mask = registry.register_store(tmp, meta, stats)
-    try:
-        with registry.index.connect() as con:
-            con.executemany(
-                "INSERT INTO mask_lineage (mask_id, position, parent_id, operation, min_count) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [[mask.id, i, m.id, operation, k if operation == "consensus" else None]
-                 for i, m in enumerate(masks)])
-    except BaseException:
-        registry.remove(mask)
-        raise
-    return mask
+
+    def lineage(con: Any) -> None:  # in the mask's own transaction: both commit, or neither
+        con.executemany(
+            "INSERT INTO mask_lineage (mask_id, position, parent_id, operation, min_count) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [[mask_id, i, m.id, operation, k if operation == "consensus" else None]
+             for i, m in enumerate(masks)])
+
+    return registry.register_store(tmp, meta, stats, extra=lineage)

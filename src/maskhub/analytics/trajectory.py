@@ -32,6 +32,7 @@ import numpy as np
 
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.core.interrupts import critical_section
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import UsageError
 from maskhub.kernels.kernel import DiffKernel
@@ -225,23 +226,20 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
     finally:
         for ck in ckpts:
             ck.close()
-    try:
-        final_mask = registry.register_store(tmp_final, meta_final, final_stats,
-                                             strata=final_strata)
+    try:  # one transaction: both masks and the trajectory rows commit, or none of them
+        with critical_section(), registry.index.connect():
+            final_mask = registry.register_store(tmp_final, meta_final, final_stats,
+                                                 strata=final_strata)
+            ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
+                                                strata=ever_strata)
+            result = TrajectoryResult(
+                id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
+                points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
+                n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
+            _record(registry, result)
     except BaseException:
-        remove_tree(tmp_ever)  # not registered: register_store cleans up only its own store
+        remove_tree(tmp_ever)  # still staged when registering the final mask failed
         raise
-    try:
-        ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
-                                            strata=ever_strata)
-    except BaseException:
-        registry.remove(final_mask)
-        raise
-    result = TrajectoryResult(
-        id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params, points=points,
-        n_never=n_params - n_ever_total, n_cancelled=n_cancelled, n_subnetwork=n_sub,
-        final=final_mask, ever=ever_mask)
-    _record(registry, result)
     return result
 
 

@@ -6,13 +6,117 @@ itself; maskhub never reads or prints the token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from maskhub.errors import CheckpointError, HubError
 
 CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+#: How many times huggingface_hub resumes a download whose connection dropped.
+DOWNLOAD_RETRIES = 5
+_DOWNLOAD_FAILED = "Error while downloading from "
+_BACKOFF = re.compile(r"(Rate limited\.)?.*\[Retry (\d+)/(\d+)\]")
+
+
+class _HubLog(logging.Handler):
+    """huggingface_hub's log records as short lines: each retry number once ("retrying 2/5
+    after a dropped connection", however many files retry in parallel), its final "Max
+    retries exceeded" not at all (maskhub's one error line follows), anything else as its
+    first line."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.notice = notice
+        self._lock = threading.Lock()
+        self._per_url: dict[str, int] = {}
+        self._shown: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+        try:
+            line = self.translate(record.getMessage())
+        except Exception:  # a log message must never break a download
+            return
+        if line:
+            self.notice(line)
+
+    def _once(self, kind: str, n: int, total: int, reason: str) -> str | None:
+        with self._lock:
+            if n <= self._shown.get(kind, 0) or n > total:
+                return None
+            self._shown[kind] = n
+        return f"retrying {n}/{total} after {reason}"
+
+    def translate(self, message: str) -> str | None:
+        """The line for one record of huggingface_hub (``None``: say nothing)."""
+        first = message.strip().splitlines()[0] if message.strip() else ""
+        if message.startswith(_DOWNLOAD_FAILED):
+            if message.rstrip().endswith("Max retries exceeded."):
+                return None
+            url = message[len(_DOWNLOAD_FAILED):].split(": ", 1)[0]
+            with self._lock:
+                n = self._per_url[url] = self._per_url.get(url, 0) + 1
+            return self._once("download", n, DOWNLOAD_RETRIES, "a dropped connection")
+        if "thrown while requesting" in message:
+            return None  # the "Retrying in ..." record that follows says it
+        match = _BACKOFF.search(first)
+        if match:
+            reason = "the Hub rate-limited the request" if match.group(1) else \
+                "a failed request"
+            return self._once("request", int(match.group(2)), int(match.group(3)), reason)
+        return first[:200] or None
+
+
+@contextmanager
+def hub_messages(notice: Callable[[str], None] | None = None, progress: bool = True
+                 ) -> Iterator[None]:
+    """While the block runs, what huggingface_hub logs or warns goes to ``notice`` as short
+    lines (see :class:`_HubLog`) instead of its own stderr handler; ``notice=None``: to the
+    ``maskhub.hub`` logger. ``progress=False`` also hides its progress bars. For ``--quiet``,
+    pass a ``notice`` that discards."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from huggingface_hub.utils import logging as hf_logging
+
+    handler = _HubLog(notice or logging.getLogger("maskhub.hub").warning)
+    logger = hf_logging.get_logger()
+    saved, propagate = logger.handlers[:], logger.propagate
+    for h in saved:
+        logger.removeHandler(h)
+    logger.addHandler(handler)
+    logger.propagate = False
+    hide_bars = not progress and not are_progress_bars_disabled()
+    if hide_bars:
+        disable_progress_bars()
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                        file: Any = None, line: str | None = None) -> None:
+            if "huggingface_hub" in filename:
+                text = str(message).strip().splitlines()
+                handler.notice(f"warning: {text[0] if text else category.__name__}")
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            for h in saved:
+                logger.addHandler(h)
+            logger.propagate = propagate
+            if hide_bars:
+                enable_progress_bars()
 
 
 @contextmanager

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from maskhub.checkpoints.sources import split_revision
@@ -20,6 +23,29 @@ from maskhub.cli.common import (
 REPO_TYPE = click.Choice(["model", "dataset"])
 
 
+def quiet_option(f: F) -> F:
+    """``--quiet``: no retry lines, warnings or progress bars from huggingface_hub."""
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="Print nothing on stderr but a final error line (no retry "
+                             "notices, no progress bars).")(f)
+
+
+def hub_output(quiet: bool) -> dict[str, Any]:
+    """The ``notice``/``progress`` arguments of a Hub call for ``--quiet`` or not: retries
+    and huggingface_hub's warnings as one short line each on stderr, or nothing."""
+    if quiet:
+        return {"notice": lambda line: None, "progress": False}
+    return {"notice": _above_bars, "progress": True}
+
+
+def _above_bars(line: str) -> None:
+    """A line on stderr that does not run into huggingface_hub's progress bars (tqdm, which
+    it brings): printed above them, the bars redrawn below."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def repo_type_option(f: F) -> F:
     """``--repo-type model|dataset``."""
     return click.option("--repo-type", type=REPO_TYPE, default="model", show_default=True,
@@ -36,11 +62,12 @@ def repo_type_option(f: F) -> F:
 @click.option("--license", "license_", metavar="ID",
               help="License id for the model card, e.g. apache-2.0.")
 @repo_type_option
+@quiet_option
 @json_option
 @home_option
 def push(mask: str, repo_id: str, private: bool, revision: str | None,
-         commit_message: str | None, license_: str | None, repo_type: str, as_json: bool,
-         home: str | None) -> None:
+         commit_message: str | None, license_: str | None, repo_type: str, quiet: bool,
+         as_json: bool, home: str | None) -> None:
     """Push MASK to the Hub repo REPO_ID in one commit: the Zarr store, maskhub.json (every
     file's sha256), tensors.parquet and a model card. Creates the repo if needed; pushing an
     unchanged mask again makes no commit. Authenticates with HF_TOKEN (never printed).
@@ -51,7 +78,7 @@ def push(mask: str, repo_id: str, private: bool, revision: str | None,
     """
     res = registry(home).push(mask, repo_id, private=private, revision=revision,
                               commit_message=commit_message, repo_type=repo_type,
-                              license=license_)
+                              license=license_, **hub_output(quiet))
     if as_json:
         echo_json(res.to_dict())
     elif res.changed:
@@ -67,9 +94,10 @@ def push(mask: str, repo_id: str, private: bool, revision: str | None,
 @click.argument("repo_id", metavar="REPO_ID[@REV]")
 @click.option("--name", help="Local name (default: the mask's own, suffixed -2... if taken).")
 @repo_type_option
+@quiet_option
 @json_option
 @home_option
-def pull(repo_id: str, name: str | None, repo_type: str, as_json: bool,
+def pull(repo_id: str, name: str | None, repo_type: str, quiet: bool, as_json: bool,
          home: str | None) -> None:
     """Download the mask of Hub repo REPO_ID (at branch, tag or commit REV), verify every
     checksum and the arrays against the metadata, and register it. Pulling a commit already
@@ -80,7 +108,7 @@ def pull(repo_id: str, name: str | None, repo_type: str, as_json: bool,
       maskhub pull alice/tulu-dpo-mask@main --name tulu-dpo
     """
     repo, rev = split_revision(repo_id)
-    res = registry(home).pull(repo, rev, name=name, repo_type=repo_type)
+    res = registry(home).pull(repo, rev, name=name, repo_type=repo_type, **hub_output(quiet))
     if as_json:
         echo_json(res.to_dict())
         return

@@ -5,14 +5,26 @@ zarr, torch or numba."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maskhub.config import home_dir, store_url
+from maskhub.core.crashpoints import crash_point
+from maskhub.core.intents import (
+    INTENT_SUFFIX,
+    PARTIAL_SUFFIX,
+    Intent,
+    iter_intents,
+    parse_name,
+    pid_alive,
+    write_intent,
+)
 from maskhub.core.interrupts import critical_section
 from maskhub.core.record import MaskRecord
 from maskhub.errors import (
     HomeError,
+    MaskhubError,
     MaskNotFoundError,
     NameTakenError,
     ReadOnlyRegistryError,
@@ -22,10 +34,13 @@ from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
 from maskhub.storage import remote
-from maskhub.storage.files import publish, remove_tree
+from maskhub.storage.files import discard, publish, remove_tree, tombstone
 from maskhub.storage.index import Index
 
-PARTIAL_SUFFIX = ".partial"
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["PARTIAL_SUFFIX", "Home"]
 
 
 class Home:
@@ -39,14 +54,15 @@ class Home:
     record_class: type[MaskRecord] = MaskRecord
 
     def __init__(self, home: str | os.PathLike[str] | None = None,
-                 store: str | None = None) -> None:
+                 store: str | None = None, *, recover: bool = True) -> None:
         """Open (creating if needed) the home at ``home`` (default: :func:`home_dir`).
 
         ``store``: a URL (``s3://bucket/prefix``) under which new masks are written instead of
         ``<home>/masks`` (default: ``$MASKHUB_STORE``, or ``home``/``$MASKHUB_HOME`` when that
         is a URL, the index then staying in the default local home); see
         :mod:`maskhub.storage.remote`. The index is always local, and opened (migrations
-        applied) on first use.
+        applied) on first use. ``recover``: when the home is writable, first finish what
+        crashed processes left (see :meth:`recover`); ``maskhub fsck`` opens without.
         """
         self.store_url = store_url(store, home)
         if self.store_url is not None and not remote.is_url(self.store_url):
@@ -55,8 +71,8 @@ class Home:
         self.home = home_dir(home)
         _make_home(self.home)
         self.index = Index(self.home / "registry.duckdb")
-        if self.index.writable:
-            self._clean_stale_partials()
+        if recover and self.index.writable:
+            self.recover()
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -80,27 +96,101 @@ class Home:
     def new_store_location(self, mask_id: str) -> Path | str:
         """Where a new mask writes its store: the local staging directory, or, with a remote
         store root, the final URL (registered by its index row, see :meth:`register_store`),
-        after checking that the store root can be reached."""
+        after checking that the store root can be reached.
+
+        A remote store is written in place, not staged: its intent record is written first,
+        so that a process killed while writing it leaves a prefix that recovery deletes.
+        """
         if self.store_url is not None:
+            self.check_writable()
             remote.check_writable(self.store_url)
-            return remote.join(self.store_url, "masks", f"{mask_id}.zarr")
+            url = remote.join(self.store_url, "masks", f"{mask_id}.zarr")
+            write_intent(self.tmp_dir, mask_id, "add", url)
+            return url
         path = self.staging_path(mask_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _clean_stale_partials(self) -> None:
-        """Remove stores left half-written by processes that died (crash, kill -9)."""
-        tmp = self.home / "tmp"
-        if not tmp.is_dir():
-            return
-        for entry in tmp.iterdir():
-            parts = entry.name.split(".")
-            if len(parts) == 3 and entry.name.endswith(PARTIAL_SUFFIX) and parts[1].isdigit():
-                if not _pid_alive(int(parts[1])):
+    @property
+    def tmp_dir(self) -> Path:
+        """Where stores are staged and intent records kept (``<home>/tmp``)."""
+        return self.home / "tmp"
+
+    def tombstone_path(self, mask_id: str) -> Path:
+        """Where the local store of ``mask_id`` is moved while it is being deleted."""
+        return tombstone(self.store_path(mask_id))
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Finish what processes killed mid-write left: delete their staging directories and
+        settle their intent records (:meth:`settle_intent`). Returns one line per thing done.
+
+        Costs one listing of ``tmp/`` when nothing crashed; an index connection (under the
+        exclusive lock) only when an intent record of a dead process is found. A record that
+        cannot be settled now (an unreachable remote store) stays for a later open.
+        """
+        done = self._clean_stale_partials()
+        stale = [i for i in iter_intents(self.tmp_dir) if not pid_alive(i.pid)]
+        if stale:
+            with self.index.connect():
+                for intent in stale:
                     try:
-                        remove_tree(entry)
-                    except OSError:  # not ours to remove (another user's): leave it
-                        pass
+                        done.append(self.settle_intent(intent))
+                    except (MaskhubError, OSError):
+                        continue
+        return done
+
+    def _clean_stale_partials(self) -> list[str]:
+        """Remove stores (and unfinished intent records) left half-written by processes that
+        died (crash, kill -9); return one line per removal."""
+        done: list[str] = []
+        if not self.tmp_dir.is_dir():
+            return done
+        for entry in self.tmp_dir.iterdir():
+            parsed = (parse_name(entry.name, PARTIAL_SUFFIX)
+                      or parse_name(entry.name, INTENT_SUFFIX + ".tmp"))
+            if parsed is None or pid_alive(parsed[1]):
+                continue
+            try:
+                if entry.is_dir():
+                    remove_tree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+            except OSError:  # not ours to remove (another user's): leave it
+                continue
+            done.append(f"removed {entry.relative_to(self.home)}, left by process "
+                        f"{parsed[1]}, which died")
+        return done
+
+    def settle_intent(self, intent: Intent) -> str:
+        """Settle the intent record of a process that died, from the index: with the mask's
+        row committed, its store is the mask's (a tombstoned one, left by an ``rm`` killed
+        before its commit, is renamed back); without it, the store is an orphan and deleted.
+        Then the record goes. Returns what was done, in one line.
+
+        Runs under the exclusive lock: stores enter and leave ``masks/`` only while a writer
+        holds it, so no live writer can be between its rename and its commit now.
+        """
+        mask_id = intent.mask_id
+        final, grave = self.store_path(mask_id), self.tombstone_path(mask_id)
+        with self.index.connect() as con:
+            row = con.execute("SELECT store_url FROM masks WHERE id = ?", [mask_id]).fetchone()
+            if row is None:
+                if intent.store_url is not None:
+                    remove_tree(intent.store_url)
+                discard(final)
+                remove_tree(grave)
+                what = f"deleted the store of {mask_id}, never registered or already removed"
+            else:
+                if row[0] is None and not final.exists() and grave.exists():
+                    os.replace(grave, final)
+                else:
+                    remove_tree(grave)
+                what = f"kept mask {mask_id}: its registration was committed"
+            intent.path.unlink(missing_ok=True)
+        verb = "an interrupted rm" if intent.op == "rm" else "an interrupted registration"
+        return f"{verb} by process {intent.pid}: {what}"
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -153,49 +243,124 @@ class Home:
                        tensors: Sequence[TensorStats],
                        sweep: Sequence[tuple[str, float, int]] = (),
                        analysis: Sequence[TensorAnalysis] = (),
-                       strata: Sequence[tuple[str, int, int, int]] = ()) -> MaskRecord:
+                       strata: Sequence[tuple[str, int, int, int]] = (),
+                       extra: Callable[[duckdb.DuckDBPyConnection], None] | None = None
+                       ) -> MaskRecord:
         """Move a completed store from staging into place and index it, atomically.
 
         ``analysis``: optional ``tensor_analysis`` rows (``diff --rank/--stats``);
         ``strata``: ``tensor_strata`` rows ``(tensor, stratum, numel, n_updated)``.
+        ``extra``: called with the connection inside the same transaction, for rows that must
+        commit with the mask's or not at all (lineage, trajectories).
         A remote store (``tmp`` a URL) stays where it was written; its index row, committed
         last, is what makes it visible. On any failure the store is removed and nothing is
-        registered.
+        registered. Inside an open ``index.connect()`` block the registration joins that
+        transaction, and is settled (kept, or its store removed) by its end; an exception
+        raised here must then abort that transaction.
+
+        The protocol, all under the exclusive lock: insert the rows; write the intent record
+        ``tmp/<id>.<pid>.intent``; rename the store into ``masks/``; commit; delete the
+        record. Killed anywhere, the next writable open settles the record from the index
+        (:meth:`recover`): the whole mask, or nothing.
         """
         with critical_section():  # a Ctrl-C here would split the row from its store
-            return self._register_store(tmp, meta, tensors, sweep, analysis, strata)
+            return self._register_store(tmp, meta, tensors, sweep, analysis, strata, extra)
 
     def _register_store(self, tmp: Path | str, meta: MaskMetadata,
                         tensors: Sequence[TensorStats], sweep: Sequence[tuple[str, float, int]],
                         analysis: Sequence[TensorAnalysis],
-                        strata: Sequence[tuple[str, int, int, int]]) -> MaskRecord:
+                        strata: Sequence[tuple[str, int, int, int]],
+                        extra: Callable[[duckdb.DuckDBPyConnection], None] | None
+                        ) -> MaskRecord:
         url = str(tmp) if remote.is_url(tmp) else None
         final = self.store_path(meta.id)
-        published = False
+        crash_point("register:staged")
+        published: list[Path] = []
+        intent: list[Path] = []
+
+        def settle(committed: bool | None) -> None:
+            if committed is None:
+                return  # the commit failed: its outcome is for recovery to read in the index
+            if committed:
+                crash_point("register:committed")
+            else:
+                remove_tree(tmp)
+                for path in published:
+                    discard(path)
+            for path in intent:
+                path.unlink(missing_ok=True)
+
         try:
             with self.index.connect() as con:
+                self.index.on_exit(settle)
                 if con.execute("SELECT 1 FROM masks WHERE name = ?", [meta.name]).fetchone():
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
                 Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
                 Index.insert_strata(con, meta.id, strata)
+                intent.append(write_intent(self.tmp_dir, meta.id, "add", url))
+                crash_point("register:intent-written")
                 if url is not None:
                     con.execute("UPDATE masks SET store_url = ? WHERE id = ?", [url, meta.id])
                 else:
+                    # A store already there is an orphan: its id had no row (the insert above
+                    # succeeded) and no other writer can be mid-commit (we hold the lock).
+                    discard(final)
                     publish(Path(tmp), final)
-                    published = True
+                    published.append(final)
+                    crash_point("register:published")
+                if extra is not None:
+                    extra(con)
                 mask = self.get(meta.id)  # the same connection: read before the commit
         except BaseException:
-            remove_tree(tmp)
-            if published:
-                remove_tree(final)
+            remove_tree(tmp)  # also when the connection itself failed, before settle was set
             raise
         return mask
 
     def remove(self, mask: MaskRecord) -> None:
-        """Unregister ``mask`` and delete its store."""
-        self.index.delete_mask(mask.id)
-        remove_tree(mask.path)
+        """Unregister ``mask`` and delete its store.
+
+        Under the exclusive lock: write the intent record, delete the rows, rename a local
+        store to its tombstone ``masks/<id>.zarr.removing``, commit; then delete the
+        tombstone (or the remote prefix) and the record. Killed before the commit, recovery
+        renames the tombstone back; after it, recovery finishes the deletion.
+        """
+        with critical_section():
+            self._remove(mask)
+
+    def _remove(self, mask: MaskRecord) -> None:
+        url = str(mask.path) if remote.is_url(mask.path) else None
+        final, grave = self.store_path(mask.id), self.tombstone_path(mask.id)
+        intent: list[Path] = []
+        moved: list[Path] = []
+
+        def settle(committed: bool | None) -> None:
+            if committed is False:
+                for path in moved:
+                    os.replace(grave, path)
+                for path in intent:
+                    path.unlink(missing_ok=True)
+            elif committed:
+                crash_point("rm:committed")
+
+        with self.index.connect():
+            self.index.on_exit(settle)
+            intent.append(write_intent(self.tmp_dir, mask.id, "rm", url))
+            self.index.delete_mask(mask.id)
+            crash_point("rm:intent-written")
+            if url is None and final.exists():
+                remove_tree(grave)
+                os.replace(final, grave)
+                moved.append(final)
+                crash_point("rm:tombstoned")
+        if url is not None:
+            remove_tree(url)
+        else:
+            (grave / "zarr.json").unlink(missing_ok=True)  # no longer a readable store
+            crash_point("rm:half-deleted")
+            remove_tree(grave)
+        for path in intent:
+            path.unlink(missing_ok=True)
 
 
 def _make_home(home: Path) -> None:
@@ -208,12 +373,3 @@ def _make_home(home: Path) -> None:
                   else (exc.strerror or str(exc)).lower())
         raise HomeError(home, reason) from None
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

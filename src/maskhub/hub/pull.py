@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_errors
+from maskhub.checkpoints.hubio import hub_errors, hub_messages
 from maskhub.checkpoints.sources import split_revision
 from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
 from maskhub.hub.card import (
@@ -190,8 +190,8 @@ def _row(registry: Home, sql: str, params: list[Any]) -> dict[str, Any] | None:
 
 
 def pull(registry: Home, repo_id: str, revision: str | None = None, *,
-         name: str | None = None, repo_type: str = "model",
-         token: str | None = None) -> PullResult:
+         name: str | None = None, repo_type: str = "model", token: str | None = None,
+         notice: Callable[[str], None] | None = None, progress: bool = True) -> PullResult:
     """Download the mask of Hub repo ``repo_id`` at ``revision`` (default: main) through the
     huggingface_hub cache, verify it and register it with the repo and resolved commit.
 
@@ -202,7 +202,18 @@ def pull(registry: Home, repo_id: str, revision: str | None = None, *,
     is a no-op. ``name`` defaults to the mask's own name, suffixed ``-2``... when taken.
     ``repo_id`` may carry the revision (``org/name@rev``).
     Works offline (``HF_HUB_OFFLINE=1``) for a revision already in the cache.
+    ``notice``: where huggingface_hub's messages go, as short lines (a retry after a
+    dropped connection: "retrying 2/5 after a dropped connection"); ``progress``: whether
+    its progress bars are drawn (see :func:`~maskhub.checkpoints.hubio.hub_messages`).
     """
+    with hub_messages(notice, progress):
+        return _pull(registry, repo_id, revision, name=name, repo_type=repo_type, token=token)
+
+
+def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
+         name: str | None = None, repo_type: str = "model",
+         token: str | None = None) -> PullResult:
+    """:func:`pull`, huggingface_hub's messages already routed."""
     if revision is None:
         repo_id, revision = split_revision(repo_id)
     check_repo(repo_id, repo_type)

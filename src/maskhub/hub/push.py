@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_errors
+from maskhub.checkpoints.hubio import hub_errors, hub_messages
 from maskhub.errors import HubError
 from maskhub.hub.card import (
     ANALYSIS_FIELDS,
@@ -76,6 +77,8 @@ def _write_errors(repo_id: str, where: str) -> Iterator[None]:
                 yield
             except HfHubHTTPError as exc:
                 status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status == 404 and "xet-write-token" in _request_url(exc):
+                    raise _no_xet(_request_url(exc), repo_id) from None
                 if status in (401, 403) and not isinstance(exc, RepositoryNotFoundError):
                     raise HubError(
                         f"the Hub refused to write to {repo_id} (HTTP {status}): set HF_TOKEN "
@@ -83,11 +86,30 @@ def _write_errors(repo_id: str, where: str) -> Iterator[None]:
                         repo_id) from None
                 raise
     except HubError as exc:
-        if "network error" not in str(exc):
+        text = str(exc)
+        if "xet-write-token" in text and "404" in text:  # hf_xet's own (Rust) error
+            raise _no_xet(text, repo_id) from None
+        if "network error" not in text:
             raise
         raise HubError(f"{exc} (nothing was recorded; push again: it uploads only what the Hub "
                        "lacks and makes no commit if the mask is already there)",
                        repo_id) from exc
+
+
+def _request_url(exc: BaseException) -> str:
+    """The URL of the request behind a huggingface_hub HTTP error (else its message)."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    return str(getattr(request, "url", "") or exc)
+
+
+def _no_xet(text: str, repo_id: str) -> HubError:
+    """The error for an endpoint that answers 404 to the Xet token request (``hf_xet``
+    installed, talking to a self-hosted Hub or a mirror that has no Xet storage)."""
+    match = re.search(r"[a-z]+://[^/\s]+", text)
+    where = match.group(0) if match else "HF_ENDPOINT"
+    return HubError(f"the Hub endpoint at {where} does not speak Xet (its xet-write-token "
+                    "request answered HTTP 404): set HF_HUB_DISABLE_XET=1 to upload through "
+                    "plain LFS", repo_id)
 
 
 def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
@@ -130,13 +152,26 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
 def push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
          revision: str | None = None, commit_message: str | None = None,
          repo_type: str = "model", license: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, notice: Callable[[str], None] | None = None,
+         progress: bool = True) -> PushResult:
     """Upload mask ``ref`` to ``repo_id`` in one commit, creating the repo (and the branch
     ``revision``) if needed, and record the repo and commit in the index.
 
     Pushing an unchanged mask again makes no commit (``changed=False``). ``token`` defaults
     to huggingface_hub's (``HF_TOKEN`` or the stored login).
+    ``notice`` and ``progress``: as for :func:`maskhub.hub.pull.pull`.
     """
+    with hub_messages(notice, progress):
+        return _push(registry, ref, repo_id, private=private, revision=revision,
+                     commit_message=commit_message, repo_type=repo_type, license=license,
+                     token=token)
+
+
+def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
+         revision: str | None = None, commit_message: str | None = None,
+         repo_type: str = "model", license: str | None = None,
+         token: str | None = None) -> PushResult:
+    """:func:`push`, huggingface_hub's messages already routed."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     check_repo(repo_id, repo_type)

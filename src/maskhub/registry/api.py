@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from maskhub.analytics.trajectory import TrajectoryResult
     from maskhub.hub.pull import PullResult
     from maskhub.hub.push import PushResult
+    from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
     from maskhub.training.verify import VerifyReport
 
@@ -101,6 +102,14 @@ class Registry(Home):
         mask = self.get(ref)
         self.remove(mask)
         return mask
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Check that the index and the stores agree (rows and stores, arrays, interrupted
+        writes, staging, lineage, overlap cache, migrations); with ``repair``, fix what can
+        be fixed. See :mod:`maskhub.maintenance.fsck`."""
+        from maskhub.maintenance.fsck import fsck
+
+        return fsck(self, repair=repair)
 
     # -- diff (maskhub.diff) -------------------------------------------------------------
 
@@ -262,11 +271,14 @@ class Registry(Home):
     def push(self, ref: str, repo_id: str, *, private: bool = False,
              revision: str | None = None, commit_message: str | None = None,
              repo_type: str = "model", license: str | None = None,
-             token: str | None = None) -> PushResult:
+             token: str | None = None, notice: Callable[[str], None] | None = None,
+             progress: bool = True) -> PushResult:
         """Upload mask ``ref`` to Hub repo ``repo_id`` in one commit (Zarr store,
         maskhub.json with every file's sha256, tensors.parquet, model card), creating the repo
         and branch ``revision`` if needed; record the repo and commit in the index. An
-        unchanged mask makes no new commit. See :mod:`maskhub.hub.push`."""
+        unchanged mask makes no new commit. ``notice``/``progress``: where huggingface_hub's
+        messages go, as short lines, and whether its progress bars show (see
+        :func:`maskhub.hub.pull.pull`). See :mod:`maskhub.hub.push`."""
         from maskhub.hub.push import push
 
         path = self.get(ref).path
@@ -275,16 +287,21 @@ class Registry(Home):
                              "only (copy it under HOME/masks first)")
         return push(self, ref, repo_id, private=private, revision=revision,
                     commit_message=commit_message, repo_type=repo_type, license=license,
-                    token=token)
+                    token=token, notice=notice, progress=progress)
 
     def pull(self, repo_id: str, revision: str | None = None, *, name: str | None = None,
-             repo_type: str = "model", token: str | None = None) -> PullResult:
+             repo_type: str = "model", token: str | None = None,
+             notice: Callable[[str], None] | None = None, progress: bool = True
+             ) -> PullResult:
         """Download, verify (versions, paths, every sha256, arrays vs metadata) and register
         the mask of Hub repo ``repo_id`` at ``revision``; a no-op for a commit already
-        pulled. Works offline for a cached revision. See :mod:`maskhub.hub.pull`."""
+        pulled. Works offline for a cached revision. ``notice``/``progress``: where
+        huggingface_hub's messages go, as short lines ("retrying 2/5 after a dropped
+        connection"), and whether its progress bars show. See :mod:`maskhub.hub.pull`."""
         from maskhub.hub.pull import pull
 
-        return pull(self, repo_id, revision, name=name, repo_type=repo_type, token=token)
+        return pull(self, repo_id, revision, name=name, repo_type=repo_type, token=token,
+                    notice=notice, progress=progress)
 
     def search(self, *, base_model: str | None = None, algorithm: str | None = None,
                repo_type: str = "model", limit: int = 50,

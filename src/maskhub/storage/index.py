@@ -14,7 +14,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,8 @@ class Index:
         self._migrated = False
         #: The open connection of the current ``connect()`` block and whether it writes.
         self._session: tuple[duckdb.DuckDBPyConnection, bool] | None = None
+        #: What to run when the current write transaction ends (see :meth:`on_exit`).
+        self._exit_hooks: list[Callable[[bool | None], None]] = []
 
     @property
     def writable(self) -> bool:
@@ -197,20 +199,51 @@ class Index:
         with ExitStack() as stack:
             con = self._open(stack, write)
             self._session = (con, write)
+            self._exit_hooks = []
             try:
                 if write:
                     con.execute("BEGIN TRANSACTION")
                     try:
                         yield con
                     except BaseException:
-                        con.execute("ROLLBACK")
+                        try:
+                            con.execute("ROLLBACK")
+                        finally:
+                            self._run_exit_hooks(False)
                         raise
-                    con.execute("COMMIT")
+                    try:
+                        con.execute("COMMIT")
+                    except BaseException:
+                        self._run_exit_hooks(None)
+                        raise
+                    self._run_exit_hooks(True)
                 else:
                     yield con
             finally:
                 self._session = None
+                self._exit_hooks = []
                 con.close()
+
+    def on_exit(self, hook: Callable[[bool | None], None]) -> None:
+        """Run ``hook(committed)`` when the write transaction of the open ``connect()`` block
+        ends, the exclusive lock still held: ``True`` after its COMMIT, ``False`` after a
+        rollback, ``None`` when the COMMIT itself failed (outcome unknown: leave the evidence
+        for recovery). Hooks run in the order added; a nested ``connect()`` adds to the
+        outermost transaction, so work registered inside it is settled by the real commit."""
+        if self._session is None or not self._session[1]:
+            raise RuntimeError("Index.on_exit outside a write connection")
+        self._exit_hooks.append(hook)
+
+    def _run_exit_hooks(self, committed: bool | None) -> None:
+        hooks, self._exit_hooks = self._exit_hooks, []
+        failed: BaseException | None = None
+        for hook in hooks:
+            try:
+                hook(committed)
+            except BaseException as exc:  # the others still run; the first error is raised
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def _open(self, stack: ExitStack, write: bool) -> duckdb.DuckDBPyConnection:
         """A migrated connection, its lock held until ``stack`` closes."""
@@ -251,6 +284,11 @@ class Index:
             finally:
                 con.close()
         return sorted(m.number for m in MIGRATIONS if m.number not in done)
+
+    def pending_migrations(self) -> list[int] | None:
+        """Numbers of the known migrations not applied to the index yet, read without writing
+        anything; ``None`` when there is no index file (or none readable) yet."""
+        return self._pending()
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; return the numbers applied.

@@ -115,6 +115,18 @@ def list_keys(url: str) -> list[str]:
     return [k[len(root) + 1:] for k in found if k.startswith(root + "/")]
 
 
+def list_names(url: str) -> list[str]:
+    """The names of the entries directly under ``url`` (keys and prefixes; empty when nothing
+    is there)."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache(root)
+    try:
+        found = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted({str(k).rstrip("/").rsplit("/", 1)[-1] for k in found} - {""})
+
+
 def remove_keys(url: str, keys: list[str]) -> None:
     """Delete the given keys (relative to ``url``)."""
     if keys:

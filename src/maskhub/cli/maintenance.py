@@ -1,0 +1,46 @@
+"""``maskhub fsck``: a thin layer over :mod:`maskhub.maintenance.fsck`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from maskhub.cli.common import command_home, echo_json, home_option, json_option, store_option
+from maskhub.registry.api import Registry
+
+
+@click.command()
+@click.option("--repair", is_flag=True,
+              help="Fix what is found: delete stale staging, tombstones and orphan stores, "
+                   "settle interrupted writes, unregister masks whose store is missing or "
+                   "incomplete, delete dangling rows, apply pending migrations.")
+@store_option
+@json_option
+@home_option
+def fsck(repair: bool, store: str | None, as_json: bool, home: str | None) -> None:
+    """Check that the index and the mask stores agree: every row has its store and arrays,
+    every store its row, no interrupted write, staging or tombstone is left, the lineage and
+    the overlap cache name registered masks, the migrations are applied. Read-only unless
+    --repair. One line per problem and exit code 1; a one-line summary and 0 when clean.
+    With --store (or MASKHUB_STORE), orphan prefixes under that root are looked for too.
+
+    \b
+    Example:
+      maskhub fsck
+      maskhub fsck --repair
+    """
+    # Opened without recovery: a check reports what a crash left instead of fixing it.
+    report = Registry(command_home(home), store=store, recover=False).fsck(repair=repair)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for finding in report.findings:
+            click.echo(finding.line())
+        if report.clean:
+            click.echo(report.summary())
+    if not report.clean:
+        sys.exit(1)
+
+
+COMMANDS = [fsck]
