@@ -123,3 +123,23 @@ def test_masks_without_strata_fall_back_to_the_stratified_figure(two_masks: None
     r = json.loads(run("overlap", "a", "b", "--refresh", "--json"))
     assert r["expected_magnitude"] is None and r["lift_magnitude"] is None
     assert "no magnitude strata recorded" in run("overlap", "a", "b")
+
+
+def test_strata_cache_gives_the_same_counts_and_survives_damage(two_masks: None,
+                                                                tmp_path: Path,
+                                                                maskhub_home: Path) -> None:
+    """The base's histogram of entries is cached per tensor after the first diff (a and b
+    above share their base): later diffs read it, and a damaged entry is recomputed."""
+    cache = sorted((maskhub_home / "cache" / "strata").glob("*.npy"))
+    assert len(cache) == 2  # one per base tensor
+    rows = "select tensor, stratum, numel, n_updated from tensor_strata where mask_id = '{}' " \
+           "order by 1, 2"
+    reg = Registry()
+    want = reg.sql(rows.format(reg.get("a").id))[1]
+    for damage in (b"not an npy file", None):
+        if damage is not None:
+            for f in cache:
+                f.write_bytes(damage)
+        run("diff", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"),
+            "--name", f"again-{damage is None}")
+        assert reg.sql(rows.format(reg.get(f"again-{damage is None}").id))[1] == want

@@ -31,7 +31,8 @@ from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
-from maskhub.kernels.strata import BINS, StrataFn, strata_fn, strata_rows
+from maskhub.kernels.strata import BINS, StrataCache, StrataFn, strata_fn, strata_rows
+from maskhub.kernels.strata import FORMATS as STRATA_FORMATS
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import TensorStats
@@ -98,6 +99,7 @@ class _Job:
     packed: np.ndarray
     counts: np.ndarray
     strata: np.ndarray  # int64 [2, BINS]: entries and updated entries per exponent of θ0
+    known: np.ndarray | None = None  # the entries' histogram, from the strata cache
     remaining: int = 0
 
 
@@ -193,11 +195,14 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
 
 
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
-             writer: MaskWriter, progress: ProgressFn | None = None) -> DiffOutcome:
+             writer: MaskWriter, progress: ProgressFn | None = None,
+             strata_cache: StrataCache | None = None) -> DiffOutcome:
     """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
-    this thread after each tensor, in order.
+    this thread after each tensor, in order. ``strata_cache``: where the base tensors'
+    exponent histograms are kept between diffs (see :class:`~maskhub.kernels.strata.
+    StrataCache`).
     """
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
@@ -212,7 +217,8 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
-                           np.zeros((2, BINS), dtype=np.int64))
+                           np.zeros((2, BINS), dtype=np.int64),
+                           strata_cache.load(a_info) if strata_cache else None)
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
@@ -223,6 +229,10 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
+            if job.known is not None:
+                job.strata[0] = job.known
+            elif strata_cache is not None and job.a_info.dtype in STRATA_FORMATS:
+                strata_cache.save(job.a_info, job.strata[0])
             if job.a_info.numel:
                 outcome.strata.extend(strata_rows(job.name, job.a_info.dtype, job.strata))
             done_bytes += job.a_info.nbytes + job.b_info.nbytes
@@ -253,8 +263,8 @@ def _stats(job: _Job) -> TensorStats:
                        module, job.a_info.dtype, job.b_info.dtype)
 
 
-def _strata_fn(kernel: DiffKernel, dtype: str) -> StrataFn:
-    return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy")
+def _strata_fn(kernel: DiffKernel, dtype: str, entries: bool = True) -> StrataFn:
+    return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy", entries)
 
 
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
@@ -262,7 +272,7 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
     threads = compute_threads()
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
-    sfns: dict[str, StrataFn] = {}
+    sfns: dict[tuple[str, bool], StrataFn] = {}
     inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
                           np.ndarray | None]] = deque()
 
@@ -281,7 +291,8 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
             for i, job in enumerate(jobs):
                 key = (job.a_info.dtype, job.b_info.dtype)
                 fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
-                sfn = sfns.get(key[0]) or sfns.setdefault(key[0], _strata_fn(kernel, key[0]))
+                skey = (key[0], job.known is None)
+                sfn = sfns.get(skey) or sfns.setdefault(skey, _strata_fn(kernel, *skey))
                 n = job.a_info.numel
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
@@ -315,7 +326,8 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
         if n:
             job.counts += differ.diff(job.a.raw(), job.b.raw(), job.a_info.dtype,
                                       job.b_info.dtype, n, job.packed)
-            _strata_fn(kernel, job.a_info.dtype)(job.a.raw(), job.packed, n, job.strata)
+            _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
+                                                                  job.strata)
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
         prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)

@@ -24,6 +24,7 @@ from maskhub.diff.pipeline import run_diff
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
+from maskhub.kernels.strata import StrataCache
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
@@ -84,7 +85,9 @@ def diff(
                 outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
                                    sweep=kernel.sweep, device=device, progress=checked)
             else:
-                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked)
+                cache = StrataCache(home.home / "cache" / "strata") if home.index.writable \
+                    else None
+                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache)
             analysis = []
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
