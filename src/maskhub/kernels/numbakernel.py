@@ -137,6 +137,28 @@ def numba_chunk(a, b, kind, m, lo, inf, tols, out, counts, pc):  # pragma: no co
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def strata_updated(a, shift, emask, packed, n, out):  # pragma: no cover - compiled
+    """:func:`strata_counts` without the entries' histogram (``out[1]`` only): for a base
+    tensor whose exponent histogram is already known (the strata cache)."""
+    nb = (n + 7) // 8
+    nw = nb // 8
+    for w in range(nw):
+        word = _u64(0)
+        for k in range(8):
+            word |= _u64(packed[w * 8 + k]) << _u64(8 * k)
+        while word:
+            i = w * 64 + trailing_zeros(word)
+            out[1, (a[i] >> shift) & emask] += 1
+            word &= word - _u64(1)
+    for byte_i in range(nw * 8, nb):
+        byte = packed[byte_i]
+        for k in range(8):
+            i = byte_i * 8 + k
+            if i < n and (byte >> k) & 1:
+                out[1, (a[i] >> shift) & emask] += 1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def strata_counts(a, shift, emask, packed, n, out):  # pragma: no cover - compiled
     """Exponent histogram of one chunk: ``out[0, e]`` += entries of ``a`` (unsigned bit
     patterns of θ0) whose exponent field ``(a >> shift) & emask`` is ``e``, ``out[1, e]`` +=
@@ -157,41 +179,4 @@ def strata_counts(a, shift, emask, packed, n, out):  # pragma: no cover - compil
         for k in range(16):
             total += loc[k, e]
         out[0, e] += total
-    nb = (n + 7) // 8
-    nw = nb // 8
-    for w in range(nw):
-        word = _u64(0)
-        for k in range(8):
-            word |= _u64(packed[w * 8 + k]) << _u64(8 * k)
-        while word:
-            i = w * 64 + trailing_zeros(word)
-            out[1, (a[i] >> shift) & emask] += 1
-            word &= word - _u64(1)
-    for byte_i in range(nw * 8, nb):
-        byte = packed[byte_i]
-        for k in range(8):
-            i = byte_i * 8 + k
-            if i < n and (byte >> k) & 1:
-                out[1, (a[i] >> shift) & emask] += 1
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def strata_updated(a, shift, emask, packed, n, out):  # pragma: no cover - compiled
-    """:func:`strata_counts` without the entries' histogram (``out[1]`` only): for a base
-    tensor whose exponent histogram is already known (the strata cache)."""
-    nb = (n + 7) // 8
-    nw = nb // 8
-    for w in range(nw):
-        word = _u64(0)
-        for k in range(8):
-            word |= _u64(packed[w * 8 + k]) << _u64(8 * k)
-        while word:
-            i = w * 64 + trailing_zeros(word)
-            out[1, (a[i] >> shift) & emask] += 1
-            word &= word - _u64(1)
-    for byte_i in range(nw * 8, nb):
-        byte = packed[byte_i]
-        for k in range(8):
-            i = byte_i * 8 + k
-            if i < n and (byte >> k) & 1:
-                out[1, (a[i] >> shift) & emask] += 1
+    strata_updated(a, shift, emask, packed, n, out)
