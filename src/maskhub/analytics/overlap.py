@@ -50,10 +50,11 @@ def overlap(registry: Home, a: str | MaskRecord, b: str | MaskRecord, *,
         a = registry.get(a) if isinstance(a, str) else a
         b = registry.get(b) if isinstance(b, str) else b
         masks = [a, b]
-        layout = check_compatible(registry, masks)
+        # A stored result proves the pair was compatible (masks never change): checked first.
         cached = {} if refresh else load_cached(registry, masks, [(0, 1)], with_tensors=True)
         if (0, 1) in cached:
             return cached[(0, 1)]
+        layout = check_compatible(registry, masks)
         strata = tensor_strata(registry, masks)
     from maskhub.analytics.overlap_counting import count_overlaps  # zarr: only to count
 

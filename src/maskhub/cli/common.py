@@ -173,29 +173,35 @@ def warn(message: str) -> None:
 
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
-    """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(),
-        console=stderr.console, transient=True, disable=not stderr.is_terminal,
-    )
-    task = None
+    """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``;
+    nothing (not even rich's import) until the first update: an answer from the cache draws
+    no bar."""
+    state: dict[str, Any] = {}
 
     def update(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
-        nonlocal task
-        if task is None:
-            task = progress.add_task(description, total=bytes_total)
-        progress.update(task, completed=bytes_done,
-                        description=f"{description} {done}/{total} tensors")
+        if "progress" not in state:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
-    with progress:
+            progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(),
+                console=stderr.console, transient=True, disable=not stderr.is_terminal,
+            )
+            progress.start()
+            state["progress"] = progress
+            state["task"] = progress.add_task(description, total=bytes_total)
+        state["progress"].update(state["task"], completed=bytes_done,
+                                 description=f"{description} {done}/{total} tensors")
+
+    try:
         yield update
+    finally:
+        if "progress" in state:
+            state["progress"].stop()
