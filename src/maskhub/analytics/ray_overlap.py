@@ -46,6 +46,7 @@ class _StoreRef:
 
     @property
     def store(self) -> MaskStore:
+        """The store, opened on first use (on the worker)."""
         if self._store is None:
             self._store = MaskStore(self.path)
         return self._store

@@ -88,10 +88,12 @@ def sha256_file(path: Path) -> str:
 
 
 def git_blob_sha1(data: bytes) -> str:
+    """The git blob id of ``data`` (what the Hub reports for a small, non-LFS file)."""
     return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
 
 
 def check_repo(repo_id: str, repo_type: str) -> None:
+    """Raise :class:`UsageError` unless ``repo_id`` is a valid ``org/name`` of a known type."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if repo_type not in REPO_TYPES:
@@ -105,6 +107,7 @@ def check_repo(repo_id: str, repo_type: str) -> None:
 
 
 def hf_api(token: str | None) -> HfApi:
+    """A huggingface_hub client for ``token`` (None: the user's own login)."""
     # Created per call, never at import: the endpoint and token are read when it is built.
     from huggingface_hub import HfApi
 
@@ -122,8 +125,8 @@ def store_files(store: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-#: The ``diff --rank/--stats`` figures carried in ``tensors.parquet`` (column ``analysis``).
 def as_str(value: Any) -> str | None:
+    """A card field as one string (a one-item list counts), else None."""
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None
     return value if isinstance(value, str) and value else None
