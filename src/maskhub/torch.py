@@ -13,6 +13,7 @@ Example::
 See :mod:`maskhub.training.masking` and docs/training.md.
 """
 
+from maskhub.training.masked_optim import MaskedAdamW
 from maskhub.training.masking import (
     DictMask,
     MaskedParameter,
@@ -28,6 +29,7 @@ from maskhub.training.masking import (
 
 __all__ = [
     "DictMask",
+    "MaskedAdamW",
     "MaskHandle",
     "MaskLike",
     "MaskedParameter",

@@ -1,0 +1,123 @@
+"""``maskhub.torch.MaskedAdamW``: optimizer state only for a mask's entries, with the same
+bits as dense AdamW plus gradient masking and the exact freeze."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
+from maskhub.errors import UsageError
+from maskhub.torch import DictMask, MaskedAdamW, apply_mask
+
+CFG = TinyConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2,
+                 num_heads=2, max_len=16)
+
+
+def planted_mask(model: torch.nn.Module, density: float = 0.2) -> dict[str, np.ndarray]:
+    """Random entries of every matrix trainable; the norms entirely frozen."""
+    rng = np.random.default_rng(0)
+    return {n: (np.zeros(p.shape, bool) if "norm" in n else rng.random(p.shape) < density)
+            for n, p in model.named_parameters()}
+
+
+def batches(n: int = 50) -> list[torch.Tensor]:
+    return synthetic_batches(CFG, n, batch=4, seq=12, seed=3)
+
+
+def test_fp32_bit_identical_to_adamw_with_masking_and_exact_freeze() -> None:
+    torch.manual_seed(0)
+    ref = TinyLlama(CFG)
+    ours = copy.deepcopy(ref)
+    theta0 = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    masks = planted_mask(ref)
+    handle = apply_mask(ref, DictMask(masks))  # exact mode
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1, foreach=False)
+    opt = MaskedAdamW(ours, masks, lr=3e-3, weight_decay=0.1)
+    for ids in batches():
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            model.loss(ids).backward()
+            o.step()
+    handle.remove()
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
+        assert torch.equal(a, b), name  # bit for bit, trainable and frozen entries alike
+        frozen = ~torch.from_numpy(masks[name])
+        assert torch.equal(b[frozen], theta0[name][frozen]), name
+        if masks[name].any():
+            assert not torch.equal(b, theta0[name]), name  # it did train
+    norms = [n for n in masks if "norm" in n]
+    assert sorted(opt.frozen) == sorted(norms)
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if n in norms)
+    n_train = sum(int(m.sum()) for m in masks.values())
+    assert opt.trainable_entries() == n_train
+    assert opt.state_bytes() == n_train * (4 + 4 + 4)  # int32 index, m, v (fp32)
+
+
+def test_bf16_with_fp32_masters_matches_a_dense_master_reference() -> None:
+    """bf16 parameters, fp32 masters: the reference keeps an fp32 master of every entry and
+    runs torch's AdamW on it with masked gradients and the frozen masters restored."""
+    torch.manual_seed(1)
+    ref = TinyLlama(CFG).to(torch.bfloat16)
+    ours = copy.deepcopy(ref)
+    masks = planted_mask(ref)
+    masters = [p.detach().float().clone().requires_grad_(True) for p in ref.parameters()]
+    theta0 = [m.detach().clone() for m in masters]
+    bits = [torch.from_numpy(masks[n]) for n, _ in ref.named_parameters()]
+    opt_ref = torch.optim.AdamW(masters, lr=3e-3, weight_decay=0.1, foreach=False)
+    opt = MaskedAdamW(ours, masks, lr=3e-3, weight_decay=0.1)
+    for ids in batches(30):
+        ref.zero_grad(set_to_none=True)
+        ref.loss(ids).backward()
+        for p, m, b in zip(ref.parameters(), masters, bits, strict=True):
+            m.grad = torch.where(b, p.grad.float(), torch.zeros_like(m))
+        opt_ref.step()
+        with torch.no_grad():
+            for p, m, b, t0 in zip(ref.parameters(), masters, bits, theta0, strict=True):
+                m.copy_(torch.where(b, m, t0))
+                p.copy_(m.to(torch.bfloat16))
+        opt.zero_grad()
+        ours.loss(ids).backward()
+        opt.step()
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
+    n_train = sum(int(m.sum()) for m in masks.values())
+    assert opt.state_bytes() == n_train * (4 + 4 + 4 + 4)  # index, master, m, v
+
+
+def test_state_dict_round_trip_resumes_the_same_run() -> None:
+    torch.manual_seed(2)
+    a = TinyLlama(CFG).to(torch.bfloat16)
+    b = copy.deepcopy(a)
+    masks = planted_mask(a)
+    opt_a = MaskedAdamW(a, masks, lr=1e-2)
+    data = batches(10)
+    for ids in data[:5]:
+        opt_a.zero_grad()
+        a.loss(ids).backward()
+        opt_a.step()
+    saved = copy.deepcopy(opt_a.state_dict())
+    b.load_state_dict(a.state_dict())
+    opt_b = MaskedAdamW(b, masks, lr=1e-2)
+    opt_b.load_state_dict(saved)
+    for ids in data[5:]:
+        for model, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            model.loss(ids).backward()
+            o.step()
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+    masters = [s for s in opt_b.state.values() if s]
+    assert masters and all(s["exp_avg"].dtype == torch.float32 for s in masters)
+
+
+def test_bad_input_is_one_clear_error() -> None:
+    model = TinyLlama(CFG)
+    none = {n: np.zeros(p.shape, bool) for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match="^the mask leaves nothing to train in this model$"):
+        MaskedAdamW(model, none)
+    with pytest.raises(UsageError, match="^invalid AdamW hyperparameters"):
+        MaskedAdamW(TinyLlama(CFG), planted_mask(model), lr=-1.0)
