@@ -121,3 +121,40 @@ def test_bad_input_is_one_clear_error() -> None:
         MaskedAdamW(model, none)
     with pytest.raises(UsageError, match="^invalid AdamW hyperparameters"):
         MaskedAdamW(TinyLlama(CFG), planted_mask(model), lr=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_same_bits_and_gradients_freed(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    a = TinyLlama(CFG).to(dtype)
+    b = copy.deepcopy(a)
+    masks = planted_mask(a)
+    opt_a = MaskedAdamW(a, masks, lr=3e-3, weight_decay=0.1)
+    opt_b = MaskedAdamW(b, masks, lr=3e-3, weight_decay=0.1, fused_backward=True)
+    for ids in batches(20):
+        opt_a.zero_grad()
+        a.loss(ids).backward()
+        opt_a.step()
+        b.loss(ids).backward()  # the updates run here
+        assert all(p.grad is None for p in b.parameters())  # dense gradients already freed
+        opt_b.step()  # a no-op, as a training loop would still call it
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+    with pytest.raises(UsageError, match="not available with fused_backward=True"):
+        opt_b.clip_grad_norm_(1.0)
+    opt_b.remove_hooks()
+
+
+def test_clip_grad_norm_counts_trainable_entries_only() -> None:
+    model = TinyLlama(CFG)
+    masks = planted_mask(model)
+    opt = MaskedAdamW(model, masks)
+    model.loss(batches(1)[0]).backward()
+    want = float(torch.sqrt(sum(
+        (p.grad[torch.from_numpy(masks[n])].double() ** 2).sum()
+        for n, p in model.named_parameters() if p.grad is not None)))
+    assert opt.clip_grad_norm_(1e-3) == pytest.approx(want, rel=1e-5)
+    after = float(torch.sqrt(sum(
+        (p.grad[torch.from_numpy(masks[n])].double() ** 2).sum()
+        for n, p in model.named_parameters() if p.grad is not None)))
+    assert after == pytest.approx(1e-3, rel=1e-3)

@@ -60,8 +60,16 @@ class MaskedAdamW(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, *, master_weights: bool | None = None,
                  strip_prefix: str | None = None, add_prefix: str | None = None,
                  name_map: NameMap | None = None, missing: str = "error",
-                 extra: str = "error", home: str | os.PathLike[str] | None = None) -> None:
-        """Match ``mask`` onto ``model``'s parameters and set up the compact state."""
+                 extra: str = "error", home: str | os.PathLike[str] | None = None,
+                 fused_backward: bool = False) -> None:
+        """Match ``mask`` onto ``model``'s parameters and set up the compact state.
+
+        ``fused_backward``: run each parameter's update in a post-accumulate-grad hook as
+        soon as its gradient is ready and drop the dense gradient right after, so that at
+        most one dense gradient exists at a time; :meth:`step` then does nothing. It cannot
+        be used with gradient accumulation over several backward passes, nor with clipping
+        by the global norm (no global norm exists before the last gradient).
+        """
         if missing not in POLICIES_MISSING:
             raise UsageError(f"missing must be one of {', '.join(POLICIES_MISSING)}, "
                              f"not {missing!r}")
@@ -110,6 +118,27 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise UsageError("the mask leaves nothing to train in this model")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(trained, defaults)
+        self.fused_backward = fused_backward
+        self._hooks = []
+        if fused_backward:
+            for group in self.param_groups:
+                for target in group["params"]:
+                    param = self._targets[id(target)][0]
+                    self._hooks.append(param.register_post_accumulate_grad_hook(
+                        self._hook(group, target)))
+
+    def _hook(self, group: dict[str, Any], target: torch.Tensor) -> Callable[[Any], None]:
+        def on_grad(param: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._update(group, target)
+            param.grad = None  # the dense gradient is freed right after its update
+        return on_grad
+
+    def remove_hooks(self) -> None:
+        """Detach the ``fused_backward`` hooks from the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -118,26 +147,52 @@ class MaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.fused_backward:
+            return loss  # the updates ran during backward
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for target in group["params"]:
-                param, idx = self._targets[id(target)]
-                if param.grad is None:
-                    continue
-                grad = param.grad.reshape(-1).index_select(0, idx)
-                master = target is not param
-                value = target if master else param.detach().reshape(-1).index_select(0, idx)
-                if master:
-                    grad = grad.to(torch.float32)
-                state = self.state[target]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(value)
-                    state["exp_avg_sq"] = torch.zeros_like(value)
-                _adamw_update(value, grad, state, lr, beta1, beta2, eps, wd)
-                param.detach().view(-1)[idx] = value.to(param.dtype)  # int32 indices ok
+                self._update(group, target)
         return loss
+
+    def _update(self, group: dict[str, Any], target: torch.Tensor) -> None:
+        """One AdamW update of one parameter's trainable entries (no-op without a grad)."""
+        param, idx = self._targets[id(target)]
+        if param.grad is None:
+            return
+        beta1, beta2 = group["betas"]
+        grad = param.grad.reshape(-1).index_select(0, idx)
+        master = target is not param
+        value = target if master else param.detach().reshape(-1).index_select(0, idx)
+        if master:
+            grad = grad.to(torch.float32)
+        state = self.state[target]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(value)
+            state["exp_avg_sq"] = torch.zeros_like(value)
+        _adamw_update(value, grad, state, group["lr"], beta1, beta2, group["eps"],
+                      group["weight_decay"])
+        param.detach().view(-1)[idx] = value.to(param.dtype)  # int32 indices are fine here
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the trainable entries' gradients to a global L2 norm of ``max_norm`` (the
+        frozen entries' gradients are never used, so they do not count); returns the norm
+        before clipping. Not available with ``fused_backward``."""
+        if self.fused_backward:
+            raise UsageError("clip_grad_norm_ needs every gradient at once: not available "
+                             "with fused_backward=True")
+        squares = []
+        for param, idx in self._targets.values():
+            if param.grad is not None:
+                squares.append(param.grad.reshape(-1).index_select(0, idx).float()
+                               .pow(2).sum())
+        norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        if norm > max_norm > 0:
+            scale = max_norm / (norm + 1e-6)
+            for param, _ in self._targets.values():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        return norm
 
     def _targets_in_order(self) -> list[torch.Tensor]:
         return [t for group in self.param_groups for t in group["params"]]
