@@ -1,4 +1,11 @@
-"""A ``transformers.TrainerCallback`` that trains only a mask's subnetwork.
+"""Train only a mask's subnetwork with ``transformers.Trainer`` and the TRL trainers.
+
+:class:`MaskCallback` (gradient masking + exact freeze over the Trainer's own optimizer), or
+:func:`masked_optimizer` (a :class:`~maskhub.training.masked_optim.MaskedAdamW` with state only
+for the subnetwork, and the Trainer's learning-rate schedule) for ``Trainer(optimizers=...)``::
+
+    trainer = Trainer(model=model, args=args, ...,
+                      optimizers=masked_optimizer(model, "tulu-dpo", args))
 
 Works for ``Trainer`` and the TRL trainers (DPO, GRPO, PPO... subclass ``Trainer``)::
 
@@ -16,6 +23,7 @@ import os
 from typing import Any
 
 from maskhub.errors import UsageError
+from maskhub.training.masked_optim import MaskedAdamW
 from maskhub.training.masking import MaskHandle, apply_mask, resolve_mask
 
 try:
@@ -60,3 +68,28 @@ class MaskCallback(TrainerCallback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def masked_optimizer(model: Any, mask: Any, args: Any, *,
+                     num_training_steps: int | None = None,
+                     home: str | os.PathLike[str] | None = None,
+                     **optimizer_kwargs: Any) -> tuple[MaskedAdamW, Any]:
+    """``(MaskedAdamW, scheduler)`` for ``Trainer(optimizers=...)``: AdamW's hyperparameters
+    (learning rate, betas, epsilon, weight decay) and the schedule (``lr_scheduler_type``,
+    warm-up) from the ``TrainingArguments`` ``args``, over ``num_training_steps`` (default
+    ``args.max_steps``). ``optimizer_kwargs`` go to :class:`MaskedAdamW` (``master_weights``,
+    ``fused_backward``, name matching...). Call it with the model the Trainer will train,
+    before building the Trainer."""
+    from transformers import get_scheduler
+
+    steps = num_training_steps or getattr(args, "max_steps", 0)
+    if not steps or steps <= 0:
+        raise UsageError("masked_optimizer needs the number of training steps: set "
+                         "max_steps in the TrainingArguments or pass num_training_steps")
+    optimizer = MaskedAdamW(model, mask, lr=args.learning_rate,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                            weight_decay=args.weight_decay, home=home, **optimizer_kwargs)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                              num_warmup_steps=args.get_warmup_steps(steps),
+                              num_training_steps=steps)
+    return optimizer, scheduler
