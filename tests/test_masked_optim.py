@@ -199,3 +199,69 @@ def test_masked_optimizer_in_a_real_transformers_trainer(tmp_path) -> None:
     report = Registry().verify(DictMask(masks, name="planted"), tmp_path / "base",
                                tmp_path / "trained")  # the public API's verify, tol 0
     assert report.ok and report.n_outside == 0 and report.n_changed == moved
+
+
+def _ddp_worker(rank: int, port: int, masks_file: str, out: str) -> None:
+    """One of two gloo ranks: MaskedAdamW on a DDP-wrapped model, rank-specific batches."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = TinyLlama(CFG)
+        with np.load(masks_file, allow_pickle=False) as z:
+            masks = {k: z[k] for k in z.files}
+        # Before wrapping: it turns off requires_grad on all-frozen parameters, which DDP
+        # must know when it builds its buckets.
+        opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)
+        ddp = DistributedDataParallel(model)
+        for ids in synthetic_batches(CFG, 6, batch=4, seq=12, seed=40 + rank):
+            opt.zero_grad()
+            logits = ddp(ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   f"{out}/rank-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes(tmp_path) -> None:
+    """Under DDP the ranks end bit-identical, frozen entries keep θ0's bits, and the result
+    matches one process training on both ranks' batches (to float rounding: DDP averages the
+    gradients in another order)."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed with the gloo backend")
+    torch.manual_seed(0)
+    model = TinyLlama(CFG)
+    masks = planted_mask(model)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    np.savez(tmp_path / "masks.npz", **masks)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "masks.npz"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank-{r}.pt") for r in (0, 1))
+    opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)
+    for a, b in zip(synthetic_batches(CFG, 6, batch=4, seq=12, seed=40),
+                    synthetic_batches(CFG, 6, batch=4, seq=12, seed=41), strict=True):
+        opt.zero_grad()
+        model.loss(torch.cat([a, b])).backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(r0[n], r1[n]), n
+        frozen = ~torch.from_numpy(masks[n])
+        assert torch.equal(r0[n][frozen], theta0[n][frozen]), n
+        torch.testing.assert_close(r0[n], p.detach(), rtol=1e-4, atol=1e-5)
