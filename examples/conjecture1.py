@@ -32,7 +32,7 @@ import torch
 from maskhub import Registry
 from maskhub.demo.pair import save_checkpoint
 from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches, train
-from maskhub.torch import apply_mask
+from maskhub.torch import MaskedAdamW, apply_mask
 
 TOLS = (1e-5, 1e-4)
 
@@ -48,9 +48,10 @@ def _outside_changed(model: torch.nn.Module, theta0: dict[str, torch.Tensor], ma
 
 def run(workdir: Path, cfg: TinyConfig | None = None, sft_steps: int = 40, steps: int = 12,
         lr: float = 2e-5, weight_decay: float = 0.01, batch: int = 16, seq: int = 32,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, optimizer: str = "adamw") -> dict[str, Any]:
     """Run the experiment under ``workdir`` (checkpoints and a private registry); return the
-    report as a dict."""
+    report as a dict. ``optimizer``: ``adamw`` (torch's AdamW with ``apply_mask``) or
+    ``masked-adamw`` (``MaskedAdamW``: state only for the mask's entries) for θ_sub."""
     workdir = Path(workdir)
     reg = Registry(workdir / "home")
     cfg = cfg or TinyConfig()
@@ -81,7 +82,25 @@ def run(workdir: Path, cfg: TinyConfig | None = None, sft_steps: int = 40, steps
             losses = train(model, data, lr=lr, weight_decay=weight_decay, seed=seed + 2)
         return losses, _outside_changed(model, theta0, mask)
 
-    sub_losses, outside = masked_run(exact=True)
+    def masked_adamw_run() -> tuple[list[float], int]:
+        model.load_state_dict(theta0)
+        torch.manual_seed(seed + 2)
+        opt = MaskedAdamW(model, mask, lr=lr, weight_decay=weight_decay)
+        losses = []
+        for ids in data:
+            opt.zero_grad()
+            loss = model.loss(ids)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        for p in model.parameters():  # MaskedAdamW froze the all-frozen ones
+            p.requires_grad_(True)
+        return losses, _outside_changed(model, theta0, mask)
+
+    if optimizer not in ("adamw", "masked-adamw"):
+        raise ValueError(f"optimizer must be adamw or masked-adamw, not {optimizer!r}")
+    sub_losses, outside = masked_run(exact=True) if optimizer == "adamw" \
+        else masked_adamw_run()
     save_checkpoint(model, workdir / "sub")
     save_checkpoint(model, workdir / "sub-fp32", dtype=torch.float32)
     verified = reg.verify(mask, workdir / "theta0-fp32", workdir / "sub-fp32", tol=0.0)
@@ -94,7 +113,7 @@ def run(workdir: Path, cfg: TinyConfig | None = None, sft_steps: int = 40, steps
     return {
         "config": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "vocab": cfg.vocab_size,
                    "n_params": mask.n_params, "steps": steps, "lr": lr,
-                   "weight_decay": weight_decay},
+                   "weight_decay": weight_decay, "optimizer": optimizer},
         "mask": {"n_updated": mask.n_updated, "density": mask.density},
         "equal_fraction": {str(t): 1 - sweep[t] / cmp.n_params for t in TOLS},
         "losses": {"full": full_losses, "masked": sub_losses},
@@ -116,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="keep checkpoints and registry here")
+    ap.add_argument("--optimizer", choices=("adamw", "masked-adamw"), default="adamw",
+                    help="θ_sub's optimizer: AdamW + apply_mask, or MaskedAdamW")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
     cfg = TinyConfig(hidden_size=a.hidden, num_layers=a.layers,
                      intermediate_size=a.hidden * 172 // 64)
     with tempfile.TemporaryDirectory() as tmp:
         report = run(a.workdir or Path(tmp), cfg, a.sft_steps, a.steps, a.lr, a.weight_decay,
-                     seed=a.seed)
+                     seed=a.seed, optimizer=a.optimizer)
     if a.json:
         print(json.dumps(report, indent=2))
         return 0

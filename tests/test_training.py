@@ -634,3 +634,19 @@ def test_conjecture1_example_keeps_frozen_entries_at_theta0(tmp_path):
         frac = report["equal_fraction"][tol]
         assert 1 - report["mask"]["density"] <= frac <= 1
     assert len(report["losses"]["full"]) == len(report["losses"]["masked"]) == 6
+
+
+def test_conjecture1_example_with_masked_adamw_gives_the_same_agreement(tmp_path):
+    """``--optimizer masked-adamw``: θ_sub from MaskedAdamW; fp32 training, so the same bits
+    as AdamW + apply_mask, hence the same θ_sub ≈ θ_full agreement and losses."""
+    spec = importlib.util.spec_from_file_location("conjecture1", ROOT / "examples/conjecture1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = TinyConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, max_len=32)
+    dense = module.run(tmp_path / "a", cfg=cfg, sft_steps=8, steps=6, batch=8, seq=24)
+    masked = module.run(tmp_path / "b", cfg=cfg, sft_steps=8, steps=6, batch=8, seq=24,
+                        optimizer="masked-adamw")
+    assert masked["equal_fraction"] == dense["equal_fraction"]
+    assert masked["losses"]["masked"] == dense["losses"]["masked"]
+    assert masked["exact"]["outside_changed"] == 0 and masked["exact"]["verify_outside"] == 0
