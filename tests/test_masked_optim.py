@@ -11,7 +11,7 @@ import torch
 
 from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
 from maskhub.errors import UsageError
-from maskhub.torch import DictMask, MaskedAdamW, apply_mask
+from maskhub.torch import DictMask, MaskedAdamW, MaskedSGD, apply_mask
 
 CFG = TinyConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2,
                  num_heads=2, max_len=16)
@@ -265,3 +265,27 @@ def test_ddp_two_gloo_processes(tmp_path) -> None:
         frozen = ~torch.from_numpy(masks[n])
         assert torch.equal(r0[n][frozen], theta0[n][frozen]), n
         torch.testing.assert_close(r0[n], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_with_momentum_bit_identical_to_torch_sgd_with_masking(nesterov: bool) -> None:
+    torch.manual_seed(4)
+    ref = TinyLlama(CFG)
+    ours = copy.deepcopy(ref)
+    masks = planted_mask(ref)
+    handle = apply_mask(ref, DictMask(masks))
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=nesterov)
+    opt_ref = torch.optim.SGD(ref.parameters(), foreach=False, **kw)
+    opt = MaskedSGD(ours, masks, **kw)
+    for ids in batches(20):
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            model.loss(ids).backward()
+            o.step()
+    handle.remove()
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    n_train = sum(int(m.sum()) for m in masks.values())
+    assert opt.state_bytes() == n_train * (4 + 4)  # index + momentum buffer
+    with pytest.raises(UsageError, match="^invalid SGD hyperparameters"):
+        MaskedSGD(TinyLlama(CFG), masks, nesterov=True)

@@ -13,7 +13,7 @@ Example::
 See :mod:`maskhub.training.masking` and docs/training.md.
 """
 
-from maskhub.training.masked_optim import MaskedAdamW
+from maskhub.training.masked_optim import MaskedAdamW, MaskedSGD
 from maskhub.training.masking import (
     DictMask,
     MaskedParameter,
@@ -30,6 +30,7 @@ from maskhub.training.masking import (
 __all__ = [
     "DictMask",
     "MaskedAdamW",
+    "MaskedSGD",
     "MaskHandle",
     "MaskLike",
     "MaskedParameter",

@@ -42,43 +42,21 @@ from maskhub.training.masking import (
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-class MaskedAdamW(torch.optim.Optimizer):
-    """AdamW over the trainable entries of a mask only (see the module docstring).
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """An optimizer over the trainable entries of a mask only: the compact-state machinery
+    shared by :class:`MaskedAdamW` and :class:`MaskedSGD` (which supply the update)."""
 
-    ``MaskedAdamW(model, mask, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)``;
-    ``mask`` as :func:`~maskhub.training.masking.apply_mask` takes it (a Mask, a registry
-    name, a Hub repo id, a store path, ``{name: bool array}``), with the same name matching
-    (``strip_prefix``, ``add_prefix``, ``name_map``, tied weights: the union) and policies
-    (``missing``: ``error``/``freeze``/``train``; ``extra``: ``error``/``ignore``).
-    ``master_weights`` (default: for bf16/fp16 parameters) keeps an fp32 copy of their
-    trainable entries that the update runs on. Weight decay applies to trainable entries only.
-    ``state_dict()``/``load_state_dict()`` round-trip (the indices are rebuilt from the mask).
-    """
-
-    def __init__(self, model: nn.Module, mask: Any, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, master_weights: bool | None = None,
-                 strip_prefix: str | None = None, add_prefix: str | None = None,
-                 name_map: NameMap | None = None, missing: str = "error",
-                 extra: str = "error", home: str | os.PathLike[str] | None = None,
-                 fused_backward: bool = False) -> None:
-        """Match ``mask`` onto ``model``'s parameters and set up the compact state.
-
-        ``fused_backward``: run each parameter's update in a post-accumulate-grad hook as
-        soon as its gradient is ready and drop the dense gradient right after, so that at
-        most one dense gradient exists at a time; :meth:`step` then does nothing. It cannot
-        be used with gradient accumulation over several backward passes, nor with clipping
-        by the global norm (no global norm exists before the last gradient).
-        """
+    def _init_masked(self, model: nn.Module, mask: Any, defaults: dict[str, Any], *,
+                     master_weights: bool | None, strip_prefix: str | None,
+                     add_prefix: str | None, name_map: NameMap | None, missing: str,
+                     extra: str, home: str | os.PathLike[str] | None,
+                     fused_backward: bool) -> None:
+        """Match ``mask`` onto ``model``'s parameters and set up the compact state."""
         if missing not in POLICIES_MISSING:
             raise UsageError(f"missing must be one of {', '.join(POLICIES_MISSING)}, "
                              f"not {missing!r}")
         if extra not in POLICIES_EXTRA:
             raise UsageError(f"extra must be one of {', '.join(POLICIES_EXTRA)}, not {extra!r}")
-        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1
-                and 0 <= betas[1] < 1):
-            raise UsageError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, "
-                             f"eps={eps}, weight_decay={weight_decay}")
         source = resolve_mask(mask, home)
         match = match_parameters(model, source, strip_prefix=strip_prefix,
                                  add_prefix=add_prefix, name_map=name_map, missing=missing,
@@ -116,8 +94,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             trained.append(target)
         if not trained:
             raise UsageError("the mask leaves nothing to train in this model")
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(trained, defaults)
+        torch.optim.Optimizer.__init__(self, trained, defaults)
         self.fused_backward = fused_backward
         self._hooks = []
         if fused_backward:
@@ -126,6 +103,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     param = self._targets[id(target)][0]
                     self._hooks.append(param.register_post_accumulate_grad_hook(
                         self._hook(group, target)))
+
 
     def _hook(self, group: dict[str, Any], target: torch.Tensor) -> Callable[[Any], None]:
         def on_grad(param: torch.Tensor) -> None:
@@ -142,7 +120,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One AdamW step on the trainable entries; frozen entries are never written."""
+        """One step on the trainable entries; frozen entries are never written."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -155,23 +133,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, group: dict[str, Any], target: torch.Tensor) -> None:
-        """One AdamW update of one parameter's trainable entries (no-op without a grad)."""
+        """One update of one parameter's trainable entries (no-op without a gradient)."""
         param, idx = self._targets[id(target)]
         if param.grad is None:
             return
-        beta1, beta2 = group["betas"]
         grad = param.grad.reshape(-1).index_select(0, idx)
         master = target is not param
         value = target if master else param.detach().reshape(-1).index_select(0, idx)
         if master:
             grad = grad.to(torch.float32)
-        state = self.state[target]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(value)
-            state["exp_avg_sq"] = torch.zeros_like(value)
-        _adamw_update(value, grad, state, group["lr"], beta1, beta2, group["eps"],
-                      group["weight_decay"])
+        self._compact_update(value, grad, self.state[target], group)
         param.detach().view(-1)[idx] = value.to(param.dtype)  # int32 indices are fine here
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -229,22 +200,119 @@ class MaskedAdamW(torch.optim.Optimizer):
         return sum(int(idx.numel()) for _, idx in self._targets.values())
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: indices, m, v and fp32 masters."""
+        """Bytes of optimizer state: indices, fp32 masters and every state tensor (m, v,
+        momentum buffers; scalar step counters not counted)."""
         total = 0
         for target in (p for g in self.param_groups for p in g["params"]):
             param, idx = self._targets[id(target)]
             total += idx.numel() * idx.element_size()
             if target is not param:
                 total += target.numel() * target.element_size()
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = self.state[target].get(key)
-                if t is not None:
+            for t in self.state[target].values():
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
                     total += t.numel() * t.element_size()
         return total
 
     def parameters_iter(self) -> Iterable[nn.Parameter]:
         """The model parameters this optimizer trains."""
         return (param for param, _ in self._targets.values())
+
+    def _compact_update(self, value: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                        group: dict[str, Any]) -> None:
+        """Update the compact ``value`` in place from ``grad`` (the optimizer's rule)."""
+        raise NotImplementedError
+
+
+class MaskedAdamW(_MaskedOptimizer):
+    """AdamW over the trainable entries of a mask only (see the module docstring).
+
+    ``MaskedAdamW(model, mask, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)``;
+    ``mask`` as :func:`~maskhub.training.masking.apply_mask` takes it (a Mask, a registry
+    name, a Hub repo id, a store path, ``{name: bool array}``), with the same name matching
+    (``strip_prefix``, ``add_prefix``, ``name_map``, tied weights: the union) and policies
+    (``missing``: ``error``/``freeze``/``train``; ``extra``: ``error``/``ignore``).
+    ``master_weights`` (default: for bf16/fp16 parameters) keeps an fp32 copy of their
+    trainable entries that the update runs on. Weight decay applies to trainable entries only.
+    ``state_dict()``/``load_state_dict()`` round-trip (the indices are rebuilt from the mask).
+    """
+
+    def __init__(self, model: nn.Module, mask: Any, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, master_weights: bool | None = None,
+                 strip_prefix: str | None = None, add_prefix: str | None = None,
+                 name_map: NameMap | None = None, missing: str = "error",
+                 extra: str = "error", home: str | os.PathLike[str] | None = None,
+                 fused_backward: bool = False) -> None:
+        """Match ``mask`` onto ``model``'s parameters and set up the compact state.
+
+        ``fused_backward``: run each parameter's update in a post-accumulate-grad hook as
+        soon as its gradient is ready and drop the dense gradient right after, so that at
+        most one dense gradient exists at a time; :meth:`step` then does nothing. It cannot
+        be used with gradient accumulation over several backward passes, nor with clipping
+        by the global norm (no global norm exists before the last gradient).
+        """
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1
+                and 0 <= betas[1] < 1):
+            raise UsageError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, "
+                             f"eps={eps}, weight_decay={weight_decay}")
+        self._init_masked(model, mask, {"lr": lr, "betas": betas, "eps": eps,
+                                        "weight_decay": weight_decay},
+                          master_weights=master_weights, strip_prefix=strip_prefix,
+                          add_prefix=add_prefix, name_map=name_map, missing=missing,
+                          extra=extra, home=home, fused_backward=fused_backward)
+
+    def _compact_update(self, value: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                        group: dict[str, Any]) -> None:
+        """AdamW's update (:func:`_adamw_update`), state made on the first step."""
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(value)
+            state["exp_avg_sq"] = torch.zeros_like(value)
+        beta1, beta2 = group["betas"]
+        _adamw_update(value, grad, state, group["lr"], beta1, beta2, group["eps"],
+                      group["weight_decay"])
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """SGD (with momentum, dampening, Nesterov, L2 weight decay) over a mask's trainable
+    entries only: ``torch.optim.SGD(foreach=False)``'s op sequence on compact tensors, a
+    compact momentum buffer; otherwise as :class:`MaskedAdamW` (masters, fused_backward,
+    name matching, state_dict)."""
+
+    def __init__(self, model: nn.Module, mask: Any, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 *, master_weights: bool | None = None, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, name_map: NameMap | None = None,
+                 missing: str = "error", extra: str = "error",
+                 home: str | os.PathLike[str] | None = None,
+                 fused_backward: bool = False) -> None:
+        """Match ``mask`` onto ``model``'s parameters and set up the compact state."""
+        if not (lr >= 0 and momentum >= 0 and weight_decay >= 0) or \
+                (nesterov and (momentum <= 0 or dampening != 0)):
+            raise UsageError(f"invalid SGD hyperparameters: lr={lr}, momentum={momentum}, "
+                             f"dampening={dampening}, weight_decay={weight_decay}, "
+                             f"nesterov={nesterov}")
+        self._init_masked(model, mask, {"lr": lr, "momentum": momentum,
+                                        "dampening": dampening, "weight_decay": weight_decay,
+                                        "nesterov": nesterov},
+                          master_weights=master_weights, strip_prefix=strip_prefix,
+                          add_prefix=add_prefix, name_map=name_map, missing=missing,
+                          extra=extra, home=home, fused_backward=fused_backward)
+
+    def _compact_update(self, value: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                        group: dict[str, Any]) -> None:
+        """SGD's update, op for op as torch's single-tensor implementation."""
+        if group["weight_decay"] != 0:
+            grad = grad.add(value, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        value.add_(grad, alpha=-group["lr"])
 
 
 def _indices(bits: np.ndarray, param: torch.Tensor) -> torch.Tensor:
@@ -286,4 +354,4 @@ def dense_adamw_bytes(model: nn.Module, master_weights: bool = True) -> int:
     return total
 
 
-__all__ = ["MaskedAdamW", "dense_adamw_bytes"]
+__all__ = ["MaskedAdamW", "MaskedSGD", "dense_adamw_bytes"]
