@@ -4,6 +4,7 @@ bits as dense AdamW plus gradient masking and the exact freeze."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,8 +202,9 @@ def test_masked_optimizer_in_a_real_transformers_trainer(tmp_path) -> None:
     assert report.ok and report.n_outside == 0 and report.n_changed == moved
 
 
-def _ddp_worker(rank: int, port: int, masks_file: str, out: str) -> None:
-    """One of two gloo ranks: MaskedAdamW on a DDP-wrapped model, rank-specific batches."""
+def _dist_worker(rank: int, port: int, masks_file: str, out: str) -> None:
+    """One of two gloo ranks: MaskedAdamW on a DDP-wrapped model, then on an FSDP2-sharded
+    one, rank-specific batches; saves the full parameters of each."""
     import os
 
     import torch.distributed as dist
@@ -212,31 +214,47 @@ def _ddp_worker(rank: int, port: int, masks_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = TinyLlama(CFG)
         with np.load(masks_file, allow_pickle=False) as z:
             masks = {k: z[k] for k in z.files}
+
+        def train(model: torch.nn.Module, forward: torch.nn.Module,
+                  opt: torch.optim.Optimizer) -> None:
+            for ids in synthetic_batches(CFG, 6, batch=4, seq=12, seed=40 + rank):
+                opt.zero_grad()
+                logits = forward(ids[:, :-1])
+                torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  ids[:, 1:].reshape(-1)).backward()
+                opt.step()
+
+        torch.manual_seed(0)
+        model = TinyLlama(CFG)
         # Before wrapping: it turns off requires_grad on all-frozen parameters, which DDP
         # must know when it builds its buckets.
         opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)
-        ddp = DistributedDataParallel(model)
-        for ids in synthetic_batches(CFG, 6, batch=4, seq=12, seed=40 + rank):
-            opt.zero_grad()
-            logits = ddp(ids[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1))
-            loss.backward()
-            opt.step()
+        train(model, DistributedDataParallel(model), opt)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   f"{out}/rank-{rank}.pt")
+                   f"{out}/ddp-{rank}.pt")
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = TinyLlama(CFG)
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)  # on the shards
+        train(model, model, opt)
+        torch.save({n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                   f"{out}/fsdp-{rank}.pt")
+        (Path(out) / f"entries-{rank}.txt").write_text(str(opt.trainable_entries()))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes(tmp_path) -> None:
-    """Under DDP the ranks end bit-identical, frozen entries keep θ0's bits, and the result
-    matches one process training on both ranks' batches (to float rounding: DDP averages the
-    gradients in another order)."""
+def test_ddp_and_fsdp2_on_two_gloo_processes(tmp_path) -> None:
+    """Under DDP and under FSDP2 (each rank keeping the state of its own shard's trainable
+    entries) the ranks end bit-identical, frozen entries keep θ0's bits, and the result
+    matches one process training on both ranks' batches (to float rounding: the gradients
+    are averaged in another order)."""
     import socket
 
     import torch.distributed as dist
@@ -252,19 +270,22 @@ def test_ddp_two_gloo_processes(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "masks.npz"), str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank-{r}.pt") for r in (0, 1))
+    mp.spawn(_dist_worker, args=(port, str(tmp_path / "masks.npz"), str(tmp_path)), nprocs=2)
     opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)
     for a, b in zip(synthetic_batches(CFG, 6, batch=4, seq=12, seed=40),
                     synthetic_batches(CFG, 6, batch=4, seq=12, seed=41), strict=True):
         opt.zero_grad()
         model.loss(torch.cat([a, b])).backward()
         opt.step()
-    for n, p in model.named_parameters():
-        assert torch.equal(r0[n], r1[n]), n
-        frozen = ~torch.from_numpy(masks[n])
-        assert torch.equal(r0[n][frozen], theta0[n][frozen]), n
-        torch.testing.assert_close(r0[n], p.detach(), rtol=1e-4, atol=1e-5)
+    for kind in ("ddp", "fsdp"):
+        r0, r1 = (torch.load(tmp_path / f"{kind}-{r}.pt") for r in (0, 1))
+        for n, p in model.named_parameters():
+            assert torch.equal(r0[n], r1[n]), (kind, n)
+            frozen = ~torch.from_numpy(masks[n])
+            assert torch.equal(r0[n][frozen], theta0[n][frozen]), (kind, n)
+            torch.testing.assert_close(r0[n], p.detach(), rtol=1e-4, atol=1e-5)
+    shards = [int((tmp_path / f"entries-{r}.txt").read_text()) for r in (0, 1)]
+    assert sum(shards) == sum(int(m.sum()) for m in masks.values()) and min(shards) > 0
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

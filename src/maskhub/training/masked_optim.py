@@ -35,6 +35,8 @@ from maskhub.training.masking import (
     POLICIES_MISSING,
     DTensor,
     NameMap,
+    _local,
+    _local_bits,
     match_parameters,
     resolve_mask,
 )
@@ -76,18 +78,19 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             entries += [(n, p, np.packbits(np.ones(p.numel(), bool), bitorder=BITORDER))
                         for n, p in zip(match.missing, match.missing_params, strict=True)]
         for name, param, bits in entries:
-            if DTensor is not None and isinstance(param, DTensor):
-                raise UsageError(f"{name} is sharded (FSDP2): MaskedAdamW supports plain and "
-                                 "DDP-wrapped models; use apply_mask for FSDP2")
-            idx = _indices(bits, param) if bits is not None else None
-            if idx is None or idx.numel() == 0:
-                param.requires_grad_(False)  # no gradient, no state
+            if bits is None or not bits.any():  # frozen on every rank: no gradient, no state
+                param.requires_grad_(False)
                 self.frozen.append(name)
                 continue
+            # FSDP2: this rank keeps the state of its own shard's trainable entries only.
+            local = _local(param)
+            idx = _indices(_local_bits(bits, tuple(param.shape), param), local)
+            if idx.numel() == 0:
+                continue  # trainable elsewhere, not in this rank's shard
             use_master = param.dtype in _LOW_PRECISION if master_weights is None \
                 else master_weights
             if use_master:
-                target = param.detach().reshape(-1).index_select(0, idx).to(torch.float32)
+                target = local.detach().reshape(-1).index_select(0, idx).to(torch.float32)
             else:
                 target = param
             self._targets[id(target)] = (param, idx)
@@ -137,13 +140,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         param, idx = self._targets[id(target)]
         if param.grad is None:
             return
-        grad = param.grad.reshape(-1).index_select(0, idx)
+        local = _local(param).detach()
+        grad = _local(param.grad).reshape(-1).index_select(0, idx)
         master = target is not param
-        value = target if master else param.detach().reshape(-1).index_select(0, idx)
+        value = target if master else local.reshape(-1).index_select(0, idx)
         if master:
             grad = grad.to(torch.float32)
         self._compact_update(value, grad, self.state[target], group)
-        param.detach().view(-1)[idx] = value.to(param.dtype)  # int32 indices are fine here
+        local.view(-1)[idx] = value.to(param.dtype)  # int32 indices are fine here
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the trainable entries' gradients to a global L2 norm of ``max_norm`` (the
@@ -152,6 +156,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if self.fused_backward:
             raise UsageError("clip_grad_norm_ needs every gradient at once: not available "
                              "with fused_backward=True")
+        if DTensor is not None and any(isinstance(p, DTensor) for p, _ in
+                                       self._targets.values()):
+            raise UsageError("clip_grad_norm_ of MaskedAdamW does not reduce across FSDP2 "
+                             "shards yet")
         squares = []
         for param, idx in self._targets.values():
             if param.grad is not None:
@@ -234,6 +242,8 @@ class MaskedAdamW(_MaskedOptimizer):
     ``master_weights`` (default: for bf16/fp16 parameters) keeps an fp32 copy of their
     trainable entries that the update runs on. Weight decay applies to trainable entries only.
     ``state_dict()``/``load_state_dict()`` round-trip (the indices are rebuilt from the mask).
+    DDP: build it before wrapping; FSDP2: after ``fully_shard`` (each rank keeps the state of
+    its own shard's trainable entries).
     """
 
     def __init__(self, model: nn.Module, mask: Any, lr: float = 1e-3,
