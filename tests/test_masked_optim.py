@@ -310,3 +310,45 @@ def test_sgd_with_momentum_bit_identical_to_torch_sgd_with_masking(nesterov: boo
     assert opt.state_bytes() == n_train * (4 + 4)  # index + momentum buffer
     with pytest.raises(UsageError, match="^invalid SGD hyperparameters"):
         MaskedSGD(TinyLlama(CFG), masks, nesterov=True)
+
+
+def test_masked_optimizer_in_a_real_trl_dpo_trainer(tmp_path) -> None:
+    """TRL's DPOTrainer with optimizers=masked_optimizer(...): a tiny Llama, a word-level
+    tokenizer built here, arithmetic preference pairs; the frozen entries keep their bits."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from trl import DPOConfig, DPOTrainer
+
+    from maskhub.integrations.transformers import masked_optimizer
+
+    words = ["<pad>", "<eos>", "+", "="] + [str(i) for i in range(12)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
+                                               eos_token="<eos>")
+    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=32,
+                                      intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, pad_token_id=0,
+                                      eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    masks = planted_mask(model)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = Dataset.from_list([{"prompt": f"{a} + {b} =", "chosen": f" {a + b}",
+                               "rejected": f" {a + b + 1}"} for a in range(4) for b in range(4)])
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                     learning_rate=1e-2, weight_decay=0.1, use_cpu=True, report_to=[],
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=data, processing_class=tok,
+                         optimizers=masked_optimizer(model, masks, args))
+    trainer.train()
+    moved = 0
+    for n, p in model.named_parameters():
+        frozen = ~torch.from_numpy(masks[n])
+        assert torch.equal(p.detach()[frozen], theta0[n][frozen]), n
+        moved += int((p.detach()[~frozen] != theta0[n][~frozen]).sum())
+    assert moved > 0.9 * sum(int(m.sum()) for m in masks.values())
