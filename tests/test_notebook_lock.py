@@ -79,7 +79,7 @@ def test_a_write_waits_then_fails_in_one_line(reg: Registry, monkeypatch: pytest
         "snapshot that never blocks writers: maskhub.Registry().connect()"]
     assert 0.5 <= waited < 10
     assert [r["name"] for r in Registry().ls()] == ["a", "b"]  # nothing half-registered
-    assert Registry().sql("select count(*) from overlaps")[1] == [(0,)]
+    assert Registry().sql("select count(*) from \"overlaps\"")[1] == [(0,)]
     assert Registry().fsck().findings == []
 
 
@@ -95,7 +95,7 @@ def test_a_write_waits_for_the_notebook_to_close_then_proceeds(
     assert err == [f"waiting for process {proc.pid} ({PROCESS}), which holds registry.duckdb "
                    "open (up to 60 s; set MASKHUB_LOCK_WAIT to change)..."]
     ab = Registry().get("ab")
-    assert ab.n_updated == 3 and ab["model.layers.0.self_attn.q_proj.weight"].tolist() == [
+    assert ab.n_updated == 4 and ab["model.layers.0.self_attn.q_proj.weight"].tolist() == [
         [True, False, True, False, False], [True, False, False, True, False]]
 
 
