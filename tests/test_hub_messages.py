@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,14 +92,20 @@ def test_a_push_into_a_pipe_that_closes_still_finishes(hub_server: HubServer,
     mask = diff_mask(tmp_path, "piped")
     command = (f"{shlex.quote(sys.executable)} -c {shlex.quote(RUN)} push piped {REPO} 2>&1 "
                "| head -1")
-    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120,
-                          env=os.environ.copy())
+    proc = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung push too, not only the shell
+        proc.communicate()
+        raise
     assert proc.returncode == 0
     head = hub_server.head(REPO)
     data = hub_server.file_bytes(REPO, "maskhub.json")
     listed = json.loads(data)["files"]
     n_bytes = sum(f["size"] for f in listed.values()) + len(data)
-    assert proc.stdout == (f"pushed piped to {REPO}@main: commit {head[:12]} "
+    assert out == (f"pushed piped to {REPO}@main: commit {head[:12]} "
                            f"({len(listed) + 1} files, {n_bytes:,} bytes)\n")
     assert Registry().get("piped").row["hub_revision"] == head
     assert json.loads(data)["mask"]["id"] == mask.id
