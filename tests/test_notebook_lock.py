@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from test_overlap import register_bits
 
 from maskhub import Registry
 from maskhub.cli import main
+from maskhub.errors import RegistryBusyError
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 A = {Q: np.array([[1, 1, 1, 0, 0], [1, 0, 0, 1, 0]], bool)}
@@ -128,3 +130,18 @@ def test_a_snapshot_connection_never_blocks_a_writer(reg: Registry) -> None:
         proc.kill()
         proc.wait()
     assert not list(Path(reg.home / "tmp").glob("*.intent"))
+
+
+def test_the_same_process_holding_the_index_open_is_one_error(reg: Registry) -> None:
+    con = duckdb.connect(str(reg.index.path), read_only=True)  # a notebook's own connection
+    try:
+        with pytest.raises(RegistryBusyError) as info:
+            reg.combine("union", ["a", "b"], name="ab")
+        assert str(info.value) == (
+            f"this process holds {reg.index.path} open through its own duckdb.connect() "
+            "(read-only?), so maskhub cannot write it; close that connection, or query a "
+            "snapshot that never blocks writers: maskhub.Registry().connect()")
+        assert [r["name"] for r in reg.ls()] == ["a", "b"]  # reading works alongside it
+    finally:
+        con.close()
+    assert reg.combine("union", ["a", "b"], name="ab").n_updated == 7

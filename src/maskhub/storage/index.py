@@ -198,6 +198,14 @@ class Index:
                 holder = _lock_holder(message)
                 if holder is None:
                     raise
+            except duckdb.ConnectionException as exc:
+                if "different configuration" not in str(exc):
+                    raise
+                raise RegistryBusyError(
+                    f"this process holds {self.path} open through its own duckdb.connect() "
+                    f"(read-only?), so maskhub cannot {'write' if write else 'read'} it; close "
+                    "that connection, or query a snapshot that never blocks writers: "
+                    "maskhub.Registry().connect()") from None
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.foreign_wait
