@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from factory import make_pair
 from test_overlap import register_bits
 
 from maskhub import Registry
@@ -60,10 +61,14 @@ def invoke(*args: str) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("command", [("combine", "intersect", "a", "b", "--name", "ab"),
-                                     ("overlap", "a", "b", "--refresh")])
+                                     ("overlap", "a", "b", "--refresh"),
+                                     ("diff", "{base}", "{target}", "--name", "d")])
 def test_a_write_waits_then_fails_in_one_line(reg: Registry, monkeypatch: pytest.MonkeyPatch,
-                                              command: tuple[str, ...]) -> None:
+                                              tmp_path: Path, command: tuple[str, ...]) -> None:
     monkeypatch.setenv("MASKHUB_LOCK_WAIT", "0.5")
+    if command[0] == "diff":
+        base, target, _ = make_pair(tmp_path)
+        command = tuple(c.format(base=base, target=target) for c in command)
     proc = hold(reg, 30)
     try:
         start = time.monotonic()
