@@ -14,12 +14,12 @@ LAYERS = (
     ("definitions", {"errors", "config", "schemas"}),
     ("infrastructure", {"storage", "checkpoints", "kernels"}),
     ("core", {"core"}),
-    ("features", {"diff", "analytics", "hub", "training", "demo", "maintenance"}),
+    ("features", {"diff", "analytics", "hub", "ingest", "training", "demo", "maintenance"}),
     ("facade", {"registry", "torch", "integrations", "__init__"}),
     ("command line", {"cli", "entry"}),
 )
 #: Features may use each other only in this order (a feature imports those before it).
-FEATURE_ORDER = ("diff", "analytics", "hub", "training", "demo", "maintenance")
+FEATURE_ORDER = ("diff", "analytics", "hub", "ingest", "training", "demo", "maintenance")
 
 
 def _module_name(path: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,12 +71,14 @@ def diff_mask(tmp_path: Path, name: str, *, density: float = 0.2, seed: int = 0,
 
 
 def assert_same_mask(a: Mask, b: Mask) -> None:
-    """Identical bits (every tensor's packed bytes), stats and metadata."""
+    """Identical bits (every tensor's packed bytes), stats and metadata; ``b``, pulled, has
+    its ``hub_repo`` attribute naming the repo it was published to."""
     assert a.tensor_names() == b.tensor_names()
     for t in a.tensor_names():
         assert a.packed(t).tobytes() == b.packed(t).tobytes(), t
     assert a.tensor_stats() == b.tensor_stats()
-    assert a.metadata == b.metadata
+    assert b.metadata.hub_repo is not None
+    assert b.metadata == replace(a.metadata, hub_repo=b.metadata.hub_repo)
 
 
 def masks_in(home: Path) -> list[dict]:
@@ -178,6 +181,9 @@ def test_push_pull_roundtrip_identical_bits_stats_metadata(
     assert (got["name"], got["id"], got["n_updated"]) == ("tulu-dpo", mask.id, mask.n_updated)
     pulled = Registry().get("tulu-dpo")
     assert_same_mask(mask, pulled)
+    assert (mask.metadata.hub_repo, pulled.metadata.hub_repo) == (None, REPO)
+    assert json.loads(hub_server.file_bytes(REPO, "mask.zarr/zarr.json"))["attributes"] == \
+        {**json.loads((mask.path / "zarr.json").read_text())["attributes"], "hub_repo": REPO}
     assert pulled.row == Registry(maskhub_home).get("tulu-dpo").row
     assert cli("show", "tulu-dpo", "--json").stdout == shown
     strata = "select tensor, stratum, numel, n_updated from tensor_strata order by 1, 2"
@@ -282,6 +288,38 @@ def test_push_branch_and_dataset_repo(pushed: Mask, hub_server: HubServer, tmp_p
     assert same.status == "already registered" and same.mask.name == "from-ds"
     assert same.notes == (f"this mask (id {pushed.id[:12]}) is already registered as 'from-ds'",)
     assert sorted(r["name"] for r in Registry().ls()) == ["from-ds", "other"]
+
+
+def test_a_card_publishes_hub_ids_and_given_names_never_local_paths(
+        hub_server: HubServer, tmp_path: Path) -> None:
+    local = diff_mask(tmp_path, "local-run", base_model=None)
+    assert local.row["base_model"].startswith(str(tmp_path))  # recorded: the local path
+    local.push_to_hub("bob/local-run")
+    card = hub_server.file_bytes("bob/local-run", "README.md").decode()
+    assert str(tmp_path) not in card and "ck-local-run" not in card
+    meta = parse_card(card.encode())
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert "datasets" not in meta
+    assert {k: v for k, v in meta["maskhub"].items() if "model" in k or k == "dataset"} == {}
+    assert "Which parameters the dpo fine-tuning changed: a boolean mask" in card
+
+    shapes = llama_shapes()
+    base = random_state(shapes)
+    target, _ = plant_updates(base, 0.2, 1)
+    b, t = save(base, tmp_path / "b"), save(target, tmp_path / "t")
+    Registry().diff(b, t, name="named", base_model="org/base-7b", target_model="my-grpo-run",
+                    dataset="org/math-prefs", algorithm="grpo").push_to_hub("bob/named")
+    card = hub_server.file_bytes("bob/named", "README.md").decode()
+    assert str(tmp_path) not in card
+    meta = parse_card(card.encode())
+    assert (meta["base_model"], meta["base_model_relation"], meta["datasets"]) == (
+        "org/base-7b", "adapter", ["org/math-prefs"])
+    assert {k: meta["maskhub"][k] for k in ("base_model", "target_model", "dataset")} == {
+        "base_model": "org/base-7b", "target_model": "my-grpo-run",
+        "dataset": "org/math-prefs"}
+    assert ("Which parameters the grpo fine-tuning of `my-grpo-run` changed, relative to "
+            "`org/base-7b`: a boolean mask") in card
+    assert "| fine-tuned model | `my-grpo-run` |" in card
 
 
 def test_search_by_base_model_and_algorithm(pushed: Mask, hub_server: HubServer,

@@ -5,8 +5,11 @@ processes, so that the library's own stderr handler would show if it were not re
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +81,31 @@ def test_push_to_an_endpoint_without_xet(hub_server: HubServer, tmp_path: Path,
     assert line == (f"Error: the Hub endpoint at {constants.ENDPOINT} does not speak Xet (its "
                     "xet-write-token request answered HTTP 404): set HF_HUB_DISABLE_XET=1 to "
                     "upload through plain LFS")
+
+
+def test_a_push_into_a_pipe_that_closes_still_finishes(hub_server: HubServer,
+                                                       tmp_path: Path) -> None:
+    # `maskhub push ... 2>&1 | head -1`: the reader goes after one line; the upload must
+    # neither hang on huggingface_hub's progress bars nor stop half-way.
+    from maskhub import Registry
+
+    mask = diff_mask(tmp_path, "piped")
+    command = (f"{shlex.quote(sys.executable)} -c {shlex.quote(RUN)} push piped {REPO} 2>&1 "
+               "| head -1")
+    proc = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung push too, not only the shell
+        proc.communicate()
+        raise
+    assert proc.returncode == 0
+    head = hub_server.head(REPO)
+    data = hub_server.file_bytes(REPO, "maskhub.json")
+    listed = json.loads(data)["files"]
+    n_bytes = sum(f["size"] for f in listed.values()) + len(data)
+    assert out == (f"pushed piped to {REPO}@main: commit {head[:12]} "
+                           f"({len(listed) + 1} files, {n_bytes:,} bytes)\n")
+    assert Registry().get("piped").row["hub_revision"] == head
+    assert json.loads(data)["mask"]["id"] == mask.id

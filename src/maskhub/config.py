@@ -39,3 +39,17 @@ def _is_url(value: str) -> bool:
     head, sep, _ = value.partition("://")
     return bool(sep) and head.replace("+", "").replace(".", "").replace("-", "").isalnum() \
         and head.lower() != "file"
+
+
+#: How long a command waits, by default, for another process (a notebook's own
+#: ``duckdb.connect``) that holds ``registry.duckdb`` open, before failing in one line.
+FOREIGN_LOCK_WAIT_S = 60.0
+
+
+def foreign_lock_wait() -> float:
+    """Seconds to wait for a process outside maskhub that holds DuckDB's lock on the index:
+    ``$MASKHUB_LOCK_WAIT`` when set to a number, else :data:`FOREIGN_LOCK_WAIT_S`."""
+    try:
+        return max(0.0, float(os.environ["MASKHUB_LOCK_WAIT"]))
+    except (KeyError, ValueError):
+        return FOREIGN_LOCK_WAIT_S

@@ -159,7 +159,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
 def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print CSV on stdout."""
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")  # not CRLF: shell substitution keeps \r
     w.writerow(columns)
     for r in rows:
         w.writerow([fmt(v) for v in r])

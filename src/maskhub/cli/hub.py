@@ -35,15 +35,21 @@ def hub_output(quiet: bool) -> dict[str, Any]:
     and huggingface_hub's warnings as one short line each on stderr, or nothing."""
     if quiet:
         return {"notice": lambda line: None, "progress": False}
-    return {"notice": _above_bars, "progress": True}
+    # Bars only on a terminal: drawn into a pipe they are noise, and once the pipe closes
+    # (`maskhub push ... 2>&1 | head -1`) tqdm's upload threads fail while holding its lock.
+    return {"notice": _above_bars, "progress": sys.stderr.isatty()}
 
 
 def _above_bars(line: str) -> None:
     """A line on stderr that does not run into huggingface_hub's progress bars (tqdm, which
-    it brings): printed above them, the bars redrawn below."""
+    it brings): printed above them, the bars redrawn below. A closed stderr (the reader of a
+    pipe has gone) drops the line instead of failing the thread that logged it."""
     from tqdm import tqdm
 
-    tqdm.write(line, file=sys.stderr)
+    try:
+        tqdm.write(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def repo_type_option(f: F) -> F:

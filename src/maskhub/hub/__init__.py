@@ -3,7 +3,8 @@
 
 A mask's Hub repo holds (the contract of DESIGN.md, documented in ``docs/hub.md``):
 
-* ``mask.zarr/``: the Zarr v3 store, byte for byte as in the registry;
+* ``mask.zarr/``: the Zarr v3 store as in the registry, its ``hub_repo`` attribute naming
+  the repo;
 * ``maskhub.json``: the schema version, the mask metadata (the store's group attributes)
   and the sha256 and size of every other file maskhub wrote;
 * ``tensors.parquet``: per-tensor stats (and tolerance-sweep counts), for the Hub's viewer

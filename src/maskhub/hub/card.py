@@ -4,8 +4,9 @@ analysis) and the model card.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
@@ -18,11 +19,6 @@ from maskhub.hub.layout import (
 )
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
-
-if TYPE_CHECKING:
-
-    pass
-
 
 ANALYSIS_FIELDS = (("rank", pa.int64()), ("max_rank", pa.int64()), ("rank_rtol", pa.float64()),
                    ("sign_flips", pa.int64()), ("mean_abs_delta", pa.float64()),
@@ -76,39 +72,60 @@ def _module_rows(stats: Sequence[TensorStats]) -> list[tuple[str, int, int, int]
     return [(m, acc[m][0], acc[m][1], acc[m][2]) for m in order]
 
 
+def public_name(model: str | None) -> str | None:
+    """What a card may say about a checkpoint: a Hub repo id or a name given with
+    ``--base-model/--target-model``, never a local path (recorded as an absolute path)."""
+    if not model or not model.strip():
+        return None
+    if model.startswith(("/", "~", "./", "../", "\\")) or re.match(r"[A-Za-z]:[\\/]", model):
+        return None
+    return model
+
+
 def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], repo_id: str,
                 repo_type: str = "model", license: str | None = None) -> str:
     """The model card (README.md): YAML front matter for the Hub's search, then a summary,
-    the per-module table and a snippet to pull and apply the mask."""
+    the per-module table and a snippet to pull and apply the mask.
+
+    Checkpoints appear by Hub id or by the name given with ``--base-model/--target-model``;
+    a local path is left out (text and metadata). ``base_model`` (with
+    ``base_model_relation: adapter``: the mask is applied to the base to train it) only for
+    a Hub id; ``datasets`` when the run's dataset is known."""
     from huggingface_hub import ModelCardData
 
+    base, target = public_name(meta.base_model), public_name(meta.target_model)
+    dataset = public_name(meta.dataset)
     algorithm = (meta.algorithm or "").strip().lower() or None
     tags = [*BASE_TAGS, *([algorithm] if algorithm else [])]
     details = {"mask_id": meta.id, "name": name, "algorithm": meta.algorithm,
-               "base_model": meta.base_model, "base_revision": meta.base_revision,
-               "target_model": meta.target_model, "target_revision": meta.target_revision,
-               "seed": meta.seed, "dataset": meta.dataset, "tol": meta.tol,
+               "base_model": base, "base_revision": meta.base_revision,
+               "target_model": target, "target_revision": meta.target_revision,
+               "seed": meta.seed, "dataset": dataset, "tol": meta.tol,
                "n_params": meta.n_params, "n_updated": meta.n_updated,
                "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version}
+    hub_base = base if is_hub_repo_id(base) else None
+    relation = {"base_model_relation": "adapter"} if hub_base else {}
     card = ModelCardData(
-        library_name="maskhub", license=license,
-        base_model=meta.base_model if is_hub_repo_id(meta.base_model) else None,
-        tags=tags, maskhub={k: v for k, v in details.items() if v is not None},
+        library_name="maskhub", license=license, base_model=hub_base,
+        datasets=[dataset] if dataset else None,
+        tags=tags, maskhub={k: v for k, v in details.items() if v is not None}, **relation,
     )
     kind = f"{meta.algorithm} " if meta.algorithm else ""
     summary = [
-        ("base model", _code(meta.base_model, meta.base_revision)),
-        ("fine-tuned model", _code(meta.target_model, meta.target_revision)),
-        ("algorithm", meta.algorithm), ("seed", meta.seed), ("dataset", meta.dataset),
+        ("base model", _code(base, meta.base_revision)),
+        ("fine-tuned model", _code(target, meta.target_revision)),
+        ("algorithm", meta.algorithm), ("seed", meta.seed), ("dataset", dataset),
         ("tolerance", f"updated iff \\|θ1 − θ0\\| > {meta.tol:g}"), ("dtype", meta.dtype),
         ("parameters", f"{meta.n_params:,}"), ("updated", f"{meta.n_updated:,}"),
         ("sparsity", f"{100 * meta.sparsity:.2f}%"), ("mask id", f"`{meta.id}`"),
     ]
+    of_target = f" of `{target}`" if target else ""
+    to_base = f", relative to `{base}`" if base else ""
     lines = [
         "---", card.to_yaml(), "---", "",
         f"# {name}: update mask", "",
-        f"Which parameters the {kind}fine-tuning of `{meta.target_model}` changed, relative "
-        f"to `{meta.base_model}`: a boolean mask per parameter tensor, made with "
+        f"Which parameters the {kind}fine-tuning{of_target} changed{to_base}: a boolean "
+        "mask per parameter tensor, made with "
         "[maskhub](https://github.com/maskhub/maskhub). "
         f"{100 * meta.density:.2f}% of the parameters were updated.", "",
         "| | |", "| --- | --- |",
@@ -144,5 +161,7 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
     return "\n".join(lines)
 
 
-def _code(model: str, revision: str | None) -> str:
+def _code(model: str | None, revision: str | None) -> str | None:
+    if model is None:
+        return None
     return f"`{model}`" + (f" @ `{revision}`" if revision else "")

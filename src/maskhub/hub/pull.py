@@ -183,6 +183,11 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
     return sweep, analysis, strata
 
 
+def _content(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A mask's attributes without where it was published (a pushed store names its repo)."""
+    return {k: v for k, v in attrs.items() if k not in ("hub_repo", "hub_revision")}
+
+
 def _row(registry: Home, sql: str, params: list[Any]) -> dict[str, Any] | None:
     with registry.index.connect(write=False) as con:
         rows = registry.index.rows(con, sql, params)
@@ -248,7 +253,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     same_id = _row(registry, "SELECT name FROM masks WHERE id = ?", [meta.id])
     if same_id is not None:
         local = registry.get(meta.id)
-        if dict(local.store.group.attrs) != manifest.attrs:
+        if _content(dict(local.store.group.attrs)) != _content(manifest.attrs):
             raise MaskStoreError(
                 f"Hub repo {where} holds mask id {meta.id}, which the local mask "
                 f"{same_id['name']!r} already uses with different content; remove it first "

@@ -128,6 +128,13 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
         strata = con.execute("SELECT tensor, stratum, numel, n_updated FROM tensor_strata "
                              "WHERE mask_id = ?", [mask.id]).fetchall()
     files = dict(store_files(mask.path))
+    # The published store names the repo it lives in (the local one stays as registered):
+    # the same bytes at every push of an unchanged mask, so a second push commits nothing.
+    group = json.loads(Path(mask.path, "zarr.json").read_text(encoding="utf-8"))
+    group["attributes"] = {**group.get("attributes", {}),
+                           "hub_repo": hub_ref(repo_id, repo_type)}
+    (dest / "zarr.json").write_text(json.dumps(group, indent=2), encoding="utf-8")
+    files[f"{STORE_DIR}/zarr.json"] = dest / "zarr.json"
     pq.write_table(tensors_table(stats, sweep, analysis, strata), dest / TENSORS_FILE,
                    compression="zstd")
     files[TENSORS_FILE] = dest / TENSORS_FILE
@@ -139,7 +146,7 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
         "kind": HUB_KIND,
         "schema_version": HUB_SCHEMA_VERSION,
         "store": STORE_DIR,
-        "mask": dict(store.group.attrs),
+        "mask": group["attributes"],
         "files": {p: {"sha256": sha256_file(f), "size": f.stat().st_size}
                   for p, f in sorted(files.items())},
     }

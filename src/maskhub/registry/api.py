@@ -9,7 +9,7 @@ that opening a registry and querying it costs neither torch nor zarr nor numba.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from maskhub.errors import UsageError
 from maskhub.storage.remote import is_url
 
 if TYPE_CHECKING:
+    import duckdb
     import torch
 
     from maskhub.analytics.compare import CompareReport
@@ -88,6 +89,13 @@ class Registry(Home):
     def sql(self, query: str) -> tuple[list[str], list[tuple]]:
         """Run a read-only SQL query over the index; return ``(columns, rows)``."""
         return self.index.query(query)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A read-only DuckDB connection to a snapshot of the index, for notebooks: query the
+        tables (``masks``, ``tensors``, ``mask_tensors``, ``overlaps``...) as long as you like;
+        it holds no lock on ``registry.duckdb``, so ``maskhub`` commands that write never wait
+        for it. It shows the registry as it was when taken: call again for newer rows."""
+        return self.index.snapshot()
 
     def show(self, ref: str) -> dict[str, Any]:
         """Summary of one mask: its row, per-layer and per-module tables, the sweep, and the
@@ -159,6 +167,30 @@ class Registry(Home):
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
                     ray=ray, progress=progress, warn=warn)
+        assert isinstance(mask, Mask)
+        return mask
+
+    # -- masks made elsewhere (maskhub.ingest) ---------------------------------------------
+
+    def add(self, source: str | os.PathLike[str] | Mapping[str, Any], *,
+            name: str | None = None, base_model: str | None = None,
+            target_model: str | None = None, base_revision: str | None = None,
+            target_revision: str | None = None, tol: float | None = None,
+            algorithm: str | None = None, seed: int | None = None, dataset: str | None = None,
+            tags: Sequence[str] = (), notes: str | None = None,
+            progress: ProgressFn | None = None) -> Mask:
+        """Register a mask made elsewhere (the library call of ``maskhub import``, a Python
+        keyword): ``source`` is a Zarr v3 store in the documented layout, a ``.safetensors``
+        file of ``bool``/``uint8`` masks, or a mapping ``{parameter name: numpy array or torch
+        tensor}``. ``base_model`` is required unless the store records it; the other
+        arguments override the store's attributes. Checked like a pull (shapes, counts,
+        names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`."""
+        from maskhub.ingest.add import add
+
+        mask = add(self, source, name=name, base_model=base_model, target_model=target_model,
+                   base_revision=base_revision, target_revision=target_revision, tol=tol,
+                   algorithm=algorithm, seed=seed, dataset=dataset, tags=tags, notes=notes,
+                   progress=progress)
         assert isinstance(mask, Mask)
         return mask
 

@@ -313,9 +313,25 @@ M007_TRAJECTORY_FIG6 = Migration(
     """,
 )
 
+M008_MASK_TENSORS = Migration(
+    8,
+    "mask_tensors: tensors joined to their mask, every column named without ambiguity",
+    """
+    CREATE VIEW mask_tensors AS
+        SELECT m.id AS mask_id, m.name AS mask_name, m.base_model, m.target_model,
+               m.algorithm, m.seed, m.dataset, m.tol, m.n_params AS mask_n_params,
+               m.n_updated AS mask_n_updated, m.sparsity AS mask_sparsity,
+               t.tensor, t.layer, t.module, t.param_kind, t.shape, t.numel,
+               t.n_updated AS tensor_n_updated, t.sparsity AS tensor_sparsity,
+               t.base_dtype, t.target_dtype
+        FROM masks m
+        JOIN tensors t ON t.mask_id = m.id;
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
-                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6]
+                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -13,6 +13,9 @@ import errno
 import fcntl
 import os
 import re
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -21,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from maskhub.config import foreign_lock_wait
 from maskhub.errors import (
     AmbiguousMaskError,
     ReadOnlyRegistryError,
@@ -32,6 +36,9 @@ from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import param_kind
 
 LOCK_TIMEOUT_S = 600.0
+#: DuckDB storage format of a new index: the oldest duckdb allowed by pyproject.toml (1.1)
+#: must open a registry written by the newest (duckdb 2.x writes ``v2.0.0+`` by default).
+STORAGE_VERSION = "v1.0.0"
 
 MASK_COLUMNS = (
     "id", "name", "base_model", "base_revision", "target_model", "target_revision",
@@ -51,6 +58,10 @@ READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementT
 # The head of an EXPLAIN statement: comments, EXPLAIN, then ANALYZE or an option list.
 _EXPLAIN_HEAD = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)*explain\b\s*(?:analyze\b|\([^()]*\))?",
                            re.IGNORECASE | re.DOTALL)
+
+# "Conflicting lock is held in /usr/bin/python3.11 (PID 1234)", DuckDB's word for a process
+# holding the database file open.
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 
 # errno values meaning "this process may not write there".
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -91,6 +102,18 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
                      f"SUMMARIZE, PRAGMA, EXPLAIN), not {what}")
 
 
+def _lock_holder(message: str) -> str | None:
+    """``"1234 (python3.11)"`` from DuckDB's lock-conflict error, else ``None``."""
+    match = _LOCK_HOLDER.search(message)
+    if match is None:
+        return None
+    return f"{match.group(2)} ({os.path.basename(match.group(1)) or '?'})"
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _may(path: Path, mode: int) -> bool:
     """``os.access`` with the effective ids where the platform supports them."""
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
@@ -104,6 +127,10 @@ class Index:
         self.path = Path(path)
         self.lock_path = self.path.with_suffix(".lock")
         self.timeout = timeout
+        #: Seconds to wait for a process outside maskhub holding DuckDB's lock on the file.
+        self.foreign_wait = foreign_lock_wait()
+        #: Where the one "waiting for process ..." line goes.
+        self.notice: Callable[[str], None] = _to_stderr
         self._migrated = False
         #: The open connection of the current ``connect()`` block and whether it writes.
         self._session: tuple[duckdb.DuckDBPyConnection, bool] | None = None
@@ -149,14 +176,48 @@ class Index:
             return None
 
     def _connect_db(self, write: bool) -> duckdb.DuckDBPyConnection:
-        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`."""
-        try:
-            return duckdb.connect(str(self.path), read_only=not write)
-        except duckdb.IOException as exc:
-            message = str(exc)
-            if write and ("Permission denied" in message or "Read-only file system" in message):
-                raise self._read_only(exc) from None
-            raise
+        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`.
+
+        A process outside maskhub holding DuckDB's own lock on the file (a notebook's
+        ``duckdb.connect(..., read_only=True)`` blocks every writer; a writable one, readers
+        too) is waited for, up to :attr:`foreign_wait` seconds, with one line to
+        :attr:`notice` naming it; then :class:`RegistryBusyError`. A new index is created in
+        :data:`STORAGE_VERSION`, which every duckdb the package allows can open.
+        """
+        config = {"storage_compatibility_version": STORAGE_VERSION} \
+            if write and not self.path.exists() else {}
+        deadline: float | None = None
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=not write, config=config)
+            except duckdb.IOException as exc:
+                message = str(exc)
+                if write and ("Permission denied" in message
+                              or "Read-only file system" in message):
+                    raise self._read_only(exc) from None
+                holder = _lock_holder(message)
+                if holder is None:
+                    raise
+            except duckdb.ConnectionException as exc:
+                if "different configuration" not in str(exc):
+                    raise
+                raise RegistryBusyError(
+                    f"this process holds {self.path} open through its own duckdb.connect() "
+                    f"(read-only?), so maskhub cannot {'write' if write else 'read'} it; close "
+                    "that connection, or query a snapshot that never blocks writers: "
+                    "maskhub.Registry().connect()") from None
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.foreign_wait
+                self.notice(f"waiting for process {holder}, which holds {self.path.name} open "
+                            f"(up to {self.foreign_wait:g} s; set MASKHUB_LOCK_WAIT to "
+                            "change)...")
+            if now >= deadline:
+                raise RegistryBusyError(
+                    f"{self.path} is held open by process {holder} (a notebook or script's "
+                    f"own duckdb.connect?); close that connection and retry, or query a "
+                    "snapshot that never blocks writers: maskhub.Registry().connect()") from None
+            time.sleep(min(0.1, max(0.0, deadline - now)))
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
@@ -223,6 +284,26 @@ class Index:
                 self._session = None
                 self._exit_hooks = []
                 con.close()
+
+    def snapshot(self) -> duckdb.DuckDBPyConnection:
+        """A read-only DuckDB connection to a copy of the index, for a notebook to keep open.
+
+        The copy is taken under the shared lock (so it holds whole transactions only) into a
+        temporary file that is unlinked right after it is opened: the connection holds no lock
+        on ``registry.duckdb``, never blocks a writer, and sees the registry as it was when
+        taken (take another for newer rows). Closing it frees the copy.
+        """
+        if not self._migrated:
+            self.migrate()
+        with tempfile.TemporaryDirectory(prefix="maskhub-snapshot-") as tmp:
+            copy = Path(tmp) / self.path.name
+            with self._locked(exclusive=False):
+                shutil.copyfile(self.path, copy)
+                wal = self.path.with_name(self.path.name + ".wal")
+                if wal.exists():  # left by a writer that died before its checkpoint
+                    shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+            # Opened, the copy stays readable through DuckDB's descriptor once unlinked.
+            return duckdb.connect(str(copy), read_only=True)
 
     def on_exit(self, hook: Callable[[bool | None], None]) -> None:
         """Run ``hook(committed)`` when the write transaction of the open ``connect()`` block

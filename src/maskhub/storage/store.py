@@ -195,6 +195,22 @@ class MaskWriter:
             self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
 
 
+def _chunk_dir(arr: zarr.Array) -> Path | None:
+    """The directory of a local array's chunk files when they can be read without zarr (the
+    layout :class:`MaskWriter` writes), else ``None``."""
+    from zarr.codecs import BytesCodec, ZstdCodec
+    from zarr.storage import LocalStore
+
+    meta = arr.metadata
+    codecs = getattr(meta, "codecs", ())
+    if not (isinstance(arr.store, LocalStore) and getattr(meta, "zarr_format", 0) == 3
+            and len(arr.shape) == 1 and arr.shape[0] > 0 and len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec)
+            and arr.dtype == np.uint8 and int(meta.fill_value) == 0):
+        return None
+    return Path(arr.store.root) / arr.path
+
+
 class MaskStore:
     """Read access to one mask store."""
 
@@ -252,8 +268,33 @@ class MaskStore:
         return arr
 
     def packed(self, name: str) -> np.ndarray:
-        """The packed bits of one tensor (uint8, little bit order)."""
-        return np.asarray(self._array(name)[:])
+        """The packed bits of one tensor (uint8, little bit order).
+
+        A local array in the layout :class:`MaskWriter` writes (one dimension, ``bytes`` +
+        ``zstd``, fill value 0) is read chunk file by chunk file, each decoded straight into
+        the result: about twice as fast as zarr's generic read path, same bytes.
+        """
+        arr = self._array(name)
+        directory = _chunk_dir(arr)
+        if directory is None:
+            return np.asarray(arr[:])
+        nbytes, chunk = int(arr.shape[0]), int(arr.chunks[0])
+        n_chunks = -(-nbytes // chunk)
+        out = np.empty(n_chunks * chunk, dtype=np.uint8)  # edge chunks are stored full size
+        try:
+            for i in range(n_chunks):
+                part = out[i * chunk:(i + 1) * chunk]
+                try:
+                    with open(directory / arr.metadata.encode_chunk_key((i,)), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:  # an all-zero chunk is not written
+                    part[:] = 0
+                    continue
+                _ZSTD.decode(data, out=part)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise MaskStoreError(f"{self.path}: cannot read tensor {name!r}: {exc}",
+                                 str(self.path)) from exc
+        return out[:nbytes]
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of one tensor, with the parameter's shape."""
@@ -271,9 +312,8 @@ class MaskStore:
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
-            bits = np.asarray(arr[:])
+            bits = self.packed(name)  # a fresh array: masking its padding in place is safe
             if st.numel % 8 and expect:
-                bits = bits.copy()
                 bits[-1] &= (1 << (st.numel % 8)) - 1
             count = int(np.bitwise_count(bits).sum()) if expect else 0
             if count != st.n_updated:
