@@ -14,10 +14,10 @@ from factory import llama_shapes, plant_updates, random_state, save
 from zarr.codecs import ZstdCodec
 
 from maskhub import IncompatibleMasksError, Mask, Registry
-from maskhub.analytics.overlap_counting import popcount
 from maskhub.analytics.overlap_results import log10_normal_tail
 from maskhub.cli import main
 from maskhub.errors import MaskStoreError, UsageError
+from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import parse_tensor_name
 from maskhub.storage.store import MaskWriter

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from maskhub.analytics.compatibility import check_compatible
-from maskhub.analytics.overlap_counting import iter_blocks, packed_array, popcount
+from maskhub.analytics.overlap_counting import iter_blocks, packed_array
 from maskhub.core.provenance import timestamp
 from maskhub.errors import UsageError
+from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import COMBINE_OPERATIONS, MaskMetadata, TensorStats
 from maskhub.schemas.names import mask_name_from
 from maskhub.schemas.progress import ProgressFn

@@ -22,6 +22,7 @@ from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import open_checkpoint
 from maskhub.core.masklike import MaskLike, listing
 from maskhub.errors import MaskMismatchError, UsageError
+from maskhub.kernels.bitcount import count_entries
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
 from maskhub.schemas.progress import ProgressFn
 
@@ -128,14 +129,14 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *,
             for i, name in enumerate(names):
                 ia, ib = ck_a.tensors[name], ck_b.tensors[name]
                 bits = mask.packed(name) if mask is not None else None
-                inside = _popcount(bits, ia.numel) if bits is not None else 0
+                inside = count_entries(bits, ia.numel) if bits is not None else 0
                 for kernel, g in zip(kernels, agreements, strict=True):
                     d = kernel.run_raw(ma.region(name).raw(), mb.region(name).raw(), ia.dtype,
                                        ib.dtype, ia.numel)
                     g.n_params += ia.numel
                     g.n_equal += ia.numel - d.n_updated
                     if bits is not None:
-                        differ_inside = _popcount(np.bitwise_and(d.packed, bits), ia.numel)
+                        differ_inside = count_entries(np.bitwise_and(d.packed, bits), ia.numel)
                         g.n_inside += inside
                         g.n_equal_inside += inside - differ_inside
                 done += ia.nbytes + ib.nbytes
@@ -145,12 +146,3 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *,
         ck_a.close()
         ck_b.close()
     return CompareReport(str(a), str(b), getattr(mask, "name", None), agreements, skipped)
-
-
-def _popcount(packed: np.ndarray, numel: int) -> int:
-    if not packed.size:
-        return 0
-    if numel % 8:
-        packed = packed.copy()
-        packed[-1] &= (1 << (numel % 8)) - 1  # padding bits are not entries
-    return int(np.bitwise_count(packed).sum())

@@ -17,6 +17,7 @@ from numcodecs import Zstd
 
 from maskhub.analytics.overlap_results import TensorOverlap
 from maskhub.errors import MaskStoreError
+from maskhub.kernels.bitcount import popcount
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
@@ -72,17 +73,6 @@ def iter_blocks(arrays: Sequence[zarr.Array], numel: int,
             for blk in blocks:
                 blk[-1] &= (1 << tail) - 1
         yield blocks
-
-
-def popcount(buf: np.ndarray) -> int:
-    """Number of set bits of a contiguous uint8 array, as an exact int."""
-    n8 = buf.size // 8 * 8
-    total = 0
-    if n8:
-        total += int(np.bitwise_count(buf[:n8].view(np.uint64)).sum(dtype=np.int64))
-    if n8 < buf.size:
-        total += int(np.bitwise_count(buf[n8:]).sum(dtype=np.int64))
-    return total
 
 
 class PackedSource:

@@ -35,6 +35,7 @@ from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.interrupts import critical_section
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import UsageError
+from maskhub.kernels.bitcount import popcount
 from maskhub.kernels.kernel import DiffKernel
 from maskhub.kernels.strata import BINS, strata_fn, strata_rows
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
@@ -128,10 +129,6 @@ def _raw(t: Any) -> np.ndarray:
     return flat.view(torch.uint8).numpy()
 
 
-def _popcount(packed: np.ndarray) -> int:
-    return int(np.bitwise_count(packed).sum(dtype=np.int64))
-
-
 def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = None,
                    tol: float = 1e-5, device: str = "cpu", algorithm: str | None = None,
                    seed: int | None = None, dataset: str | None = None,
@@ -169,24 +166,25 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
             for i, tname in enumerate(names):
                 info = ckpts[0].tensors[tname]
                 first = ckpts[0].get(tname)
-                final = kernel.run(first, ckpts[-1].get(tname)).packed  # known first: Fig. 6
+                last = ckpts[-1].get(tname)
+                final = kernel.run(first, last).packed  # known first: for Figure 6
                 not_final = np.invert(final)
                 ever = np.zeros_like(final)
                 prev = first
                 for k in range(1, len(ckpts)):
-                    cur = ckpts[k].get(tname)
+                    cur = ckpts[k].get(tname) if k < len(ckpts) - 1 else last
                     vs_first = kernel.run(first, cur).packed if k < len(ckpts) - 1 else final
                     vs_prev = kernel.run(prev, cur)
                     np.bitwise_or(ever, vs_first, out=ever)
-                    points[k].n_updated_vs_first += _popcount(vs_first)
+                    points[k].n_updated_vs_first += popcount(vs_first)
                     points[k].n_updated_vs_prev += vs_prev.n_updated
-                    points[k].n_ever += _popcount(ever)
-                    points[k].n_not_in_final += _popcount(np.bitwise_and(vs_first, not_final))
+                    points[k].n_ever += popcount(ever)
+                    points[k].n_not_in_final += popcount(np.bitwise_and(vs_first, not_final))
                     prev = cur
                 layer, module = parse_tensor_name(tname)
                 sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba" else "numpy")
-                n_final = _popcount(final)
-                n_ever = _popcount(ever)  # final ⊆ ever: the split partitions the tensor
+                n_final = popcount(final)
+                n_ever = popcount(ever)  # final ⊆ ever: the split partitions the tensor
                 n_cancelled += n_ever - n_final
                 dt = info.dtype
                 common = dict(shape=info.shape, numel=info.numel, layer=layer, module=module,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maskhub.kernels import fastkernel
+from maskhub.kernels.bitcount import count_entries
 from maskhub.schemas.metadata import BITORDER
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def strata_fn(dtype: str, backend: str, entries: bool = True) -> StrataFn:
         def whole(a_raw: np.ndarray, packed: np.ndarray, n: int, out: np.ndarray) -> None:
             if entries:
                 out[0, 0] += n
-            out[1, 0] += _popcount(packed, n)
+            out[1, 0] += count_entries(packed, n)
         return whole
     view, shift, emask = fmt
     if backend == "numba":
@@ -127,11 +128,6 @@ class StrataCache:
             os.replace(tmp, path)
         except OSError:
             pass
-
-
-def _popcount(packed: np.ndarray, n: int) -> int:
-    bits = np.unpackbits(packed, count=n, bitorder=BITORDER)
-    return int(np.count_nonzero(bits))
 
 
 def strata_rows(tensor: str, dtype: str, counts: np.ndarray) -> list[tuple[str, int, int, int]]:

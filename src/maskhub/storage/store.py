@@ -41,6 +41,7 @@ from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskM
 
 if TYPE_CHECKING:
     import zarr
+from maskhub.kernels.bitcount import count_entries
 from maskhub.storage import remote
 from maskhub.storage.files import remove_tree
 
@@ -312,10 +313,7 @@ class MaskStore:
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
-            bits = self.packed(name)  # a fresh array: masking its padding in place is safe
-            if st.numel % 8 and expect:
-                bits[-1] &= (1 << (st.numel % 8)) - 1
-            count = int(np.bitwise_count(bits).sum()) if expect else 0
+            count = count_entries(self.packed(name), st.numel)
             if count != st.n_updated:
                 raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
                                      f"metadata says {st.n_updated}", str(self.path))

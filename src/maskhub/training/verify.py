@@ -21,6 +21,7 @@ from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.masklike import MaskLike, listing
 from maskhub.errors import MaskMismatchError
+from maskhub.kernels.bitcount import count_entries
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
@@ -82,10 +83,6 @@ class VerifyReport:
                 "n_params": self.n_params,
                 "n_changed": self.n_changed, "n_outside": self.n_outside,
                 "tensors": [asdict(t) for t in self.tensors], "skipped": list(self.skipped)}
-
-
-def _popcount(bits: np.ndarray) -> int:
-    return int(np.bitwise_count(bits).sum()) if bits.size else 0
 
 
 def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLike[str], *,
@@ -165,11 +162,9 @@ def _check_tensors(mask: MaskLike, names: list[str], stats: dict[str, TensorStat
         result = kernel.run_raw(mb.region(name).raw(), mt.region(name).raw(), a.dtype, b.dtype,
                                 a.numel)
         frozen = np.invert(mask.packed(name))
-        if stats[name].numel % 8 and frozen.size:  # padding bits are not entries
-            frozen[-1] &= (1 << (stats[name].numel % 8)) - 1
         checks.append(TensorCheck(name, stats[name].numel, stats[name].n_updated,
                                   result.n_updated,
-                                  _popcount(np.bitwise_and(result.packed, frozen))))
+                                  count_entries(np.bitwise_and(result.packed, frozen), a.numel)))
         done += a.nbytes + b.nbytes
         if progress:
             progress(i + 1, len(names), done, total, name)
