@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("peft")
+pytest_plugins = ["hub_fixture"]
 transformers = pytest.importorskip("transformers")
 
 from peft.tuners.shira.layer import ShiraLayer  # noqa: E402
@@ -311,3 +312,19 @@ def test_without_peft_the_import_says_which_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert "pip install 'maskhub[peft]'" in out.stdout, out.stderr
+
+
+def test_a_pushed_mask_is_recorded_with_its_hub_repo(registered, hub_server,
+                                                     tmp_path: Path) -> None:
+    """A mask published on the Hub: the adapter config names its repo and commit too, and
+    they survive save_pretrained."""
+    mask, _ = registered
+    mask.push_to_hub("maskhub-test/tiny-rl-mask")
+    _, rows = Registry().sql("SELECT hub_repo, hub_revision FROM masks WHERE name = 'tiny-rl'")
+    assert rows[0][0] == "maskhub-test/tiny-rl-mask" and len(rows[0][1]) == 40
+    peft_model = shira_adapter(tiny_llama(), Registry().get("tiny-rl"))
+    expected = {"id": mask.id, "name": "tiny-rl", "hub_repo": rows[0][0],
+                "hub_revision": rows[0][1]}
+    assert adapter_mask_info(peft_model) == expected
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert adapter_mask_info(tmp_path / "adapter") == expected
