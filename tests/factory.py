@@ -91,3 +91,28 @@ def make_pair(root: Path, density: float = 0.1, dtype: torch.dtype = torch.bfloa
     base = random_state(llama_shapes(), dtype, seed)
     target, masks = plant_updates(base, density, seed + 1)
     return save(base, root / "base", shards), save(target, root / "target", shards), masks
+
+
+def tiny_hf_llama(seed: int = 0) -> torch.nn.Module:
+    """A real ``transformers`` ``LlamaForCausalLM`` small enough for a test (vocab 61)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def assert_moved_only_inside(model: torch.nn.Module, masks: dict, theta0: dict,
+                             share: float = 0.9) -> int:
+    """Every entry outside ``masks`` (``{name: bool array or tensor}``) kept its bits, and
+    more than ``share`` of the entries inside moved from ``theta0``; returns how many moved."""
+    moved = 0
+    for n, p in model.named_parameters():
+        inside = torch.as_tensor(masks[n], dtype=torch.bool)
+        now, then = p.detach(), theta0[n]
+        assert torch.equal(now[~inside].view(torch.uint8), then[~inside].view(torch.uint8)), n
+        moved += int((now[inside] != then[inside]).sum())
+    assert moved > share * sum(int(m.sum()) for m in masks.values())
+    return moved

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factory import assert_moved_only_inside, tiny_hf_llama
 
 from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
 from maskhub.errors import UsageError
@@ -170,11 +171,7 @@ def test_masked_optimizer_in_a_real_transformers_trainer(tmp_path) -> None:
     from maskhub import Registry
     from maskhub.integrations.transformers import masked_optimizer
 
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_hf_llama()
     model.save_pretrained(tmp_path / "base")
     masks = planted_mask(model)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -189,12 +186,7 @@ def test_masked_optimizer_in_a_real_transformers_trainer(tmp_path) -> None:
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
                                    optimizers=(optimizer, scheduler))
     trainer.train()
-    moved = 0
-    for n, p in model.named_parameters():
-        frozen = ~torch.from_numpy(masks[n])
-        assert torch.equal(p.detach()[frozen], theta0[n][frozen]), n
-        moved += int((p.detach()[~frozen] != theta0[n][~frozen]).sum())
-    assert moved > 0.9 * sum(int(m.sum()) for m in masks.values())
+    moved = assert_moved_only_inside(model, masks, theta0)
     assert scheduler.get_last_lr()[0] < 1e-2  # the linear schedule ran
     model.save_pretrained(tmp_path / "trained")
     report = Registry().verify(DictMask(masks, name="planted"), tmp_path / "base",
@@ -346,9 +338,4 @@ def test_masked_optimizer_in_a_real_trl_dpo_trainer(tmp_path) -> None:
                          train_dataset=data, processing_class=tok,
                          optimizers=masked_optimizer(model, masks, args))
     trainer.train()
-    moved = 0
-    for n, p in model.named_parameters():
-        frozen = ~torch.from_numpy(masks[n])
-        assert torch.equal(p.detach()[frozen], theta0[n][frozen]), n
-        moved += int((p.detach()[~frozen] != theta0[n][~frozen]).sum())
-    assert moved > 0.9 * sum(int(m.sum()) for m in masks.values())
+    assert_moved_only_inside(model, masks, theta0)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factory import plant_updates, save
+from factory import assert_moved_only_inside, plant_updates, save, tiny_hf_llama
 from torch import nn
 
 from maskhub import Registry
@@ -567,11 +567,7 @@ def test_trainer_callback_applies_mask_by_name(tmp_path):
 
     from maskhub.integrations.transformers import MaskCallback
 
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_hf_llama()
     model.save_pretrained(tmp_path / "base")
     state = load_file(str(tmp_path / "base" / "model.safetensors"))
     target, planted_bits = plant_updates(state, DENSITY, seed=1)
@@ -589,11 +585,7 @@ def test_trainer_callback_applies_mask_by_name(tmp_path):
                                    callbacks=[callback])
     trainer.train()
     assert callback.handle is None  # removed at train end
-    moved = 0
-    for n, p in model.named_parameters():
-        assert same_bits(p.detach()[~masks[n]], theta0[n][~masks[n]]).all(), n
-        moved += int((p.detach()[masks[n]] != theta0[n][masks[n]]).sum())
-    assert moved > 0.9 * sum(int(m.sum()) for m in masks.values())
+    assert_moved_only_inside(model, masks, theta0)
 
 
 def test_callback_passes_options_and_reports_mismatch(planted):
