@@ -31,6 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from model_size import add_model_args, model_config  # noqa: E402
 from report import write_section  # noqa: E402
 
 from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches  # noqa: E402
@@ -117,19 +118,12 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
 def main() -> None:
     """Run every mode, dtype and density; write the report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--inter", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
+    add_model_args(ap, batch=4, seq=64)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     ap.add_argument("--densities", default="0.05,0.2,0.3")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = ap.parse_args()
-    cfg = TinyConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                     intermediate_size=args.inter, num_layers=args.layers,
-                     num_heads=max(1, args.hidden // 64), max_len=args.seq)
+    cfg = model_config(args, max_len=args.seq)
     batches = synthetic_batches(cfg, args.steps + 1, batch=args.batch, seq=args.seq, seed=1)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):

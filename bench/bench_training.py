@@ -25,15 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches
+from maskhub.demo.tinymodel import TinyLlama, synthetic_batches
 from maskhub.torch import DictMask, apply_mask
 from maskhub.training import masking as training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_size import add_model_args, model_config  # noqa: E402
 
 MODES = ("plain", "grad-mask", "exact")
 
@@ -70,12 +75,7 @@ class Timers:
 def main() -> None:
     """Run the benchmark and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--inter", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    add_model_args(ap, batch=8, seq=128)
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
@@ -86,8 +86,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    cfg = TinyConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
-                     num_layers=a.layers, num_heads=a.hidden // 64, max_len=a.seq + 1)
+    cfg = model_config(a, max_len=a.seq + 1)
     torch.manual_seed(0)
     model = TinyLlama(cfg)
     n_params = sum(p.numel() for p in model.parameters())
