@@ -16,6 +16,7 @@ LAYERS = (
     ("core", {"core"}),
     ("features", {"diff", "analytics", "hub", "ingest", "training", "demo", "maintenance"}),
     ("facade", {"registry", "torch", "integrations", "__init__"}),
+    ("applications", {"study"}),
     ("command line", {"cli", "entry"}),
 )
 #: Features may use each other only in this order (a feature imports those before it).

@@ -31,7 +31,7 @@ COMMAND_MODULES = {
     "overlap": "overlap", "combine": "overlap", "plot": "overlap",
     "push": "hub", "pull": "hub", "search": "hub",
     "verify": "verify", "trajectory": "analysis", "compare": "analysis",
-    "fsck": "maintenance", "import": "ingest",
+    "fsck": "maintenance", "import": "ingest", "study": "study",
 }
 
 

@@ -1,0 +1,158 @@
+"""Every measurement of the study, through maskhub's public API (:class:`maskhub.Registry`).
+
+Each run's mask is a diff of its final checkpoint against its start, with the tolerance
+sweep (Tables 1/6), update rank and |Δ| statistics (Table 2); the run's facts go into the
+mask's ``notes`` as JSON, so ``json_extract(notes, '$.accuracy_heldout_after')`` reads them.
+Then: overlaps between seeds and algorithms with every baseline (Table 4), trajectories of
+the intermediate checkpoints (Figures 2, 5-7), and for the masked runs ``compare`` against
+the full run and ``verify`` (Conjecture 1), recorded in the masked run's notes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maskhub.registry.api import Mask, Registry
+from maskhub.study.runs import MASKED_RUNS, RL_RUNS, TrainedStudy
+from maskhub.study.sizes import StudySize
+
+#: The update tolerance of every mask (the paper's, and maskhub's default).
+TOL = 1e-5
+#: The tolerances of the sweep (Table 6).
+SWEEP = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
+#: Tolerances at which θ_sub and θ_full are compared (Conjecture 1).
+AGREEMENT_TOLS = (0.0, 1e-5, 1e-4, 1e-3)
+#: The masks whose overlaps make Table 4 (same base θ_sft: two seeds, two algorithms).
+OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
+#: The runs whose intermediate checkpoints are measured as trajectories.
+TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
+
+
+@dataclass(frozen=True)
+class StudyNames:
+    """How the study names its masks, models and trajectories, from one ``prefix``."""
+
+    prefix: str
+
+    @property
+    def tag(self) -> str:
+        """The tag on every mask of this study (``study:PREFIX``)."""
+        return f"study:{self.prefix}"
+
+    def mask(self, run: str) -> str:
+        """The mask of ``run`` (``sft`` or one of :data:`RL_RUNS`)."""
+        return f"{self.prefix}-{run}"
+
+    def model(self, checkpoint: str) -> str:
+        """The recorded model name of a checkpoint (``pre``, ``sft`` or a run)."""
+        return f"maskhub-study/{self.prefix}-{checkpoint}"
+
+    def trajectory(self, run: str) -> str:
+        """The trajectory of ``run`` (it registers ``NAME-final`` and ``NAME-ever``)."""
+        return f"{self.prefix}-traj-{run}"
+
+    def every_mask(self) -> list[str]:
+        """Every mask name the study registers."""
+        names = [self.mask(r) for r in ("sft", *RL_RUNS)]
+        for run in TRAJECTORY_RUNS:
+            names += [f"{self.trajectory(run)}-final", f"{self.trajectory(run)}-ever"]
+        return names
+
+
+@dataclass
+class Measurements:
+    """What the measurements registered and drew."""
+
+    masks: dict[str, Mask] = field(default_factory=dict)
+    trajectories: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+class Measurer:
+    """Registers and measures the study's runs in ``registry``."""
+
+    def __init__(self, registry: Registry, names: StudyNames, size: StudySize,
+                 dataset: str, say: Callable[[str], None]) -> None:
+        """``dataset``: the dataset name recorded on every mask."""
+        self.registry = registry
+        self.names = names
+        self.size = size
+        self.dataset = dataset
+        self.say = say
+        self.out = Measurements()
+
+    def register(self, trained: TrainedStudy, run: str, extra: dict[str, Any] | None = None
+                 ) -> Mask:
+        """Diff ``run``'s final checkpoint against its start (sweep, rank, stats) and
+        register the mask with the run's facts (and ``extra``) as JSON notes."""
+        if run in self.out.masks:
+            return self.out.masks[run]
+        facts = trained.facts[run]
+        order = ("sft", *RL_RUNS).index(run)  # the report lists runs in this order
+        notes = {"study": self.names.prefix, "size": self.size.name, "order": order,
+                 **facts.to_dict(), **(extra or {})}
+        self.say(f"maskhub diff {run}")
+        mask = self.registry.diff(
+            trained.start_of(run), trained.final_of(run), name=self.names.mask(run),
+            algorithm=facts.algorithm, seed=facts.seed, dataset=self.dataset, tol=TOL,
+            sweep=SWEEP, base_model=self.names.model(facts.start),
+            target_model=self.names.model(run), tags=("maskhub-study", self.names.tag),
+            notes=json.dumps(notes, sort_keys=True), rank=True, stats=True)
+        self.out.masks[run] = mask
+        return mask
+
+    def conjecture1(self, trained: TrainedStudy, run: str) -> dict[str, Any]:
+        """θ_sub (``run``) against θ_full (``dpo-s0``): ``compare`` inside/outside the full
+        run's mask at :data:`AGREEMENT_TOLS`, and ``verify`` that nothing outside it moved."""
+        full = self.out.masks["dpo-s0"]
+        self.say(f"maskhub compare / verify {run}")
+        report = self.registry.compare(trained.final_of(run), trained.final_of("dpo-s0"),
+                                       mask=full, tols=AGREEMENT_TOLS)
+        check = self.registry.verify(full, trained.start_of(run), trained.final_of(run))
+        return {"full_run": "dpo-s0", "full_mask": full.name,
+                "verify_ok": check.ok, "verify_n_changed": check.n_changed,
+                "verify_n_outside": check.n_outside,
+                "agreement": [{"tol": g.tol, "frac_equal": g.frac_equal,
+                               "frac_equal_inside": g.frac_equal_inside,
+                               "frac_equal_outside": g.frac_equal_outside}
+                              for g in report.agreements]}
+
+    def measure_all(self, trained: TrainedStudy, figures: Path) -> Measurements:
+        """Register every run's mask, the overlaps, trajectories and figures."""
+        for run in ("sft", *RL_RUNS):
+            extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
+                else None
+            self.register(trained, run, extra)
+        self.say("maskhub overlap " + " ".join(self.names.mask(r) for r in OVERLAP_RUNS))
+        self.registry.overlap_all([self.names.mask(r) for r in OVERLAP_RUNS])
+        for run in TRAJECTORY_RUNS:
+            facts = trained.facts[run]
+            self.say(f"maskhub trajectory {run} ({len(trained.checkpoints[run])} checkpoints)")
+            self.out.trajectories[run] = self.registry.trajectory(
+                [str(p) for p in trained.checkpoints[run]], name=self.names.trajectory(run),
+                tol=TOL, algorithm=facts.algorithm, seed=facts.seed, dataset=self.dataset,
+                tags=("maskhub-study", self.names.tag))
+        self.draw(figures)
+        return self.out
+
+    def draw(self, figures: Path) -> None:
+        """The PNG figures: Figure 3 (per layer x module sparsity) of the DPO and GRPO
+        masks, Table 4's overlap matrix, and Figures 2/5-7 for each trajectory."""
+        from maskhub.analytics.trajectory_plot import plot_trajectory
+
+        figures.mkdir(parents=True, exist_ok=True)
+        self.say("maskhub plot (figures)")
+        for run in ("dpo-s0", "grpo-s0"):
+            path = figures / f"figure3-{run}.png"
+            self.out.figures[f"figure3-{run}"] = self.registry.plot(
+                [self.names.mask(run)], path, kind="sparsity")
+        self.out.figures["table4-overlap"] = self.registry.plot(
+            [self.names.mask(r) for r in OVERLAP_RUNS], figures / "table4-overlap.png",
+            kind="overlap")
+        for run, result in self.out.trajectories.items():
+            key = f"figure5-{run}"
+            self.out.figures[key] = plot_trajectory(result.to_dict(), figures / f"{key}.png")

@@ -1,0 +1,157 @@
+"""``maskhub study``: train the paper's runs in miniature and measure them with maskhub.
+
+Offline and on the CPU: a small Qwen2 is pretrained on a synthetic addition task (θ_pre),
+SFT'd on its answer format (θ_sft), then trained with TRL's DPO (two seeds, and once from
+θ_pre) and GRPO, and again with DPO restricted to the first DPO run's mask (Conjecture 1).
+Every checkpoint is bf16 under ``OUT/checkpoints``; every measurement is registered; the
+report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from maskhub.errors import UsageError
+from maskhub.registry.api import Registry
+from maskhub.schemas.names import invalid_mask_name_message, valid_mask_name
+from maskhub.study.findings import findings
+from maskhub.study.measure import Measurer, StudyNames
+from maskhub.study.report import StudyReport, query_tables, write_report
+from maskhub.study.runs import TrainedStudy, train_all
+from maskhub.study.sizes import DEFAULT, QUICK
+from maskhub.study.tables import table_specs
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output} already exists and is not an empty directory; choose "
+                         "another --out (the study never overwrites checkpoints or a report)")
+
+
+def choose_names(registry: Registry, name: str | None) -> StudyNames:
+    """The study's names: ``name`` if none of its masks exist yet (else a one-line error),
+    or the first free ``study``, ``study-2``, ``study-3``..."""
+    if name is not None:
+        if not valid_mask_name(name):
+            raise UsageError(invalid_mask_name_message(name))
+        taken = _taken(registry, StudyNames(name))
+        if taken:
+            raise UsageError(f"the registry already has a mask named {taken!r} from a study "
+                             f"named {name!r}; choose another --name or remove its masks")
+        return StudyNames(name)
+    for k in range(1, 1000):
+        names = StudyNames("study" if k == 1 else f"study-{k}")
+        if not _taken(registry, names):
+            return names
+    raise UsageError("no free study name from study to study-999; pass --name")
+
+
+def _taken(registry: Registry, names: StudyNames) -> str | None:
+    existing = {r["name"] for r in registry.ls(None)}
+    return next((n for n in names.every_mask() if n in existing), None)
+
+
+def _quiet_libraries() -> None:
+    """The trainers' progress bars and deprecation warnings would bury the study's lines."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module=r"(trl|transformers|torch|datasets|accelerate)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | None = None,
+          home: str | os.PathLike[str] | None = None, seed: int = 0,
+          say: Callable[[str], None] = print) -> StudyReport:
+    """Run the whole study into directory ``output`` (new or empty) and register its masks
+    in ``home``'s registry; ``quick``: the small size CI runs. ``say``: progress lines.
+    Returns the report (also written to ``output/report.md`` and ``report.json``)."""
+    started = time.perf_counter()
+    output = Path(output).resolve()
+    _check_output(output)
+    registry = Registry(home)
+    registry.check_writable()
+    names = choose_names(registry, name)
+    size = QUICK if quick else DEFAULT
+    _quiet_libraries()
+
+    from maskhub.study.task import make_tokenizer, split_problems
+
+    tokenizer = make_tokenizer()
+    split = split_problems(size.max_operand, size.n_heldout, seed)
+    dataset = f"addition-0-{size.max_operand - 1}"
+    measurer = Measurer(registry, names, size, dataset, say)
+    maskhub_seconds = 0.0
+
+    def timed_register(trained: TrainedStudy) -> object:
+        nonlocal maskhub_seconds
+        t = time.perf_counter()
+        mask = measurer.register(trained, "dpo-s0")
+        maskhub_seconds += time.perf_counter() - t
+        return mask
+
+    output.mkdir(parents=True, exist_ok=True)
+    say(f"study {names.prefix!r} ({size.name} size) into {output}")
+    t_train = time.perf_counter()
+    trained = train_all(output / "checkpoints", size, split, tokenizer, seed, timed_register,
+                        say)
+    training_seconds = time.perf_counter() - t_train - maskhub_seconds
+
+    t = time.perf_counter()
+    measured = measurer.measure_all(trained, output / "figures")
+    tables = query_tables(registry, table_specs(names))
+    maskhub_seconds += time.perf_counter() - t
+
+    from maskhub.study.model import load_bf16, n_parameters
+
+    n_params = n_parameters(load_bf16(size, trained.final_of("sft")))
+    total = time.perf_counter() - started
+    report = StudyReport(
+        prefix=names.prefix,
+        header={"command": "maskhub study" + (" --quick" if quick else "")
+                + f" --name {names.prefix} --out {output.name}",
+                "size": size.to_dict(), "n_params": n_params, "n_train": len(split.train),
+                "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
+                "dataset": dataset, "n_pairs": trained.pairs,
+                "commands": _commands(registry, names, trained, output)},
+        tables=tables, figures=measured.figures,
+        timing={"total_seconds": round(total, 1), "training_seconds": round(training_seconds, 1),
+                "maskhub_seconds": round(maskhub_seconds, 1),
+                "other_seconds": round(total - training_seconds - maskhub_seconds, 1),
+                **{f"train_{run}_seconds": round(f.train_seconds, 1)
+                   for run, f in trained.facts.items()}},
+        masks=[m.name for m in measured.masks.values()])
+    report.findings = findings(report, names)
+    write_report(report, output, str(registry.home))
+    say(f"wrote {report.paths['markdown']}")
+    return report
+
+
+def _commands(registry: Registry, names: StudyNames, trained: TrainedStudy, output: Path
+              ) -> list[str]:
+    """The maskhub commands that recompute the report's measurements from the registry."""
+    def rel(run: str, final: bool = True) -> str:
+        path = trained.final_of(run) if final else trained.start_of(run)
+        return str(path.relative_to(output))
+
+    mh = f"maskhub --home '{registry.home}'"
+    full, grpo = names.mask("dpo-s0"), names.mask("grpo-s0")
+    return [
+        f"{mh} ls --where \"list_contains(tags, '{names.tag}')\"",
+        f"{mh} show {full}",
+        f"{mh} diff {rel('dpo-s0', False)} {rel('dpo-s0')} --sweep 0,1e-8,1e-7,1e-6,1e-5,1e-4"
+        f",1e-3 --rank --stats --name {names.prefix}-again-dpo-s0",
+        f"{mh} overlap {full} {names.mask('dpo-s1')}",
+        f"{mh} overlap {full} {grpo} --per module",
+        f"{mh} plot {full} --kind sparsity -o figures/figure3-dpo-s0.png",
+        f"{mh} trajectory checkpoints/dpo-s0 --name {names.prefix}-again-traj "
+        "--plot figures/again.png",
+        f"{mh} verify {full} {rel('dpo-sub-s0', False)} {rel('dpo-sub-s0')}",
+        f"{mh} compare {rel('dpo-sub-s0')} {rel('dpo-s0')} --mask {full} --tol 0 --tol 1e-5",
+    ]

@@ -1,0 +1,186 @@
+"""Train every model of the study: θ_pre, θ_sft and the RL runs from them.
+
+Each run's facts (steps, learning rate, batch, losses, task accuracy before and after, wall
+time) are kept in a :class:`RunFacts`; :mod:`maskhub.study.measure` stores them with the
+run's mask, in the registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maskhub.study.model import load_bf16, new_model, save_bf16
+from maskhub.study.rl import RunOutput, preference_pairs, run_dpo, run_grpo
+from maskhub.study.sizes import StudySize
+from maskhub.study.supervised import pretrain, sft
+from maskhub.study.task import Split, accuracy
+
+#: The study's RL runs: name -> (algorithm, starting checkpoint, seed).
+RL_RUNS = {
+    "dpo-s0": ("dpo", "sft", 0),
+    "dpo-s1": ("dpo", "sft", 1),
+    "grpo-s0": ("grpo", "sft", 0),
+    "dpo-nosft-s0": ("dpo", "pre", 0),
+    "dpo-sub-s0": ("dpo", "sft", 0),
+    "dpo-subcb-s0": ("dpo", "sft", 0),
+}
+#: The two runs of Conjecture 1 (θ_sub) and how each applies dpo-s0's mask.
+MASKED_RUNS = {"dpo-sub-s0": "masked optimizer (MaskedAdamW)",
+               "dpo-subcb-s0": "Trainer callback (MaskCallback)"}
+
+
+@dataclass
+class RunFacts:
+    """What one training run did and what it reached."""
+
+    run: str
+    algorithm: str
+    start: str
+    seed: int
+    steps: int
+    learning_rate: float
+    batch_size: int
+    loss_first: float
+    loss_last: float
+    accuracy_heldout_before: float
+    accuracy_heldout_after: float
+    accuracy_train_before: float
+    accuracy_train_after: float
+    train_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as a JSON-ready dict (``extra`` merged in)."""
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+@dataclass
+class TrainedStudy:
+    """Checkpoints and facts of every run, by run name (``pretrain``, ``sft``, then
+    :data:`RL_RUNS`)."""
+
+    directory: Path
+    checkpoints: dict[str, list[Path]] = field(default_factory=dict)
+    facts: dict[str, RunFacts] = field(default_factory=dict)
+    pairs: dict[int, int] = field(default_factory=dict)
+
+    def start_of(self, run: str) -> Path:
+        """The checkpoint a run started from."""
+        return self.checkpoints[run][0]
+
+    def final_of(self, run: str) -> Path:
+        """The checkpoint a run ended at."""
+        return self.checkpoints[run][-1]
+
+
+class _Evaluator:
+    """Task accuracy on the held-out problems and on (up to 200 of) the train problems."""
+
+    def __init__(self, tokenizer: Any, split: Split) -> None:
+        self.tokenizer = tokenizer
+        self.heldout = split.heldout
+        self.train = split.train[:200]
+
+    def __call__(self, model: Any) -> tuple[float, float]:
+        return (accuracy(model, self.tokenizer, self.heldout),
+                accuracy(model, self.tokenizer, self.train))
+
+
+def _mean(values: list[float], head: bool) -> float:
+    """Mean of the first (or last) five losses: one step's loss is noisy."""
+    part = values[:5] if head else values[-5:]
+    return sum(part) / len(part) if part else float("nan")
+
+
+def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, seed: int,
+              mask_for: Callable[[TrainedStudy], Any],
+              say: Callable[[str], None]) -> TrainedStudy:
+    """Train θ_pre, θ_sft and every run of :data:`RL_RUNS` under ``directory``.
+
+    ``mask_for(trained)``: called once ``dpo-s0`` is trained (its checkpoints and facts are in
+    ``trained``); returns the registered mask the masked runs train with."""
+    out = TrainedStudy(directory)
+    evaluate = _Evaluator(tokenizer, split)
+
+    say(f"pretraining θ_pre ({size.pretrain_steps} steps)")
+    t0 = time.perf_counter()
+    model = new_model(size, seed)
+    before = evaluate(model)
+    losses = pretrain(model, size, seed)
+    pre = save_bf16(model, directory / "pre")
+    out.checkpoints["pretrain"] = [pre]
+    out.facts["pretrain"] = RunFacts("pretrain", "pretrain", "init", seed, size.pretrain_steps,
+                                     size.pretrain_lr, size.pretrain_batch, _mean(losses, True),
+                                     _mean(losses, False), *_pair(before, evaluate(model)),
+                                     time.perf_counter() - t0)
+
+    say(f"SFT θ_sft ({size.sft_steps} steps)")
+    t0 = time.perf_counter()
+    model = load_bf16(size, pre)
+    before = evaluate(model)
+    losses = sft(model, tokenizer, size, split, seed)
+    sft_dir = save_bf16(model, directory / "sft")
+    out.checkpoints["sft"] = [pre, sft_dir]
+    out.facts["sft"] = RunFacts("sft", "sft", "pre", seed, size.sft_steps, size.sft_lr,
+                                size.sft_batch, _mean(losses, True), _mean(losses, False),
+                                *_pair(before, evaluate(model)), time.perf_counter() - t0)
+
+    starts = {"pre": pre, "sft": sft_dir}
+    pairs: dict[int, list[dict[str, str]]] = {}
+    for run, (algorithm, start, run_seed) in RL_RUNS.items():
+        t0 = time.perf_counter()
+        model = load_bf16(size, starts[start])
+        before = evaluate(model)
+        if algorithm == "grpo":
+            steps, lr, batch = size.grpo_steps, size.grpo_lr, size.grpo_batch
+            say(f"GRPO {run} from θ_{start} ({steps} steps)")
+            result = run_grpo(model, tokenizer, size, split, run_seed, directory / run)
+            extra: dict[str, Any] = {"num_generations": size.grpo_generations, "beta": 0.0}
+        else:
+            steps, lr, batch = size.dpo_steps, size.dpo_lr, size.dpo_batch
+            if run_seed not in pairs:  # the pairs come from θ_sft's samples for every run
+                sampler = model if start == "sft" else load_bf16(size, sft_dir)
+                pairs[run_seed] = preference_pairs(sampler, tokenizer, size, split, run_seed)
+                out.pairs[run_seed] = len(pairs[run_seed])
+            mask = mask_for(out) if run in MASKED_RUNS else None
+            say(f"DPO {run} from θ_{start} ({steps} steps, {len(pairs[run_seed])} pairs)")
+            result = _dpo(run, model, tokenizer, size, pairs[run_seed], run_seed,
+                          directory / run, mask)
+            extra = {"beta": size.dpo_beta, "loss_type": "sigmoid+sft",
+                     "n_pairs": len(pairs[run_seed])}
+            if run in MASKED_RUNS:
+                extra["masked_with"] = MASKED_RUNS[run]
+        out.checkpoints[run] = result.checkpoints
+        out.facts[run] = RunFacts(run, algorithm, start, run_seed, steps, lr, batch,
+                                  _mean(result.losses, True), _mean(result.losses, False),
+                                  *_pair(before, evaluate(model)), time.perf_counter() - t0,
+                                  extra)
+    return out
+
+
+def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
+         seed: int, directory: Path, mask: Any) -> RunOutput:
+    """A DPO run; the masked runs apply ``mask`` as :data:`MASKED_RUNS` says."""
+    if run == "dpo-sub-s0":
+        from maskhub.integrations.transformers import masked_optimizer
+
+        return run_dpo(model, tokenizer, size, pairs, seed, directory,
+                       optimizers=lambda m, args: masked_optimizer(m, mask, args))
+    if run == "dpo-subcb-s0":
+        from maskhub.integrations.transformers import MaskCallback
+
+        return run_dpo(model, tokenizer, size, pairs, seed, directory,
+                       callbacks=[MaskCallback(mask)])
+    return run_dpo(model, tokenizer, size, pairs, seed, directory)
+
+
+def _pair(before: tuple[float, float], after: tuple[float, float]
+          ) -> tuple[float, float, float, float]:
+    """(held-out before, held-out after, train before, train after)."""
+    return before[0], after[0], before[1], after[1]

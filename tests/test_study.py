@@ -1,0 +1,133 @@
+"""``maskhub study --quick`` end to end through the CLI: real TRL trainers, the registry, the
+report. No assertion on the paper's findings (results, not invariants); these check that the
+report is complete and true to the registry, and that the masked runs froze what they must."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import fail_line, run_json
+from safetensors.torch import load_file
+
+from maskhub import Registry
+
+pytest.importorskip("trl")
+pytest.importorskip("matplotlib")
+
+TABLES = ("runs", "table1", "table6", "figure3_layers", "figure3_modules", "table2", "table4",
+          "figure2", "figure5", "conjecture1")
+FIGURES = ("figure3-dpo-s0", "figure3-grpo-s0", "table4-overlap", "figure5-dpo-s0",
+           "figure5-dpo-s1", "figure5-grpo-s0", "figure5-dpo-nosft-s0")
+RUNS = ("sft", "dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0", "dpo-sub-s0", "dpo-subcb-s0")
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """One quick study (and a second one with another name, for determinism), in one home."""
+    home = tmp_path_factory.mktemp("study-home")
+    out = tmp_path_factory.mktemp("study") / "quick"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MASKHUB_HOME", str(home))
+    try:
+        summary = run_json("study", "--quick", "--out", str(out))
+        again = run_json("study", "--quick", "--out", str(out.parent / "again"),
+                         "--name", "again")
+    finally:
+        mp.undo()
+    return home, out, {"first": summary, "again": again}
+
+
+def _sql(home: Path, query: str) -> list[dict]:
+    return run_json("--home", str(home), "sql", query)
+
+
+def test_report_is_written_with_every_table_and_figure(quick_study: tuple) -> None:
+    home, out, summary = quick_study
+    report = json.loads((out / "report.json").read_text())
+    assert Path(summary["first"]["markdown"]) == out / "report.md"
+    assert report["study"] == "study" and report["size"]["name"] == "quick"
+    assert list(report["tables"]) == list(TABLES)
+    for key, table in report["tables"].items():
+        assert table["rows"], f"table {key} is empty"
+        assert all(len(r) == len(table["columns"]) for r in table["rows"])
+    assert [r[0] for r in report["tables"]["runs"]["rows"]] == [f"study-{r}" for r in RUNS]
+    assert set(report["figures"]) == set(FIGURES)
+    for rel in report["figures"].values():
+        data = (out / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (out / "report.md").read_text()
+    for table in report["tables"].values():
+        assert f"## {table['title']}" in md and table["sql"] in md
+    assert report["timing"]["training_seconds"] > 0 and report["timing"]["maskhub_seconds"] > 0
+    assert summary["first"]["masks"] == [f"study-{r}" for r in ("dpo-s0", *RUNS[:1], *RUNS[2:])]
+
+
+def test_report_numbers_are_the_registry_s(quick_study: tuple) -> None:
+    home, out, _ = quick_study
+    report = json.loads((out / "report.json").read_text())
+    for key, table in report["tables"].items():
+        rows = _sql(home, table["sql"])
+        assert [list(r.values()) for r in rows] == table["rows"], key
+    # The run facts in the report are the masks' own notes.
+    runs = {r[0]: dict(zip(report["tables"]["runs"]["columns"], r, strict=True))
+            for r in report["tables"]["runs"]["rows"]}
+    for name, row in runs.items():
+        notes = json.loads(Registry(home).get(name).row["notes"])
+        assert row["steps"] == notes["steps"] and row["learning_rate"] == notes["learning_rate"]
+        assert row["heldout_acc_after"] == round(notes["accuracy_heldout_after"], 4)
+    # Every mask's sparsity in table 1 is its registered count.
+    for name, _, _, n_params, n_updated, pct in report["tables"]["table1"]["rows"]:
+        mask = Registry(home).get(name)
+        assert (mask.n_params, mask.n_updated) == (n_params, n_updated)
+        assert pct == round(100 * (1 - n_updated / n_params), 2)
+
+
+def test_masked_runs_pass_verify_and_freeze_every_masked_out_entry(quick_study: tuple) -> None:
+    home, out, _ = quick_study
+    full = Registry(home).get("study-dpo-s0")
+    sft = load_file(out / "checkpoints" / "sft" / "model.safetensors")
+    for run in ("dpo-sub-s0", "dpo-subcb-s0"):
+        final = sorted((out / "checkpoints" / run).glob("step-*"))[-1]
+        check = run_json("--home", str(home), "verify", "study-dpo-s0",
+                         str(out / "checkpoints" / run / "step-0000"), str(final))
+        assert check["ok"] is True and check["n_outside"] == 0
+        trained = load_file(final / "model.safetensors")
+        moved = 0
+        for name in full.tensor_names():
+            a, b = sft[name].view(torch.int16), trained[name].view(torch.int16)
+            inside = torch.from_numpy(full[name])
+            assert torch.equal(a[~inside], b[~inside]), f"{run}: {name} moved outside"
+            moved += int((a != b).sum())
+        assert moved > 0
+        # and the step-0000 checkpoint the runs start from is θ_sft, bit for bit
+        start = load_file(out / "checkpoints" / run / "step-0000" / "model.safetensors")
+        assert all(torch.equal(start[k].view(torch.int16), sft[k].view(torch.int16)) for k in sft)
+    row = _sql(home, "SELECT json_extract(notes, '$.conjecture1.verify_ok') AS ok FROM masks "
+                     "WHERE name = 'study-dpo-sub-s0'")
+    assert row == [{"ok": "true"}]
+
+
+def test_same_command_gives_the_same_measurements(quick_study: tuple) -> None:
+    home, _, _ = quick_study
+    query = ("SELECT replace(m.name, split_part(m.name, '-', 1), '') AS run, m.n_updated, "
+             "json_extract(m.notes, '$.accuracy_heldout_after') AS acc, "
+             "list(t.n_updated ORDER BY t.tensor) AS per_tensor FROM masks m "
+             "JOIN tensors t ON t.mask_id = m.id WHERE list_contains(m.tags, 'study:{}') "
+             "AND m.notes IS NOT NULL GROUP BY ALL ORDER BY run")
+    first, again = _sql(home, query.format("study")), _sql(home, query.format("again"))
+    assert len(first) == len(RUNS) and first == again
+
+
+def test_bad_study_arguments_are_one_line_errors(quick_study: tuple, tmp_path: Path) -> None:
+    home, out, _ = quick_study
+    line = fail_line("--home", str(home), "study", "--quick", "--out", str(out))
+    assert "already exists and is not an empty directory" in line
+    line = fail_line("--home", str(home), "study", "--quick", "--out", str(tmp_path / "x"),
+                     "--name", "again")
+    assert "already has a mask named 'again-sft'" in line
+    assert not (tmp_path / "x").exists()
+    assert "invalid mask name" in fail_line("study", "--out", str(tmp_path / "y"),
+                                            "--name", "no/slash")
