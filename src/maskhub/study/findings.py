@@ -21,9 +21,13 @@ def findings(report: StudyReport, names: StudyNames) -> list[str]:
     rl = [t1[names.mask(r)]["sparsity_pct"] for r in ("dpo-s0", "dpo-s1", "grpo-s0")]
     out.append(f"Update sparsity (Table 1, Figure 1): SFT {t1[names.mask('sft')]['sparsity_pct']}%"
                f", RL from θ_sft {min(rl)}-{max(rl)}% (paper: SFT 6-15%, RL 68.5-96%).")
+    nosft = runs[names.mask("dpo-nosft-s0")]
     out.append(f"DPO from θ_pre without SFT, on pairs out of its distribution (Table 5): "
-               f"{t1[names.mask('dpo-nosft-s0')]['sparsity_pct']}% sparsity "
-               "(paper: out-of-distribution DPO is dense).")
+               f"{t1[names.mask('dpo-nosft-s0')]['sparsity_pct']}% sparsity against "
+               f"{t1[names.mask('dpo-s0')]['sparsity_pct']}% for the same DPO from θ_sft "
+               f"(paper: out-of-distribution DPO is denser); its loss went "
+               f"{nosft['loss_first']} -> {nosft['loss_last']} and its held-out accuracy "
+               f"{nosft['heldout_acc_before']} -> {nosft['heldout_acc_after']}.")
     moves = ", ".join(f"{r['name'].removeprefix(names.prefix + '-')} "
                       f"{r['heldout_acc_before']} -> {r['heldout_acc_after']}"
                       for r in runs.values() if r["algorithm"] in ("dpo", "grpo"))

@@ -94,7 +94,7 @@ FIGURES_OF = {"figure3_layers": ("figure3-dpo-s0", "figure3-grpo-s0"),
 
 DIFFERENCES = """\
 - **Size.** A {n_params:,}-parameter Qwen2 on two-number addition, not 7B-70B models on
-  math and chat data; every run takes seconds. The default size has 731,264 parameters, the
+  math and chat data; every run takes under a minute. The default size has 731,264 parameters, the
   quick one 93,248: at ~5M parameters a training step costs ~0.5 s on 2 CPU cores, which
   does not fit a 15-minute budget with six RL runs.
 - **bf16 rounding floor.** Checkpoints are bf16 (training keeps fp32 master weights), as the

@@ -55,6 +55,20 @@ def _taken(registry: Registry, names: StudyNames) -> str | None:
     return next((n for n in names.every_mask() if n in existing), None)
 
 
+#: What the study imports besides maskhub's own dependencies (the ``study`` extra).
+REQUIRED = ("transformers", "tokenizers", "trl", "datasets", "accelerate", "matplotlib")
+
+
+def check_requirements() -> None:
+    """Fail before any training if a library of the ``study`` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"maskhub study needs {', '.join(missing)}: "
+                         "pip install 'maskhub[study]'")
+
+
 def _quiet_libraries() -> None:
     """The trainers' progress bars and deprecation warnings would bury the study's lines."""
     import datasets
@@ -73,6 +87,7 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     in ``home``'s registry; ``quick``: the small size CI runs. ``say``: progress lines.
     Returns the report (also written to ``output/report.md`` and ``report.json``)."""
     started = time.perf_counter()
+    check_requirements()
     output = Path(output).resolve()
     _check_output(output)
     registry = Registry(home)

@@ -1,6 +1,6 @@
 """How big the study is: the model, the task and every run's steps and learning rate.
 
-Two sizes: :data:`DEFAULT` (731,264 parameters; ~5 minutes on 2 CPU cores) and
+Two sizes: :data:`DEFAULT` (731,264 parameters; ~4 minutes on 2 CPU cores) and
 :data:`QUICK` (93,248; what CI runs). The RL learning rates are the largest-sparsity ones
 that still measurably raise the task accuracy: in bf16 a weight moves only when its fp32
 master crosses a rounding boundary, so at 1e-4 every RL run updates ~90% of the weights and

@@ -1,14 +1,16 @@
 """The study's task: addition of two small numbers, written as text.
 
 A pretraining corpus is a stream of sums ``a+b=s;`` with a few wrong ones (noisy web text);
-SFT and RL use the answer format: prompt ``a+b=``, answer ``s`` then ``</s>``. A problem is
-correct iff the greedy completion is exactly ``s``. The tokenizer has one token per
-character, built in memory (nothing downloaded).
+SFT and RL use the answer format: prompt ``a+b=``, answer ``s`` then ``</s>``. Accuracy
+grades the number the greedy completion starts with (as math evals extract an answer);
+GRPO's reward and the DPO pairs ask for the exact answer, stop included. The tokenizer has
+one token per character, built in memory (nothing downloaded).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +135,16 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, samples: int = 1
     return [text.strip() for text in out]
 
 
+def extract_answer(completion: str) -> str:
+    """The number a completion starts with (what a math eval extracts): ``"15;3+"`` gives
+    ``"15"``, so a model that has not learned to stop (θ_pre) is still graded on its sum."""
+    match = re.match(r"\d+", completion)
+    return match.group(0) if match else ""
+
+
 def accuracy(model: Any, tokenizer: Any, problems: tuple[Problem, ...] | list[Problem]) -> float:
-    """Share of ``problems`` whose greedy completion is exactly the answer."""
+    """Share of ``problems`` whose greedy completion starts with the right sum."""
     completions = generate(model, tokenizer, [p.prompt for p in problems])
-    right = sum(c == p.answer for c, p in zip(completions, problems, strict=True))
+    right = sum(extract_answer(c) == p.answer for c, p in zip(completions, problems,
+                                                                strict=True))
     return right / len(problems)
