@@ -5,6 +5,10 @@ report is complete and true to the registry, and that the masked runs froze what
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,39 @@ def test_bad_study_arguments_are_one_line_errors(quick_study: tuple, tmp_path: P
     assert not (tmp_path / "x").exists()
     assert "invalid mask name" in fail_line("study", "--out", str(tmp_path / "y"),
                                             "--name", "no/slash")
+
+
+def test_unwritable_out_and_missing_library_are_one_line_errors(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    (tmp_path / "file").write_text("x")
+    line = fail_line("study", "--quick", "--out", str(tmp_path / "file" / "sub"))
+    assert line.startswith("Error: cannot create ") and "Not a directory" in line
+    import maskhub.study.requirements as requirements
+
+    monkeypatch.setattr(requirements, "REQUIRED", ("trl", "no_such_library_xyz"))
+    line = fail_line("study", "--quick", "--out", str(tmp_path / "z"))
+    assert line == ("Error: maskhub study needs no_such_library_xyz: "
+                    "pip install 'maskhub[study]'")
+    assert Registry().ls() == [] and not (tmp_path / "z").exists()
+
+
+def test_ctrl_c_names_the_masks_already_registered(tmp_path: Path, maskhub_home: Path) -> None:
+    entry = "import sys; from maskhub.entry import run; sys.argv[0] = 'maskhub'; run()"
+    proc = subprocess.Popen([sys.executable, "-c", entry, "study", "--quick",
+                             "--out", str(tmp_path / "s")], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MASKHUB_HOME": str(maskhub_home)})
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # interrupt the first masked run, once dpo-s0 is registered
+        lines.append(line)
+        if line.startswith("DPO dpo-sub-s0"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert rest.strip().splitlines() == [
+        "Error: interrupted: the study registered 1 complete mask(s) before it stopped "
+        f"(study-dpo-s0); checkpoints so far are in {tmp_path / 's'}. Rerun with another "
+        "--out and --name, or 'maskhub rm' them"]
+    assert [m["name"] for m in Registry(maskhub_home).ls()] == ["study-dpo-s0"]

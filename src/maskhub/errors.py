@@ -114,3 +114,8 @@ class ReadOnlyRegistryError(MaskhubError, PermissionError):
                          + (detail or "it can be read (ls, show, sql...) but not written"))
         self.home = home
         self.reason = reason
+
+
+class StudyInterruptedError(MaskhubError, RuntimeError):
+    """``maskhub study`` was stopped (Ctrl-C) after registering some of its masks; the
+    message names them (each one complete) and where the checkpoints are."""

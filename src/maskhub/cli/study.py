@@ -22,17 +22,13 @@ def study(output: str, quick: bool, name: str | None, as_json: bool, home: str |
     TRL, offline on the CPU; measure everything with maskhub into the registry; write
     OUT/report.md with every table, figure and the command that reproduces it.
 
-    Needs the train and plot extras: pip install 'maskhub[study]'.
+    Needs the study extra: pip install 'maskhub[study]'.
 
     \b
     Example:
       maskhub study --quick --out study-quick
     """
-    try:
-        from maskhub.study import study as run_study
-    except ImportError as exc:
-        raise click.ClickException(f"maskhub study needs {exc.name or 'the train extra'}: "
-                                   "pip install 'maskhub[study]'") from None
+    from maskhub.study import study as run_study
 
     report = run_study(output, quick=quick, name=name, home=command_home(home),
                        say=lambda line: stderr.print(line, highlight=False, markup=False))

@@ -1,7 +1,25 @@
 """The paper in miniature (``maskhub study``): real TRL runs on a small model, every table and
-figure of the paper measured with maskhub's public API. See :func:`maskhub.study.run.study`
-and docs/study.md. Needs the ``study`` extra (transformers, trl, datasets, matplotlib)."""
+figure of the paper measured with maskhub's public API. See docs/study.md. Needs the
+``study`` extra (transformers, trl, datasets, accelerate, matplotlib)."""
 
-from maskhub.study.run import study
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from maskhub.study.requirements import check_requirements
+
+if TYPE_CHECKING:
+    from maskhub.study.report import StudyReport
 
 __all__ = ["study"]
+
+
+def study(output: str | os.PathLike[str], **kwargs: Any) -> StudyReport:
+    """Run the whole study into directory ``output``: see :func:`maskhub.study.run.study`
+    (``quick``, ``name``, ``home``, ``seed``, ``say``). A missing library of the ``study``
+    extra is a one-line :class:`~maskhub.errors.UsageError` before anything runs."""
+    check_requirements()
+    from maskhub.study.run import study as run_study
+
+    return run_study(output, **kwargs)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from maskhub.errors import UsageError
 from maskhub.study.sizes import StudySize
 from maskhub.study.task import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
@@ -43,12 +45,18 @@ def new_model(size: StudySize, seed: int) -> Any:
 
 def save_bf16(model: Any, directory: Path) -> Path:
     """Write ``model`` as a bf16 checkpoint directory (``model.safetensors`` and
-    ``config.json``, the layout ``maskhub diff`` and ``from_pretrained`` read)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ``config.json``, the layout ``maskhub diff`` and ``from_pretrained`` read). A directory
+    that cannot be written is a :class:`~maskhub.errors.UsageError`."""
     weights = {name: p.detach().to(torch.bfloat16).contiguous()
                for name, p in model.state_dict().items()}
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(directory)
+    except (OSError, safetensors.SafetensorError) as exc:
+        text = str(exc).strip().splitlines()
+        raise UsageError(f"cannot write the checkpoint {directory}: "
+                         f"{text[0] if text else type(exc).__name__}") from None
     return directory
 
 

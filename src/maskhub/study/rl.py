@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,6 @@ class RunOutput:
     checkpoints: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
-    @property
-    def final(self) -> Path:
-        """The last checkpoint."""
-        return self.checkpoints[-1]
-
 
 class Bf16Checkpoints(TrainerCallback):
     """Save the model as a bf16 checkpoint ``step-NNNN`` every ``every`` steps and at the
@@ -45,6 +41,7 @@ class Bf16Checkpoints(TrainerCallback):
         self.every = every
 
     def _save(self, model: Any, step: int) -> None:
+        """Write checkpoint ``step-NNNN``."""
         self.output.checkpoints.append(save_bf16(model, self.output.directory / f"step-{step:04d}"))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
@@ -67,6 +64,8 @@ class Bf16Checkpoints(TrainerCallback):
 
 def _common_args(size_steps: int, lr: float, batch: int, seed: int, directory: Path
                  ) -> dict[str, Any]:
+    """The TrainingArguments both trainers share: CPU, constant learning rate, no weight
+    decay, no Trainer checkpoints (the study writes its own bf16 ones), a loss every step."""
     return dict(output_dir=str(directory / "trainer"), max_steps=size_steps, learning_rate=lr,
                 per_device_train_batch_size=batch, seed=seed, data_seed=seed, use_cpu=True,
                 report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -91,7 +90,7 @@ def preference_pairs(model: Any, tokenizer: Any, size: StudySize, split: Split,
 
 
 def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
-            seed: int, directory: Path, *, callbacks: list[Any] = (),
+            seed: int, directory: Path, *, callbacks: Sequence[Any] = (),
             optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> RunOutput:
     """DPO (sigmoid loss plus the NLL of the chosen answer, as in RPO) from ``model`` with
     a frozen copy of it as the reference. ``optimizers(model, args)``: a builder for
@@ -140,12 +139,15 @@ def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: in
 
 
 def _shuffled(problems: tuple[Problem, ...], seed: int) -> list[Problem]:
+    """``problems`` in a seeded random order."""
     out = list(problems)
     random.Random(seed).shuffle(out)
     return out
 
 
 def _train(trainer: Any) -> None:
-    # The study reports its own progress; the Trainer's per-step log lines would drown it.
+    """Train without the Trainer's per-step log lines (the study reports its own progress),
+    then remove the Trainer's (empty) output directory."""
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)

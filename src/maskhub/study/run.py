@@ -10,74 +10,85 @@ report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
 from __future__ import annotations
 
 import os
+import shlex
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from maskhub.errors import UsageError
-from maskhub.registry.api import Registry
-from maskhub.schemas.names import invalid_mask_name_message, valid_mask_name
+from maskhub.errors import NameTakenError, StudyInterruptedError, UsageError
+from maskhub.registry.api import Mask, Registry
+from maskhub.schemas.names import invalid_mask_name_message
 from maskhub.study.findings import findings
 from maskhub.study.measure import Measurer, StudyNames
 from maskhub.study.report import StudyReport, query_tables, write_report
+from maskhub.study.requirements import check_requirements
 from maskhub.study.runs import TrainedStudy, train_all
-from maskhub.study.sizes import DEFAULT, QUICK
+from maskhub.study.sizes import DEFAULT, QUICK, StudySize
 from maskhub.study.tables import table_specs
 
 
-def _check_output(output: Path) -> None:
+def prepare_output(output: Path) -> None:
+    """Create ``output``; it must be new or an empty directory (one-line errors)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"{output} already exists and is not an empty directory; choose "
                          "another --out (the study never overwrites checkpoints or a report)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {output}: {exc.strerror or exc}") from None
 
 
 def choose_names(registry: Registry, name: str | None) -> StudyNames:
-    """The study's names: ``name`` if none of its masks exist yet (else a one-line error),
-    or the first free ``study``, ``study-2``, ``study-3``..."""
+    """The study's names: ``name`` if every mask name it makes is valid and free (else a
+    one-line error), or the first free ``study``, ``study-2``, ``study-3``..."""
     if name is not None:
-        if not valid_mask_name(name):
-            raise UsageError(invalid_mask_name_message(name))
-        taken = _taken(registry, StudyNames(name))
-        if taken:
-            raise UsageError(f"the registry already has a mask named {taken!r} from a study "
-                             f"named {name!r}; choose another --name or remove its masks")
-        return StudyNames(name)
+        names = StudyNames(name)
+        for mask in names.every_mask():
+            try:
+                registry.check_new_name(mask)
+            except NameTakenError:
+                raise UsageError(f"the registry already has a mask named {mask!r} from a "
+                                 f"study named {name!r}; choose another --name or remove its "
+                                 "masks") from None
+            except UsageError:
+                raise UsageError(f"--name {name!r} cannot prefix the study's masks: "
+                                 f"{invalid_mask_name_message(mask)}") from None
+        return names
     for k in range(1, 1000):
         names = StudyNames("study" if k == 1 else f"study-{k}")
-        if not _taken(registry, names):
+        if not _registered(registry, names):
             return names
     raise UsageError("no free study name from study to study-999; pass --name")
 
 
-def _taken(registry: Registry, names: StudyNames) -> str | None:
+def _registered(registry: Registry, names: StudyNames) -> list[str]:
+    """The masks of study ``names`` that are registered."""
     existing = {r["name"] for r in registry.ls(None)}
-    return next((n for n in names.every_mask() if n in existing), None)
+    return [n for n in names.every_mask() if n in existing]
 
 
-#: What the study imports besides maskhub's own dependencies (the ``study`` extra).
-REQUIRED = ("transformers", "tokenizers", "trl", "datasets", "accelerate", "matplotlib")
-
-
-def check_requirements() -> None:
-    """Fail before any training if a library of the ``study`` extra is missing."""
-    import importlib.util
-
-    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UsageError(f"maskhub study needs {', '.join(missing)}: "
-                         "pip install 'maskhub[study]'")
-
-
-def _quiet_libraries() -> None:
-    """The trainers' progress bars and deprecation warnings would bury the study's lines."""
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the trainers' progress bars, info logs and deprecation warnings (they would
+    bury the study's own lines) for the duration, and restore them afterwards."""
     import datasets
     import transformers
 
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = transformers.logging.get_verbosity()
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module=r"(trl|transformers|torch|datasets|accelerate)")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore",
+                                    module=r"(trl|transformers|torch|datasets|accelerate)")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | None = None,
@@ -89,13 +100,28 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     started = time.perf_counter()
     check_requirements()
     output = Path(output).resolve()
-    _check_output(output)
     registry = Registry(home)
     registry.check_writable()
     names = choose_names(registry, name)
+    prepare_output(output)
     size = QUICK if quick else DEFAULT
-    _quiet_libraries()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with quiet_libraries():
+            report = _run(output, size, names, registry, seed, quick, say, started)
+    except KeyboardInterrupt:
+        done = _registered(registry, names)
+        raise StudyInterruptedError(
+            f"interrupted: the study registered {len(done)} complete mask(s) before it "
+            f"stopped ({', '.join(done) or 'none'}); checkpoints so far are in {output}. "
+            f"Rerun with another --out and --name, or 'maskhub rm' them") from None
+    say(f"wrote {report.paths['markdown']}")
+    return report
 
+
+def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, seed: int,
+         quick: bool, say: Callable[[str], None], started: float) -> StudyReport:
+    """Train, measure, write the report (the body of :func:`study`)."""
     from maskhub.study.task import make_tokenizer, split_problems
 
     tokenizer = make_tokenizer()
@@ -104,14 +130,13 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     measurer = Measurer(registry, names, size, dataset, say)
     maskhub_seconds = 0.0
 
-    def timed_register(trained: TrainedStudy) -> object:
+    def timed_register(trained: TrainedStudy) -> Mask:
         nonlocal maskhub_seconds
         t = time.perf_counter()
         mask = measurer.register(trained, "dpo-s0")
         maskhub_seconds += time.perf_counter() - t
         return mask
 
-    output.mkdir(parents=True, exist_ok=True)
     say(f"study {names.prefix!r} ({size.name} size) into {output}")
     t_train = time.perf_counter()
     trained = train_all(output / "checkpoints", size, split, tokenizer, seed, timed_register,
@@ -123,14 +148,13 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     tables = query_tables(registry, table_specs(names))
     maskhub_seconds += time.perf_counter() - t
 
-    from maskhub.study.model import load_bf16, n_parameters
-
-    n_params = n_parameters(load_bf16(size, trained.final_of("sft")))
+    n_params = measured.masks["sft"].n_params
     total = time.perf_counter() - started
     report = StudyReport(
         prefix=names.prefix,
-        header={"command": "maskhub study" + (" --quick" if quick else "")
-                + f" --name {names.prefix} --out {output.name}",
+        header={"command": shlex.join(["maskhub", "--home", str(registry.home), "study",
+                                       *(["--quick"] if quick else []), "--name",
+                                       names.prefix, "--out", str(output)]),
                 "size": size.to_dict(), "n_params": n_params, "n_train": len(split.train),
                 "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
                 "dataset": dataset, "n_pairs": trained.pairs,
@@ -144,7 +168,6 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
         masks=[m.name for m in measured.masks.values()])
     report.findings = findings(report, names)
     write_report(report, output, str(registry.home))
-    say(f"wrote {report.paths['markdown']}")
     return report
 
 
@@ -155,7 +178,7 @@ def _commands(registry: Registry, names: StudyNames, trained: TrainedStudy, outp
         path = trained.final_of(run) if final else trained.start_of(run)
         return str(path.relative_to(output))
 
-    mh = f"maskhub --home '{registry.home}'"
+    mh = f"maskhub --home {shlex.quote(str(registry.home))}"
     full, grpo = names.mask("dpo-s0"), names.mask("grpo-s0")
     return [
         f"{mh} ls --where \"list_contains(tags, '{names.tag}')\"",

@@ -44,8 +44,8 @@ class RunFacts:
     steps: int
     learning_rate: float
     batch_size: int
-    loss_first: float
-    loss_last: float
+    loss_first: float | None
+    loss_last: float | None
     accuracy_heldout_before: float
     accuracy_heldout_after: float
     accuracy_train_before: float
@@ -88,14 +88,15 @@ class _Evaluator:
         self.train = split.train[:200]
 
     def __call__(self, model: Any) -> tuple[float, float]:
+        """(held-out accuracy, train accuracy) of ``model``."""
         return (accuracy(model, self.tokenizer, self.heldout),
                 accuracy(model, self.tokenizer, self.train))
 
 
-def _mean(values: list[float], head: bool) -> float:
-    """Mean of the first (or last) five losses: one step's loss is noisy."""
+def _mean(values: list[float], head: bool) -> float | None:
+    """Mean of the first (or last) five losses (one step's loss is noisy); None without."""
     part = values[:5] if head else values[-5:]
-    return sum(part) / len(part) if part else float("nan")
+    return sum(part) / len(part) if part else None
 
 
 def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, seed: int,
@@ -134,6 +135,7 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
     starts = {"pre": pre, "sft": sft_dir}
     pairs: dict[int, list[dict[str, str]]] = {}
     for run, (algorithm, start, run_seed) in RL_RUNS.items():
+        mask = mask_for(out) if run in MASKED_RUNS else None  # maskhub's time, not training's
         t0 = time.perf_counter()
         model = load_bf16(size, starts[start])
         before = evaluate(model)
@@ -148,7 +150,6 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
                 sampler = model if start == "sft" else load_bf16(size, sft_dir)
                 pairs[run_seed] = preference_pairs(sampler, tokenizer, size, split, run_seed)
                 out.pairs[run_seed] = len(pairs[run_seed])
-            mask = mask_for(out) if run in MASKED_RUNS else None
             say(f"DPO {run} from θ_{start} ({steps} steps, {len(pairs[run_seed])} pairs)")
             result = _dpo(run, model, tokenizer, size, pairs[run_seed], run_seed,
                           directory / run, mask)

@@ -27,15 +27,18 @@ M_ORDER = "CAST(json_extract(m.notes, '$.order') AS INTEGER)"
 
 
 def _pct(expr: str, alias: str) -> str:
+    """``expr`` (a fraction) as a percentage with two decimals, named ``alias``."""
     return f"round(100 * ({expr}), 2) AS {alias}"
 
 
 def _fact(path: str, alias: str, kind: str = "DOUBLE", digits: int | None = None) -> str:
+    """A run fact from the mask's JSON ``notes`` at ``$.path``, cast to ``kind``."""
     value = f"CAST(json_extract(notes, '$.{path}') AS {kind})"
     return f"round({value}, {digits}) AS {alias}" if digits is not None else f"{value} AS {alias}"
 
 
 def _tol_label(tol: float) -> str:
+    """``tol=1e-05``: a column name for a tolerance."""
     return f"tol={tol:g}"
 
 
@@ -56,7 +59,8 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                  f"sum(numel) FILTER (WHERE mask_name = '{n}')", f'"{n}"') for n in fig3)
         order = f"{part} NULLS FIRST" if part == "layer" else part
         return (f"SELECT {part},\n       {cols}\nFROM mask_tensors\n"
-                f"WHERE mask_name IN ('{fig3[0]}', '{fig3[1]}')\nGROUP BY {part}\n"
+                f"WHERE mask_name IN ('{fig3[0]}', '{fig3[1]}') AND param_kind = 'weight'\n"
+                f"GROUP BY {part}\n"
                 f"ORDER BY {order}")
 
     agreement = ",\n       ".join(
@@ -91,17 +95,23 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   "FROM tensor_sweep s JOIN masks m ON m.id = s.mask_id\n"
                   f"WHERE list_contains(m.tags, '{names.tag}') AND m.notes IS NOT NULL\n"
                   f"GROUP BY m.name, m.n_params, m.notes\nORDER BY {M_ORDER}"),
-        TableSpec("figure3_layers", "Update sparsity (%) per layer (NULL: outside the blocks)",
+        TableSpec("figure3_layers", "Update sparsity (%) of the weights per layer (NULL: "
+                  "embeddings, final norm, lm_head)",
                   "Figure 3 (left axis: layers)", by_part("layer")),
-        TableSpec("figure3_modules", "Update sparsity (%) per module", "Figure 3 (matrices)",
+        TableSpec("figure3_modules", "Update sparsity (%) of the weights per module",
+                  "Figure 3 (matrices)",
                   by_part("module")),
-        TableSpec("table2", "Rank of the 2-D updates (% of full rank) and their size",
-                  "Table 2",
-                  "SELECT m.name, count(a.rank) AS n_matrices,\n       "
-                  + _pct("avg(a.rank_fraction)", "mean_rank_pct") + ",\n       "
-                  + _pct("min(a.rank_fraction)", "min_rank_pct") + ",\n       "
-                  "round(avg(a.mean_abs_delta), 8) AS mean_abs_delta\n"
+        TableSpec("table2", "Rank of the 2-D updates of the transformer blocks (% of full "
+                  "rank; as maskhub show), and the mean |Δ| over all parameters", "Table 2",
+                  "SELECT m.name, count(a.rank) FILTER (WHERE t.layer IS NOT NULL) "
+                  "AS n_matrices,\n       "
+                  + _pct("avg(a.rank_fraction) FILTER (WHERE t.layer IS NOT NULL)",
+                         "mean_rank_pct") + ",\n       "
+                  + _pct("min(a.rank_fraction) FILTER (WHERE t.layer IS NOT NULL)",
+                         "min_rank_pct") + ",\n       "
+                  "round(sum(a.mean_abs_delta * t.numel) / sum(t.numel), 8) AS mean_abs_delta\n"
                   "FROM tensor_analysis a JOIN masks m ON m.id = a.mask_id\n"
+                  "JOIN tensors t ON t.mask_id = a.mask_id AND t.tensor = a.tensor\n"
                   f"WHERE list_contains(m.tags, '{names.tag}') AND m.notes IS NOT NULL\n"
                   f"GROUP BY m.name, m.notes\nORDER BY {M_ORDER}"),
         TableSpec("table4", "Overlap (%) between seeds and between algorithms, with the "
