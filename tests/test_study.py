@@ -153,7 +153,9 @@ def test_unwritable_out_and_missing_library_are_one_line_errors(tmp_path: Path,
 
 
 def test_ctrl_c_names_the_masks_already_registered(tmp_path: Path, maskhub_home: Path) -> None:
-    entry = "import sys; from maskhub.entry import run; sys.argv[0] = 'maskhub'; run()"
+    # SIGINT's default handler, even when this test runs under a shell that ignores it
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from maskhub.entry import run; sys.argv[0] = 'maskhub'; run()")
     proc = subprocess.Popen([sys.executable, "-c", entry, "study", "--quick",
                              "--out", str(tmp_path / "s")], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MASKHUB_HOME": str(maskhub_home)})
