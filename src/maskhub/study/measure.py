@@ -28,6 +28,8 @@ SWEEP = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 AGREEMENT_TOLS = (0.0, 1e-5, 1e-4, 1e-3)
 #: The masks whose overlaps make Table 4 (same base θ_sft: two seeds, two algorithms).
 OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
+#: The runs whose per-layer x module sparsity is drawn (Figure 3: the paper's DPO and PRIME).
+FIGURE3_RUNS = ("dpo-s0", "grpo-s0")
 #: The runs whose intermediate checkpoints are measured as trajectories.
 TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
 
@@ -146,7 +148,7 @@ class Measurer:
 
         figures.mkdir(parents=True, exist_ok=True)
         self.say("maskhub plot (figures)")
-        for run in ("dpo-s0", "grpo-s0"):
+        for run in FIGURE3_RUNS:
             path = figures / f"figure3-{run}.png"
             self.out.figures[f"figure3-{run}"] = self.registry.plot(
                 [self.names.mask(run)], path, kind="sparsity")

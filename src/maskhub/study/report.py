@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from maskhub.registry.api import Registry
+from maskhub.study.measure import FIGURE3_RUNS, TRAJECTORY_RUNS
 from maskhub.study.tables import TableSpec
 
 
@@ -90,11 +91,10 @@ def _sql_command(sql: str, home: str) -> list[str]:
             ")\"", "```"]
 
 
-#: Which figure goes with which table.
-FIGURES_OF = {"figure3_layers": ("figure3-dpo-s0", "figure3-grpo-s0"),
+#: Which figure goes with which table (the keys :meth:`Measurer.draw` gives them).
+FIGURES_OF = {"figure3_layers": tuple(f"figure3-{r}" for r in FIGURE3_RUNS),
               "table4": ("table4-overlap",),
-              "figure5": ("figure5-dpo-s0", "figure5-dpo-s1", "figure5-grpo-s0",
-                          "figure5-dpo-nosft-s0")}
+              "figure5": tuple(f"figure5-{r}" for r in TRAJECTORY_RUNS)}
 
 DIFFERENCES = """\
 - **Size.** A {n_params:,}-parameter Qwen2 on two-number addition, not 7B-70B models on

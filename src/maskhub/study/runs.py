@@ -86,11 +86,19 @@ class _Evaluator:
         self.tokenizer = tokenizer
         self.heldout = split.heldout
         self.train = split.train[:200]
+        self.of_start: dict[str, tuple[float, float]] = {}
 
     def __call__(self, model: Any) -> tuple[float, float]:
         """(held-out accuracy, train accuracy) of ``model``."""
         return (accuracy(model, self.tokenizer, self.heldout),
                 accuracy(model, self.tokenizer, self.train))
+
+    def start(self, start: str, model: Any) -> tuple[float, float]:
+        """Accuracy of starting checkpoint ``start`` (``model`` holds it), measured once:
+        greedy decoding of the same weights gives the same answers for every run."""
+        if start not in self.of_start:
+            self.of_start[start] = self(model)
+        return self.of_start[start]
 
 
 def _mean(values: list[float], head: bool) -> float | None:
@@ -138,7 +146,7 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
         mask = mask_for(out) if run in MASKED_RUNS else None  # maskhub's time, not training's
         t0 = time.perf_counter()
         model = load_bf16(size, starts[start])
-        before = evaluate(model)
+        before = evaluate.start(start, model)
         if algorithm == "grpo":
             steps, lr, batch = size.grpo_steps, size.grpo_lr, size.grpo_batch
             say(f"GRPO {run} from θ_{start} ({steps} steps)")

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maskhub.study.measure import AGREEMENT_TOLS, OVERLAP_RUNS, SWEEP, StudyNames
+from maskhub.study.measure import (
+    AGREEMENT_TOLS,
+    FIGURE3_RUNS,
+    OVERLAP_RUNS,
+    SWEEP,
+    StudyNames,
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
     tagged = f"list_contains(tags, '{names.tag}')"
     runs = f"{tagged} AND notes IS NOT NULL"
     in_overlap = ", ".join(f"'{names.mask(r)}'" for r in OVERLAP_RUNS)
-    fig3 = (names.mask("dpo-s0"), names.mask("grpo-s0"))
+    fig3 = tuple(names.mask(r) for r in FIGURE3_RUNS)
     sweep_cols = ",\n       ".join(
         _pct(f"1 - sum(s.n_updated) FILTER (WHERE s.tol = {t!r}) / m.n_params",
              f'"{_tol_label(t)}"')
@@ -59,7 +65,8 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                  f"sum(numel) FILTER (WHERE mask_name = '{n}')", f'"{n}"') for n in fig3)
         order = f"{part} NULLS FIRST" if part == "layer" else part
         return (f"SELECT {part},\n       {cols}\nFROM mask_tensors\n"
-                f"WHERE mask_name IN ('{fig3[0]}', '{fig3[1]}') AND param_kind = 'weight'\n"
+                f"WHERE mask_name IN ({', '.join(repr(n) for n in fig3)}) "
+                "AND param_kind = 'weight'\n"
                 f"GROUP BY {part}\n"
                 f"ORDER BY {order}")
 
