@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from maskhub import __version__
+from maskhub.cli.text import visible
 from maskhub.errors import MaskhubError
 
 
@@ -21,7 +22,7 @@ def usage_line(exc: click.UsageError) -> str:
     """A click usage error as one line: ``Error: <message> (see 'maskhub <cmd> --help')``."""
     message = " ".join(exc.format_message().split())
     words = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
-    return f"Error: {message} (see '{' '.join(['maskhub', *words, '--help'])}')"
+    return visible(f"Error: {message} (see '{' '.join(['maskhub', *words, '--help'])}')")
 
 
 #: Command name -> the module of ``maskhub.cli`` that defines it (in its ``COMMANDS``). A
@@ -86,7 +87,7 @@ class MaskhubGroup(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except MaskhubError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(visible(f"Error: {exc}"), err=True)  # one line, harmless
             sys.exit(1)
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("Interrupted: nothing was registered and no partial mask was kept.",

@@ -12,7 +12,7 @@ from maskhub.cli.common import (
     pct,
     print_table,
     registry,
-    stdout,
+    say,
     store_option,
     warn,
 )
@@ -73,11 +73,11 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
                 formatters={"vs first": pct, "vs previous": pct, "ever updated": pct,
                             "not in final": pct})
     split = result.split()
-    stdout.print(f"never touched {pct(split['never'])}, touched but cancelled out "
-                 f"{pct(split['cancelled'])}, final subnetwork {pct(split['subnetwork'])}; "
-                 f"registered {result.final.name} and {result.ever.name}", highlight=False)
+    say(f"never touched {pct(split['never'])}, touched but cancelled out "
+        f"{pct(split['cancelled'])}, final subnetwork {pct(split['subnetwork'])}; "
+        f"registered {result.final.name} and {result.ever.name}")
     if plot_path:
-        stdout.print(f"wrote {plot_path}", highlight=False)
+        say(f"wrote {plot_path}")
 
 
 @click.command()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from maskhub.cli.text import cell, visible
 from maskhub.registry.api import Registry
 
 if TYPE_CHECKING:
@@ -103,11 +104,20 @@ def registry(home: str | None, store: str | None = None) -> Registry:
     return Registry(command_home(home), store=store)
 
 
+def _exact_decimal(v: Decimal) -> int | float | str:
+    """A DECIMAL for JSON: an int or a float where that is the same number, else its digits
+    as a string (never rounded)."""
+    if v == v.to_integral_value():
+        return int(v)
+    f = float(v)
+    return f if math.isfinite(f) and Decimal(repr(f)) == v else str(v)
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, (datetime, date)):
         return v.isoformat()
     if isinstance(v, Decimal):
-        return float(v)
+        return _exact_decimal(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, tuple):
@@ -120,12 +130,13 @@ def _plain(v: Any) -> Any:
 
 
 def echo_json(obj: Any) -> None:
-    """Print ``obj`` as JSON on stdout."""
+    """Print ``obj`` as JSON on stdout: strings exact (JSON escapes their control
+    characters), floats as Python's shortest exact repr, DECIMALs unrounded."""
     click.echo(json.dumps(_plain(obj), indent=2, default=str))
 
 
 def fmt(v: Any) -> str:
-    """A cell for a human table."""
+    """A cell for a human table (before :func:`maskhub.cli.text.cell` makes it safe)."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -137,6 +148,19 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def csv_value(v: Any) -> str:
+    """A CSV field, exact: floats as their shortest repr that reads back to the same
+    double, DECIMALs with all their digits, timestamps with their microseconds, lists and
+    structs as JSON; strings as they are (the csv module quotes them)."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(_plain(v), default=str)
+    return str(v)
+
+
 def pct(fraction: float | None) -> str:
     """A fraction in [0, 1] printed as a percentage."""
     return "" if fraction is None else f"{100 * fraction:.2f}%"
@@ -144,31 +168,59 @@ def pct(fraction: float | None) -> str:
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
                 formatters: dict[str, Callable[[Any], str]] | None = None) -> None:
-    """Print a rich table on stdout."""
+    """Print a rich table on stdout, every header and cell verbatim and harmless (plain
+    ``Text``, never markup; control characters escaped and long values cut by
+    :func:`maskhub.cli.text.cell`)."""
     from rich.table import Table
+    from rich.text import Text
 
     formatters = formatters or {}
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(title=Text(visible(title)) if title else None, title_justify="left",
+                  show_edge=False, pad_edge=False)
     for c in columns:
-        table.add_column(c, overflow="fold")
+        table.add_column(Text(cell(c)), overflow="fold")
     for r in rows:
-        table.add_row(*(formatters.get(c, fmt)(v) for c, v in zip(columns, r, strict=True)))
+        table.add_row(*(Text(cell(formatters.get(c, fmt)(v)))
+                        for c, v in zip(columns, r, strict=True)))
     stdout.print(table)
 
 
 def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print CSV on stdout."""
+    """Print CSV on stdout, values exact (see :func:`csv_value`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")  # not CRLF: shell substitution keeps \r
     w.writerow(columns)
     for r in rows:
-        w.writerow([fmt(v) for v in r])
+        w.writerow([csv_value(v) for v in r])
     sys.stdout.write(buf.getvalue())
 
 
+Part = str | tuple[str, str]
+
+
+def say(*parts: Part, err: bool = False) -> None:
+    """Print one line made of ``parts`` (plain strings, or ``(text, style)`` pairs such as
+    ``(name, "bold")``), each shown verbatim and harmless (:func:`maskhub.cli.text.visible`):
+    no markup, no emoji codes, no terminal escapes. On stderr with ``err``."""
+    from rich.text import Text
+
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(visible(part[0]), style=part[1])
+        else:
+            text.append(visible(part))
+    (stderr if err else stdout).print(text)
+
+
+def echo(line: str, err: bool = False) -> None:
+    """``click.echo`` of a line holding data, made harmless (:func:`maskhub.cli.text.visible`)."""
+    click.echo(visible(line), err=err)
+
+
 def warn(message: str) -> None:
-    """A warning line on stderr."""
-    stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    """A warning line on stderr (the message verbatim and harmless)."""
+    say(("warning:", "yellow"), " " + message, err=True)
 
 
 @contextmanager

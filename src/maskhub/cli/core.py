@@ -9,6 +9,7 @@ import click
 
 from maskhub.cli.common import (
     byte_progress,
+    echo,
     echo_json,
     home_option,
     json_option,
@@ -17,12 +18,14 @@ from maskhub.cli.common import (
     print_table,
     ray_option,
     registry,
+    say,
     stdout,
     store_option,
     warn,
 )
 from maskhub.errors import UsageError
 from maskhub.registry.api import Mask
+from maskhub.storage.sandbox import DEFAULT_TIMEOUT_S
 
 
 def _parse_sweep(value: str | None) -> list[float]:
@@ -42,9 +45,8 @@ def _summary(mask: Mask) -> dict[str, Any]:
 
 
 def _print_mask_line(mask: Mask, verb: str) -> None:
-    stdout.print(
-        f"{verb} [bold]{mask.name}[/bold] (id {mask.id[:12]}): {mask.n_updated:,} of "
-        f"{mask.n_params:,} parameters updated, sparsity {pct(mask.sparsity)}", highlight=False)
+    say(f"{verb} ", (mask.name, "bold"), f" (id {mask.id[:12]}): {mask.n_updated:,} of "
+        f"{mask.n_params:,} parameters updated, sparsity {pct(mask.sparsity)}")
 
 
 @click.command()
@@ -103,28 +105,58 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
         _print_mask_line(mask, "registered")
 
 
+#: Rows ``maskhub ls`` prints in a table when ``--limit`` is not given.
+LS_DEFAULT_LIMIT = 50
+
+
+def timeout_option(f: Any) -> Any:
+    """``--timeout SECONDS``: stop a user's query after that long (0: no limit)."""
+    return click.option("--timeout", type=click.FloatRange(min=0), default=DEFAULT_TIMEOUT_S,
+                        show_default=True, metavar="SECONDS",
+                        help="Stop the query after this many seconds (0: no limit).")(f)
+
+
 @click.command()
-@click.option("--where", help="SQL filter on the masks table, e.g. \"algorithm = 'dpo'\".")
+@click.option("--where", help="SQL filter on the masks table, e.g. \"algorithm = 'dpo'\" "
+              "(runs in the SQL sandbox, like maskhub sql).")
+@click.option("--sort", metavar="COLUMN",
+              help="Order by this column of masks (e.g. sparsity, name, seed); a leading - "
+                   "(--sort=-sparsity) or --desc for descending. Default: newest first.")
+@click.option("--desc", is_flag=True, help="With --sort: descending.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N",
+              help=f"Show at most N masks (0: all). Default: {LS_DEFAULT_LIMIT} in a table, all "
+                   "with --json.")
+@timeout_option
 @json_option
 @home_option
-def ls(where: str | None, as_json: bool, home: str | None) -> None:
+def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeout: float,
+       as_json: bool, home: str | None) -> None:
     """List registered masks, newest first.
 
     \b
     Example:
       maskhub ls --where "algorithm = 'dpo'"
+      maskhub ls --sort=-sparsity --limit 10
+      maskhub ls --limit 0
     """
-    rows = registry(home).ls(where)
+    if limit is None:
+        limit = 0 if as_json else LS_DEFAULT_LIMIT
+    rows = registry(home).ls(where, limit=limit, sort=sort, descending=desc, timeout=timeout)
     if as_json:
         echo_json(rows)
         return
     if not rows:
-        click.echo("no masks registered yet (try `maskhub demo`)", err=True)
+        click.echo("no masks match --where" if where else
+                   "no masks registered yet (try `maskhub demo`)", err=True)
         return
     cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
     print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
                         f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows],
                 formatters={"sparsity": pct})
+    more = rows.total - len(rows)
+    if more > 0:
+        click.echo(f"{len(rows)} of {rows.total} masks shown; {more} more: --limit 0 shows "
+                   "all, --limit N more", err=True)
 
 
 @click.command()
@@ -191,16 +223,20 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
 @click.option("--format", "fmt_", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@timeout_option
 @home_option
-def sql(query: str, fmt_: str, as_json: bool, home: str | None) -> None:
+def sql(query: str, fmt_: str, as_json: bool, timeout: float, home: str | None) -> None:
     """Run a read-only SQL QUERY over the index (tables masks, tensors, tensor_sweep...):
-    one SELECT, SHOW, DESCRIBE, SUMMARIZE, PRAGMA or EXPLAIN statement.
+    one SELECT, SHOW, DESCRIBE, SUMMARIZE, PRAGMA or EXPLAIN statement. It runs in a
+    sandbox: the registry's tables and views only (no other file, no network, no
+    extension, no setting), stopped after --timeout seconds.
 
     \b
     Example:
       maskhub sql "select algorithm, avg(sparsity) from masks group by 1"
+      maskhub sql "select name, sparsity from masks" --format csv
     """
-    cols, rows = registry(home).sql(query)
+    cols, rows = registry(home).sql(query, timeout=timeout)
     if as_json or fmt_ == "json":
         echo_json([dict(zip(cols, r, strict=True)) for r in rows])
     elif fmt_ == "csv":
@@ -226,7 +262,7 @@ def rm(mask: str, as_json: bool, home: str | None) -> None:
     if as_json:
         echo_json({"removed": removed.id, "name": removed.name, "derived": children})
         return
-    click.echo(f"removed {removed.name} (id {removed.id[:12]})")
+    echo(f"removed {removed.name} (id {removed.id[:12]})")
     if children:
         warn(f"{len(children)} mask(s) made from it stay registered, their lineage naming "
              f"id {removed.id[:12]}: {', '.join(children)}")
@@ -253,7 +289,7 @@ def demo(directory: str | None, as_json: bool, home: str | None) -> None:
         echo_json({**_summary(mask), "base": str(info["base"]), "target": str(info["target"]),
                    "losses": info["losses"]})
         return
-    stdout.print(f"checkpoints: {info['base']} and {info['target']}", highlight=False)
+    say(f"checkpoints: {info['base']} and {info['target']}")
     _print_mask_line(mask, "registered")
     ctx = click.get_current_context()
     ctx.invoke(show, mask=mask.id, as_json=False, home=str(reg.home))

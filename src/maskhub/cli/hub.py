@@ -16,7 +16,7 @@ from maskhub.cli.common import (
     pct,
     print_table,
     registry,
-    stdout,
+    say,
     warn,
 )
 
@@ -88,12 +88,12 @@ def push(mask: str, repo_id: str, private: bool, revision: str | None,
     if as_json:
         echo_json(res.to_dict())
     elif res.changed:
-        stdout.print(f"pushed [bold]{res.name}[/bold] to {res.repo_id}@{res.branch}: commit "
-                     f"{res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)\n{res.url}",
-                     highlight=False)
+        say("pushed ", (res.name, "bold"), f" to {res.repo_id}@{res.branch}: commit "
+            f"{res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)")
+        say(res.url)
     else:
-        stdout.print(f"{res.name} is unchanged on {res.repo_id}@{res.branch}: no new commit "
-                     f"(at {res.commit[:12]})", highlight=False)
+        say(f"{res.name} is unchanged on {res.repo_id}@{res.branch}: no new commit "
+            f"(at {res.commit[:12]})")
 
 
 @click.command()
@@ -122,9 +122,9 @@ def pull(repo_id: str, name: str | None, repo_type: str, quiet: bool, as_json: b
         warn(note)
     m = res.mask
     verb = "registered" if res.status == "registered" else "already registered:"
-    stdout.print(f"{verb} [bold]{m.name}[/bold] (id {m.id[:12]}) from {res.repo_id}@"
-                 f"{res.commit[:12]}: {m.n_updated:,} of {m.n_params:,} parameters updated, "
-                 f"sparsity {pct(m.sparsity)}", highlight=False)
+    say(f"{verb} ", (m.name, "bold"), f" (id {m.id[:12]}) from {res.repo_id}@"
+        f"{res.commit[:12]}: {m.n_updated:,} of {m.n_params:,} parameters updated, "
+        f"sparsity {pct(m.sparsity)}")
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import byte_progress, echo_json, home_option, json_option, registry, stdout
+from maskhub.cli.common import byte_progress, echo_json, home_option, json_option, registry, say
 from maskhub.cli.core import _print_mask_line, _summary
 
 
@@ -50,8 +50,8 @@ def import_(source: str, name: str | None, base_model: str | None, target_model:
         echo_json(_summary(mask))
     else:
         _print_mask_line(mask, "imported")
-        stdout.print("no magnitude strata (they need the base weights): its overlaps report "
-                     "the stratified baseline", highlight=False)
+        say("no magnitude strata (they need the base weights): its overlaps report "
+            "the stratified baseline")
 
 
 COMMANDS = [import_]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from maskhub.cli.common import command_home, echo_json, home_option, json_option, store_option
+from maskhub.cli.common import command_home, echo, echo_json, home_option, json_option, store_option
 from maskhub.registry.api import Registry
 
 
@@ -36,9 +36,9 @@ def fsck(repair: bool, store: str | None, as_json: bool, home: str | None) -> No
         echo_json(report.to_dict())
     else:
         for finding in report.findings:
-            click.echo(finding.line())
+            echo(finding.line())
         if report.clean:
-            click.echo(report.summary())
+            echo(report.summary())
     if not report.clean:
         sys.exit(1)
 

@@ -11,6 +11,7 @@ from maskhub.analytics.overlap_results import OverlapMatrix, OverlapResult, Tens
 from maskhub.analytics.plot import BASELINES, parse_size
 from maskhub.cli.common import (
     byte_progress,
+    echo,
     echo_json,
     home_option,
     json_option,
@@ -18,6 +19,7 @@ from maskhub.cli.common import (
     print_table,
     ray_option,
     registry,
+    say,
     stdout,
     store_option,
 )
@@ -50,8 +52,8 @@ def _significance(r: OverlapResult) -> str:
 
 def _print_pair(r: OverlapResult) -> None:
     source = " (from the index cache)" if r.cached else ""
-    stdout.print(f"I1 = [bold]{r.name_a}[/bold], I2 = [bold]{r.name_b}[/bold]: "
-                 f"{r.n_params:,} parameters in {r.n_tensors} tensors{source}", highlight=False)
+    say("I1 = ", (r.name_a, "bold"), ", I2 = ", (r.name_b, "bold"),
+        f": {r.n_params:,} parameters in {r.n_tensors} tensors{source}")
     rows = [
         ["|I1|", f"{r.n_a:,}", "", "", ""],
         ["|I2|", f"{r.n_b:,}", "", "", ""],
@@ -67,7 +69,7 @@ def _print_pair(r: OverlapResult) -> None:
     ]
     print_table(["", "observed", "uniform random", "stratified random",
                  "magnitude-stratified random"], rows)
-    stdout.print(_significance(r), highlight=False)
+    say(_significance(r))
 
 
 def _group(tensors: Sequence[TensorOverlap], per: str) -> list[list[Any]]:
@@ -115,7 +117,7 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
                     title=f"{'magnitude-stratified' if strict else 'stratified'} random "
                           "baseline of o1")
     n_pairs = len(m.results)
-    stdout.print(f"{n_pairs} pairs, {m.cached} from the index cache", highlight=False)
+    say(f"{n_pairs} pairs, {m.cached} from the index cache")
 
 
 @click.command()
@@ -221,9 +223,9 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name:
                    "base_model": r["base_model"], "tol": r["tol"], "n_params": mask.n_params,
                    "n_updated": mask.n_updated, "sparsity": mask.sparsity})
         return
-    stdout.print(f"registered [bold]{mask.name}[/bold] (id {mask.id[:12]}) = {operation} of "
-                 f"{', '.join(masks)}: {mask.n_updated:,} of {mask.n_params:,} parameters, "
-                 f"sparsity {pct(mask.sparsity)}", highlight=False)
+    say("registered ", (mask.name, "bold"), f" (id {mask.id[:12]}) = {operation} of "
+        f"{', '.join(masks)}: {mask.n_updated:,} of {mask.n_params:,} parameters, "
+        f"sparsity {pct(mask.sparsity)}")
 
 
 @click.command()
@@ -267,7 +269,7 @@ def plot(masks: tuple[str, ...], kind: str | None, base_model: str | None,
     if as_json:
         echo_json({"path": str(path), "kind": effective, "bytes": path.stat().st_size})
     else:
-        click.echo(f"wrote {path}")
+        echo(f"wrote {path}")
 
 
 COMMANDS = [overlap, combine, plot]

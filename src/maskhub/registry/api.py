@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 from maskhub.core.home import Home
 from maskhub.core.record import MaskRecord
 from maskhub.errors import UsageError
+from maskhub.storage.index import MASK_COLUMNS
 from maskhub.storage.remote import is_url
+from maskhub.storage.sandbox import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     import duckdb
@@ -30,6 +32,17 @@ if TYPE_CHECKING:
     from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
     from maskhub.training.verify import VerifyReport
+
+
+#: The column that carries ``count(*) OVER ()`` through :meth:`Registry.ls`'s query.
+_TOTAL = "__maskhub_total"
+
+
+class MaskListing(list):
+    """The rows :meth:`Registry.ls` returns (dicts), with ``total``: how many rows matched
+    before ``limit``."""
+
+    total: int = 0
 
 
 class Mask(MaskRecord):
@@ -79,16 +92,48 @@ class Registry(Home):
 
     # -- the index -----------------------------------------------------------------------
 
-    def ls(self, where: str | None = None) -> list[dict[str, Any]]:
-        """Rows of the ``masks`` table, newest first (``where``: an optional SQL filter)."""
-        sql = "SELECT * FROM masks"
+    # -- ls and sql: user-written SQL, run in the SQL sandbox (issue 21/25) -----------------
+
+    def ls(self, where: str | None = None, *, limit: int | None = None,
+           sort: str | None = None, descending: bool = False,
+           timeout: float | None = DEFAULT_TIMEOUT_S) -> MaskListing:
+        """Rows of the ``masks`` table, newest first (then by name).
+
+        ``where``: an optional SQL filter on ``masks``, run in the SQL sandbox
+        (:mod:`maskhub.storage.sandbox`) for at most ``timeout`` seconds. ``sort``: a column
+        of ``masks`` to order by instead (a leading ``-``, or ``descending``, reverses it;
+        ties by name). ``limit``: at most that many rows (``None``/``0``: all), fetched with
+        SQL's ``LIMIT``. The result is a list of dicts whose ``total`` attribute counts every
+        row matching ``where``.
+        """
+        order = "created_at DESC, name"
+        if sort:
+            column = sort[1:] if sort.startswith("-") else sort
+            if column not in MASK_COLUMNS:
+                raise UsageError(f"cannot sort by {column!r}: not a column of masks (one of "
+                                 f"{', '.join(MASK_COLUMNS)})")
+            direction = "DESC" if descending or sort.startswith("-") else "ASC"
+            order = f'"{column}" {direction} NULLS LAST, name'
+        if limit is not None and limit < 0:
+            raise UsageError(f"--limit must be 0 (all) or more, not {limit}")
+        sql = f"SELECT *, count(*) OVER () AS {_TOTAL} FROM masks"
         if where:  # user-written: one read-only statement, errors as one line (UsageError)
             sql += f" WHERE {where}\n"
-        return self.index.user_rows(sql + " ORDER BY created_at DESC, name")
+        sql += f" ORDER BY {order}" + (f" LIMIT {int(limit)}" if limit else "")
+        rows = self.index.user_rows(sql, timeout)
+        listing = MaskListing(rows)
+        listing.total = rows[0][_TOTAL] if rows else 0
+        for r in listing:
+            del r[_TOTAL]
+        return listing
 
-    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query over the index; return ``(columns, rows)``."""
-        return self.index.query(query)
+    def sql(self, query: str, timeout: float | None = DEFAULT_TIMEOUT_S
+            ) -> tuple[list[str], list[tuple]]:
+        """Run a read-only SQL query over the index in the SQL sandbox (the registry's tables
+        and views, no other file, no network, no extension, no setting: see
+        :mod:`maskhub.storage.sandbox`), stopped after ``timeout`` seconds (``None``/``0``:
+        no limit); return ``(columns, rows)``."""
+        return self.index.query(query, timeout)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A read-only DuckDB connection to a snapshot of the index, for notebooks: query the

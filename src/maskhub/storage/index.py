@@ -34,6 +34,7 @@ from maskhub.errors import (
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import param_kind
+from maskhub.storage.sandbox import open_sandbox, run_query, sandbox_error
 
 LOCK_TIMEOUT_S = 600.0
 #: DuckDB storage format of a new index: the oldest duckdb allowed by pyproject.toml (1.1)
@@ -69,8 +70,7 @@ _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 def sql_error(exc: BaseException) -> UsageError:
     """The one-line user error for a DuckDB error raised by user-written SQL."""
-    lines = str(exc).strip().splitlines()
-    return UsageError(f"SQL error: {lines[0] if lines else type(exc).__name__}")
+    return sandbox_error(exc)
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -175,8 +175,10 @@ class Index:
                 raise self._read_only(exc) from None
             return None
 
-    def _connect_db(self, write: bool) -> duckdb.DuckDBPyConnection:
-        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`.
+    def _connect_db(self, write: bool, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, a refused write access becoming :class:`ReadOnlyRegistryError`;
+        with ``sandbox``, the read-only connection of :func:`~maskhub.storage.sandbox.open_sandbox`
+        on which user-written SQL runs.
 
         A process outside maskhub holding DuckDB's own lock on the file (a notebook's
         ``duckdb.connect(..., read_only=True)`` blocks every writer; a writable one, readers
@@ -189,6 +191,8 @@ class Index:
         deadline: float | None = None
         while True:
             try:
+                if sandbox:
+                    return open_sandbox(self.path)
                 return duckdb.connect(str(self.path), read_only=not write, config=config)
             except duckdb.IOException as exc:
                 message = str(exc)
@@ -326,12 +330,14 @@ class Index:
         if failed is not None:
             raise failed
 
-    def _open(self, stack: ExitStack, write: bool) -> duckdb.DuckDBPyConnection:
-        """A migrated connection, its lock held until ``stack`` closes."""
+    def _open(self, stack: ExitStack, write: bool, sandbox: bool = False
+              ) -> duckdb.DuckDBPyConnection:
+        """A migrated connection, its lock held until ``stack`` closes (``sandbox``: a
+        read-only one for user SQL, see :meth:`sandbox`)."""
         if not self._migrated and not write and not self.path.is_file():
             self.migrate()  # a reader of a home without an index yet: create it first
         stack.enter_context(self._locked(exclusive=write))
-        con = self._connect_db(write)
+        con = self._connect_db(write, sandbox)
         stack.callback(con.close)
         if self._migrated:
             return con
@@ -346,7 +352,7 @@ class Index:
         stack.close()  # a reader found pending migrations: apply them with write access
         self.migrate()
         stack.enter_context(self._locked(exclusive=False))
-        con = self._connect_db(False)
+        con = self._connect_db(False, sandbox)
         stack.callback(con.close)
         return con
 
@@ -480,23 +486,29 @@ class Index:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run one read-only SQL statement written by a user (see :func:`check_read_only`);
-        return ``(columns, rows)``. Any problem with it is a one-line ``UsageError``."""
-        with self.connect(write=False) as con:
+    def query(self, sql: str, timeout: float | None = None) -> tuple[list[str], list[tuple]]:
+        """Run one read-only SQL statement written by a user (see :func:`check_read_only`) in
+        the SQL sandbox (:mod:`maskhub.storage.sandbox`: the registry and nothing else), for
+        at most ``timeout`` seconds (``None``/``0``: no limit); return ``(columns, rows)``.
+        Any problem with it is a one-line ``UsageError``."""
+        with self.sandbox() as con:
             check_read_only(con, sql)
-            try:
-                cur = con.execute(sql)
-                if cur.description is None:
-                    return [], []
-                return [d[0] for d in cur.description], cur.fetchall()
-            except duckdb.Error as exc:
-                raise sql_error(exc) from exc
+            return run_query(con, sql, timeout)
 
-    def user_rows(self, sql: str) -> list[dict[str, Any]]:
+    def user_rows(self, sql: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """:meth:`query`, for SQL holding user-written parts: the rows as dicts."""
-        columns, rows = self.query(sql)
+        columns, rows = self.query(sql, timeout)
         return [dict(zip(columns, r, strict=True)) for r in rows]
+
+    @contextmanager
+    def sandbox(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A sandboxed read-only connection to the index (migrated first), held under the
+        shared lock while the block runs: see :mod:`maskhub.storage.sandbox`. Refused inside
+        this process's own write transaction (its rows are not committed yet)."""
+        if self._session is not None and self._session[1]:
+            raise RuntimeError("user SQL inside a registry write transaction")
+        with ExitStack() as stack:
+            yield self._open(stack, False, sandbox=True)
 
     def delete_mask(self, mask_id: str) -> None:
         """Remove a mask's rows from every table that refers to it.
