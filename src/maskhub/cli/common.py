@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from maskhub.cli.text import cell, visible
+from maskhub.cli.text import cell, styled, table_lines, visible
 from maskhub.registry.api import Registry
 
 if TYPE_CHECKING:
@@ -25,8 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class LazyConsole:
-    """A ``rich`` console made on first use: ``maskhub --help`` and the commands that print
-    no table never import rich (~40 ms of start-up)."""
+    """A ``rich`` console made on first use, for the progress bars: tables and lines are
+    printed without rich (:func:`print_table`, :func:`say`), so a command that draws no bar
+    never imports it (~40 ms of start-up)."""
 
     def __init__(self, **options: Any) -> None:
         """``options``: the keyword arguments of ``rich.console.Console``."""
@@ -46,7 +47,8 @@ class LazyConsole:
         return getattr(self.console, name)
 
 
-# Tables are not folded to 80 columns when stdout is a pipe or a file.
+# Tables are not folded to 80 columns when stdout is a pipe or a file. Data never goes
+# through these consoles (they read markup): print it with print_table/say/echo.
 stdout = LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 stderr = LazyConsole(stderr=True)
 
@@ -168,21 +170,21 @@ def pct(fraction: float | None) -> str:
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
                 formatters: dict[str, Callable[[Any], str]] | None = None) -> None:
-    """Print a rich table on stdout, every header and cell verbatim and harmless (plain
-    ``Text``, never markup; control characters escaped and long values cut by
-    :func:`maskhub.cli.text.cell`)."""
-    from rich.table import Table
-    from rich.text import Text
+    """Print a table on stdout, every header and cell verbatim and harmless (control
+    characters escaped and long values cut by :func:`maskhub.cli.text.cell`; no markup), at
+    a cost proportional to the cells shown (:func:`maskhub.cli.text.table_lines`). On a
+    terminal the table is fitted to its width, long cells folded."""
+    import shutil
 
     formatters = formatters or {}
-    table = Table(title=Text(visible(title)) if title else None, title_justify="left",
-                  show_edge=False, pad_edge=False)
-    for c in columns:
-        table.add_column(Text(cell(c)), overflow="fold")
-    for r in rows:
-        table.add_row(*(Text(cell(formatters.get(c, fmt)(v)))
-                        for c, v in zip(columns, r, strict=True)))
-    stdout.print(table)
+    cells = [[cell(formatters.get(c, fmt)(v)) for c, v in zip(columns, r, strict=True)]
+             for r in rows]
+    tty = styled(sys.stdout)
+    lines = table_lines([cell(c) for c in columns], cells,
+                        title=visible(title) if title else None,
+                        max_width=shutil.get_terminal_size().columns if sys.stdout.isatty()
+                        else None, bold=tty)
+    click.echo("\n".join(lines))
 
 
 def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -197,20 +199,24 @@ def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 Part = str | tuple[str, str]
 
+#: ANSI codes of the styles :func:`say` knows.
+_STYLES = {"bold": "1", "yellow": "33", "red": "31", "green": "32"}
+
 
 def say(*parts: Part, err: bool = False) -> None:
     """Print one line made of ``parts`` (plain strings, or ``(text, style)`` pairs such as
     ``(name, "bold")``), each shown verbatim and harmless (:func:`maskhub.cli.text.visible`):
-    no markup, no emoji codes, no terminal escapes. On stderr with ``err``."""
-    from rich.text import Text
-
-    text = Text()
+    no markup, no emoji codes, no terminal escapes but the style's own (on a terminal only).
+    On stderr with ``err``."""
+    tty = styled(sys.stderr if err else sys.stdout)
+    out = []
     for part in parts:
         if isinstance(part, tuple):
-            text.append(visible(part[0]), style=part[1])
+            text = visible(part[0])
+            out.append(f"\x1b[{_STYLES[part[1]]}m{text}\x1b[0m" if tty and text else text)
         else:
-            text.append(visible(part))
-    (stderr if err else stdout).print(text)
+            out.append(visible(part))
+    click.echo("".join(out), err=err)
 
 
 def echo(line: str, err: bool = False) -> None:

@@ -19,7 +19,6 @@ from maskhub.cli.common import (
     ray_option,
     registry,
     say,
-    stdout,
     store_option,
     warn,
 )
@@ -155,8 +154,8 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
                 formatters={"sparsity": pct})
     more = rows.total - len(rows)
     if more > 0:
-        click.echo(f"{len(rows)} of {rows.total} masks shown; {more} more: --limit 0 shows "
-                   "all, --limit N more", err=True)
+        click.echo(f"{len(rows)} of {rows.total:,} masks shown, {more:,} more: --limit 0 "
+                   "shows all", err=True)
 
 
 @click.command()
@@ -184,23 +183,23 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                 [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
                  if m.get(f) not in (None, [], "")])
     if info["by_layer"]:
-        stdout.print()
+        click.echo()
         print_table(["layer", "numel", "n_updated", "sparsity"],
                     [[r["layer"], r["numel"], r["n_updated"], r["sparsity"]]
                      for r in info["by_layer"]], title="per layer", formatters={"sparsity": pct})
-    stdout.print()
+    click.echo()
     print_table(["module", "param", "tensors", "numel", "n_updated", "sparsity"],
                 [[r["module"], r["param_kind"], r["tensors"], r["numel"], r["n_updated"],
                   r["sparsity"]] for r in info["by_module"]], title="per module",
                 formatters={"sparsity": pct})
     if info["sweep"]:
-        stdout.print()
+        click.echo()
         print_table(["tol", "n_updated", "sparsity"],
                     [[r["tol"], r["n_updated"], r["sparsity"]] for r in info["sweep"]],
                     title="tolerance sweep", formatters={"sparsity": pct})
     if info["analysis"]:
         a = info["analysis"]
-        stdout.print()
+        click.echo()
         rows = []
         if a["n_rank_tensors"]:
             rows += [["2-D updates with a rank", a["n_rank_tensors"]],

@@ -20,7 +20,6 @@ from maskhub.cli.common import (
     ray_option,
     registry,
     say,
-    stdout,
     store_option,
 )
 from maskhub.errors import UsageError
@@ -112,7 +111,7 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
         base = m.matrix(key)
         rows = [[names[i]] + [("—" if i == j else pct(v)) for j, v in enumerate(row)]
                 for i, row in enumerate(base)]
-        stdout.print()
+        click.echo()
         print_table(["I1 \\ I2", *names], rows,
                     title=f"{'magnitude-stratified' if strict else 'stratified'} random "
                           "baseline of o1")
@@ -178,7 +177,7 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
         return
     _print_pair(r)
     if per:
-        stdout.print()
+        click.echo()
         print_table([per, "numel", "|I1|", "|I2|", "|I1 ∩ I2|", "o1", "o2", "o1 stratified",
                      "o2 stratified"], _group(r.tensors, per), title=f"per {per}",
                     formatters={c: pct for c in ("o1", "o2", "o1 stratified",
