@@ -38,12 +38,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from maskhub.errors import CheckpointError, MaskhubError, MaskStoreError
 from maskhub.schemas.dtypes import SAFETENSORS_DTYPES, itemsize
@@ -72,8 +73,6 @@ MASK_DATA_TYPES = ("bool", "uint8")
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISDIR, "a directory"))
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -157,19 +156,29 @@ def check_tree(root: Path, where: str, max_entries: int = 10_000_000) -> None:
                 raise MaskStoreError(f"{rel} is {kind}, not a regular file", where)
 
 
+def json_nesting(data: bytes) -> tuple[int, int]:
+    """``(deepest nesting, objects opened at depth 2)`` of the JSON text ``data``, computed
+    without recursion and without parsing (vectorized: a 100 MB header takes well under a
+    second). Brackets inside strings are skipped. The second figure bounds the entries of a
+    top-level object whose values are objects (a safetensors header's tensors)."""
+    text = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # escaped \\ and \" hold no quote
+    a = np.frombuffer(text, dtype=np.uint8)
+    if not a.size:
+        return 0, 0
+    parity = np.cumsum(a == 0x22, dtype=np.uint8) & 1  # odd: inside a string
+    at = np.flatnonzero(((a == 0x5B) | (a == 0x5D) | (a == 0x7B) | (a == 0x7D)) & (parity == 0))
+    if not at.size:
+        return 0, 0
+    b = a[at]
+    depth = np.cumsum(np.where((b == 0x5B) | (b == 0x7B), 1, -1).astype(np.int32),
+                      dtype=np.int64)
+    return int(depth.max()), int(np.count_nonzero((b == 0x7B) & (depth == 2)))
+
+
 def json_depth(data: bytes) -> int:
     """The deepest nesting of ``[``/``{`` in the JSON text ``data`` (strings skipped),
     computed without recursion."""
-    skeleton = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for b in skeleton:
-        if b in (0x5B, 0x7B):
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-        else:
-            depth -= 1
-    return deepest
+    return json_nesting(data)[0]
 
 
 def load_json(data: bytes, what: str, error: type[MaskhubError] = MaskStoreError,
@@ -282,9 +291,12 @@ def parse_safetensors_header(raw: bytes, data_size: int, where: str) -> list[Hea
     def fail(msg: str) -> CheckpointError:
         return CheckpointError(f"{where}: {msg}", where)
 
-    depth = json_depth(raw)
+    depth, objects = json_nesting(raw)
     if depth > 3:
         raise fail(f"its header nests JSON {depth} levels deep (a safetensors header has 3)")
+    if objects > MAX_TENSORS + 1:  # checked before parsing: tensors, plus __metadata__
+        raise fail(f"its header declares about {objects} tensors (at most {MAX_TENSORS} per "
+                   "file)")
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -381,7 +381,7 @@ class MaskStore:
 
     def validate(self) -> None:
         """Check every array against its recorded shape and count (popcount of the bits)."""
-        total = 0
+        total = updated = 0
         for name in self.names:
             st = self.stats(name)
             arr = self._array(name)
@@ -394,6 +394,10 @@ class MaskStore:
                 raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
                                      f"metadata says {st.n_updated}", str(self.path))
             total += st.numel
+            updated += st.n_updated
+        if updated != self.metadata.n_updated:
+            raise MaskStoreError(f"{self.path}: tensors hold {updated} updated entries, the "
+                                 f"metadata says {self.metadata.n_updated}", str(self.path))
         if total != self.metadata.n_params:
             raise MaskStoreError(f"{self.path}: tensors hold {total} parameters, the metadata "
                                  f"says {self.metadata.n_params}", str(self.path))
