@@ -22,6 +22,7 @@ from maskhub.checkpoints.header import PICKLE_SUFFIXES, read_header
 from maskhub.checkpoints.validate import (
     MAX_CHUNK_BYTES,
     ArrayFacts,
+    check_array_document,
     check_tree,
     present_chunks,
     read_array_metadata,
@@ -30,7 +31,7 @@ from maskhub.checkpoints.validate import (
 )
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.hub.layout import safe_relpath
-from maskhub.kernels.bitcount import count_entries
+from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND
 
 #: What an imported tensor's mask may be held as: booleans, or 0/1 in ``uint8``.
@@ -197,8 +198,10 @@ def _check_store_files(path: Path, where: str) -> None:
     for dirpath, _dirs, files in os.walk(path):
         if "zarr.json" in files:
             rel = Path(dirpath).relative_to(path).as_posix()
-            read_json_file(Path(dirpath) / "zarr.json",
-                           f"{where}/zarr.json" if rel == "." else f"{where}/{rel}/zarr.json")
+            doc = read_json_file(Path(dirpath) / "zarr.json", f"{where}/zarr.json" if rel == "."
+                                 else f"{where}/{rel}/zarr.json")
+            if rel != "." and isinstance(doc, dict) and doc.get("node_type") == "array":
+                check_array_document(doc, rel, where)
 
 
 def _zeros(nbytes: int, name: str, where: str) -> np.ndarray:
@@ -223,13 +226,15 @@ def _unpack(name: str, arr: Any, facts: ArrayFacts, directory: Path, where: str
     numel = math.prod(shape)
     nbytes, chunk = facts.shape[0], facts.chunk_shape[0]
     out = _zeros(nbytes, name, where)
+    count = 0
     for (i,) in present_chunks(directory, facts):
         start, stop = i * chunk, min(nbytes, (i + 1) * chunk)
         part = np.asarray(arr[start:stop])
         out[start:stop] = _REVERSED[part] if bitorder == "big" else part
-    if numel % 8:
-        out[-1] &= (1 << (numel % 8)) - 1
-    return ImportedTensor(name, tuple(shape), out, count_entries(out, numel))
+        if stop == nbytes and numel % 8:
+            out[-1] &= (1 << (numel % 8)) - 1
+        count += popcount(out[start:stop])  # only the bytes present: untouched pages stay so
+    return ImportedTensor(name, tuple(shape), out, count)
 
 
 def _read_unpacked(name: str, arr: Any, facts: ArrayFacts, directory: Path, where: str
@@ -244,10 +249,13 @@ def _read_unpacked(name: str, arr: Any, facts: ArrayFacts, directory: Path, wher
         return ImportedTensor(name, (), got.packed, got.n_updated)
     row = math.prod(shape[1:])
     rows = facts.chunk_shape[0]
+    count = 0
     if rows * row <= MAX_CHUNK_BYTES:
         for r in sorted({index[0] for index in present_chunks(directory, facts)}):
             lo, hi = r * rows, min(shape[0], (r + 1) * rows)
-            _put_bits(out, lo * row, _mask_values(name, np.asarray(arr[lo:hi]), where))
+            bits = _mask_values(name, np.asarray(arr[lo:hi]), where)
+            _put_bits(out, lo * row, bits)
+            count += int(np.count_nonzero(bits))
     else:  # rows too wide to read whole: one chunk at a time, its set entries placed
         for index in present_chunks(directory, facts):
             sel = tuple(slice(i * c, min(s, (i + 1) * c))
@@ -255,12 +263,13 @@ def _read_unpacked(name: str, arr: Any, facts: ArrayFacts, directory: Path, wher
             block = _mask_values(name, np.asarray(arr[sel]), where).reshape(
                 [b.stop - b.start for b in sel])
             hits = np.nonzero(block)
+            count += int(hits[0].size)
             if hits[0].size:
                 flat = np.ravel_multi_index(tuple(h + b.start for h, b in zip(hits, sel,
                                                                               strict=True)),
                                             shape)
                 np.bitwise_or.at(out, flat >> 3, (1 << (flat & 7)).astype(np.uint8))
-    return ImportedTensor(name, tuple(shape), out, count_entries(out, numel))
+    return ImportedTensor(name, tuple(shape), out, count)
 
 
 def _mask_values(name: str, values: np.ndarray, where: str) -> np.ndarray:
