@@ -29,7 +29,7 @@ from maskhub.checkpoints.validate import (
     read_json_file,
     short,
 )
-from maskhub.errors import MaskStoreError, UsageError
+from maskhub.errors import MaskhubError, MaskStoreError, UsageError
 from maskhub.hub.layout import safe_relpath
 from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND
@@ -144,7 +144,9 @@ def from_zarr(path: Path) -> MaskSource:
         arrays = dict(group.arrays())
         subgroups = [n for n, _ in group.groups()]
     except Exception as exc:
-        raise MaskStoreError(f"{path} is not a readable Zarr v3 group: {exc}", str(path)) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskStoreError(f"{path} is not a readable Zarr v3 group: {first}",
+                             str(path)) from exc
     if attrs.get("kind", STORE_KIND) != STORE_KIND:
         raise MaskStoreError(f"{where}: its kind is {attrs['kind']!r}, not {STORE_KIND!r}",
                              where)
@@ -178,10 +180,17 @@ def from_zarr(path: Path) -> MaskSource:
         arr = arrays[name]
         facts = read_array_metadata(path / name, name, where, path)
         a = facts.attributes
-        if facts.packed:
-            got = _unpack(name, arr, facts, path / name, where)
-        else:
-            got = _read_unpacked(name, arr, facts, path / name, where)
+        try:
+            if facts.packed:
+                got = _unpack(name, arr, facts, path / name, where)
+            else:
+                got = _read_unpacked(name, arr, facts, path / name, where)
+        except MaskhubError:
+            raise
+        except Exception as exc:  # zarr and its codecs raise their own types on corrupt chunks
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MaskStoreError(f"{where}: cannot read array {short(name)}: {first}",
+                                 where) from exc
         for key, value in (("numel", got.numel), ("n_updated", got.n_updated)):
             if key in a and a[key] != value:
                 raise MaskStoreError(f"{where}: array {name!r} has {key} {value}, its "
