@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numcodecs import Zstd
 
+from maskhub.checkpoints.validate import (
+    ArrayFacts,
+    check_inside,
+    check_mask_counts,
+    chunk_file_limit,
+    count_problem,
+    present_chunks,
+    read_array_metadata,
+    read_chunk,
+    read_json_file,
+    short,
+)
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
 
@@ -220,6 +233,11 @@ class MaskStore:
         import zarr
 
         self.path: Path | str = str(path) if remote.is_url(path) else Path(path)
+        self._facts: dict[str, ArrayFacts] = {}
+        if isinstance(self.path, Path) and (self.path / "zarr.json").exists():
+            # Untrusted metadata is checked before zarr parses it (issue 21: a regular file,
+            # bounded size and nesting).
+            read_json_file(self.path / "zarr.json", f"{self.path}/zarr.json")
         try:
             zstore = remote.zarr_store(str(path), read_only=True) \
                 if isinstance(self.path, str) else str(self.path)
@@ -238,6 +256,7 @@ class MaskStore:
             raise MaskStoreError(
                 f"{self.path} has mask format_version {version!r}; this maskhub reads up to "
                 f"{FORMAT_VERSION} (upgrade maskhub)", str(self.path))
+        check_mask_counts(attrs, str(self.path))
         try:
             self.metadata = MaskMetadata.from_dict(attrs)
         except (TypeError, ValueError) as exc:
@@ -248,6 +267,10 @@ class MaskStore:
         """Per-tensor stats as recorded in the array attributes."""
         arr = self._array(name)
         d = dict(arr.attrs)
+        bad = count_problem(d.get("numel"), d.get("n_updated"), d.get("shape"))
+        if bad:
+            raise MaskStoreError(f"{self.path}: array {short(name)} has bad metadata: {bad}",
+                                 str(self.path))
         d["tensor"] = name
         return TensorStats.from_dict(d)
 
@@ -259,6 +282,7 @@ class MaskStore:
     def _array(self, name: str) -> zarr.Array:
         import zarr
 
+        self._local_facts(name)  # the one validator reads zarr.json before zarr believes it
         try:
             arr = self.group[name]
         except KeyError as exc:
@@ -268,34 +292,91 @@ class MaskStore:
             raise MaskStoreError(f"{self.path}: {name!r} is not an array", str(self.path))
         return arr
 
+    def _local_facts(self, name: str) -> ArrayFacts | None:
+        """The validated ``zarr.json`` of a local store's array (None for a remote store)."""
+        if not isinstance(self.path, Path):
+            return None
+        facts = self._facts.get(name)
+        if facts is None:
+            directory = self.path / name
+            check_inside(self.path, directory, f"{self.path}/{short(name)}")
+            if not os.path.lexists(directory / "zarr.json"):
+                raise MaskStoreError(f"{self.path}: tensor {name!r} is missing from the store",
+                                     str(self.path))
+            facts = read_array_metadata(directory, name, str(self.path), self.path)
+            self._facts[name] = facts
+        return facts
+
+    def _regions(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, bytes)`` of each chunk of a local packed array that is present on disk,
+        in order, decoded one at a time into one reused buffer (a chunk that is absent holds
+        zeros). Memory follows the chunk size and the files present, never the declared
+        shape; chunk files that leave the store or are not regular files are refused."""
+        facts = self._local_facts(name)
+        assert facts is not None and isinstance(self.path, Path)
+        arr = self._array(name)
+        if facts.data_type != "uint8" or len(facts.shape) != 1:
+            raise MaskStoreError(f"{self.path}: array {short(name)} is {facts.data_type} with "
+                                 f"{len(facts.shape)} dimension(s); a stored mask is packed "
+                                 "uint8 with one", str(self.path))
+        nbytes, chunk = facts.shape[0], facts.chunk_shape[0]
+        direct = _chunk_dir(arr) is not None
+        directory = self.path / name
+        buf = np.empty(chunk, dtype=np.uint8)
+        limit = chunk_file_limit(chunk)
+        try:
+            for (i,) in present_chunks(directory, facts):
+                start = i * chunk
+                stop = min(nbytes, start + chunk)
+                what = f"{self.path}: array {short(name)} chunk {facts.chunk_key((i,))}"
+                data = read_chunk(directory / facts.chunk_key((i,)), self.path, limit, what)
+                if data is None:
+                    continue
+                if direct:
+                    _ZSTD.decode(data, out=buf)
+                    yield start, buf[:stop - start]
+                else:  # other codecs: zarr decodes this one chunk
+                    yield start, np.asarray(arr[start:stop])
+        except MaskStoreError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise MaskStoreError(f"{self.path}: cannot read tensor {name!r}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else exc!r}",
+                                 str(self.path)) from exc
+
     def packed(self, name: str) -> np.ndarray:
         """The packed bits of one tensor (uint8, little bit order).
 
-        A local array in the layout :class:`MaskWriter` writes (one dimension, ``bytes`` +
-        ``zstd``, fill value 0) is read chunk file by chunk file, each decoded straight into
-        the result: about twice as fast as zarr's generic read path, same bytes.
+        A local array is read chunk file by chunk file (:meth:`_regions`), each decoded
+        straight into the result, a zero-filled allocation whose pages stay untouched where
+        no chunk is stored: about twice as fast as zarr's generic read path, same bytes, and
+        resident memory follows the bytes present.
         """
-        arr = self._array(name)
-        directory = _chunk_dir(arr)
-        if directory is None:
-            return np.asarray(arr[:])
-        nbytes, chunk = int(arr.shape[0]), int(arr.chunks[0])
-        n_chunks = -(-nbytes // chunk)
-        out = np.empty(n_chunks * chunk, dtype=np.uint8)  # edge chunks are stored full size
+        if not isinstance(self.path, Path):
+            return np.asarray(self._array(name)[:])
+        nbytes = self._local_facts(name).shape[0]  # type: ignore[union-attr]
         try:
-            for i in range(n_chunks):
-                part = out[i * chunk:(i + 1) * chunk]
-                try:
-                    with open(directory / arr.metadata.encode_chunk_key((i,)), "rb") as f:
-                        data = f.read()
-                except FileNotFoundError:  # an all-zero chunk is not written
-                    part[:] = 0
-                    continue
-                _ZSTD.decode(data, out=part)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise MaskStoreError(f"{self.path}: cannot read tensor {name!r}: {exc}",
-                                 str(self.path)) from exc
-        return out[:nbytes]
+            out = np.zeros(nbytes, dtype=np.uint8)
+        except MemoryError as exc:
+            raise MaskStoreError(f"{self.path}: tensor {short(name)} needs {nbytes} bytes, "
+                                 "more than this process can allocate", str(self.path)) from exc
+        for start, data in self._regions(name):
+            out[start:start + data.shape[0]] = data
+        return out
+
+    def count(self, name: str, numel: int) -> int:
+        """Set bits among the ``numel`` entries of one tensor, counted chunk by chunk
+        (memory: one chunk, whatever the declared shape)."""
+        if not isinstance(self.path, Path):
+            return count_entries(self.packed(name), numel)
+        total = 0
+        for start, data in self._regions(name):
+            valid = numel - start * 8  # entries from this chunk on
+            if valid >= data.shape[0] * 8:
+                total += count_entries(data, data.shape[0] * 8)
+            elif valid > 0:
+                total += count_entries(data[:(valid + 7) // 8], valid)
+        return total
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of one tensor, with the parameter's shape."""
@@ -305,7 +386,7 @@ class MaskStore:
 
     def validate(self) -> None:
         """Check every array against its recorded shape and count (popcount of the bits)."""
-        total = 0
+        total = updated = 0
         for name in self.names:
             st = self.stats(name)
             arr = self._array(name)
@@ -313,11 +394,15 @@ class MaskStore:
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
-            count = count_entries(self.packed(name), st.numel)
+            count = self.count(name, st.numel)
             if count != st.n_updated:
                 raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
                                      f"metadata says {st.n_updated}", str(self.path))
             total += st.numel
+            updated += st.n_updated
+        if updated != self.metadata.n_updated:
+            raise MaskStoreError(f"{self.path}: tensors hold {updated} updated entries, the "
+                                 f"metadata says {self.metadata.n_updated}", str(self.path))
         if total != self.metadata.n_params:
             raise MaskStoreError(f"{self.path}: tensors hold {total} parameters, the metadata "
                                  f"says {self.metadata.n_params}", str(self.path))
