@@ -15,7 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from maskhub.errors import CheckpointError, HubError
+from maskhub.errors import (
+    CheckpointError,
+    EnvironmentFailure,
+    HubError,
+    environment_failure,
+)
 
 CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 #: How many times huggingface_hub resumes a download whose connection dropped.
@@ -121,12 +126,22 @@ def hub_messages(notice: Callable[[str], None] | None = None, progress: bool = T
 
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub / network exceptions into one-line :class:`HubError`."""
+    """Turn huggingface_hub / network exceptions into one-line :class:`HubError`; the disk
+    refusing a write (a full Hugging Face cache...) is an
+    :class:`~maskhub.errors.EnvironmentFailure` naming the file, or the cache, instead."""
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            failure = hub_cache_failure(exc)
+            if failure is not None:
+                raise failure from exc
+            raise
+    except EnvironmentFailure:
+        raise
     except hf_errors.RevisionNotFoundError as exc:
         raise HubError(f"revision {revision!r} not found in Hub repo {repo_id}", repo_id) from exc
     except hf_errors.RepositoryNotFoundError as exc:
@@ -154,6 +169,18 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
             raise HubError(f"{where}: network error talking to the Hub: {_first_line(exc)}",
                            repo_id) from exc
         raise
+
+
+def hub_cache_failure(exc: BaseException) -> Exception | None:
+    """What :func:`~maskhub.errors.environment_failure` makes of ``exc`` met while
+    huggingface_hub read or wrote its cache: the file it names, else the cache directory
+    (``HF_HUB_CACHE``, the variable the advice names); ``None`` for any other error."""
+    failure = environment_failure(exc, setting="HF_HUB_CACHE")
+    if failure is not None and failure.path is None:
+        from huggingface_hub import constants
+
+        failure = environment_failure(exc, constants.HF_HUB_CACHE, setting="HF_HUB_CACHE")
+    return failure
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 Every user error (a :class:`~maskhub.errors.MaskhubError`, or a click usage error such as
 an unknown option or a bad value) becomes one line on stderr and exit code 1, here and only
-here. ``maskhub`` alone prints the help and exits 0.
+here; so does an error of the environment (a full disk...) that no boundary translated
+(:func:`~maskhub.errors.environment_failure`). ``maskhub`` alone prints the help and exits 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 
 from maskhub import __version__
 from maskhub.cli.text import visible
-from maskhub.errors import MaskhubError
+from maskhub.errors import MaskhubError, environment_failure
 
 
 def usage_line(exc: click.UsageError) -> str:
@@ -94,6 +95,14 @@ class MaskhubGroup(click.Group):
                        err=True)
             sys.exit(1)
         except BrokenPipeError:
+            sys.exit(1)
+        except Exception as exc:
+            # The disk (or the system) refusing an operation that no boundary translated:
+            # still one line naming the path and the cause (errors.environment_failure).
+            failure = environment_failure(exc)
+            if failure is None:
+                raise
+            click.echo(f"Error: {failure}", err=True)
             sys.exit(1)
 
 

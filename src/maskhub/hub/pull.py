@@ -16,9 +16,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_errors, hub_messages
+from maskhub.checkpoints.hubio import hub_cache_failure, hub_errors, hub_messages
 from maskhub.checkpoints.sources import split_revision
-from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
+from maskhub.errors import (
+    HubError,
+    MaskStoreError,
+    NameTakenError,
+    UsageError,
+    environment_errors,
+)
 from maskhub.hub.card import (
     ANALYSIS_FIELDS,
 )
@@ -82,6 +88,9 @@ def _read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             raise MaskStoreError(f"Hub repo {where} is not a maskhub mask: it has no "
                                  f"{METADATA_FILE}", where) from exc
         except LocalEntryNotFoundError as exc:
+            failure = hub_cache_failure(exc)  # the cache could not be written: not the network
+            if failure is not None:
+                raise failure from exc
             why = ("HF_HUB_OFFLINE is set" if is_offline()
                    else "the Hub cannot be reached or the download failed")
             raise HubError(f"{where} is not (completely) in the local Hugging Face cache and "
@@ -277,7 +286,8 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     remove_tree(tmp)
     tmp.mkdir(parents=True)
     try:
-        parquet = _fetch(folder, needed, manifest, tmp, where)
+        with environment_errors(tmp):  # the copy into staging met a full disk
+            parquet = _fetch(folder, needed, manifest, tmp, where)
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
         sweep, analysis, strata = _check_parquet(parquet, stats, where)

@@ -12,6 +12,8 @@ writer is between its rename and its commit while we look):
 * the counts of every ``masks`` and ``tensors`` row are what the one validator
   (:mod:`maskhub.checkpoints.validate`) accepts: non-negative, ``n_updated <= numel``,
   ``numel`` the product of the shape, a mask's totals the sums of its tensors';
+* files in ``tmp/trash`` (what recovery moved aside, deleted a bounded amount per open) are
+  counted, not problems; ``repair`` deletes them all;
 * every row of a table that refers to a mask (``mask_id``; ``mask_a``/``mask_b`` of the
   overlap cache) names a registered mask, and every ``trajectory_points`` row a trajectory.
 
@@ -32,6 +34,7 @@ from maskhub.core.intents import INTENT_SUFFIX, PARTIAL_SUFFIX, iter_intents, pa
 from maskhub.errors import MaskhubError
 from maskhub.storage import remote
 from maskhub.storage.files import TOMBSTONE_SUFFIX, discard, remove_tree
+from maskhub.storage.trash import count_trash, empty_trash
 
 if TYPE_CHECKING:
     import duckdb
@@ -82,6 +85,12 @@ class FsckReport:
         if c.get("trajectories_removed_masks"):
             notes.append(f"{c['trajectories_removed_masks']} trajectory(ies) name a removed "
                          "mask")
+        if c.get("trash"):
+            notes.append(f"{c['trash']} file(s) left by interrupted writes in tmp/trash, "
+                         "deleted a bounded amount at each open; fsck --repair deletes them "
+                         "now")
+        if c.get("trash_deleted"):
+            notes.append(f"deleted {c['trash_deleted']} file(s) and folder(s) from tmp/trash")
         if c.get("in_progress"):
             notes.append(f"{c['in_progress']} write(s) in progress")
         state = "clean" if not self.findings else "clean after repair"
@@ -133,6 +142,9 @@ def fsck(home: Home, repair: bool = False) -> FsckReport:
         later += _references(home, con, rows, counts)
         if repair:
             _apply(later)
+    if repair:
+        counts["trash_deleted"] = empty_trash(home.tmp_dir)[0]
+    counts["trash"] = count_trash(home.tmp_dir)
     return FsckReport([*findings, *staging, *later], counts)
 
 

@@ -30,6 +30,8 @@ from maskhub.errors import (
     ReadOnlyRegistryError,
     RegistryBusyError,
     UsageError,
+    environment_errors,
+    environment_failure,
 )
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
@@ -186,8 +188,42 @@ class Index:
         :attr:`notice` naming it; then :class:`RegistryBusyError`. A new index is created in
         :data:`STORAGE_VERSION`, which every duckdb the package allows can open.
         """
-        config = {"storage_compatibility_version": STORAGE_VERSION} \
-            if write and not self.path.exists() else {}
+        if write and self._unborn():
+            self._discard_unborn()  # a creation cut short (a full disk, a kill): nothing in it
+        new = write and not self.path.exists()
+        config = {"storage_compatibility_version": STORAGE_VERSION} if new else {}
+        try:
+            return self._connect_waiting(write, config, sandbox)
+        except duckdb.Error as exc:
+            if new:
+                self._discard_unborn()
+            failure = environment_failure(exc, self.path)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _unborn(self) -> bool:
+        """Whether ``registry.duckdb`` is an empty file: its creation never wrote a header
+        (the disk was full, or the process was killed at that instant)."""
+        try:
+            return self.path.stat().st_size == 0
+        except OSError:
+            return False
+
+    def _discard_unborn(self) -> None:
+        """Delete an index file whose creation failed (and its WAL), so that the next open
+        creates it afresh instead of finding a file DuckDB cannot read. Called under the
+        exclusive lock, only for a file this open found absent or empty."""
+        for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _connect_waiting(self, write: bool, config: dict[str, str], sandbox: bool = False
+                         ) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, waiting for a foreign holder of DuckDB's lock (see
+        :meth:`_connect_db`)."""
         deadline: float | None = None
         while True:
             try:
@@ -253,7 +289,10 @@ class Index:
         Re-entrant: inside an open ``connect()`` block of this index, a nested one (a write
         inside a write, or a read inside either) reuses the same connection, so an operation
         made of several queries costs one DuckDB connection (~10 ms each). Checking for
-        pending migrations uses that connection too.
+        pending migrations uses that connection too. The disk refusing DuckDB (full at the
+        commit's WAL, read-only...) is an :class:`~maskhub.errors.EnvironmentFailure` naming
+        ``registry.duckdb``; the transaction is then rolled back or, for a failed commit,
+        left for DuckDB to discard at the next open.
         """
         if self._session is not None:
             con, con_writes = self._session
@@ -261,33 +300,40 @@ class Index:
                 raise RuntimeError("a registry write inside a read-only connection")
             yield con
             return
-        with ExitStack() as stack:
-            con = self._open(stack, write)
-            self._session = (con, write)
-            self._exit_hooks = []
-            try:
-                if write:
-                    con.execute("BEGIN TRANSACTION")
-                    try:
-                        yield con
-                    except BaseException:
-                        try:
-                            con.execute("ROLLBACK")
-                        finally:
-                            self._run_exit_hooks(False)
-                        raise
-                    try:
-                        con.execute("COMMIT")
-                    except BaseException:
-                        self._run_exit_hooks(None)
-                        raise
-                    self._run_exit_hooks(True)
-                else:
-                    yield con
-            finally:
-                self._session = None
+        try:
+            with ExitStack() as stack:
+                with environment_errors(self.path):
+                    con = self._open(stack, write)
+                self._session = (con, write)
                 self._exit_hooks = []
-                con.close()
+                try:
+                    if write:
+                        con.execute("BEGIN TRANSACTION")
+                        try:
+                            yield con
+                        except BaseException:
+                            try:
+                                con.execute("ROLLBACK")
+                            finally:
+                                self._run_exit_hooks(False)
+                            raise
+                        try:
+                            con.execute("COMMIT")
+                        except BaseException:
+                            self._run_exit_hooks(None)
+                            raise
+                        self._run_exit_hooks(True)
+                    else:
+                        yield con
+                finally:
+                    self._session = None
+                    self._exit_hooks = []
+                    con.close()
+        except duckdb.Error as exc:  # BEGIN, COMMIT (its WAL), or a query of the block
+            failure = environment_failure(exc, self.path)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def snapshot(self) -> duckdb.DuckDBPyConnection:
         """A read-only DuckDB connection to a copy of the index, for a notebook to keep open.
@@ -334,7 +380,7 @@ class Index:
               ) -> duckdb.DuckDBPyConnection:
         """A migrated connection, its lock held until ``stack`` closes (``sandbox``: a
         read-only one for user SQL, see :meth:`sandbox`)."""
-        if not self._migrated and not write and not self.path.is_file():
+        if not self._migrated and not write and (not self.path.is_file() or self._unborn()):
             self.migrate()  # a reader of a home without an index yet: create it first
         stack.enter_context(self._locked(exclusive=write))
         con = self._connect_db(write, sandbox)
@@ -397,7 +443,7 @@ class Index:
             raise ReadOnlyRegistryError(exc.home, exc.reason, detail) from None
 
     def _apply_migrations(self) -> list[int]:
-        with self._locked(exclusive=True):
+        with environment_errors(self.path), self._locked(exclusive=True):
             con = self._connect_db(write=True)
             try:
                 applied = _apply_pending(con, _applied(con))

@@ -49,7 +49,7 @@ from maskhub.checkpoints.validate import (
     read_json_file,
     short,
 )
-from maskhub.errors import MaskStoreError, UsageError
+from maskhub.errors import MaskStoreError, UsageError, environment_errors
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
 
 if TYPE_CHECKING:
@@ -145,16 +145,18 @@ class MaskWriter:
         self.path: Path | str = self.url or Path(path)
         self.attached = not create
         self._group: zarr.Group | None = None
-        if create and self.url is None:
-            # A local store is written without zarr (its import is most of a small diff's
-            # start-up): the same group document zarr-python writes.
-            Path(self.path).mkdir()
-            _write_group(Path(self.path), {})
-        elif create:
-            import zarr
-
-            self._group = zarr.open_group(store=self._zarr_store(), mode="w-", zarr_format=3)
         self.names: list[str] = []
+        with environment_errors(self.path):  # a full disk: one line naming the store
+            if create and self.url is None:
+                # A local store is written without zarr (its import is most of a small
+                # diff's start-up): the same group document zarr-python writes.
+                Path(self.path).mkdir()
+                _write_group(Path(self.path), {})
+            elif create:
+                import zarr
+
+                self._group = zarr.open_group(store=self._zarr_store(), mode="w-",
+                                              zarr_format=3)
 
     def _zarr_store(self) -> Any:
         return remote.zarr_store(self.url, read_only=False) if self.url else str(self.path)
@@ -169,10 +171,15 @@ class MaskWriter:
         return self._group
 
     def add(self, stats: TensorStats, packed: np.ndarray) -> None:
-        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats."""
+        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats (an
+        error of the disk: :class:`~maskhub.errors.EnvironmentFailure`)."""
         nbytes = (stats.numel + 7) // 8
         if packed.shape != (nbytes,) or packed.dtype != np.uint8:
             raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
+        with environment_errors(self.path):
+            self._add(stats, packed, nbytes)
+
+    def _add(self, stats: TensorStats, packed: np.ndarray, nbytes: int) -> None:
         plain = _PLAIN_NAME.match(stats.tensor)
         if plain and self.url:  # same bytes as below; a rewrite replaces the same keys
             remote.put_files(self.url, {f"{stats.tensor}/{key}": data for key, data in
@@ -203,10 +210,11 @@ class MaskWriter:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
-        if self.url is None and self._group is None:
-            _write_group(Path(self.path), attrs)
-        else:
-            self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
+        with environment_errors(self.path):
+            if self.url is None and self._group is None:
+                _write_group(Path(self.path), attrs)
+            else:
+                self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
 
 
 def _chunk_dir(arr: zarr.Array) -> Path | None:
