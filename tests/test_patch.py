@@ -13,6 +13,7 @@ import zarr
 from clitools import fail_line, run_json
 
 from maskhub.checkpoints.header import read_header
+from maskhub.errors import PatchError
 
 CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
          "int8": "I8"}
@@ -211,3 +212,30 @@ def test_patch_at_positive_tol_warns(pair: tuple[Path, Path]) -> None:
         "warning: a patch at --tol 1e-05 leaves out entries that moved by at most 1e-05, so "
         "`maskhub apply` will not rebuild the target exactly; --tol 0 (the default with "
         "--patch) is lossless")
+
+
+def test_mask_apply_to_torch_model(pair: tuple[Path, Path]) -> None:
+    import torch
+
+    from maskhub import Registry
+
+    base, target = pair
+    run_json("diff", str(base), str(target), "--patch", "--name", "p")
+    want = tensor_bits(target / "model.safetensors")
+    model = torch.nn.Module()
+    for name, (dtype, shape, raw) in tensor_bits(base).items():
+        # the mixed tensor is loaded in the target's dtype (fp32), the others as stored
+        as_dtype = want[name][0]
+        t = torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape)
+        model.register_parameter(name.replace(".", "_"),
+                                 torch.nn.Parameter(t.to(getattr(torch, as_dtype)),
+                                                    requires_grad=False))
+    mask = Registry().get("p")
+    written = mask.apply_to(model, name_map=lambda n: n.replace(".", "_"))
+    assert written == mask.n_updated
+    for name, (_, _, raw) in want.items():
+        got = getattr(model, name.replace(".", "_")).detach()
+        assert got.contiguous().view(torch.uint8).numpy().tobytes() == raw, name
+    run_json("diff", str(base), str(target), "--name", "m")
+    with pytest.raises(PatchError, match="holds no values"):
+        Registry().get("m").apply_to(model)

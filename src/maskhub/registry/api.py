@@ -44,6 +44,20 @@ class Mask(MaskRecord):
 
         return torch.from_numpy(self[tensor]).to(device)
 
+    def apply_to(self, model: torch.nn.Module, *, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, name_map: Any = None,
+                 extra: str = "error") -> int:
+        """Write this patch's values into ``model`` (which holds the patch's base) in place,
+        on whatever device each parameter lives, and return the number of entries written:
+        the model then holds the target (bit for bit in the target's dtypes). Names map as in
+        :func:`maskhub.torch.apply_mask` (``strip_prefix``, ``add_prefix``, ``name_map``);
+        ``extra="ignore"`` skips patch tensors the model lacks. A mask without values raises
+        :class:`~maskhub.errors.PatchError`. See :mod:`maskhub.training.patching`."""
+        from maskhub.training.patching import apply_patch
+
+        return apply_patch(model, self, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                           name_map=name_map, extra=extra)
+
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
 
     @classmethod
