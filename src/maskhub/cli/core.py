@@ -128,9 +128,13 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
         click.echo("no masks registered yet (try `maskhub demo`)", err=True)
         return
     cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
-    print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
-                        f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows],
-                formatters={"sparsity": pct})
+    table = [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
+              f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows]
+    if any(r.get("has_values") for r in rows):  # a patch column only when there is one
+        cols.append("patch")
+        for line, r in zip(table, rows, strict=True):
+            line.append("values" if r.get("has_values") else "")
+    print_table(cols, table, formatters={"sparsity": pct})
 
 
 @click.command()
@@ -154,9 +158,12 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
               "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
               "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
               "parents", "notes"]
-    print_table(["field", "value"],
-                [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
-                 if m.get(f) not in (None, [], "")])
+    table = [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
+             if m.get(f) not in (None, [], "")]
+    if m.get("has_values"):
+        table.append(["patch", "holds the target's values at the updated entries "
+                               "(maskhub apply rebuilds the target from the base)"])
+    print_table(["field", "value"], table)
     if info["by_layer"]:
         stdout.print()
         print_table(["layer", "numel", "n_updated", "sparsity"],
