@@ -86,19 +86,28 @@ def make_pair(tmp: Path) -> tuple[Path, Path]:
     mixed_t[3] = 0x80000000  # -0 against a base value
     mixed_b = w[:64].copy()
     mixed_b[3] = 0x0000  # +0 in the base, -0 in the target: equal values, different bits
+    # a tensor large enough for the compiled gather/scatter (chunks of >= 64 Ki entries)
+    big = (rng.standard_normal(1 << 19) * 0.02).astype(np.float32).view(np.uint32)
+    big_t = big.copy()
+    moved = rng.random(big.shape[0]) < 0.05
+    big_t[moved] += 1
+    big_t[-1] = 0x7F800001  # a signalling NaN at the very end
     save(base / "model-00001-of-00002.safetensors",
          {"emb.weight": ("bfloat16", (64, 64), w),
+          "big.weight": ("float32", (512, 1024), big),
           "special": ("bfloat16", (3, 4), BF16_BASE)}, {"format": "pt"})
     save(base / "model-00002-of-00002.safetensors",
          {"h.0.f16": ("float16", (300,), f16), "h.0.f32": ("float32", (10, 10), f32),
           "h.0.mixed": ("bfloat16", (8, 8), mixed_b)}, {"format": "pt"})
     save(target / "model.safetensors",
          {"emb.weight": ("bfloat16", (64, 64), w2),
+          "big.weight": ("float32", (512, 1024), big_t),
           "special": ("bfloat16", (3, 4), BF16_TARGET),
           "h.0.f16": ("float16", (300,), f16t), "h.0.f32": ("float32", (10, 10), f32t),
           "h.0.mixed": ("float32", (8, 8), mixed_t)})
     index = {"metadata": {"total_size": 0},
              "weight_map": {"emb.weight": "model-00001-of-00002.safetensors",
+                            "big.weight": "model-00001-of-00002.safetensors",
                             "special": "model-00001-of-00002.safetensors",
                             "h.0.f16": "model-00002-of-00002.safetensors",
                             "h.0.f32": "model-00002-of-00002.safetensors",
@@ -146,6 +155,10 @@ def test_patch_mask_counts_bit_changes(pair: tuple[Path, Path]) -> None:
     # mixed: tol 0 misses only +0 -> -0
     assert (plain["h.0.mixed"], patch["h.0.mixed"]) == (2, 3)
     assert plain["emb.weight"] == patch["emb.weight"]
+    a = np.frombuffer(tensor_bits(base)["big.weight"][2], dtype=np.uint32)
+    b = np.frombuffer(tensor_bits(target / "model.safetensors")["big.weight"][2],
+                      dtype=np.uint32)
+    assert plain["big.weight"] == patch["big.weight"] == int(np.count_nonzero(a != b))
 
 
 def test_values_readable_with_zarr_and_numpy(pair: tuple[Path, Path]) -> None:
@@ -195,7 +208,7 @@ def test_wrong_base_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
     save(other, {"emb.weight": ("bfloat16", (64, 64), np.zeros(4096, np.uint16))})
     assert fail_line("apply", "p", str(other), str(tmp_path / "out")) == (
-        f"Error: {other} is not the base of mask 'p': it lacks tensor 'special' (and 3 more)")
+        f"Error: {other} is not the base of mask 'p': it lacks tensor 'big.weight' (and 4 more)")
     assert not (tmp_path / "out").exists()
 
 

@@ -18,13 +18,30 @@ exact conversion (numpy ``astype``, torch ``.to``) of the base gives its bits.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
+from maskhub.kernels.fastkernel import HAVE_NUMBA, choose_numba_cache
 from maskhub.schemas.dtypes import itemsize
 
 #: The float formats a patch converts between (the other dtypes only patch to themselves).
 FLOATS = ("bfloat16", "float16", "float32", "float64")
 BITORDER = "little"
+#: Chunks of at least this many entries go through the numba kernels when numba is there.
+NUMBA_MIN = 1 << 16
+_NUMBA: list[ModuleType] = []
+
+
+def _numba() -> ModuleType | None:
+    if not HAVE_NUMBA:
+        return None
+    if not _NUMBA:
+        choose_numba_cache()
+        from maskhub.kernels import patchnumba
+
+        _NUMBA.append(patchnumba)
+    return _NUMBA[0]
 
 
 def bits_view(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -85,6 +102,10 @@ def patch_chunk(a_raw: np.ndarray, b_raw: np.ndarray, a_dtype: str, b_dtype: str
         packed |= np.packbits(differ, bitorder=BITORDER)
     if not packed.any():
         return b[:0].copy()
+    nb = _numba() if n >= NUMBA_MIN else None
+    if nb is not None:
+        out = np.empty(n, dtype=b.dtype)
+        return out[:nb.gather(b, packed, out)].copy()
     idx = np.flatnonzero(np.unpackbits(packed, count=n, bitorder=BITORDER))
     return b[idx]
 
@@ -94,6 +115,14 @@ def scatter_chunk(out_bits: np.ndarray, packed: np.ndarray, values: np.ndarray) 
     ``out_bits`` (one chunk, starting on a byte of ``packed``); return how many were used."""
     if not packed.any():
         return 0
+    nb = _numba() if out_bits.shape[0] >= NUMBA_MIN else None
+    if nb is not None:
+        used = int(nb.scatter(out_bits, packed, values))
+        if used < 0:
+            raise ValueError("more set bits than values")
+        return used
     idx = np.flatnonzero(np.unpackbits(packed, count=out_bits.shape[0], bitorder=BITORDER))
+    if idx.shape[0] > values.shape[0]:
+        raise ValueError("more set bits than values")
     out_bits[idx] = values[:idx.shape[0]]
     return int(idx.shape[0])
