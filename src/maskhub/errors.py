@@ -269,3 +269,14 @@ class _EnvironmentErrors:
         if failure is None:
             return False
         raise failure from exc
+
+
+# -- patches (issue 22: a mask plus the target's values) -----------------------------------
+
+class PatchError(MaskhubError, ValueError):
+    """A patch cannot be applied: the mask holds no values, or its values disagree with its
+    bits (a wrong base is a :class:`MaskMismatchError`)."""
+
+    def __init__(self, message: str, mask: str | None = None) -> None:
+        super().__init__(message)
+        self.mask = mask
