@@ -69,6 +69,12 @@ MAX_CHUNK_BYTES = 256 << 20
 KNOWN_CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c"})
 #: Data types a mask array may have (``bool``, or ``uint8``: packed bits or 0/1 values).
 MASK_DATA_TYPES = ("bool", "uint8")
+#: Data types of a patch's values arrays (``values/<tensor>``: the target's dtype, bf16 and
+#: float8 as their raw bits).
+VALUE_DATA_TYPES = ("float16", "float32", "float64", "uint8", "uint16", "int8", "int16",
+                    "int32", "int64", "bool")
+#: The subgroup of a patch's values (:mod:`maskhub.storage.values`).
+VALUES_PREFIX = "values/"
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
@@ -404,7 +410,11 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
     if bad:
         raise fail(f"has a bad zarr.json: {bad}")
     dtype = doc.get("data_type")
-    if dtype not in MASK_DATA_TYPES:
+    values = name.startswith(VALUES_PREFIX)
+    if values and dtype not in VALUE_DATA_TYPES:
+        raise fail(f"has data_type {short(dtype)}; a values array is one of "
+                   f"{', '.join(VALUE_DATA_TYPES)}")
+    if not values and dtype not in MASK_DATA_TYPES:
         raise fail(f"has data_type {short(dtype)}; a mask array is bool or uint8")
     grid = doc.get("chunk_grid")
     conf = grid.get("configuration") if isinstance(grid, dict) else None
@@ -428,7 +438,7 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
         names = [c.get("name") if isinstance(c, dict) else c for c in codecs] \
             if isinstance(codecs, list) else codecs
         raise fail(f"has codecs {short(names)}; maskhub reads {', '.join(sorted(KNOWN_CODECS))}")
-    if doc.get("fill_value") not in (0, False):
+    if doc.get("fill_value") not in (0, False, 0.0):
         raise fail(f"has fill_value {short(doc.get('fill_value'))}; a mask array's is 0/false")
     if doc.get("storage_transformers") not in (None, []):
         raise fail("has storage transformers, which maskhub does not read")
