@@ -329,9 +329,19 @@ M008_MASK_TENSORS = Migration(
     """,
 )
 
+M009_HAS_VALUES = Migration(
+    9,
+    "masks.has_values: the store is a patch (it holds the target's values at the set bits)",
+    """
+    ALTER TABLE masks ADD COLUMN has_values BOOLEAN DEFAULT false;
+    UPDATE masks SET has_values = false WHERE has_values IS NULL;
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
-                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS]
+                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
+                               M009_HAS_VALUES]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -78,6 +78,8 @@ class MaskMetadata:
     notes: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: A patch: the store also holds the target's values at the set bits (``values/``).
+    has_values: bool = False
 
     @property
     def sparsity(self) -> float:
@@ -110,6 +112,7 @@ class MaskMetadata:
             kw[key] = tuple(kw.get(key) or ())
         kw["sweep"] = tuple(float(t) for t in kw.get("sweep") or ())
         kw["extra"] = dict(kw.get("extra") or {})
+        kw["has_values"] = bool(kw.get("has_values", False))
         return cls(**kw)
 
 

@@ -421,6 +421,8 @@ class Index:
         cols = ", ".join(MASK_COLUMNS)
         marks = ", ".join("?" for _ in MASK_COLUMNS)
         con.execute(f"INSERT INTO masks ({cols}) VALUES ({marks})", [row[c] for c in MASK_COLUMNS])
+        if meta.has_values:  # migration 9; the column defaults to false
+            con.execute("UPDATE masks SET has_values = true WHERE id = ?", [meta.id])
         if tensors:
             insert_columns(con, "tensors", [meta.id], [
                 [t.tensor for t in tensors], [t.layer for t in tensors],

@@ -44,6 +44,14 @@ if TYPE_CHECKING:
 from maskhub.kernels.bitcount import count_entries
 from maskhub.storage import remote
 from maskhub.storage.files import remove_tree
+from maskhub.storage.values import (
+    DTYPE_ATTR,
+    HAS_VALUES_ATTR,
+    VALUES_GROUP,
+    check_values,
+    group_document,
+    values_array_files,
+)
 
 #: Packed bytes per chunk: 4 MiB, i.e. 32 Mi parameters per chunk.
 CHUNK_BYTES = 4 << 20
@@ -142,6 +150,8 @@ class MaskWriter:
 
             self._group = zarr.open_group(store=self._zarr_store(), mode="w-", zarr_format=3)
         self.names: list[str] = []
+        #: Tensors given values (a patch: :mod:`maskhub.storage.values`).
+        self.valued: list[str] = []
 
     def _zarr_store(self) -> Any:
         return remote.zarr_store(self.url, read_only=False) if self.url else str(self.path)
@@ -155,16 +165,30 @@ class MaskWriter:
             self._group = zarr.open_group(store=self._zarr_store(), mode="r+", zarr_format=3)
         return self._group
 
-    def add(self, stats: TensorStats, packed: np.ndarray) -> None:
-        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats."""
+    def add(self, stats: TensorStats, packed: np.ndarray,
+            values: np.ndarray | None = None) -> None:
+        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats.
+
+        ``values`` (a patch): the target's ``stats.n_updated`` entries at the set bits, in
+        flat C order, as :func:`~maskhub.storage.values.storage_dtype` of
+        ``stats.target_dtype`` (bf16: its uint16 bits); stored in ``values/<tensor>``. Give
+        values for every tensor of a store or for none.
+        """
         nbytes = (stats.numel + 7) // 8
         if packed.shape != (nbytes,) or packed.dtype != np.uint8:
             raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
+        if values is not None:
+            values = check_values(values, stats.target_dtype, stats.n_updated, stats.tensor)
         plain = _PLAIN_NAME.match(stats.tensor)
         if plain and self.url:  # same bytes as below; a rewrite replaces the same keys
-            remote.put_files(self.url, {f"{stats.tensor}/{key}": data for key, data in
-                                        packed_array_files(packed, _array_attrs(stats))})
-            self.names.append(stats.tensor)
+            files = {f"{stats.tensor}/{key}": data for key, data in
+                     packed_array_files(packed, _array_attrs(stats))}
+            if values is not None:
+                files[f"{VALUES_GROUP}/zarr.json"] = group_document()
+                files.update((f"{VALUES_GROUP}/{stats.tensor}/{key}", data) for key, data in
+                             values_array_files(values, stats.target_dtype))
+            remote.put_files(self.url, files)
+            self._added(stats.tensor, values is not None)
             return
         if self.attached and isinstance(self.path, Path):
             remove_tree(self.path / stats.tensor)  # left by an earlier attempt
@@ -184,12 +208,52 @@ class MaskWriter:
             )
             if nbytes:
                 arr[:] = packed
-        self.names.append(stats.tensor)
+        if values is not None:
+            self._add_values(stats, values, bool(plain))
+        self._added(stats.tensor, values is not None)
+
+    def _added(self, name: str, valued: bool) -> None:
+        self.names.append(name)
+        if valued:
+            self.valued.append(name)
+
+    def _add_values(self, stats: TensorStats, values: np.ndarray, plain: bool) -> None:
+        if plain and isinstance(self.path, Path):
+            group = self.path / VALUES_GROUP
+            if not (group / "zarr.json").exists():
+                group.mkdir(exist_ok=True)
+                (group / "zarr.json").write_bytes(group_document())
+            directory = group / stats.tensor
+            if self.attached:
+                remove_tree(directory)
+            (directory / "c").mkdir(parents=True)
+            for key, data in values_array_files(values, stats.target_dtype):
+                (directory / key).write_bytes(data)
+            return
+        from zarr.codecs import BloscCodec
+
+        from maskhub.storage.values import BLOSC_CONFIG, VALUES_CHUNK, storage_dtype
+
+        n = values.shape[0]
+        arr = self.group.create_array(
+            name=f"{VALUES_GROUP}/{stats.tensor}", shape=(n,),
+            dtype=storage_dtype(stats.target_dtype), chunks=(max(1, min(n, VALUES_CHUNK)),),
+            compressors=[BloscCodec(**BLOSC_CONFIG)], fill_value=0,
+            attributes={DTYPE_ATTR: stats.target_dtype}, overwrite=True)
+        if n:
+            arr[:] = values
 
     def finish(self, meta: MaskMetadata) -> None:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
+        if self.valued and len(set(self.valued)) != len(set(self.names)):
+            missing = next(n for n in self.names if n not in set(self.valued))
+            raise ValueError(f"{missing}: a patch needs values for every tensor")
+        if meta.has_values != bool(self.valued):
+            raise ValueError(f"metadata says has_values={meta.has_values}, the writer was "
+                             f"given values for {len(self.valued)} tensors")
+        attrs[HAS_VALUES_ATTR] = meta.has_values
         if self.url is None and self._group is None:
             _write_group(Path(self.path), attrs)
         else:
@@ -297,6 +361,33 @@ class MaskStore:
                                  str(self.path)) from exc
         return out[:nbytes]
 
+    @property
+    def has_values(self) -> bool:
+        """True for a patch: the store holds the target's values at the set bits."""
+        return bool(self.metadata.has_values)
+
+    def _values_array(self, name: str) -> zarr.Array:
+        if not self.has_values:
+            raise MaskStoreError(f"{self.path}: the mask holds no values (not a patch)",
+                                 str(self.path))
+        return self._array(f"{VALUES_GROUP}/{name}")
+
+    def values(self, name: str) -> np.ndarray:
+        """The target's values at the set bits of tensor ``name``, in flat C order of the set
+        bits: a 1-D array of :func:`~maskhub.storage.values.storage_dtype` of the target's
+        dtype (bf16: its raw uint16 bits; :meth:`values_dtype` names the dtype)."""
+        arr = self._values_array(name)
+        try:
+            return np.asarray(arr[:])
+        except Exception as exc:  # zarr and numcodecs raise their own types
+            raise MaskStoreError(f"{self.path}: cannot read the values of {name!r}: {exc}",
+                                 str(self.path)) from exc
+
+    def values_dtype(self, name: str) -> str:
+        """The target's dtype of tensor ``name`` (torch's name), as the values array records
+        it."""
+        return str(self._values_array(name).attrs.get(DTYPE_ATTR, ""))
+
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of one tensor, with the parameter's shape."""
         st = self.stats(name)
@@ -317,7 +408,25 @@ class MaskStore:
             if count != st.n_updated:
                 raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
                                      f"metadata says {st.n_updated}", str(self.path))
+            if self.has_values:
+                self._validate_values(name, st)
             total += st.numel
         if total != self.metadata.n_params:
             raise MaskStoreError(f"{self.path}: tensors hold {total} parameters, the metadata "
                                  f"says {self.metadata.n_params}", str(self.path))
+
+    def _validate_values(self, name: str, st: TensorStats) -> None:
+        from maskhub.storage.values import storage_dtype
+
+        arr = self._values_array(name)
+        dtype = str(arr.attrs.get(DTYPE_ATTR, ""))
+        try:
+            dt = storage_dtype(dtype)
+        except ValueError:
+            dt = None
+        if dtype != st.target_dtype or dt is None or arr.dtype != dt \
+                or arr.shape != (st.n_updated,):
+            raise MaskStoreError(
+                f"{self.path}: values of {name!r} are {arr.dtype}{list(arr.shape)} of dtype "
+                f"{dtype!r}; the mask has {st.n_updated} set bits of target dtype "
+                f"{st.target_dtype!r}", str(self.path))
