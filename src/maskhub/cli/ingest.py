@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import byte_progress, echo_json, home_option, json_option, registry, stdout
+from maskhub.cli.common import (
+    byte_progress,
+    echo_json,
+    home_option,
+    json_option,
+    registry,
+    stdout,
+    warn,
+)
 from maskhub.cli.core import _print_mask_line, _summary
 
 
@@ -25,8 +33,9 @@ from maskhub.cli.core import _print_mask_line, _summary
 @click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
 @click.option("--notes", help="Free-text notes stored with the mask.")
 @click.option("--base", "base", help="SOURCE is a sparse patch (TRL delta sync, vLLM "
-              "checkpoint patch: NAME.indices + NAME.values) of this checkpoint: register "
-              "the entries it updates against BASE at --tol (default 1e-5).")
+              "checkpoint patch: NAME.indices + NAME.values) of this checkpoint: register it "
+              "as a patch (mask + values) that rebuilds the patched weights; --tol defaults "
+              "to 0 (lossless) there.")
 @json_option
 @home_option
 def import_(source: str, name: str | None, base_model: str | None, target_model: str | None,
@@ -50,7 +59,7 @@ def import_(source: str, name: str | None, base_model: str | None, target_model:
         mask = reg.add(source, name=name, base_model=base_model, target_model=target_model,
                        base_revision=base_revision, target_revision=target_revision, tol=tol,
                        algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
-                       notes=notes, base=base, progress=progress)
+                       notes=notes, base=base, progress=progress, warn=warn)
     if as_json:
         echo_json(_summary(mask))
     elif base is not None:

@@ -1,25 +1,31 @@
-"""``maskhub import PATCH.safetensors --base BASE``: register a trainer's sparse patch as a mask.
+"""``maskhub import PATCH.safetensors --base BASE``: register a trainer's sparse patch as a
+patch of maskhub's own (a mask plus the target's values, :mod:`maskhub.storage.values`).
 
 The patch (:mod:`maskhub.checkpoints.patches`: TRL delta sync, vLLM checkpoint patches, the
 generic ``NAME.indices`` + ``NAME.values``) is read against BASE, the checkpoint it patches,
-one tensor at a time: BASE's values are read only at the patch's positions (``mmap``), and
-the mask is what ``maskhub diff BASE TARGET`` gives for the patched weights TARGET: an entry
-is in the mask iff the patch sets it to a value updated against BASE (``|v − θ0| > tol``,
-the kernel's exact definition, default tol 1e-5 as for a diff). So an entry the patch
-lists with its base value (or within ``tol`` of it, e.g. a one-ulp move of a tiny bf16
-weight) is *not* in the mask; ``--tol 0`` keeps every listed entry whose value changed.
-Entries the patch does not list are the base's and never in the mask.
+one tensor at a time: BASE's values are read only at the patch's positions (``mmap``).
+Call TARGET the patched weights. The registered mask is what ``maskhub diff --patch BASE
+TARGET`` gives, with the values of TARGET at its entries:
 
-The mask gets magnitude strata (from BASE's exponents, one read of BASE), ``operation``
-``import`` and ``extra.import`` = ``{"format": "patch:<layout>", "source": <file name>,
-"target_step"/"base_step": <steps from the patch's metadata>}``.
+* ``--tol 0`` (the default): lossless. An entry is in the mask iff the patch sets it to
+  other *bits* than BASE's (a value change, and also +0 <-> -0 and a NaN payload change),
+  so ``maskhub apply`` rebuilds TARGET bit for bit. An entry the patch lists with BASE's own
+  bits is not in the mask.
+* ``--tol t > 0``: an entry is in the mask iff ``|v − θ0| > t`` (the kernel's exact
+  definition, as ``maskhub diff --tol t``); entries that moved by at most ``t`` are left
+  out, so the rebuilt tensor is not TARGET (a warning says so).
+
+Entries the patch does not list are BASE's and never in the mask. The mask gets magnitude
+strata (from BASE's exponents: one read of BASE), ``operation`` ``import`` and
+``extra.import`` = ``{"format": "patch:<layout>", "source": <file name>,
+"base_step"/"target_step": <steps from the patch's metadata>}``.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +45,7 @@ from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
+from maskhub.storage.values import storage_dtype
 
 if TYPE_CHECKING:
     from maskhub.core.home import Home
@@ -72,11 +79,16 @@ def import_patch(registry: Home, source: str | os.PathLike[str], base_spec: str,
                  target_revision: str | None = None, tol: float | None = None,
                  algorithm: str | None = None, seed: int | None = None,
                  dataset: str | None = None, tags: Sequence[str] = (),
-                 notes: str | None = None, progress: ProgressFn | None = None) -> MaskRecord:
-    """Register the mask of the patch ``source`` applied to the checkpoint ``base_spec``
-    (see the module); nothing is registered if the patch does not fit the base."""
-    tol = 1e-5 if tol is None else tol
+                 notes: str | None = None, progress: ProgressFn | None = None,
+                 warn: Callable[[str], None] | None = None) -> MaskRecord:
+    """Register the patch ``source`` of the checkpoint ``base_spec`` (mask and values, see
+    the module); nothing is registered if the patch does not fit the base."""
+    tol = 0.0 if tol is None else tol
     check_tolerance(tol)
+    if tol > 0 and warn is not None:
+        warn(f"at --tol {tol:g} the entries the patch moves by at most {tol:g} are left out, "
+             "so `maskhub apply` will not rebuild the patched weights exactly; --tol 0 (the "
+             "default) is lossless")
     base = open_checkpoint(base_spec)
     pf = None
     try:
@@ -101,10 +113,15 @@ def import_patch(registry: Home, source: str | os.PathLike[str], base_spec: str,
                     if tname in pf.entries:
                         pt = pf.read(tname, info.shape, info.dtype)
                         at_base = raw.view(_RAW[itemsize(info.dtype)])[pt.indices]
-                        upd = diff_entries(kernel, at_base, pt.values, info.dtype)
+                        if tol == 0:  # lossless: every entry whose bits change
+                            upd = at_base != pt.values
+                        else:
+                            upd = diff_entries(kernel, at_base, pt.values, info.dtype)
                         positions = pt.indices[upd]
+                        values = pt.values[upd]
                     else:
                         positions = np.zeros(0, np.int64)
+                        values = np.zeros(0, _RAW[itemsize(info.dtype)])
                     packed = pack_positions(positions, info.numel)
                     layer, module = parse_tensor_name(tname)
                     st = TensorStats(tname, info.shape, info.numel, int(positions.shape[0]),
@@ -116,7 +133,7 @@ def import_patch(registry: Home, source: str | os.PathLike[str], base_spec: str,
                         counts = np.zeros((2, BINS), dtype=np.int64)
                         sfn(raw, packed, info.numel, counts)
                         strata.extend(strata_rows(tname, info.dtype, counts))
-                    writer.add(st, packed)
+                    writer.add(st, packed, values.view(storage_dtype(info.dtype)))
                     stats.append(st)
                     if progress is not None:
                         progress(i + 1, len(names), i + 1, len(names), tname)
@@ -130,7 +147,7 @@ def import_patch(registry: Home, source: str | os.PathLike[str], base_spec: str,
                 n_updated=sum(s.n_updated for s in stats), tol=float(tol),
                 dtype=base.tensors[names[0]].dtype if names else "", algorithm=algorithm,
                 seed=seed, dataset=dataset, created_at=timestamp(), tags=tuple(tags),
-                operation="import", notes=notes,
+                operation="import", notes=notes, has_values=True,
                 extra={"import": {"format": f"patch:{pf.layout}", "source": pf.label,
                                   **steps}})
             writer.finish(meta)

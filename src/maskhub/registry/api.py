@@ -179,7 +179,8 @@ class Registry(Home):
             algorithm: str | None = None, seed: int | None = None, dataset: str | None = None,
             tags: Sequence[str] = (), notes: str | None = None,
             base: str | os.PathLike[str] | None = None,
-            progress: ProgressFn | None = None) -> Mask:
+            progress: ProgressFn | None = None,
+            warn: Callable[[str], None] | None = None) -> Mask:
         """Register a mask made elsewhere (the library call of ``maskhub import``, a Python
         keyword): ``source`` is a Zarr v3 store in the documented layout, a ``.safetensors``
         file of ``bool``/``uint8`` masks, or a mapping ``{parameter name: numpy array or torch
@@ -188,9 +189,9 @@ class Registry(Home):
         names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`.
 
         ``base``: ``source`` is a sparse patch file (TRL delta sync, vLLM checkpoint patch,
-        ``NAME.indices`` + ``NAME.values``) of the checkpoint ``base``; the mask is the
-        patched entries updated against ``base`` at ``tol`` (default 1e-5), as ``diff`` would
-        give it. See :mod:`maskhub.ingest.patch_import`."""
+        ``NAME.indices`` + ``NAME.values``) of the checkpoint ``base``, registered as a patch
+        (mask + values) that rebuilds the patched weights; ``tol`` defaults to 0 (lossless:
+        every entry whose bits change). See :mod:`maskhub.ingest.patch_import`."""
         from maskhub.ingest.patch_import import import_patch, looks_like_patch
 
         if base is not None:
@@ -199,7 +200,7 @@ class Registry(Home):
                                    base_revision=base_revision,
                                    target_revision=target_revision, tol=tol,
                                    algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
-                                   notes=notes, progress=progress)
+                                   notes=notes, progress=progress, warn=warn)
             assert isinstance(patched, Mask)
             return patched
         if looks_like_patch(source):
