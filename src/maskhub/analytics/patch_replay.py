@@ -1,12 +1,13 @@
 """Replaying sparse patches over a base, one tensor at a time, without a dense target.
 
-The state of a tensor along a chain ``base, P1 ... Pn`` is a sparse map: the sorted flat
-positions any patch so far has touched, with their current values and the base's values
-there (read from the base's ``mmap`` at those positions only). Everywhere else the tensor
-still holds the base's bits, so it is updated against the base nowhere and against the
-previous step nowhere: the per-step counts of :mod:`maskhub.analytics.trajectory` only need
-the kernel on the entries a patch sets. Each step costs ``O(nnz)`` kernel work plus an
-``O(touched)`` merge; no dense checkpoint is ever built.
+The state of a tensor along a chain ``base, P1 ... Pn`` is a sparse map: the flat positions
+any patch so far has touched (in the order first touched), with their current values and
+the base's values there (read from the base's ``mmap`` at those positions only), and a slot
+table (``int32`` per entry of the tensor, ``-1`` for untouched) that finds a position's row
+in O(1). Everywhere else the tensor still holds the base's bits, so it is updated against
+the base nowhere and against the previous step nowhere: the per-step counts of
+:mod:`maskhub.analytics.trajectory` only need the kernel on the entries a patch sets. Each
+step costs ``O(nnz)`` (kernel, lookups, appends); no dense checkpoint is ever built.
 
 The bits are :class:`~maskhub.kernels.kernel.DiffKernel`'s, on the gathered entries: the
 same definition (``|θk − θ0| > tol``, exact, ``±0`` equal, NaN vs NaN unchanged) as a
@@ -15,11 +16,11 @@ dense diff, so a chain's counts equal the dense trajectory's of the same weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from maskhub.checkpoints.patches import PatchTensor
 from maskhub.kernels.kernel import DiffKernel
 from maskhub.schemas.metadata import BITORDER
 
@@ -42,6 +43,25 @@ def pack_positions(positions: np.ndarray, numel: int) -> np.ndarray:
     return np.packbits(bits, bitorder=BITORDER)
 
 
+def final_positions(steps: list[tuple[np.ndarray, np.ndarray] | None],
+                    gather: Callable[[np.ndarray], np.ndarray], dtype: str,
+                    kernel: DiffKernel) -> np.ndarray:
+    """Sorted positions updated against the base after the whole chain ``steps`` (each
+    ``(sorted unique positions, raw values)`` or ``None``): the last value each touched
+    position was given, against the base there (``gather(positions)``; one kernel call)."""
+    given = [st for st in steps if st is not None and st[0].shape[0]]
+    if not given:
+        return np.zeros(0, np.int64)
+    idx = np.concatenate([st[0] for st in given])
+    val = np.concatenate([st[1] for st in given])
+    order = np.argsort(idx, kind="stable")  # stable: the later patch last among equals
+    idx, val = idx[order], val[order]
+    last = np.ones(idx.shape[0], dtype=bool)
+    last[:-1] = idx[1:] != idx[:-1]
+    idx, val = idx[last], val[last]
+    return idx[diff_entries(kernel, gather(idx), val, dtype)]
+
+
 @dataclass
 class StepCounts:
     """One step's counts for one tensor (the columns of ``trajectory_points``)."""
@@ -52,80 +72,94 @@ class StepCounts:
     not_in_final: int
 
 
-@dataclass
-class SparseTensorState:
-    """Touched positions of one tensor along a chain, with their current and base values,
-    and per position: updated against the base now, ever updated, outside the final mask."""
+class _Column:
+    """A growable 1-D array (amortised appends)."""
 
-    base: np.ndarray  # the base tensor's raw unsigned view (an mmap: read where indexed)
-    dtype: str
-    final: np.ndarray | None = None  # sorted positions of the final mask (the second pass)
-    idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    val: np.ndarray = field(init=False)
-    at_base: np.ndarray = field(init=False)
-    upd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    ever: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    outside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    n_upd: int = 0
-    n_ever: int = 0
-    n_outside: int = 0
+    def __init__(self, dtype: np.dtype | type) -> None:
+        self.a = np.zeros(1024, dtype=dtype)
 
-    def __post_init__(self) -> None:
-        self.val = np.zeros(0, self.base.dtype)
-        self.at_base = np.zeros(0, self.base.dtype)
+    def reserve(self, n: int) -> np.ndarray:
+        """The array with room for ``n`` rows."""
+        if n > self.a.shape[0]:
+            grown = np.zeros(max(n, 2 * self.a.shape[0]), dtype=self.a.dtype)
+            grown[:self.a.shape[0]] = self.a
+            self.a = grown
+        return self.a
 
-    def step(self, pt: PatchTensor | None, kernel: DiffKernel) -> StepCounts:
-        """Apply one patch's entries (``None``: the patch leaves the tensor alone)."""
-        if pt is None or pt.nnz == 0:
+
+class SparseState:
+    """Touched positions of a flat space of ``numel`` entries (one tensor, or several of
+    one dtype laid end to end) along a chain, with their current and base values, and per
+    position: updated against the base now, ever updated, outside the final mask.
+
+    ``gather(sorted positions)``: the base's raw values there (from an ``mmap``: read only
+    where asked); ``raw``: their unsigned dtype; ``final``: sorted positions of the final
+    mask when known (for ``n_not_in_final``).
+    """
+
+    def __init__(self, numel: int, dtype: str, raw: np.dtype | type,
+                 gather: Callable[[np.ndarray], np.ndarray],
+                 final: np.ndarray | None = None) -> None:
+        self.numel, self.dtype, self.gather, self.final = numel, dtype, gather, final
+        self.slot: np.ndarray | None = None  # int32[numel], made on the first touch
+        self.n = 0
+        self._idx = _Column(np.int64)
+        self._val = _Column(raw)
+        #: per row: bit 0 updated against the base now, bit 1 ever, bit 2 outside final
+        self._flags = _Column(np.uint8)
+        self.n_upd = self.n_ever = self.n_outside = 0
+
+    def step(self, entries: tuple[np.ndarray, np.ndarray] | None,
+             kernel: DiffKernel) -> StepCounts:
+        """Apply one patch's ``(sorted unique positions, raw values)`` (``None``: the
+        patch leaves this space alone)."""
+        if entries is None or entries[0].shape[0] == 0:
             return StepCounts(self.n_upd, 0, self.n_ever, self.n_outside)
-        p_idx, p_val = pt.indices, pt.values
-        pos = np.searchsorted(self.idx, p_idx)
-        hit = pos < self.idx.shape[0]
-        hit[hit] = self.idx[pos[hit]] == p_idx[hit]
+        if self.slot is None:
+            self.slot = np.full(self.numel, -1, dtype=np.int32 if self.numel < 2**31
+                                else np.int64)
+        p_idx, p_val = entries
+        s = self.slot[p_idx]
+        hit = s >= 0
+        hpos = s[hit]
         miss = ~hit
-        hpos = pos[hit]
-        miss_idx = p_idx[miss]
-        base_at = np.empty_like(p_val)
-        base_at[hit] = self.at_base[hpos]
-        miss_base = self.base[miss_idx]
-        base_at[miss] = miss_base
+        m, n0 = int(p_idx.shape[0] - hpos.shape[0]), self.n
+        n1 = n0 + m
+        idx, val, flags = (c.reserve(n1) for c in (self._idx, self._val, self._flags))
+        base_at = self.gather(p_idx)
         prev = base_at.copy()
-        prev[hit] = self.val[hpos]
+        prev[hit] = val[hpos]
         vs_prev = int(np.count_nonzero(diff_entries(kernel, prev, p_val, self.dtype)))
         new = diff_entries(kernel, base_at, p_val, self.dtype)
-        old = np.zeros_like(new)
-        old[hit] = self.upd[hpos]
-        old_ever = np.zeros_like(new)
-        old_ever[hit] = self.ever[hpos]
-        outside = np.zeros_like(new)
-        outside[hit] = self.outside[hpos]
-        if self.final is not None and miss_idx.size:
+        f = np.zeros(p_idx.shape[0], dtype=np.uint8)
+        f[hit] = flags[hpos]
+        if m and self.final is not None:
+            miss_idx = p_idx[miss]
             fpos = np.searchsorted(self.final, miss_idx)
             inside = fpos < self.final.shape[0]
             inside[inside] = self.final[fpos[inside]] == miss_idx[inside]
-            outside[miss] = ~inside
+            f[miss] = np.where(inside, 0, 4).astype(np.uint8)
+        old = (f & 1).view(bool)
+        outside = (f & 4) != 0
         self.n_upd += int(np.count_nonzero(new)) - int(np.count_nonzero(old))
-        self.n_ever += int(np.count_nonzero(new & ~old_ever))
+        self.n_ever += int(np.count_nonzero(new & ((f & 2) == 0)))
         self.n_outside += int(np.count_nonzero(new & outside)) \
             - int(np.count_nonzero(old & outside))
-        # write the hits in place, insert the misses (both sides sorted: one merge)
-        self.val[hpos] = p_val[hit]
-        self.upd[hpos] = new[hit]
-        self.ever[hpos] = self.ever[hpos] | new[hit]
-        if miss_idx.size:
-            at = np.searchsorted(self.idx, miss_idx)
-            self.idx = np.insert(self.idx, at, miss_idx)
-            self.val = np.insert(self.val, at, p_val[miss])
-            self.at_base = np.insert(self.at_base, at, miss_base)
-            self.upd = np.insert(self.upd, at, new[miss])
-            self.ever = np.insert(self.ever, at, new[miss])
-            self.outside = np.insert(self.outside, at, outside[miss])
+        nb = new.view(np.uint8)
+        f = (f & 6) | nb | (nb << 1)
+        val[hpos] = p_val[hit]
+        flags[hpos] = f[hit]
+        if m:
+            rows = slice(n0, n1)
+            idx[rows], val[rows], flags[rows] = p_idx[miss], p_val[miss], f[miss]
+            self.slot[idx[rows]] = np.arange(n0, n1, dtype=self.slot.dtype)
+            self.n = n1
         return StepCounts(self.n_upd, vs_prev, self.n_ever, self.n_outside)
 
     def updated_positions(self) -> np.ndarray:
         """Sorted positions updated against the base now."""
-        return self.idx[self.upd]
+        return np.sort(self._idx.a[:self.n][(self._flags.a[:self.n] & 1) != 0])
 
     def ever_positions(self) -> np.ndarray:
         """Sorted positions updated against the base at some step so far."""
-        return self.idx[self.ever]
+        return np.sort(self._idx.a[:self.n][(self._flags.a[:self.n] & 2) != 0])

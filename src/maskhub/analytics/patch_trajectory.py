@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from maskhub.analytics.patch_replay import SparseTensorState, pack_positions
+from maskhub.analytics.patch_replay import (
+    SparseState,
+    final_positions,
+    pack_positions,
+)
 from maskhub.analytics.trajectory import TrajectoryPoint, TrajectoryResult, _record, _step_of
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.patches import PatchFile, open_patch
@@ -137,48 +141,39 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
             final_strata: list[tuple[str, int, int, int]] = []
             ever_strata: list[tuple[str, int, int, int]] = []
             n_cancelled = 0
+            done = 0
             with MappedCheckpoint(base) as mapped:
-                for i, tname in enumerate(names):
-                    info = base.tensors[tname]
-                    raw = mapped.region(tname).raw()
-                    typed = raw.view(_RAW[itemsize(info.dtype)])
-                    steps = [pf.read(tname, info.shape, info.dtype) if tname in pf.entries
-                             else None for pf in patches]
-                    first = SparseTensorState(typed, info.dtype)
-                    for pt in steps:
-                        first.step(pt, kernel)
-                    final_pos = first.updated_positions()
-                    state = SparseTensorState(typed, info.dtype, final=final_pos)
-                    for k, pt in enumerate(steps, start=1):
-                        c = state.step(pt, kernel)
-                        points[k].n_updated_vs_first += c.vs_first
-                        points[k].n_updated_vs_prev += c.vs_prev
-                        points[k].n_ever += c.ever
-                        points[k].n_not_in_final += c.not_in_final
-                    ever_pos = state.ever_positions()
-                    final = pack_positions(final_pos, info.numel)
-                    ever = pack_positions(ever_pos, info.numel)
-                    n_final, n_ever = int(final_pos.shape[0]), int(ever_pos.shape[0])
-                    n_cancelled += n_ever - n_final
-                    layer, module = parse_tensor_name(tname)
-                    common = dict(shape=info.shape, numel=info.numel, layer=layer,
-                                  module=module, base_dtype=info.dtype,
-                                  target_dtype=info.dtype)
-                    fs = TensorStats(tname, n_updated=n_final, **common)
-                    es = TensorStats(tname, n_updated=n_ever, **common)
-                    if info.numel:  # magnitude strata from the base's exponents
-                        sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba"
-                                        else "numpy")
-                        for bits, rows in ((final, final_strata), (ever, ever_strata)):
-                            counts = np.zeros((2, BINS), dtype=np.int64)
-                            sfn(raw, bits, info.numel, counts)
-                            rows.extend(strata_rows(tname, info.dtype, counts))
-                    w_final.add(fs, final)
-                    w_ever.add(es, ever)
-                    final_stats.append(fs)
-                    ever_stats.append(es)
-                    if progress:
-                        progress(i + 1, len(names), i + 1, len(names), tname)
+                for group in _groups(base, names):
+                    views = [mapped.region(t).raw() for t in group]
+                    finals, evers = _replay_group(base, group, views, patches, points,
+                                                  kernel)
+                    for tname, raw, final_pos, ever_pos in zip(group, views, finals, evers,
+                                                               strict=True):
+                        info = base.tensors[tname]
+                        final = pack_positions(final_pos, info.numel)
+                        ever = pack_positions(ever_pos, info.numel)
+                        n_final, n_ever = int(final_pos.shape[0]), int(ever_pos.shape[0])
+                        n_cancelled += n_ever - n_final
+                        layer, module = parse_tensor_name(tname)
+                        common = dict(shape=info.shape, numel=info.numel, layer=layer,
+                                      module=module, base_dtype=info.dtype,
+                                      target_dtype=info.dtype)
+                        fs = TensorStats(tname, n_updated=n_final, **common)
+                        es = TensorStats(tname, n_updated=n_ever, **common)
+                        if info.numel:  # magnitude strata from the base's exponents
+                            sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba"
+                                            else "numpy")
+                            for bits, rows in ((final, final_strata), (ever, ever_strata)):
+                                counts = np.zeros((2, BINS), dtype=np.int64)
+                                sfn(raw, bits, info.numel, counts)
+                                rows.extend(strata_rows(tname, info.dtype, counts))
+                        w_final.add(fs, final)
+                        w_ever.add(es, ever)
+                        final_stats.append(fs)
+                        ever_stats.append(es)
+                        done += 1
+                        if progress:
+                            progress(done, len(names), done, len(names), tname)
             n_params = sum(s.numel for s in final_stats)
             n_sub = sum(s.n_updated for s in final_stats)
             n_ever_total = sum(s.n_updated for s in ever_stats)
@@ -219,3 +214,73 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
         remove_tree(tmp_ever)
         raise
     return result
+
+
+#: Entries replayed together: consecutive tensors of one dtype are laid end to end up to
+#: this many entries (a 4-byte slot per entry: 256 MiB), so that a step costs a few numpy
+#: calls per group, not per tensor.
+GROUP_ENTRIES = 1 << 26
+
+
+def _groups(base: Checkpoint, names: Sequence[str]) -> list[list[str]]:
+    """Consecutive tensors of one dtype, at most :data:`GROUP_ENTRIES` entries together
+    (a larger tensor alone)."""
+    groups: list[list[str]] = []
+    size, dtype = 0, None
+    for n in names:
+        info = base.tensors[n]
+        if groups and info.dtype == dtype and size + info.numel <= GROUP_ENTRIES:
+            groups[-1].append(n)
+            size += info.numel
+        else:
+            groups.append([n])
+            size, dtype = info.numel, info.dtype
+    return groups
+
+
+def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.ndarray],
+                  patches: Sequence[PatchFile], points: list[TrajectoryPoint],
+                  kernel: DiffKernel) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Replay the chain over the tensors ``group`` (one dtype) laid end to end; add each
+    step's counts to ``points``; return each tensor's final and ever-updated positions."""
+    infos = [base.tensors[t] for t in group]
+    dtype = infos[0].dtype
+    raw_dt = _RAW[itemsize(dtype)]
+    typed = [v.view(raw_dt) for v in views]
+    offsets = np.zeros(len(group) + 1, dtype=np.int64)
+    np.cumsum([i.numel for i in infos], out=offsets[1:])
+
+    def gather(idx: np.ndarray) -> np.ndarray:  # sorted global positions -> base values
+        out = np.empty(idx.shape[0], dtype=raw_dt)
+        cuts = np.searchsorted(idx, offsets)
+        for j, t in enumerate(typed):
+            a, b = cuts[j], cuts[j + 1]
+            if b > a:
+                out[a:b] = t[idx[a:b] - offsets[j]]
+        return out
+
+    steps: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for pf in patches:
+        parts = [(pf.read(t, i.shape, i.dtype), off) for t, i, off in
+                 zip(group, infos, offsets[:-1], strict=True) if t in pf.entries]
+        parts = [(pt, off) for pt, off in parts if pt.nnz]
+        if not parts:
+            steps.append(None)
+        elif len(parts) == 1:
+            pt, off = parts[0]
+            steps.append((pt.indices + off, pt.values))
+        else:
+            steps.append((np.concatenate([pt.indices + off for pt, off in parts]),
+                          np.concatenate([pt.values for pt, _ in parts])))
+    final = final_positions(steps, gather, dtype, kernel)
+    state = SparseState(int(offsets[-1]), dtype, raw_dt, gather, final=final)
+    for k, entries in enumerate(steps, start=1):
+        c = state.step(entries, kernel)
+        points[k].n_updated_vs_first += c.vs_first
+        points[k].n_updated_vs_prev += c.vs_prev
+        points[k].n_ever += c.ever
+        points[k].n_not_in_final += c.not_in_final
+    ever = state.ever_positions()
+    fcuts, ecuts = np.searchsorted(final, offsets), np.searchsorted(ever, offsets)
+    return ([final[fcuts[j]:fcuts[j + 1]] - offsets[j] for j in range(len(group))],
+            [ever[ecuts[j]:ecuts[j + 1]] - offsets[j] for j in range(len(group))])
