@@ -72,11 +72,16 @@ def _write_patch(path: Path, prev: dict[str, torch.Tensor], cur: dict[str, torch
         if layout == "trl-v1":
             tensors[f"{name}.indices"] = idx.to(torch.int32)
             tensors[f"{name}.values"] = vals
+        elif layout == "trl-v2" and name == "lm_head.weight":  # an anchor: the whole tensor
+            tensors[name] = t.contiguous()
         elif layout == "trl-v2":
             gaps = torch.diff(idx, prepend=torch.tensor([-1])) - 1
             tensors[f"{name}.idx"] = gaps.to(torch.uint16 if int(gaps.max()) < 65536
                                              else torch.uint32)
             tensors[f"{name}.val"] = vals
+        elif name == "model.embed_tokens.weight":  # (2, nnz) rows and columns
+            tensors[f"{name}.indices"] = torch.stack([idx // t.shape[1], idx % t.shape[1]])
+            tensors[f"{name}.values"] = vals
         else:
             tensors[f"{name}.indices"] = idx.to(torch.int64)
             tensors[f"{name}.values"] = vals

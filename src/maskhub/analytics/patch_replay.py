@@ -43,23 +43,23 @@ def pack_positions(positions: np.ndarray, numel: int) -> np.ndarray:
     return np.packbits(bits, bitorder=BITORDER)
 
 
-def final_positions(steps: list[tuple[np.ndarray, np.ndarray] | None],
-                    gather: Callable[[np.ndarray], np.ndarray], dtype: str,
-                    kernel: DiffKernel) -> np.ndarray:
+def final_positions(steps: list[tuple[np.ndarray, np.ndarray] | None], numel: int,
+                    raw: np.dtype | type, gather: Callable[[np.ndarray], np.ndarray],
+                    dtype: str, kernel: DiffKernel) -> np.ndarray:
     """Sorted positions updated against the base after the whole chain ``steps`` (each
     ``(sorted unique positions, raw values)`` or ``None``): the last value each touched
-    position was given, against the base there (``gather(positions)``; one kernel call)."""
+    position was given (a scratch of ``numel`` values, written in step order so that the
+    last patch wins), against the base there (``gather(positions)``; one kernel call)."""
     given = [st for st in steps if st is not None and st[0].shape[0]]
     if not given:
         return np.zeros(0, np.int64)
-    idx = np.concatenate([st[0] for st in given])
-    val = np.concatenate([st[1] for st in given])
-    order = np.argsort(idx, kind="stable")  # stable: the later patch last among equals
-    idx, val = idx[order], val[order]
-    last = np.ones(idx.shape[0], dtype=bool)
-    last[:-1] = idx[1:] != idx[:-1]
-    idx, val = idx[last], val[last]
-    return idx[diff_entries(kernel, gather(idx), val, dtype)]
+    touched = np.zeros(numel, dtype=bool)
+    last = np.empty(numel, dtype=raw)
+    for idx, val in given:
+        touched[idx] = True
+        last[idx] = val
+    idx = np.flatnonzero(touched)
+    return idx[diff_entries(kernel, gather(idx), last[idx], dtype)]
 
 
 @dataclass
@@ -75,8 +75,8 @@ class StepCounts:
 class _Column:
     """A growable 1-D array (amortised appends)."""
 
-    def __init__(self, dtype: np.dtype | type) -> None:
-        self.a = np.zeros(1024, dtype=dtype)
+    def __init__(self, dtype: np.dtype | type, capacity: int = 1024) -> None:
+        self.a = np.zeros(max(1, capacity), dtype=dtype)
 
     def reserve(self, n: int) -> np.ndarray:
         """The array with room for ``n`` rows."""
@@ -94,19 +94,24 @@ class SparseState:
 
     ``gather(sorted positions)``: the base's raw values there (from an ``mmap``: read only
     where asked); ``raw``: their unsigned dtype; ``final``: sorted positions of the final
-    mask when known (for ``n_not_in_final``).
+    mask when known (for ``n_not_in_final``); ``capacity``: rows to reserve (the number of
+    positions the chain touches at most).
     """
 
     def __init__(self, numel: int, dtype: str, raw: np.dtype | type,
                  gather: Callable[[np.ndarray], np.ndarray],
-                 final: np.ndarray | None = None) -> None:
-        self.numel, self.dtype, self.gather, self.final = numel, dtype, gather, final
+                 final: np.ndarray | None = None, capacity: int = 1024) -> None:
+        self.numel, self.dtype, self.gather = numel, dtype, gather
         self.slot: np.ndarray | None = None  # int32[numel], made on the first touch
+        self.final: np.ndarray | None = None  # bool[numel]: in the final mask
+        if final is not None:
+            self.final = np.zeros(numel, dtype=bool)
+            self.final[final] = True
         self.n = 0
-        self._idx = _Column(np.int64)
-        self._val = _Column(raw)
+        self._idx = _Column(np.int64, capacity)
+        self._val = _Column(raw, capacity)
         #: per row: bit 0 updated against the base now, bit 1 ever, bit 2 outside final
-        self._flags = _Column(np.uint8)
+        self._flags = _Column(np.uint8, capacity)
         self.n_upd = self.n_ever = self.n_outside = 0
 
     def step(self, entries: tuple[np.ndarray, np.ndarray] | None,
@@ -134,11 +139,7 @@ class SparseState:
         f = np.zeros(p_idx.shape[0], dtype=np.uint8)
         f[hit] = flags[hpos]
         if m and self.final is not None:
-            miss_idx = p_idx[miss]
-            fpos = np.searchsorted(self.final, miss_idx)
-            inside = fpos < self.final.shape[0]
-            inside[inside] = self.final[fpos[inside]] == miss_idx[inside]
-            f[miss] = np.where(inside, 0, 4).astype(np.uint8)
+            f[miss] = np.where(self.final[p_idx[miss]], 0, 4).astype(np.uint8)
         old = (f & 1).view(bool)
         outside = (f & 4) != 0
         self.n_upd += int(np.count_nonzero(new)) - int(np.count_nonzero(old))
@@ -156,10 +157,16 @@ class SparseState:
             self.n = n1
         return StepCounts(self.n_upd, vs_prev, self.n_ever, self.n_outside)
 
+    def _positions(self, bit: int) -> np.ndarray:
+        rows = (self._flags.a[:self.n] & bit) != 0
+        bits = np.zeros(self.numel, dtype=bool)  # a scatter and a scan beat a sort here
+        bits[self._idx.a[:self.n][rows]] = True
+        return np.flatnonzero(bits)
+
     def updated_positions(self) -> np.ndarray:
         """Sorted positions updated against the base now."""
-        return np.sort(self._idx.a[:self.n][(self._flags.a[:self.n] & 1) != 0])
+        return self._positions(1)
 
     def ever_positions(self) -> np.ndarray:
         """Sorted positions updated against the base at some step so far."""
-        return np.sort(self._idx.a[:self.n][(self._flags.a[:self.n] & 2) != 0])
+        return self._positions(2)

@@ -272,8 +272,10 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
         else:
             steps.append((np.concatenate([pt.indices + off for pt, off in parts]),
                           np.concatenate([pt.values for pt, _ in parts])))
-    final = final_positions(steps, gather, dtype, kernel)
-    state = SparseState(int(offsets[-1]), dtype, raw_dt, gather, final=final)
+    numel = int(offsets[-1])
+    final = final_positions(steps, numel, raw_dt, gather, dtype, kernel)
+    touched_max = min(numel, sum(st[0].shape[0] for st in steps if st is not None))
+    state = SparseState(numel, dtype, raw_dt, gather, final=final, capacity=touched_max)
     for k, entries in enumerate(steps, start=1):
         c = state.step(entries, kernel)
         points[k].n_updated_vs_first += c.vs_first
