@@ -1,11 +1,12 @@
-"""Replaying sparse patches over a base, one tensor at a time, without a dense target.
+"""Replaying sparse patches over a base without building a dense target.
 
-The state of a tensor along a chain ``base, P1 ... Pn`` is a sparse map: the flat positions
-any patch so far has touched (in the order first touched), with their current values and
-the base's values there (read from the base's ``mmap`` at those positions only), and a slot
-table (``int32`` per entry of the tensor, ``-1`` for untouched) that finds a position's row
-in O(1). Everywhere else the tensor still holds the base's bits, so it is updated against
-the base nowhere and against the previous step nowhere: the per-step counts of
+The state of a flat space (one tensor, or several of one dtype laid end to end) along a
+chain ``base, P1 ... Pn`` is a sparse map: the positions any patch so far has touched (in
+the order first touched), with their current values and a flags byte each, and a slot
+table (``int32`` per entry, ``-1`` for untouched) that finds a position's row in O(1); the
+base's values are read (from its ``mmap``) at the patched positions only. Everywhere else
+the weights still hold the base's bits, so they are updated against the base nowhere and
+against the previous step nowhere: the per-step counts of
 :mod:`maskhub.analytics.trajectory` only need the kernel on the entries a patch sets. Each
 step costs ``O(nnz)`` (kernel, lookups, appends); no dense checkpoint is ever built.
 
