@@ -10,7 +10,7 @@ from maskhub.cli.common import (
     home_option,
     json_option,
     registry,
-    stdout,
+    say,
     warn,
 )
 
@@ -43,9 +43,8 @@ def apply(mask: str, base: str, out: str, as_json: bool, home: str | None) -> No
     if as_json:
         echo_json(res.to_dict())
         return
-    stdout.print(f"wrote {res.out}: {res.n_tensors} tensors in {len(res.files)} file(s), "
-                 f"{res.nbytes:,} bytes, {res.n_values:,} values from patch "
-                 f"[bold]{res.mask}[/bold]", highlight=False)
+    say(f"wrote {res.out}: {res.n_tensors} tensors in {len(res.files)} file(s), "
+        f"{res.nbytes:,} bytes, {res.n_values:,} values from patch ", (res.mask, "bold"))
 
 
 COMMANDS = [apply]

@@ -267,13 +267,34 @@ class Registry(Home):
             target_revision: str | None = None, tol: float | None = None,
             algorithm: str | None = None, seed: int | None = None, dataset: str | None = None,
             tags: Sequence[str] = (), notes: str | None = None,
-            progress: ProgressFn | None = None) -> Mask:
+            base: str | os.PathLike[str] | None = None,
+            progress: ProgressFn | None = None,
+            warn: Callable[[str], None] | None = None) -> Mask:
         """Register a mask made elsewhere (the library call of ``maskhub import``, a Python
         keyword): ``source`` is a Zarr v3 store in the documented layout, a ``.safetensors``
         file of ``bool``/``uint8`` masks, or a mapping ``{parameter name: numpy array or torch
         tensor}``. ``base_model`` is required unless the store records it; the other
         arguments override the store's attributes. Checked like a pull (shapes, counts,
-        names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`."""
+        names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`.
+
+        ``base``: ``source`` is a sparse patch file (TRL delta sync, vLLM checkpoint patch,
+        ``NAME.indices`` + ``NAME.values``) of the checkpoint ``base``, registered as a patch
+        (mask + values) that rebuilds the patched weights; ``tol`` defaults to 0 (lossless:
+        every entry whose bits change). See :mod:`maskhub.ingest.patch_import`."""
+        from maskhub.ingest.patch_import import import_patch, looks_like_patch
+
+        if base is not None:
+            patched = import_patch(self, source, str(base), name=name,  # type: ignore[arg-type]
+                                   base_model=base_model, target_model=target_model,
+                                   base_revision=base_revision,
+                                   target_revision=target_revision, tol=tol,
+                                   algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
+                                   notes=notes, progress=progress, warn=warn)
+            assert isinstance(patched, Mask)
+            return patched
+        if looks_like_patch(source):
+            raise UsageError(f"{source} is a sparse patch (indices + values): importing it "
+                             "needs --base BASE, the checkpoint it patches")
         from maskhub.ingest.add import add
 
         mask = add(self, source, name=name, base_model=base_model, target_model=target_model,
@@ -357,13 +378,27 @@ class Registry(Home):
     def trajectory(self, checkpoints: Sequence[str], *, name: str | None = None,
                    tol: float = 1e-5, device: str = "auto", algorithm: str | None = None,
                    seed: int | None = None, dataset: str | None = None,
-                   tags: Sequence[str] = (),
+                   tags: Sequence[str] = (), patches: bool = False,
                    progress: ProgressFn | None = None) -> TrajectoryResult:
         """Measure a sequence of checkpoints (or one directory of them, ordered by step):
         sparsity against the first and between consecutive ones, the ever-updated set (updated
         against the first at some checkpoint), the Figure 6 share and the never / cancelled /
         subnetwork split; registers ``NAME-final`` and ``NAME-ever`` with the run's
-        ``algorithm``, ``seed``, ``dataset`` and ``tags``."""
+        ``algorithm``, ``seed``, ``dataset`` and ``tags``.
+
+        ``patches=True``: ``checkpoints`` is ``[BASE, P1, ..., Pn]``, a base and an ordered
+        chain of sparse patch files (:mod:`maskhub.checkpoints.patches`), measured the same
+        way without building any dense checkpoint (:mod:`maskhub.analytics.patch_trajectory`;
+        CPU)."""
+        if patches:
+            from maskhub.analytics.patch_trajectory import run_patch_trajectory
+
+            specs = [str(c) for c in checkpoints]
+            if len(specs) < 2:
+                raise UsageError("--patches needs a base and at least one patch")
+            return run_patch_trajectory(self, specs[0], specs[1:], name=name, tol=tol,
+                                        algorithm=algorithm, seed=seed, dataset=dataset,
+                                        tags=tags, progress=progress)
         from maskhub.analytics.trajectory import run_trajectory
         from maskhub.kernels.device import resolve_device
 
