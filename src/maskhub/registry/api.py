@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from maskhub.hub.push import PushResult
     from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
+    from maskhub.training.recorder import Recorder
     from maskhub.training.verify import VerifyReport
 
 
@@ -469,6 +470,16 @@ class Registry(Home):
                       limit=limit, token=token)
 
     # -- masked training (maskhub.training; training itself: maskhub.torch) --------------
+
+    def recorder(self, model: torch.nn.Module, run: str, **options: Any) -> Recorder:
+        """A :class:`~maskhub.training.recorder.Recorder` of ``model``'s run ``run`` into
+        this registry: θ0 is kept now; each ``record(step)`` registers ``RUN-step-N`` and
+        ``finish()`` registers ``RUN-ever`` and the trajectory rows. ``options``: ``tol``,
+        ``keep`` (``"cpu"``/``"disk"``), ``base``, ``per_step``, ``delta_masks``, ``step``,
+        name mapping and the run's metadata (see the class)."""
+        from maskhub.training.recorder import Recorder
+
+        return Recorder(model, run, home=self, **options)
 
     def verify(self, mask: str | Any, base: str | os.PathLike[str],
                trained: str | os.PathLike[str], *, tol: float | str = 0.0, device: str = "auto",

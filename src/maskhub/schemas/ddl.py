@@ -338,10 +338,19 @@ M009_HAS_VALUES = Migration(
     """,
 )
 
+M016_LIVE_TRAJECTORY = Migration(
+    16,
+    "trajectory_points.n_updated_vs_prev may be NULL: a live recording that does not keep "
+    "the previous values cannot count them",
+    """
+    ALTER TABLE trajectory_points ALTER COLUMN n_updated_vs_prev DROP NOT NULL;
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
                                M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
-                               M009_HAS_VALUES]
+                               M009_HAS_VALUES, M016_LIVE_TRAJECTORY]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
