@@ -70,6 +70,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
               help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
 @click.option("--stats", is_flag=True,
               help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
+@click.option("--budget", type=float,
+              help="Movement budget of the precision null, e.g. lr*steps (default: the "
+              "largest |delta| observed).")
 @ray_option
 @store_option
 @json_option
@@ -77,8 +80,8 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, ray_address: str | None,
-         store: str | None, as_json: bool, home: str | None) -> None:
+         notes: str | None, rank: bool, stats: bool, budget: float | None,
+         ray_address: str | None, store: str | None, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -96,11 +99,25 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, ray=ray_address, progress=progress, warn=warn)
+                        stats=stats, ray=ray_address, progress=progress, warn=warn,
+                        budget=budget)
     if as_json:
         echo_json(_summary(mask))
     else:
         _print_mask_line(mask, "registered")
+        _print_null_line(mask)
+
+
+def _print_null_line(mask: Mask) -> None:
+    r = mask.row
+    if r.get("n_null") is None:
+        return
+    movable = "" if r.get("sparsity_movable") is None else \
+        f", sparsity among the rest {pct(r['sparsity_movable'])}"
+    stdout.print(
+        f"precision null at budget {r['null_budget']:.3g} ({r['null_budget_source']}): "
+        f"{r['n_null']:,} parameters ({pct(r['null_share'])}) could not have changed"
+        f"{movable}", highlight=False)
 
 
 @click.command()

@@ -21,6 +21,7 @@ from maskhub.core.interrupts import check_interrupt, interruptible, safe_interru
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.core.record import MaskRecord
 from maskhub.diff.pipeline import run_diff
+from maskhub.diff.precision import check_budget, settle_null
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
@@ -51,12 +52,14 @@ def diff(
     rank: bool = False,
     stats: bool = False,
     ray: str | None = None,
+    budget: float | None = None,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> MaskRecord:
     """Diff ``target`` against ``base`` and register the mask of updated parameters in
     ``home`` (the arguments: see :meth:`maskhub.Registry.diff`)."""
     check_tolerance(tol)
+    check_budget(budget)
     if any(not (math.isfinite(t) and t >= 0) for t in sweep):
         raise UsageError("sweep tolerances must be finite numbers >= 0")
     if ray is not None:
@@ -88,6 +91,10 @@ def diff(
                 cache = StrataCache(home.home / "cache" / "strata") if home.index.writable \
                     else None
                 outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache)
+            tensors, null = settle_null(outcome.tensors, outcome.strata, budget)
+            extra: dict = {"skipped_tensors": skipped} if skipped else {}
+            if null is not None:
+                extra["precision_null"] = null
             analysis = []
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
@@ -101,7 +108,7 @@ def diff(
                 algorithm=algorithm, seed=seed, dataset=dataset,
                 dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
                 sweep=tuple(kernel.sweep), notes=notes,
-                extra={"skipped_tensors": skipped} if skipped else {},
+                extra=extra,
             )
             writer.finish(meta)
             check_interrupt()  # the last point where Ctrl-C stops the diff
@@ -111,7 +118,7 @@ def diff(
         finally:
             base_ck.close()
             target_ck.close()
-        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis,
+        return home.register_store(tmp, meta, tensors, outcome.sweep, analysis,
                                    outcome.strata)
 
 

@@ -143,6 +143,7 @@ class Registry(Home):
         ray: str | None = None,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
+        budget: float | None = None,
     ) -> Mask:
         """Diff ``target`` against ``base`` and register the mask of updated parameters.
 
@@ -159,6 +160,9 @@ class Registry(Home):
         (``RAY_ADDRESS`` or a local Ray); see :mod:`maskhub.diff.ray`. Same bits.
         With a remote store (``Registry(store=...)``) the store is written to that URL.
         A CPU diff never imports torch (only ``rank``/``stats`` and CUDA do).
+        ``budget``: the movement budget of the precision null (entries whose smallest
+        recordable change at their |θ0| exceeds it could not have changed; see
+        :mod:`maskhub.kernels.precision`); default the largest |Δ| observed.
         """
         from maskhub.diff.run import diff
 
@@ -166,7 +170,7 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, progress=progress, warn=warn)
+                    ray=ray, budget=budget, progress=progress, warn=warn)
         assert isinstance(mask, Mask)
         return mask
 
