@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from maskhub.core.home import Home
+from maskhub.kernels.precision import binade, min_change
 
 
 def mask_summary(home: Home, ref: str) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
                    count(sign_flips) AS n_stats_tensors, sum(sign_flips) AS sign_flips,
                    sum(a.mean_abs_delta * t.numel) / sum(t.numel)
                        FILTER (WHERE a.mean_abs_delta IS NOT NULL) AS mean_abs_delta,
-                   max(max_abs_delta) AS max_abs_delta,
+                   max(a.max_abs_delta) AS max_abs_delta,
                    sum(n_sub_bf16_step) AS n_sub_bf16_step
             FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
             WHERE mask_id = ?""", [mask.id])
@@ -56,8 +57,30 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
                 FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
                 WHERE mask_id = ? AND t.layer IS NULL AND a.rank IS NOT NULL
                 ORDER BY a.tensor""", [mask.id])
+        strata = home.index.rows(con, """
+            SELECT t.base_dtype, t.target_dtype, s.stratum, sum(s.numel) AS numel,
+                   sum(s.n_updated) AS n_updated
+            FROM tensor_strata s JOIN tensors t USING (mask_id, tensor)
+            WHERE mask_id = ? AND s.stratum >= 0
+            GROUP BY ALL ORDER BY 1, 2, 3""", [mask.id])
     return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
-            "sweep": sweep, "analysis": summary}
+            "sweep": sweep, "analysis": summary,
+            "by_exponent": by_exponent(strata, mask.row.get("null_budget"))}
+
+
+def by_exponent(strata: list[dict[str, Any]], budget: float | None) -> list[dict[str, Any]]:
+    """The update rate per exponent of |θ0| (rows of ``(base_dtype, target_dtype, stratum,
+    numel, n_updated)``): each row with ``exponent`` (|θ0| in ``[2^e, 2^(e+1))``; None for zero
+    and subnormals, and inf/NaN), ``rate`` (updated share), ``min_change`` (the smallest
+    change the format records there) and ``null`` (whether it exceeds ``budget``)."""
+    out = []
+    for r in strata:
+        step = min_change(r["stratum"], r["base_dtype"] or "", r["target_dtype"] or "")
+        out.append({**r, "exponent": binade(r["stratum"], r["base_dtype"] or ""),
+                    "rate": r["n_updated"] / r["numel"] if r["numel"] else 0.0,
+                    "min_change": step,
+                    "null": None if step is None or budget is None else step > budget})
+    return out
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -178,6 +178,7 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                 [[r["module"], r["param_kind"], r["tensors"], r["numel"], r["n_updated"],
                   r["sparsity"]] for r in info["by_module"]], title="per module",
                 formatters={"sparsity": pct})
+    _print_precision_null(info)
     if info["sweep"]:
         stdout.print()
         print_table(["tol", "n_updated", "sparsity"],
@@ -201,6 +202,37 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                      ["max |delta|", f"{a['max_abs_delta']:.3g}"],
                      ["changes below one bf16 step", f"{a['n_sub_bf16_step']:,}"]]
         print_table(["update", "value"], rows, title="update analysis (diff --rank/--stats)")
+
+
+def _print_precision_null(info: dict[str, Any]) -> None:
+    """The precision null of ``show`` and its per-exponent update rates."""
+    m = info["mask"]
+    if m.get("n_null") is not None:
+        stdout.print()
+        rows = [["budget", f"{m['null_budget']:.3g} ({m['null_budget_source']})"],
+                ["largest |delta| observed", "-" if m.get("max_abs_update") is None
+                 else f"{m['max_abs_update']:.3g}"],
+                ["could not have changed", f"{m['n_null']:,} ({pct(m['null_share'])})"],
+                ["updated among them", f"{m['n_null_updated']:,}"],
+                ["sparsity among the rest", "-" if m.get("sparsity_movable") is None
+                 else pct(m["sparsity_movable"])]]
+        print_table(["precision null", "value"], rows,
+                    title="precision null (entries whose smallest bf16/fp16 step at |θ0| "
+                          "exceeds the budget)")
+    if info.get("by_exponent"):
+        stdout.print()
+        print_table(
+            ["dtype", "|θ0| binade", "numel", "n_updated", "update rate", "smallest step",
+             "null"],
+            [[r["base_dtype"] if r["base_dtype"] == r["target_dtype"]
+              else f"{r['base_dtype']}->{r['target_dtype']}",
+              "zero/subnormal" if r["stratum"] == 0 else
+              ("inf/nan" if r["exponent"] is None else f"2^{r['exponent']}"),
+              f"{r['numel']:,}", f"{r['n_updated']:,}", pct(r["rate"]),
+              "-" if r["min_change"] is None else f"{r['min_change']:.3g}",
+              "-" if r["null"] is None else ("yes" if r["null"] else "no")]
+             for r in info["by_exponent"]],
+            title="update rate per exponent of |θ0|")
 
 
 @click.command()

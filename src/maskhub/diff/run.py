@@ -21,10 +21,10 @@ from maskhub.core.interrupts import check_interrupt, interruptible, safe_interru
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.core.record import MaskRecord
 from maskhub.diff.pipeline import run_diff
-from maskhub.diff.precision import check_budget, settle_null
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
+from maskhub.kernels.precision import check_budget, settle_null
 from maskhub.kernels.strata import StrataCache
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn

@@ -26,14 +26,18 @@ dtype, or bf16/fp16 -> fp32); for other pairs (fp32 -> bf16, integers...) no nul
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from maskhub.errors import UsageError
 from maskhub.kernels import fastkernel
 from maskhub.kernels.floatbits import FORMATS as FLOAT_FORMATS
-from maskhub.schemas.metadata import BITORDER
+from maskhub.schemas.metadata import BITORDER, TensorStats
 
 #: ``fn(a_raw, b_raw, packed, n)``: the largest finite-or-infinite ``|b − a|`` over the
 #: entries set in ``packed`` (0.0 when none; NaN differences are ignored).
@@ -90,6 +94,16 @@ def step_format(base_dtype: str, target_dtype: str) -> str | None:
     return None
 
 
+def binade(stratum: int, dtype: str) -> int | None:
+    """``e`` such that a normal θ0 of ``dtype`` with exponent field ``stratum`` lies in
+    ``[2^e, 2^(e+1))``; None for zero/subnormals, inf/NaN and other dtypes."""
+    fmt = FLOAT_FORMATS.get(dtype)
+    if fmt is None:
+        return None
+    top = (1 << (fmt.width - 1 - fmt.mant)) - 1
+    return stratum - fmt.bias if 0 < stratum < top else None
+
+
 def min_change(stratum: int, base_dtype: str, target_dtype: str) -> float | None:
     """The smallest non-zero ``|θ1 − θ0|`` that an entry whose θ0 has exponent field
     ``stratum`` (base dtype) can record in the target dtype; ``0.0`` for inf/NaN; None when
@@ -124,3 +138,62 @@ def null_counts(rows: Iterable[tuple[int, int, int]], base_dtype: str, target_dt
             n_null += numel
             n_null_updated += n_updated
     return n_null, n_null_updated
+
+# -- settling the null at the end of a diff (the budget is known only then) -----------
+
+
+def check_budget(budget: float | None) -> None:
+    """Raise :class:`UsageError` unless ``budget`` is None or a finite number >= 0."""
+    if budget is None:
+        return
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise UsageError(f"budget must be a finite number >= 0, not {budget!r}")
+
+
+def observed_budget(tensors: Sequence[TensorStats]) -> float | None:
+    """The largest ``|Δ|`` over the updated entries of every tensor (None: none measured)."""
+    seen = [t.max_abs_delta for t in tensors if t.max_abs_delta is not None]
+    return max(seen) if seen else None
+
+
+def settle_null(tensors: Sequence[TensorStats], strata: Sequence[tuple[str, int, int, int]],
+                budget: float | None = None) -> tuple[list[TensorStats], dict[str, Any] | None]:
+    """The tensors with their ``n_null``/``n_null_updated`` filled in, and the mask's summary
+    (``budget``, ``budget_source``, ``max_abs_delta``, ``n_null``, ``n_null_updated``,
+    ``n_movable``, ``null_share``, ``sparsity_movable``; None when no tensor has a null: no
+    float pair, or no strata). ``budget``: the user's movement budget; default the largest
+    ``|Δ|`` observed. Tensors without a null count as movable in the totals."""
+    observed = observed_budget(tensors)
+    use = budget if budget is not None else observed
+    by_tensor: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for name, stratum, numel, n_upd in strata:
+        by_tensor[name].append((stratum, numel, n_upd))
+    out: list[TensorStats] = []
+    covered = False
+    n_null = n_null_updated = 0
+    for t in tensors:
+        counts = None
+        if use is not None and (t.tensor in by_tensor or not t.numel):
+            counts = null_counts(by_tensor.get(t.tensor, ()), t.base_dtype, t.target_dtype, use)
+        if counts is None:
+            out.append(t)
+            continue
+        covered = True
+        n_null += counts[0]
+        n_null_updated += counts[1]
+        out.append(dataclasses.replace(t, n_null=counts[0], n_null_updated=counts[1]))
+    if not covered or use is None:
+        return out, None
+    n_params = sum(t.numel for t in tensors)
+    n_updated = sum(t.n_updated for t in tensors)
+    movable = n_params - n_null
+    return out, {
+        "budget": float(use),
+        "budget_source": "given" if budget is not None else "observed",
+        "max_abs_delta": observed,
+        "n_null": n_null,
+        "n_null_updated": n_null_updated,
+        "n_movable": movable,
+        "null_share": n_null / n_params if n_params else 0.0,
+        "sparsity_movable": (1.0 - (n_updated - n_null_updated) / movable) if movable else None,
+    }

@@ -236,13 +236,35 @@ class Registry(Home):
         masks = select_masks(self, refs, base_model)
         return overlap_all(self, masks, refresh=refresh, progress=progress, ray=ray)
 
-    def combine(self, operation: str, refs: Sequence[str], *, name: str | None = None,
+    def combine(self, operation: str, refs: Sequence[str] = (), *, name: str | None = None,
                 min_count: int | None = None, notes: str | None = None,
-                progress: ProgressFn | None = None) -> Mask:
+                progress: ProgressFn | None = None, like: str | None = None,
+                per: str = "tensor", seed: int | None = None, base: str | None = None
+                ) -> Mask:
         """Register ``intersect``/``union``/``difference``/``consensus`` of masks as a new
-        mask with its lineage (see :mod:`maskhub.analytics.combine`)."""
+        mask with its lineage (see :mod:`maskhub.analytics.combine`), or ``random``: a mask
+        with ``like``'s count per tensor (``per="tensor"``) or per tensor and exponent of
+        |θ0| (``per="magnitude"``, reading the ``base`` checkpoint, default the recorded
+        one) at random positions, seeded by ``seed`` (default 0; see
+        :mod:`maskhub.analytics.random_mask`)."""
         from maskhub.analytics.combine import combine
 
+        if operation == "random" or like is not None:
+            if operation != "random":
+                raise UsageError("--like applies to combine random only")
+            if refs:
+                raise UsageError("combine random takes no MASKS: name the mask with --like")
+            if like is None:
+                raise UsageError("combine random needs --like MASK")
+            from maskhub.analytics.random_mask import random_like
+
+            mask = random_like(self, self.get(like), per=per,
+                               seed=0 if seed is None else seed, base=base, name=name,
+                               notes=notes, progress=progress)
+            assert isinstance(mask, Mask)
+            return mask
+        if seed is not None or base is not None or per != "tensor":
+            raise UsageError("--seed, --per and --base apply to combine random only")
         masks = [self.get(r) for r in refs]
         mask = combine(self, operation, masks, name=name, min_count=min_count, notes=notes,
                        progress=progress)

@@ -334,14 +334,14 @@ M010_PRECISION_NULL = Migration(
     "precision null: masks and tensors record the entries that could not have changed at "
     "the run's movement budget (maskhub.kernels.precision)",
     """
-    ALTER TABLE masks ADD COLUMN max_abs_delta DOUBLE;
+    ALTER TABLE masks ADD COLUMN max_abs_update DOUBLE;
     ALTER TABLE masks ADD COLUMN null_budget DOUBLE;
     ALTER TABLE masks ADD COLUMN null_budget_source VARCHAR;
     ALTER TABLE masks ADD COLUMN n_null BIGINT;
     ALTER TABLE masks ADD COLUMN n_null_updated BIGINT;
     ALTER TABLE masks ADD COLUMN null_share DOUBLE;
     ALTER TABLE masks ADD COLUMN sparsity_movable DOUBLE;
-    ALTER TABLE tensors ADD COLUMN max_abs_delta DOUBLE;
+    ALTER TABLE tensors ADD COLUMN max_abs_update DOUBLE;
     ALTER TABLE tensors ADD COLUMN n_null BIGINT;
     ALTER TABLE tensors ADD COLUMN n_null_updated BIGINT;
     ALTER TABLE tensors ADD COLUMN sparsity_movable DOUBLE;

@@ -447,7 +447,7 @@ class Index:
         null = meta.extra.get("precision_null")
         if null:
             con.execute(
-                "UPDATE masks SET max_abs_delta = ?, null_budget = ?, null_budget_source = ?, "
+                "UPDATE masks SET max_abs_update = ?, null_budget = ?, null_budget_source = ?, "
                 "n_null = ?, n_null_updated = ?, null_share = ?, sparsity_movable = ? "
                 "WHERE id = ?",
                 [null.get("max_abs_delta"), null.get("budget"), null.get("budget_source"),
@@ -457,7 +457,7 @@ class Index:
         if not rows:
             return
         con.execute(
-            "UPDATE tensors SET max_abs_delta = v.d, n_null = v.n, n_null_updated = v.u, "
+            "UPDATE tensors SET max_abs_update = v.d, n_null = v.n, n_null_updated = v.u, "
             "sparsity_movable = v.s FROM (SELECT unnest(?) AS tensor, unnest(?) AS d, "
             "unnest(?) AS n, unnest(?) AS u, unnest(?) AS s) v "
             "WHERE tensors.mask_id = ? AND tensors.tensor = v.tensor",
