@@ -178,3 +178,39 @@ def test_largest_delta_kernels_agree(dtypes: tuple[str, str]) -> None:
         assert fn(raw[0], raw[1], np.zeros_like(packed), n) == 0.0
     assert delta_max_fn("int8", "int8", "numpy") is None
     assert math.isfinite(expected)
+
+
+def test_show_beside_the_fp32_control(tmp_path: Path) -> None:
+    """A run's bf16 checkpoint and its fp32 masters: every master entry moved by 1e-4; the
+    bf16 cast keeps the moves at 2^-10 (steps of 2^-17) and loses those at 1.0 (half a step
+    there is 2^-9)."""
+    theta0 = torch.tensor([2.0 ** -10] * 4 + [1.0] * 4, dtype=torch.bfloat16)
+    master = theta0.float() + 1e-4
+    save({W: theta0}, tmp_path / "b16.safetensors")
+    save({W: master.to(torch.bfloat16)}, tmp_path / "t16.safetensors")
+    save({W: theta0.float()}, tmp_path / "b32.safetensors")
+    save({W: master}, tmp_path / "t32.safetensors")
+    run("diff", str(tmp_path / "b16.safetensors"), str(tmp_path / "t16.safetensors"),
+        "--name", "dpo")
+    run("diff", str(tmp_path / "b32.safetensors"), str(tmp_path / "t32.safetensors"),
+        "--name", "dpo-fp32")
+    moved16 = float((master.to(torch.bfloat16).double() - theta0.double()).abs().max())
+    info = run_json("show", "dpo", "--control", "dpo-fp32", "--json")["control"]
+    figures = {r["figure"]: (r["mask"], r["control"]) for r in info["figures"]}
+    assert info["same_base"] is False
+    assert figures["n_updated"] == (4, 8)
+    assert figures["sparsity"] == (0.5, 0.0)
+    assert figures["max_abs_update"][0] == moved16 == 13 * 2.0 ** -17
+    assert figures["n_null"] == (4, 0)  # bf16: the four ones; fp32 steps at 1.0 are 2^-24
+    assert figures["sparsity_movable"] == (0.0, 0.0)
+    assert info["by_module"] == [{"module": "mlp.up_proj", "param_kind": "weight", "numel": 8,
+                                  "sparsity": 0.5, "control_sparsity": 0.0}]
+    out = run("show", "dpo", "--control", "dpo-fp32")
+    assert out.splitlines()[0] == "note: dpo and dpo-fp32 were diffed from different base " \
+                                  "files (as a bf16 checkpoint and its fp32 masters are)"
+    save({NORM: theta0}, tmp_path / "other.safetensors")
+    run("diff", str(tmp_path / "other.safetensors"), str(tmp_path / "other.safetensors"),
+        "--name", "other")
+    assert fail_line("show", "dpo", "--control", "other") == \
+        "Error: dpo and other cover different tensors (first: 'model.layers.0.mlp.up_proj." \
+        "weight'): not a control of one another"

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from maskhub.core.home import Home
+from maskhub.errors import IncompatibleMasksError
 from maskhub.kernels.precision import binade, min_change
 
 
@@ -85,3 +86,46 @@ def by_exponent(strata: list[dict[str, Any]], budget: float | None) -> list[dict
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+#: The mask-level figures ``show --control`` sets side by side.
+CONTROL_FIGURES = ("dtype", "tol", "n_params", "n_updated", "sparsity", "max_abs_update",
+                   "null_budget", "n_null", "null_share", "sparsity_movable")
+
+
+def control_summary(home: Home, ref: str, control: str) -> dict[str, Any]:
+    """Mask ``ref`` beside its control ``control`` (typically the diff of the same run's
+    fp32 master weights, or an equal-budget run): the figures of :data:`CONTROL_FIGURES` and
+    the sparsity per module and parameter kind, from the SQL index. The masks must cover the
+    same tensors with the same sizes (their bases may differ: a bf16 checkpoint and its fp32
+    masters are different files; ``same_base`` says which)."""
+    with home.index.connect(write=False) as con:
+        m, c = home.get(ref), home.get(control)
+        rows = home.index.rows(con, """
+            SELECT mask_id, tensor, numel FROM tensors WHERE mask_id IN (?, ?)""",
+            [m.id, c.id])
+        by_module = home.index.rows(con, """
+            SELECT module, coalesce(param_kind, 'weight') AS param_kind, sum(numel) AS numel,
+                   1 - sum(n_updated) FILTER (WHERE mask_id = ?)
+                       / sum(numel) FILTER (WHERE mask_id = ?) AS sparsity,
+                   1 - sum(n_updated) FILTER (WHERE mask_id = ?)
+                       / sum(numel) FILTER (WHERE mask_id = ?) AS control_sparsity
+            FROM tensors WHERE mask_id IN (?, ?)
+            GROUP BY module, param_kind
+            ORDER BY min(coalesce(layer, -1)), module, param_kind <> 'weight', param_kind""",
+            [m.id, m.id, c.id, c.id, m.id, c.id])
+    mine = {r["tensor"]: r["numel"] for r in rows if r["mask_id"] == m.id}
+    theirs = {r["tensor"]: r["numel"] for r in rows if r["mask_id"] == c.id}
+    if mine != theirs:
+        diff = sorted(set(mine) ^ set(theirs)) or \
+            sorted(t for t in mine if mine[t] != theirs[t])
+        raise IncompatibleMasksError(f"{m.name} and {c.name} cover different tensors "
+                                     f"(first: {diff[0]!r}): not a control of one another")
+    for r in by_module:
+        r["numel"] //= 2
+    return {"mask": m.name, "control": c.name,
+            "same_base": (m.row["base_model"], m.row["base_revision"])
+            == (c.row["base_model"], c.row["base_revision"]),
+            "figures": [{"figure": f, "mask": m.row.get(f), "control": c.row.get(f)}
+                        for f in CONTROL_FIGURES],
+            "by_module": by_module}

@@ -146,19 +146,25 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
 
 @click.command()
 @click.argument("mask")
+@click.option("--control", help="A second mask to set beside it, e.g. the diff of the same "
+              "run's fp32 master weights.")
 @json_option
 @home_option
-def show(mask: str, as_json: bool, home: str | None) -> None:
+def show(mask: str, control: str | None, as_json: bool, home: str | None) -> None:
     """Show one mask: totals, then sparsity per layer and per module (like the paper's
-    Figure 3), and the tolerance sweep when one was recorded.
+    Figure 3), the precision null, and the tolerance sweep when one was recorded.
 
     \b
     Example:
       maskhub show tulu-dpo
+      maskhub show tulu-dpo --control tulu-dpo-fp32
     """
-    info = registry(home).show(mask)
+    info = registry(home).show(mask, control=control)
     if as_json:
         echo_json(info)
+        return
+    if control is not None:
+        _print_control(info["control"])
         return
     m = info["mask"]
     fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
@@ -202,6 +208,31 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                      ["max |delta|", f"{a['max_abs_delta']:.3g}"],
                      ["changes below one bf16 step", f"{a['n_sub_bf16_step']:,}"]]
         print_table(["update", "value"], rows, title="update analysis (diff --rank/--stats)")
+
+
+def _print_control(c: dict[str, Any]) -> None:
+    """``show --control``: the mask and its control side by side."""
+    if not c["same_base"]:
+        stdout.print(f"note: {c['mask']} and {c['control']} were diffed from different base "
+                     "files (as a bf16 checkpoint and its fp32 masters are)", highlight=False)
+    fractions = {"sparsity", "null_share", "sparsity_movable"}
+
+    def fmt(f: str, v: Any) -> Any:
+        if v is None:
+            return "-"
+        if f in fractions:
+            return pct(v)
+        if isinstance(v, float) and f != "tol":
+            return f"{v:.3g}"
+        return f"{v:,}" if isinstance(v, int) else v
+    print_table(["figure", c["mask"], c["control"]],
+                [[r["figure"], fmt(r["figure"], r["mask"]), fmt(r["figure"], r["control"])]
+                 for r in c["figures"]], title=f"{c['mask']} beside its control {c['control']}")
+    stdout.print()
+    print_table(["module", "param", "numel", c["mask"], c["control"]],
+                [[r["module"], r["param_kind"], f"{r['numel']:,}", pct(r["sparsity"]),
+                  pct(r["control_sparsity"])] for r in c["by_module"]],
+                title="sparsity per module")
 
 
 def _print_precision_null(info: dict[str, Any]) -> None:

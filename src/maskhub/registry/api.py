@@ -97,12 +97,17 @@ class Registry(Home):
         for it. It shows the registry as it was when taken: call again for newer rows."""
         return self.index.snapshot()
 
-    def show(self, ref: str) -> dict[str, Any]:
+    def show(self, ref: str, control: str | None = None) -> dict[str, Any]:
         """Summary of one mask: its row, per-layer and per-module tables, the sweep, and the
-        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`)."""
-        from maskhub.analytics.summary import mask_summary
+        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`).
+        ``control``: a second mask set beside it (``"control"``: e.g. the diff of the same
+        run's fp32 masters; :func:`maskhub.analytics.summary.control_summary`)."""
+        from maskhub.analytics.summary import control_summary, mask_summary
 
-        return mask_summary(self, ref)
+        info = mask_summary(self, ref)
+        if control is not None:
+            info["control"] = control_summary(self, ref, control)
+        return info
 
     def rm(self, ref: str) -> Mask:
         """Unregister a mask and delete its store; returns the removed mask. Masks derived
