@@ -255,7 +255,7 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, like:
               help="Image file (.png, .svg, .pdf). Default: <mask>-sparsity.png or "
                    "overlap.png in the current directory.")
 @click.option("--size", help="WIDTHxHEIGHT in pixels, e.g. 1600x900.")
-@click.option("--baseline", type=click.Choice(BASELINES), default="stratified",
+@click.option("--baseline", type=click.Choice(BASELINES), default="magnitude",
               show_default=True, help="Random baseline shown in the overlap cells.")
 @click.option("--refresh", is_flag=True, help="Recount overlaps even if cached.")
 @json_option

@@ -278,7 +278,7 @@ class Registry(Home):
 
     def plot(self, refs: Sequence[str], output: str | os.PathLike[str], *,
              kind: str | None = None, base_model: str | None = None,
-             baseline: str = "stratified", size: tuple[int, int] | None = None,
+             baseline: str = "magnitude", size: tuple[int, int] | None = None,
              refresh: bool = False, progress: ProgressFn | None = None) -> Path:
         """Draw a figure into ``output`` and return its path. ``kind="sparsity"``: the layer x
         module heatmap of one mask; ``kind="overlap"``: the overlap matrix of several masks
