@@ -8,6 +8,7 @@ import dataclasses
 from maskhub.study.verdicts import Figures, judge
 
 LEARNED = {"dpo-s0": True, "dpo-s1": True, "grpo-s0": True}
+SEEDS, ALGOS = ("dpo-s0", "dpo-s1"), ("dpo-s0", "grpo-s0")
 
 
 def figures(**changes: object) -> Figures:
@@ -16,7 +17,8 @@ def figures(**changes: object) -> Figures:
         learned=dict(LEARNED), rl_sparsity={"dpo-s0": 80.0, "dpo-s1": 78.0, "grpo-s0": 85.0},
         sparsity_movable=75.0, null_share=20.0, sft_sparsity=10.0, sfteq_sparsity=50.0,
         nosft_sparsity=60.0, sfteq_nosft_sparsity=48.0,
-        overlaps={"two DPO seeds": (70.0, 20.0, 40.0), "DPO and GRPO": (60.0, 15.0, 30.0)},
+        overlaps={"two DPO seeds": (70.0, 20.0, 40.0, SEEDS),
+                  "DPO and GRPO": (60.0, 15.0, 30.0, ALGOS)},
         min_rank=99.5, cancelled=6.0, sub_acc=70.0, full_acc=71.0, random_acc=60.0)
     return dataclasses.replace(base, **changes)
 
@@ -58,8 +60,9 @@ def test_sparsity_not_reproduced_and_runs_that_did_not_learn() -> None:
                                          "grpo-s0": 85.0}))[0] == "not reproduced"
     assert verdicts(figures(sft_sparsity=80.0))[1] == "not reproduced"
     stalled = judge(figures(learned={**LEARNED, "grpo-s0": False}))
+    # the seeds' overlap rests on the two DPO runs only
     assert [r.verdict for r in stalled] == [
-        "cannot tell", "reproduced", "reproduced", "cannot tell", "cannot tell", "reproduced",
+        "cannot tell", "reproduced", "reproduced", "reproduced", "cannot tell", "reproduced",
         "reproduced", "reproduced"]
     assert stalled[0].why == "did not learn: grpo-s0"
     assert verdicts(figures(learned={**LEARNED, "dpo-s0": False}))[7] == "cannot tell"
@@ -74,11 +77,11 @@ def test_out_of_distribution_dpo() -> None:
 
 
 def test_overlaps() -> None:
-    seeds = {"two DPO seeds": (44.0, 20.0, 40.0)}
+    seeds = {"two DPO seeds": (44.0, 20.0, 40.0, SEEDS)}
     assert verdicts(figures(overlaps=seeds))[3] == "explained by precision"
-    assert verdicts(figures(overlaps={"two DPO seeds": (25.0, 20.0, 40.0)}))[3] == \
+    assert verdicts(figures(overlaps={"two DPO seeds": (25.0, 20.0, 40.0, SEEDS)}))[3] == \
         "not reproduced"
-    assert verdicts(figures(overlaps={"two DPO seeds": (45.1, 20.0, 40.0)}))[3] == \
+    assert verdicts(figures(overlaps={"two DPO seeds": (45.1, 20.0, 40.0, SEEDS)}))[3] == \
         "reproduced"
 
 

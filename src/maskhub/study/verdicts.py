@@ -8,7 +8,7 @@ its logic is tested exactly; :func:`verdicts` reads the figures off the report's
 The rules (constants below):
 
 * a claim about RL runs is ``cannot tell`` when a run it rests on did not learn (held-out
-  accuracy not above its start's, or loss not below its first steps');
+  accuracy not above its start's, or loss not below its first steps'; GRPO: accuracy only);
 * sparsity: ``not reproduced`` below the paper's lowest RL sparsity (68.5%); ``explained by
   precision`` when the equal-budget SFT control (plain SFT at the RL learning rate and steps)
   is within :data:`MARGIN` points of the RL run's sparsity, or when the sparsity among the
@@ -50,7 +50,8 @@ class Figures:
     sfteq_sparsity: float | None  # equal-budget SFT from θ_sft
     nosft_sparsity: float | None  # DPO from θ_pre
     sfteq_nosft_sparsity: float | None  # equal-budget SFT from θ_pre
-    overlaps: dict[str, tuple[float, float, float]]  # label -> (o1, uniform, magnitude)
+    #: label -> (o1, uniform baseline, magnitude baseline, the two runs)
+    overlaps: dict[str, tuple[float, float, float, tuple[str, str]]]
     min_rank: float | None
     cancelled: float | None
     sub_acc: float | None
@@ -132,10 +133,11 @@ def judge(f: Figures) -> list[Verdict]:
                            v, why))
 
     # 4-5. Overlaps above random.
-    for label, (o1, uniform, magnitude) in f.overlaps.items():
+    for label, (o1, uniform, magnitude, pair) in f.overlaps.items():
         control = f"magnitude baseline {_p(magnitude)} (uniform {_p(uniform)})"
-        if not_learned:
-            v, why = CANNOT_TELL, f"did not learn: {', '.join(not_learned)}"
+        stalled = [r for r in pair if not f.learned.get(r, False)]
+        if stalled:
+            v, why = CANNOT_TELL, f"did not learn: {', '.join(stalled)}"
         elif o1 <= uniform + MARGIN:
             v, why = NOT_REPRODUCED, "no more than random placement"
         elif o1 <= magnitude + MARGIN:
@@ -194,7 +196,7 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
                           (("dpo-s0", "grpo-s0"), "DPO and GRPO")):
         for r in report.table("table4").records():
             if (r["name_a"], r["name_b"]) == (names.mask(a), names.mask(b)):
-                overlaps[label] = (r["o1"], r["o1_uniform"], r["o1_magnitude"])
+                overlaps[label] = (r["o1"], r["o1_uniform"], r["o1_magnitude"], (a, b))
     ranks = [r["mean_rank_pct"] for n, r in rows("table2").items()
              if r["mean_rank_pct"] is not None and n in
              {names.mask(x) for x in ("dpo-s0", "dpo-s1", "grpo-s0")}]
