@@ -27,7 +27,7 @@ from maskhub.analytics.patch_replay import (
     final_positions,
     pack_positions,
 )
-from maskhub.analytics.trajectory import TrajectoryPoint, TrajectoryResult, _record, _step_of
+from maskhub.analytics.trajectory import TrajectoryPoint, TrajectoryResult, _step_of, record_trajectory
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.patches import PatchFile, open_patch
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
@@ -209,7 +209,7 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                 id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
                 points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
                 n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
-            _record(registry, result)
+            record_trajectory(registry, result)
     except BaseException:
         remove_tree(tmp_ever)
         raise

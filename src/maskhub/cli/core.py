@@ -75,6 +75,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--patch", is_flag=True,
               help="Also store the target's values at the updated entries, so that `maskhub "
               "apply` rebuilds TARGET from BASE bit for bit (at --tol 0, the default then).")
+@click.option("--budget", type=float,
+              help="Movement budget of the precision null, e.g. lr*steps (default: the "
+              "largest |delta| observed).")
 @ray_option
 @store_option
 @json_option
@@ -82,8 +85,8 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, patch: bool, ray_address: str | None,
-         store: str | None, as_json: bool, home: str | None) -> None:
+         notes: str | None, rank: bool, stats: bool, patch: bool, budget: float | None,
+         ray_address: str | None, store: str | None, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -103,11 +106,24 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
                         stats=stats, ray=ray_address, progress=progress, warn=warn,
-                        patch=patch)
+                        patch=patch, budget=budget)
     if as_json:
         echo_json(_summary(mask))
     else:
         _print_mask_line(mask, "registered")
+        _print_null_line(mask)
+
+
+def _print_null_line(mask: Mask) -> None:
+    r = mask.row
+    if r.get("n_null") is None:
+        return
+    movable = "" if r.get("sparsity_movable") is None else \
+        f", sparsity among the rest {pct(r['sparsity_movable'])}"
+    say(
+        f"precision null at budget {r['null_budget']:.3g} ({r['null_budget_source']}): "
+        f"{r['n_null']:,} parameters ({pct(r['null_share'])}) could not have changed"
+        f"{movable}")
 
 
 #: Rows ``maskhub ls`` prints in a table when ``--limit`` is not given.
@@ -170,19 +186,25 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
 
 @click.command()
 @click.argument("mask")
+@click.option("--control", help="A second mask to set beside it, e.g. the diff of the same "
+              "run's fp32 master weights.")
 @json_option
 @home_option
-def show(mask: str, as_json: bool, home: str | None) -> None:
+def show(mask: str, control: str | None, as_json: bool, home: str | None) -> None:
     """Show one mask: totals, then sparsity per layer and per module (like the paper's
-    Figure 3), and the tolerance sweep when one was recorded.
+    Figure 3), the precision null, and the tolerance sweep when one was recorded.
 
     \b
     Example:
       maskhub show tulu-dpo
+      maskhub show tulu-dpo --control tulu-dpo-fp32
     """
-    info = registry(home).show(mask)
+    info = registry(home).show(mask, control=control)
     if as_json:
         echo_json(info)
+        return
+    if control is not None:
+        _print_control(info["control"])
         return
     m = info["mask"]
     fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
@@ -205,6 +227,7 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                 [[r["module"], r["param_kind"], r["tensors"], r["numel"], r["n_updated"],
                   r["sparsity"]] for r in info["by_module"]], title="per module",
                 formatters={"sparsity": pct})
+    _print_precision_null(info)
     if info["sweep"]:
         click.echo()
         print_table(["tol", "n_updated", "sparsity"],
@@ -228,6 +251,62 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                      ["max |delta|", f"{a['max_abs_delta']:.3g}"],
                      ["changes below one bf16 step", f"{a['n_sub_bf16_step']:,}"]]
         print_table(["update", "value"], rows, title="update analysis (diff --rank/--stats)")
+
+
+def _print_control(c: dict[str, Any]) -> None:
+    """``show --control``: the mask and its control side by side."""
+    if not c["same_base"]:
+        say(f"note: {c['mask']} and {c['control']} were diffed from different base "
+                     "files (as a bf16 checkpoint and its fp32 masters are)")
+    fractions = {"sparsity", "null_share", "sparsity_movable"}
+
+    def fmt(f: str, v: Any) -> Any:
+        if v is None:
+            return "-"
+        if f in fractions:
+            return pct(v)
+        if isinstance(v, float) and f != "tol":
+            return f"{v:.3g}"
+        return f"{v:,}" if isinstance(v, int) else v
+    print_table(["figure", c["mask"], c["control"]],
+                [[r["figure"], fmt(r["figure"], r["mask"]), fmt(r["figure"], r["control"])]
+                 for r in c["figures"]], title=f"{c['mask']} beside its control {c['control']}")
+    click.echo()
+    print_table(["module", "param", "numel", c["mask"], c["control"]],
+                [[r["module"], r["param_kind"], f"{r['numel']:,}", pct(r["sparsity"]),
+                  pct(r["control_sparsity"])] for r in c["by_module"]],
+                title="sparsity per module")
+
+
+def _print_precision_null(info: dict[str, Any]) -> None:
+    """The precision null of ``show`` and its per-exponent update rates."""
+    m = info["mask"]
+    if m.get("n_null") is not None:
+        click.echo()
+        rows = [["budget", f"{m['null_budget']:.3g} ({m['null_budget_source']})"],
+                ["largest |delta| observed", "-" if m.get("max_abs_update") is None
+                 else f"{m['max_abs_update']:.3g}"],
+                ["could not have changed", f"{m['n_null']:,} ({pct(m['null_share'])})"],
+                ["updated among them", f"{m['n_null_updated']:,}"],
+                ["sparsity among the rest", "-" if m.get("sparsity_movable") is None
+                 else pct(m["sparsity_movable"])]]
+        print_table(["precision null", "value"], rows,
+                    title="precision null (entries whose smallest bf16/fp16 step at |θ0| "
+                          "exceeds the budget)")
+    if info.get("by_exponent"):
+        click.echo()
+        print_table(
+            ["dtype", "|θ0| binade", "numel", "n_updated", "update rate", "smallest step",
+             "null"],
+            [[r["base_dtype"] if r["base_dtype"] == r["target_dtype"]
+              else f"{r['base_dtype']}->{r['target_dtype']}",
+              "zero/subnormal" if r["stratum"] == 0 else
+              ("inf/nan" if r["exponent"] is None else f"2^{r['exponent']}"),
+              f"{r['numel']:,}", f"{r['n_updated']:,}", pct(r["rate"]),
+              "-" if r["min_change"] is None else f"{r['min_change']:.3g}",
+              "-" if r["null"] is None else ("yes" if r["null"] else "no")]
+             for r in info["by_exponent"]],
+            title="update rate per exponent of |θ0|")
 
 
 @click.command()

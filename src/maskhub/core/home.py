@@ -307,6 +307,7 @@ class Home:
                 if con.execute("SELECT 1 FROM masks WHERE name = ?", [meta.name]).fetchone():
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
+                Index.insert_precision_null(con, meta, tensors)
                 Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
                 Index.insert_strata(con, meta.id, strata)
                 intent.append(write_intent(self.tmp_dir, meta.id, "add", url))

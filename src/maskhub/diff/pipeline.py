@@ -32,6 +32,7 @@ from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
 from maskhub.kernels.patchbits import bits_view, patch_chunk
+from maskhub.kernels.precision import DeltaMaxFn, delta_max_fn
 from maskhub.kernels.strata import BINS, StrataCache, StrataFn, strata_fn, strata_rows
 from maskhub.kernels.strata import FORMATS as STRATA_FORMATS
 from maskhub.kernels.threads import available_cpus
@@ -112,6 +113,8 @@ class _Job:
         if not parts:
             return bits_view(np.empty(0, dtype=np.uint8), self.b_info.dtype).copy()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    #: The largest |Δ| over the updated entries so far; None for dtypes without a null.
+    dmax: float | None = None
 
 
 class _Prefetcher(threading.Thread):
@@ -195,8 +198,9 @@ class _WriterThread(threading.Thread):
                     self.error = exc
 
 
-def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
-                counts: np.ndarray, strata: np.ndarray, lossless: bool) -> None:
+def _chunk_task(fn: ChunkFn, sfn: StrataFn, dfn: DeltaMaxFn | None, job: _Job, start: int,
+                stop: int, counts: np.ndarray, strata: np.ndarray, dmax: np.ndarray,
+                lossless: bool) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
@@ -206,6 +210,8 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
         job.values[start] = patch_chunk(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1],
                                         job.a_info.dtype, job.b_info.dtype, packed, lossless)
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
+    if dfn is not None:
+        dmax[0] = dfn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, stop - start)
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
@@ -282,11 +288,15 @@ def _stats(job: _Job, n_updated: int | None = None) -> TensorStats:
     layer, module = parse_tensor_name(job.name)
     n = int(job.counts[0]) if n_updated is None else n_updated
     return TensorStats(job.name, job.a_info.shape, job.a_info.numel, n, layer,
-                       module, job.a_info.dtype, job.b_info.dtype)
+                       module, job.a_info.dtype, job.b_info.dtype, max_abs_delta=job.dmax)
 
 
 def _strata_fn(kernel: DiffKernel, dtype: str, entries: bool = True) -> StrataFn:
     return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy", entries)
+
+
+def _delta_fn(kernel: DiffKernel, a_dtype: str, b_dtype: str) -> DeltaMaxFn | None:
+    return delta_max_fn(a_dtype, b_dtype, "numba" if kernel.backend == "numba" else "numpy")
 
 
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
@@ -295,15 +305,18 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
     sfns: dict[tuple[str, bool], StrataFn] = {}
+    dfns: dict[tuple[str, str], DeltaMaxFn | None] = {}
     inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
-                          np.ndarray | None]] = deque()
+                          np.ndarray | None, np.ndarray | None]] = deque()
 
     def pop_oldest() -> None:
-        i, job, fut, counts, strata = inflight.popleft()
+        i, job, fut, counts, strata, dmax = inflight.popleft()
         if fut is not None:
             fut.result()
             job.counts += counts
             job.strata += strata
+            if job.dmax is not None and dmax is not None:
+                job.dmax = max(job.dmax, float(dmax[0]))
             job.remaining -= 1
         if job.remaining == 0:
             finish_job(i, job)
@@ -315,25 +328,30 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                 fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
                 skey = (key[0], job.known is None)
                 sfn = sfns.get(skey) or sfns.setdefault(skey, _strata_fn(kernel, *skey))
+                if key not in dfns:
+                    dfns[key] = _delta_fn(kernel, *key)
+                dfn = dfns[key]
+                job.dmax = 0.0 if dfn is not None else None
                 n = job.a_info.numel
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
                 if not starts:  # an empty tensor: finished in order with the others
-                    inflight.append((i, job, None, None, None))
+                    inflight.append((i, job, None, None, None, None))
                 for start in starts:
                     stop = min(n, start + CHUNK)
                     counts = np.zeros(len(kernel.tols), dtype=np.int64)
                     strata = np.zeros((2, BINS), dtype=np.int64)
-                    fut = pool.submit(_chunk_task, fn, sfn, job, start, stop, counts, strata,
-                                      lossless)
-                    inflight.append((i, job, fut, counts, strata))
+                    dmax = np.zeros(1, dtype=np.float64)
+                    fut = pool.submit(_chunk_task, fn, sfn, dfn, job, start, stop, counts,
+                                      strata, dmax, lossless)
+                    inflight.append((i, job, fut, counts, strata, dmax))
                     prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
                     while len(inflight) > window:
                         pop_oldest()
             while inflight:
                 pop_oldest()
         except BaseException:
-            for _, _, fut, _, _ in inflight:
+            for _, _, fut, _, _, _ in inflight:
                 if fut is not None:
                     fut.cancel()
             raise
@@ -359,6 +377,9 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                         job.packed[start // 8:(stop + 7) // 8], lossless)
             _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
                                                                   job.strata)
+        dfn = _delta_fn(kernel, job.a_info.dtype, job.b_info.dtype)
+        if dfn is not None:
+            job.dmax = dfn(job.a.raw(), job.b.raw(), job.packed, n) if n else 0.0
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
         prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)

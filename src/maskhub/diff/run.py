@@ -25,6 +25,7 @@ from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
 from maskhub.kernels.patchbits import can_convert
+from maskhub.kernels.precision import check_budget, settle_null
 from maskhub.kernels.strata import StrataCache
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn
@@ -55,6 +56,7 @@ def diff(
     rank: bool = False,
     stats: bool = False,
     ray: str | None = None,
+    budget: float | None = None,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
     patch: bool = False,
@@ -70,6 +72,7 @@ def diff(
         warn(f"a patch at --tol {tol:g} leaves out entries that moved by at most {tol:g}, so "
              "`maskhub apply` will not rebuild the target exactly; --tol 0 (the default with "
              "--patch) is lossless")
+    check_budget(budget)
     if any(not (math.isfinite(t) and t >= 0) for t in sweep):
         raise UsageError("sweep tolerances must be finite numbers >= 0")
     if ray is not None:
@@ -104,6 +107,10 @@ def diff(
                     else None
                 outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache,
                                    patch=patch)
+            tensors, null = settle_null(outcome.tensors, outcome.strata, budget)
+            extra: dict = {"skipped_tensors": skipped} if skipped else {}
+            if null is not None:
+                extra["precision_null"] = null
             analysis = []
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
@@ -117,7 +124,7 @@ def diff(
                 algorithm=algorithm, seed=seed, dataset=dataset,
                 dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
                 sweep=tuple(kernel.sweep), notes=notes,
-                extra={"skipped_tensors": skipped} if skipped else {}, has_values=patch,
+                extra=extra, has_values=patch,
             )
             writer.finish(meta)
             check_interrupt()  # the last point where Ctrl-C stops the diff
@@ -127,7 +134,7 @@ def diff(
         finally:
             base_ck.close()
             target_ck.close()
-        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis,
+        return home.register_store(tmp, meta, tensors, outcome.sweep, analysis,
                                    outcome.strata)
 
 

@@ -43,6 +43,7 @@ from maskhub.hub.layout import (
     parse_manifest,
     safe_relpath,
 )
+from maskhub.kernels.precision import settle_null
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
@@ -291,6 +292,9 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
         sweep, analysis, strata = _check_parquet(parquet, stats, where)
+        null = meta.extra.get("precision_null")
+        if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
+            stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor again
         notes: tuple[str, ...] = ()
         if name is None:
             stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \

@@ -158,12 +158,17 @@ class Registry(Home):
         for it. It shows the registry as it was when taken: call again for newer rows."""
         return self.index.snapshot()
 
-    def show(self, ref: str) -> dict[str, Any]:
+    def show(self, ref: str, control: str | None = None) -> dict[str, Any]:
         """Summary of one mask: its row, per-layer and per-module tables, the sweep, and the
-        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`)."""
-        from maskhub.analytics.summary import mask_summary
+        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`).
+        ``control``: a second mask set beside it (``"control"``: e.g. the diff of the same
+        run's fp32 masters; :func:`maskhub.analytics.summary.control_summary`)."""
+        from maskhub.analytics.summary import control_summary, mask_summary
 
-        return mask_summary(self, ref)
+        info = mask_summary(self, ref)
+        if control is not None:
+            info["control"] = control_summary(self, ref, control)
+        return info
 
     def rm(self, ref: str) -> Mask:
         """Unregister a mask and delete its store; returns the removed mask. Masks derived
@@ -205,6 +210,7 @@ class Registry(Home):
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
         patch: bool = False,
+        budget: float | None = None,
     ) -> Mask:
         """Diff ``target`` against ``base`` and register the mask of updated parameters.
 
@@ -226,6 +232,9 @@ class Registry(Home):
         (``RAY_ADDRESS`` or a local Ray); see :mod:`maskhub.diff.ray`. Same bits.
         With a remote store (``Registry(store=...)``) the store is written to that URL.
         A CPU diff never imports torch (only ``rank``/``stats`` and CUDA do).
+        ``budget``: the movement budget of the precision null (entries whose smallest
+        recordable change at their |θ0| exceeds it could not have changed; see
+        :mod:`maskhub.kernels.precision`); default the largest |Δ| observed.
         """
         from maskhub.diff.run import diff
 
@@ -233,7 +242,7 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, progress=progress, warn=warn, patch=patch)
+                    ray=ray, budget=budget, progress=progress, warn=warn, patch=patch)
         assert isinstance(mask, Mask)
         return mask
 
@@ -343,13 +352,35 @@ class Registry(Home):
         masks = select_masks(self, refs, base_model)
         return overlap_all(self, masks, refresh=refresh, progress=progress, ray=ray)
 
-    def combine(self, operation: str, refs: Sequence[str], *, name: str | None = None,
+    def combine(self, operation: str, refs: Sequence[str] = (), *, name: str | None = None,
                 min_count: int | None = None, notes: str | None = None,
-                progress: ProgressFn | None = None) -> Mask:
+                progress: ProgressFn | None = None, like: str | None = None,
+                per: str = "tensor", seed: int | None = None, base: str | None = None
+                ) -> Mask:
         """Register ``intersect``/``union``/``difference``/``consensus`` of masks as a new
-        mask with its lineage (see :mod:`maskhub.analytics.combine`)."""
+        mask with its lineage (see :mod:`maskhub.analytics.combine`), or ``random``: a mask
+        with ``like``'s count per tensor (``per="tensor"``) or per tensor and exponent of
+        |θ0| (``per="magnitude"``, reading the ``base`` checkpoint, default the recorded
+        one) at random positions, seeded by ``seed`` (default 0; see
+        :mod:`maskhub.analytics.random_mask`)."""
         from maskhub.analytics.combine import combine
 
+        if operation == "random" or like is not None:
+            if operation != "random":
+                raise UsageError("--like applies to combine random only")
+            if refs:
+                raise UsageError("combine random takes no MASKS: name the mask with --like")
+            if like is None:
+                raise UsageError("combine random needs --like MASK")
+            from maskhub.analytics.random_mask import random_like
+
+            mask = random_like(self, self.get(like), per=per,
+                               seed=0 if seed is None else seed, base=base, name=name,
+                               notes=notes, progress=progress)
+            assert isinstance(mask, Mask)
+            return mask
+        if seed is not None or base is not None or per != "tensor":
+            raise UsageError("--seed, --per and --base apply to combine random only")
         masks = [self.get(r) for r in refs]
         mask = combine(self, operation, masks, name=name, min_count=min_count, notes=notes,
                        progress=progress)
@@ -358,7 +389,7 @@ class Registry(Home):
 
     def plot(self, refs: Sequence[str], output: str | os.PathLike[str], *,
              kind: str | None = None, base_model: str | None = None,
-             baseline: str = "stratified", size: tuple[int, int] | None = None,
+             baseline: str = "magnitude", size: tuple[int, int] | None = None,
              refresh: bool = False, progress: ProgressFn | None = None) -> Path:
         """Draw a figure into ``output`` and return its path. ``kind="sparsity"``: the layer x
         module heatmap of one mask; ``kind="overlap"``: the overlap matrix of several masks

@@ -347,10 +347,29 @@ M016_LIVE_TRAJECTORY = Migration(
     """,
 )
 
+M010_PRECISION_NULL = Migration(
+    10,
+    "precision null: masks and tensors record the entries that could not have changed at "
+    "the run's movement budget (maskhub.kernels.precision)",
+    """
+    ALTER TABLE masks ADD COLUMN max_abs_update DOUBLE;
+    ALTER TABLE masks ADD COLUMN null_budget DOUBLE;
+    ALTER TABLE masks ADD COLUMN null_budget_source VARCHAR;
+    ALTER TABLE masks ADD COLUMN n_null BIGINT;
+    ALTER TABLE masks ADD COLUMN n_null_updated BIGINT;
+    ALTER TABLE masks ADD COLUMN null_share DOUBLE;
+    ALTER TABLE masks ADD COLUMN sparsity_movable DOUBLE;
+    ALTER TABLE tensors ADD COLUMN max_abs_update DOUBLE;
+    ALTER TABLE tensors ADD COLUMN n_null BIGINT;
+    ALTER TABLE tensors ADD COLUMN n_null_updated BIGINT;
+    ALTER TABLE tensors ADD COLUMN sparsity_movable DOUBLE;
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
                                M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
-                               M009_HAS_VALUES, M016_LIVE_TRAJECTORY]
+                               M009_HAS_VALUES, M010_PRECISION_NULL, M016_LIVE_TRAJECTORY]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

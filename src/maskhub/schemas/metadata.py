@@ -25,11 +25,26 @@ class TensorStats:
     module: str = ""
     base_dtype: str = ""
     target_dtype: str = ""
+    #: The largest ``|θ1 − θ0|`` over the updated entries (None: not a float pair, or not
+    #: measured); and the precision null (:mod:`maskhub.kernels.precision`): entries that could
+    #: not have changed at the mask's budget, and how many of those are updated anyway.
+    max_abs_delta: float | None = None
+    n_null: int | None = None
+    n_null_updated: int | None = None
 
     @property
     def sparsity(self) -> float:
         """Fraction of entries not updated (1.0 for an empty tensor)."""
         return 1.0 - (self.n_updated / self.numel) if self.numel else 1.0
+
+    @property
+    def sparsity_movable(self) -> float | None:
+        """Sparsity among the entries outside the precision null (None: no null known, or
+        no entry could move)."""
+        if self.n_null is None or self.n_null >= self.numel:
+            return None
+        movable = self.numel - self.n_null
+        return 1.0 - (self.n_updated - (self.n_null_updated or 0)) / movable
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (lists, not tuples)."""

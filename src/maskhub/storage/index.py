@@ -50,6 +50,11 @@ MASK_COLUMNS = (
     "operation", "parents", "notes",
 )
 
+#: The ``tensors`` columns :meth:`Index.insert_mask` writes, by name (later migrations add
+#: columns filled separately, e.g. :meth:`Index.insert_precision_null`).
+TENSOR_COLUMNS = ("mask_id", "tensor", "layer", "module", "shape", "numel", "n_updated",
+                  "sparsity", "base_dtype", "target_dtype", "param_kind")
+
 #: What ``maskhub sql`` (and ``ls --where``) may run: queries. To DuckDB ``SHOW``,
 #: ``DESCRIBE``, ``SUMMARIZE``, ``FROM ...``, ``VALUES`` and ``WITH ... SELECT`` are SELECTs;
 #: ``PRAGMA table_info(...)`` and friends are PRAGMAs (run, like everything, on a read-only
@@ -482,10 +487,37 @@ class Index:
                 [t.numel for t in tensors], [t.n_updated for t in tensors],
                 [t.sparsity for t in tensors], [t.base_dtype or None for t in tensors],
                 [t.target_dtype or None for t in tensors],
-                [param_kind(t.tensor) for t in tensors]])
+                [param_kind(t.tensor) for t in tensors]], names=TENSOR_COLUMNS)
         if sweep:
             insert_columns(con, "tensor_sweep", [meta.id],
                            [list(c) for c in zip(*sweep, strict=True)])
+
+    @staticmethod
+    def insert_precision_null(con: duckdb.DuckDBPyConnection, meta: MaskMetadata,
+                              tensors: Sequence[TensorStats]) -> None:
+        """Fill the precision-null columns (migration 10) of a mask just inserted: the
+        mask's from ``meta.extra["precision_null"]``, each tensor's from its stats. Written
+        by name, after the positional row inserts."""
+        null = meta.extra.get("precision_null")
+        if null:
+            con.execute(
+                "UPDATE masks SET max_abs_update = ?, null_budget = ?, null_budget_source = ?, "
+                "n_null = ?, n_null_updated = ?, null_share = ?, sparsity_movable = ? "
+                "WHERE id = ?",
+                [null.get("max_abs_delta"), null.get("budget"), null.get("budget_source"),
+                 null.get("n_null"), null.get("n_null_updated"), null.get("null_share"),
+                 null.get("sparsity_movable"), meta.id])
+        rows = [t for t in tensors if t.max_abs_delta is not None or t.n_null is not None]
+        if not rows:
+            return
+        con.execute(
+            "UPDATE tensors SET max_abs_update = v.d, n_null = v.n, n_null_updated = v.u, "
+            "sparsity_movable = v.s FROM (SELECT unnest(?) AS tensor, unnest(?) AS d, "
+            "unnest(?) AS n, unnest(?) AS u, unnest(?) AS s) v "
+            "WHERE tensors.mask_id = ? AND tensors.tensor = v.tensor",
+            [[t.tensor for t in rows], [t.max_abs_delta for t in rows],
+             [t.n_null for t in rows], [t.n_null_updated for t in rows],
+             [t.sparsity_movable for t in rows], meta.id])
 
     @staticmethod
     def insert_analysis(con: duckdb.DuckDBPyConnection, mask_id: str,
@@ -607,9 +639,10 @@ def _apply_pending(con: duckdb.DuckDBPyConnection, done: set[int]) -> list[int]:
 
 
 def insert_columns(con: duckdb.DuckDBPyConnection, table: str, constants: Sequence[Any],
-                   columns: Sequence[list[Any]]) -> None:
-    """Insert rows given column-wise into ``table`` (its columns in order: the
+                   columns: Sequence[list[Any]], names: Sequence[str] | None = None) -> None:
+    """Insert rows given column-wise into ``table`` (its columns in order, or ``names``: the
     ``constants``, the same in every row, then ``columns``) in one statement: DuckDB's
     ``executemany`` costs ~0.1 ms per row, and a large model has thousands of rows."""
     marks = ", ".join(["?"] * len(constants) + ["unnest(?)"] * len(columns))
-    con.execute(f"INSERT INTO {table} SELECT {marks}", [*constants, *columns])
+    target = f"{table} ({', '.join(names)})" if names else table
+    con.execute(f"INSERT INTO {target} SELECT {marks}", [*constants, *columns])

@@ -77,6 +77,9 @@ _ZSTD = Zstd(level=ZSTD_LEVEL, checksum=False)
 def _array_attrs(stats: TensorStats) -> dict:
     d = stats.to_dict()
     d.pop("tensor")
+    for key in ("max_abs_delta", "n_null", "n_null_updated"):  # absent rather than null
+        if d.get(key) is None:
+            d.pop(key, None)
     d["bitorder"] = BITORDER
     return d
 
