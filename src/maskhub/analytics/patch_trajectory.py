@@ -27,7 +27,12 @@ from maskhub.analytics.patch_replay import (
     final_positions,
     pack_positions,
 )
-from maskhub.analytics.trajectory import TrajectoryPoint, TrajectoryResult, _step_of, record_trajectory
+from maskhub.analytics.trajectory import (
+    TrajectoryPoint,
+    TrajectoryResult,
+    _step_of,
+    record_trajectory,
+)
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.patches import PatchFile, open_patch
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
