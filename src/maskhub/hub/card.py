@@ -153,7 +153,9 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
         "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
-        "bitorder=...)`).",
+        "bitorder=...)`), or for a low-density tensor a byte-gap code (attribute "
+        "`encoding: gaps-u8`; `c = a[:].astype(np.int64)`, set indices "
+        "`np.cumsum(c + (c < 255))[c < 255] - 1`).",
         f"- `{TENSORS_FILE}`: per-tensor counts.",
         f"- `{METADATA_FILE}`: metadata and the sha256 of every file; `maskhub pull` checks "
         "them all.", "",

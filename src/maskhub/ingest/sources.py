@@ -22,6 +22,7 @@ from maskhub.checkpoints.header import PICKLE_SUFFIXES, read_header
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.hub.layout import safe_relpath
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND
+from maskhub.storage.gapcode import ENCODING_ATTR, GAPS_U8, GapCodeError, decode
 
 #: What an imported tensor's mask may be held as: booleans, or 0/1 in ``uint8``.
 MASK_DTYPES = ("bool", "uint8")
@@ -165,7 +166,9 @@ def from_zarr(path: Path) -> MaskSource:
     def read(name: str) -> ImportedTensor:
         arr = arrays[name]
         a = dict(arr.attrs)
-        if arr.dtype == np.uint8 and "shape" in a:
+        if a.get(ENCODING_ATTR) is not None:
+            got = _ungap(name, arr, a, where)
+        elif arr.dtype == np.uint8 and "shape" in a:
             got = _unpack(name, arr, a, where)
         else:
             got = pack_bits(name, np.asarray(arr[...]), where)
@@ -179,6 +182,25 @@ def from_zarr(path: Path) -> MaskSource:
         return got
 
     return MaskSource("zarr", where, names, read, attrs)
+
+
+def _ungap(name: str, arr: Any, attrs: dict[str, Any], where: str) -> ImportedTensor:
+    """A byte-gap coded ``uint8`` array (attributes ``encoding: "gaps-u8"``, ``shape``)."""
+    shape = attrs.get("shape")
+    if attrs[ENCODING_ATTR] != GAPS_U8:
+        raise MaskStoreError(f"{where}: array {name!r} has encoding {attrs[ENCODING_ATTR]!r}; "
+                             f"this maskhub reads packed bits and {GAPS_U8!r}", where)
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise MaskStoreError(f"{where}: array {name!r} has a bad shape attribute {shape!r}",
+                             where)
+    if arr.dtype != np.uint8 or len(arr.shape) != 1:
+        raise MaskStoreError(f"{where}: gap-coded array {name!r} is {arr.dtype} of shape "
+                             f"{list(arr.shape)}, not one-dimensional uint8", where)
+    try:
+        packed, count = decode(np.asarray(arr[...]), math.prod(shape))
+    except GapCodeError as exc:
+        raise MaskStoreError(f"{where}: array {name!r}: {exc}", where) from exc
+    return ImportedTensor(name, tuple(shape), packed, count)
 
 
 def _unpack(name: str, arr: Any, attrs: dict[str, Any], where: str) -> ImportedTensor:
