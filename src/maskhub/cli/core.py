@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,12 @@ def _summary(mask: Mask) -> dict[str, Any]:
 
 
 def _print_mask_line(mask: Mask, verb: str) -> None:
-    stdout.print(
-        f"{verb} [bold]{mask.name}[/bold] (id {mask.id[:12]}): {mask.n_updated:,} of "
-        f"{mask.n_params:,} parameters updated, sparsity {pct(mask.sparsity)}", highlight=False)
+    text = (f"(id {mask.id[:12]}): {mask.n_updated:,} of {mask.n_params:,} parameters "
+            f"updated, sparsity {pct(mask.sparsity)}")
+    if not sys.stdout.isatty():  # the same line without rich's import (a small job's start-up)
+        click.echo(f"{verb} {mask.name} {text}")
+        return
+    stdout.print(f"{verb} [bold]{mask.name}[/bold] {text}", highlight=False)
 
 
 @click.command()
