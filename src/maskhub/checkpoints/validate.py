@@ -375,14 +375,20 @@ class ArrayFacts:
     attributes: dict[str, Any]
 
     @property
+    def encoded(self) -> bool:
+        """Whether the array holds a code of the set bits (``encoding``, e.g. the byte-gap
+        layout ``gaps-u8``) instead of the bits themselves."""
+        return self.attributes.get("encoding") is not None
+
+    @property
     def packed(self) -> bool:
         """Whether this is a packed-bit array (``uint8`` with a ``shape`` attribute)."""
-        return self.data_type == "uint8" and "shape" in self.attributes
+        return self.data_type == "uint8" and "shape" in self.attributes and not self.encoded
 
     @property
     def numel(self) -> int:
-        """Mask entries the array holds (the parameter's, for a packed array)."""
-        if self.packed:
+        """Mask entries the array holds (the parameter's, for a packed or coded array)."""
+        if self.packed or (self.encoded and "shape" in self.attributes):
             return math.prod(self.attributes["shape"])
         return math.prod(self.shape)
 
@@ -450,7 +456,10 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
         bad = shape_problem(attrs["shape"])
         if bad:
             raise fail(f"has a bad shape attribute: {bad}")
-        if dtype == "uint8":
+        if attrs.get("encoding") is not None:
+            if dtype != "uint8" or len(shape) != 1:
+                raise fail(f"is coded ({short(attrs['encoding'])}) but not a 1-D uint8 array")
+        elif dtype == "uint8":
             numel = math.prod(attrs["shape"])
             if list(shape) != [(numel + 7) // 8]:
                 raise fail(f"has shape {tuple(shape)}, its metadata says {numel} entries")

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -229,15 +230,41 @@ def warn(message: str) -> None:
     say(("warning:", "yellow"), " " + message, err=True)
 
 
+#: Seconds of work before a progress bar is drawn.
+BAR_DELAY = 0.3
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether rich would draw on stderr (a terminal, or FORCE_TERMINAL / TTY_COMPATIBLE set),
+    decided without importing rich."""
+    import os
+
+    for var in ("FORCE_TERMINAL", "TTY_COMPATIBLE"):
+        if os.environ.get(var, "") not in ("", "0"):
+            return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
     """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``;
     nothing (not even rich's import) until the first update: an answer from the cache draws
-    no bar."""
+    no bar. Nothing either when stderr is not a terminal (rich would draw a disabled bar), or
+    before :data:`BAR_DELAY` seconds have passed: a small job finishes without a bar, and
+    without paying rich's import."""
     state: dict[str, Any] = {}
+    started = time.monotonic()
+    if not _stderr_is_terminal():
+        yield lambda *_: None
+        return
 
     def update(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
         if "progress" not in state:
+            if time.monotonic() - started < BAR_DELAY:
+                return
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,

@@ -156,7 +156,9 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
         "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
-        "bitorder=...)`).",
+        "bitorder=...)`), or for a low-density tensor a byte-gap code (attribute "
+        "`encoding: gaps-u8`; `c = a[:].astype(np.int64)`, set indices "
+        "`np.cumsum(c + (c < 255))[c < 255] - 1`).",
         *([f"- `{STORE_DIR}/values/`: the fine-tuned model's values at the updated entries, "
            "one 1-D array per tensor in flat C order of the set bits, in the tensor's dtype "
            "(bf16 as its `uint16` bits; attribute `dtype`); `flat = base.ravel().copy(); "

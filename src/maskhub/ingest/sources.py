@@ -33,6 +33,7 @@ from maskhub.errors import MaskhubError, MaskStoreError, UsageError
 from maskhub.hub.layout import safe_relpath
 from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND
+from maskhub.storage.gapcode import ENCODING_ATTR, GAPS_U8, GapCodeError, decode
 
 #: What an imported tensor's mask may be held as: booleans, or 0/1 in ``uint8``.
 MASK_DTYPES = ("bool", "uint8")
@@ -181,7 +182,9 @@ def from_zarr(path: Path) -> MaskSource:
         facts = read_array_metadata(path / name, name, where, path)
         a = facts.attributes
         try:
-            if facts.packed:
+            if facts.encoded:
+                got = _ungap(name, arr, dict(a), where)
+            elif facts.packed:
                 got = _unpack(name, arr, facts, path / name, where)
             else:
                 got = _read_unpacked(name, arr, facts, path / name, where)
@@ -220,6 +223,25 @@ def _zeros(nbytes: int, name: str, where: str) -> np.ndarray:
     except MemoryError as exc:
         raise MaskStoreError(f"{where}: array {short(name)} needs {nbytes} bytes, more than "
                              "this process can allocate", where) from exc
+
+
+def _ungap(name: str, arr: Any, attrs: dict[str, Any], where: str) -> ImportedTensor:
+    """A byte-gap coded ``uint8`` array (attributes ``encoding: "gaps-u8"``, ``shape``)."""
+    shape = attrs.get("shape")
+    if attrs[ENCODING_ATTR] != GAPS_U8:
+        raise MaskStoreError(f"{where}: array {name!r} has encoding {attrs[ENCODING_ATTR]!r}; "
+                             f"this maskhub reads packed bits and {GAPS_U8!r}", where)
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise MaskStoreError(f"{where}: array {name!r} has a bad shape attribute {shape!r}",
+                             where)
+    if arr.dtype != np.uint8 or len(arr.shape) != 1:
+        raise MaskStoreError(f"{where}: gap-coded array {name!r} is {arr.dtype} of shape "
+                             f"{list(arr.shape)}, not one-dimensional uint8", where)
+    try:
+        packed, count = decode(np.asarray(arr[...]), math.prod(shape))
+    except GapCodeError as exc:
+        raise MaskStoreError(f"{where}: array {name!r}: {exc}", where) from exc
+    return ImportedTensor(name, tuple(shape), packed, count)
 
 
 def _unpack(name: str, arr: Any, facts: ArrayFacts, directory: Path, where: str

@@ -11,6 +11,11 @@ Layout (the contract in DESIGN.md and the README):
 A reader with only zarr and numpy rebuilds a mask with
 ``np.unpackbits(a[:], count=prod(shape), bitorder=a.attrs["bitorder"]).reshape(shape)``.
 
+Low-density tensors (below 10%, and up to 30% where it is smaller) are stored instead as a
+byte-gap code of their set bits, marked by the array attribute ``encoding: "gaps-u8"``
+(no ``bitorder``; layout and the numpy lines that decode it in :mod:`maskhub.storage.gapcode`
+and the README). Arrays without ``encoding`` are packed bits, as every store written before.
+
 Codec and chunks: ``bytes`` + ``zstd`` level 1, chunks of :data:`CHUNK_BYTES` packed bytes.
 Packed random bits at density p compress with zstd-1 to about 1.27x the entropy bound H(p) at
 p = 5%, 1.07x at 10%, 1.02x at 20% and 1.0x at 50%; higher levels gain little below 10% at a
@@ -55,7 +60,7 @@ from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskM
 if TYPE_CHECKING:
     import zarr
 from maskhub.kernels.bitcount import count_entries
-from maskhub.storage import remote
+from maskhub.storage import gapcode, remote
 from maskhub.storage.files import remove_tree
 from maskhub.storage.values import (
     DTYPE_ATTR,
@@ -134,6 +139,34 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
                                   indent=2).encode()
 
 
+def tensor_array_files(packed: np.ndarray, stats: TensorStats) -> list[tuple[str, bytes]]:
+    """The files of one tensor's array in the smaller of its two layouts: packed bits, or
+    below :data:`~maskhub.storage.gapcode.TRY_MAX_DENSITY` the byte-gap code
+    (:mod:`maskhub.storage.gapcode`, attribute ``encoding: "gaps-u8"``).
+
+    Below :data:`~maskhub.storage.gapcode.GAPS_ONLY_DENSITY` the gap code is taken without
+    compressing the packed bits; in between both are compressed and the smaller kept.
+    """
+    attrs = _array_attrs(stats)
+    density = stats.n_updated / stats.numel if stats.numel else 0.0
+    if not (stats.n_updated and density < gapcode.TRY_MAX_DENSITY):
+        return list(packed_array_files(packed, attrs))
+    gap_attrs = {k: v for k, v in attrs.items() if k != "bitorder"}
+    gap_attrs[gapcode.ENCODING_ATTR] = gapcode.GAPS_U8
+    gaps = list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs))
+    if density < gapcode.GAPS_ONLY_DENSITY:
+        return gaps
+    bits = list(packed_array_files(packed, attrs))
+    return gaps if sum(len(d) for _, d in gaps) < sum(len(d) for _, d in bits) else bits
+
+
+def _write_files(directory: Path, files: list[tuple[str, bytes]]) -> None:
+    """Write one array's files (keys relative to ``directory``)."""
+    (directory / "c").mkdir(parents=True)
+    for key, data in files:
+        (directory / key).write_bytes(data)
+
+
 def _write_group(directory: Path, attributes: dict) -> None:
     """Write the ``zarr.json`` of a Zarr v3 group, as zarr-python 3 writes it."""
     doc = {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
@@ -207,7 +240,7 @@ class MaskWriter:
         plain = _PLAIN_NAME.match(stats.tensor)
         if plain and self.url:  # same bytes as below; a rewrite replaces the same keys
             files = {f"{stats.tensor}/{key}": data for key, data in
-                     packed_array_files(packed, _array_attrs(stats))}
+                     tensor_array_files(packed, stats)}
             if values is not None:
                 files[f"{VALUES_GROUP}/zarr.json"] = group_document()
                 files.update((f"{VALUES_GROUP}/{stats.tensor}/{key}", data) for key, data in
@@ -218,7 +251,7 @@ class MaskWriter:
         if self.attached and isinstance(self.path, Path):
             remove_tree(self.path / stats.tensor)  # left by an earlier attempt
         if plain and isinstance(self.path, Path) and not (self.path / stats.tensor).exists():
-            write_packed_array(self.path / stats.tensor, packed, _array_attrs(stats))
+            _write_files(self.path / stats.tensor, tensor_array_files(packed, stats))
         else:
             from zarr.codecs import ZstdCodec
 
@@ -369,6 +402,18 @@ class MaskStore:
             raise MaskStoreError(f"{self.path}: {name!r} is not an array", str(self.path))
         return arr
 
+    def encoding(self, name: str) -> str | None:
+        """The layout of one tensor's array: ``None`` (packed bits) or ``"gaps-u8"``."""
+        return self._encoding(self._array(name))
+
+    def _encoding(self, arr: zarr.Array) -> str | None:
+        enc = arr.attrs.get(gapcode.ENCODING_ATTR)
+        if enc not in gapcode.KNOWN_ENCODINGS:
+            raise MaskStoreError(f"{self.path}: array {arr.basename!r} has encoding {enc!r}; "
+                                 "this maskhub reads packed bits and 'gaps-u8' (upgrade "
+                                 "maskhub)", str(self.path))
+        return enc
+
     def _local_facts(self, name: str) -> ArrayFacts | None:
         """The validated ``zarr.json`` of a local store's array (None for a remote store)."""
         if not isinstance(self.path, Path):
@@ -422,13 +467,26 @@ class MaskStore:
                                  str(self.path)) from exc
 
     def packed(self, name: str) -> np.ndarray:
-        """The packed bits of one tensor (uint8, little bit order).
+        """The packed bits of one tensor (uint8, little bit order), whatever its layout (a
+        gap-coded array is decoded, :mod:`maskhub.storage.gapcode`).
 
         A local array is read chunk file by chunk file (:meth:`_regions`), each decoded
         straight into the result, a zero-filled allocation whose pages stay untouched where
         no chunk is stored: about twice as fast as zarr's generic read path, same bytes, and
         resident memory follows the bytes present.
         """
+        enc = self.encoding(name)
+        raw = self._stored(name)
+        if enc is None:
+            return raw
+        numel = int(self._array(name).attrs.get("numel", 0))
+        try:
+            return gapcode.decode(raw, numel)[0]
+        except gapcode.GapCodeError as exc:
+            raise MaskStoreError(f"{self.path}: array {name!r}: {exc}", str(self.path)) from exc
+
+    def _stored(self, name: str) -> np.ndarray:
+        """The stored bytes of one array (packed bits or a gap code)."""
         if not isinstance(self.path, Path):
             return np.asarray(self._array(name)[:])
         nbytes = self._local_facts(name).shape[0]  # type: ignore[union-attr]
@@ -444,7 +502,7 @@ class MaskStore:
     def count(self, name: str, numel: int) -> int:
         """Set bits among the ``numel`` entries of one tensor, counted chunk by chunk
         (memory: one chunk, whatever the declared shape)."""
-        if not isinstance(self.path, Path):
+        if not isinstance(self.path, Path) or self.encoding(name) is not None:
             return count_entries(self.packed(name), numel)
         total = 0
         for start, data in self._regions(name):
@@ -495,6 +553,8 @@ class MaskStore:
             st = self.stats(name)
             arr = self._array(name)
             expect = (st.numel + 7) // 8
+            if self._encoding(arr) is not None and len(arr.shape) == 1:
+                expect = int(arr.shape[0])  # a gap code's length is its own
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
