@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from maskhub.checkpoints.header import MAX_HEADER, short_error
+from maskhub.checkpoints.validate import read_safetensors
 from maskhub.errors import CheckpointError
 from maskhub.schemas.dtypes import SAFETENSORS_DTYPES, itemsize
 
@@ -226,25 +226,6 @@ class PatchFile:
             self._mm = None
 
 
-def _read_raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file is shorter than a safetensors header")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > min(size - 8, MAX_HEADER):
-                raise ValueError("header length is out of range (truncated or not safetensors)")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"patch {path} is not a readable safetensors file: "
-                              f"{short_error(exc)}", str(path)) from exc
-    return header, 8 + n, size
-
-
 def open_patch(path: str | os.PathLike[str]) -> PatchFile:
     """Map the patch file ``path`` and sort its arrays into tensors (see the module's
     layouts); raises :class:`CheckpointError` naming the file when it is not a patch."""
@@ -252,25 +233,12 @@ def open_patch(path: str | os.PathLike[str]) -> PatchFile:
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"patch {path} is not a .safetensors file (maskhub reads "
                               "sparse patches from safetensors only, never pickles)", str(path))
-    header, data_start, size = _read_raw_header(path)
-    meta_in = header.pop("__metadata__", None) or {}
-    if not isinstance(meta_in, dict):
-        raise CheckpointError(f"patch {path}: __metadata__ is not a JSON object", str(path))
-    meta = {str(k): str(v) for k, v in meta_in.items()}
+    # The one validator: header size, JSON depth, tensor count, shapes, dtypes and offsets.
+    entries_in, data_start, meta = read_safetensors(path, _DTYPES)
+    size = path.stat().st_size
     arrays: dict[str, _Stored] = {}
-    for key, entry in header.items():
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"patch {path}: bad header entry for {key!r}",
-                                  str(path)) from exc
-        st = _Stored(dtype, shape, data_start + begin, data_start + end)
-        if begin < 0 or data_start + end > size or end - begin != st.numel * _size(dtype):
-            raise CheckpointError(f"patch {path}: array {key!r} does not fit its byte range "
-                                  "(truncated or corrupt)", str(path))
-        arrays[key] = st
+    for e in entries_in:
+        arrays[e.name] = _Stored(e.dtype, e.shape, data_start + e.begin, data_start + e.end)
     entries, layout = _pair(path, arrays, meta)
     target = _step(path, meta, ("target_step", "model_version", "step"))
     base = _step(path, meta, ("base_step", "prev_model_version"))

@@ -39,7 +39,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -274,6 +274,15 @@ def read_safetensors_header(path: Path) -> tuple[list[HeaderEntry], int]:
     """Validate and parse the header of the safetensors file ``path``; return its entries (in
     data-offset order) and where its data section starts. Raises :class:`CheckpointError`
     with one line naming the file and the problem."""
+    entries, data_start, _meta = read_safetensors(path)
+    return entries, data_start
+
+
+def read_safetensors(path: Path, dtypes: Mapping[str, str] = SAFETENSORS_DTYPES
+                     ) -> tuple[list[HeaderEntry], int, dict[str, str]]:
+    """:func:`read_safetensors_header`, also returning the header's ``__metadata__`` (a flat
+    object of strings, ``{}`` when absent); ``dtypes``: the dtype codes accepted (header code
+    -> maskhub name; sparse patches add unsigned index types)."""
     f, size = open_regular(path)
     with f:
         head = f.read(8)
@@ -288,12 +297,18 @@ def read_safetensors_header(path: Path) -> tuple[list[HeaderEntry], int]:
         raw = f.read(n)
     if len(raw) != n:
         raise CheckpointError(f"{path} is truncated: its header needs {n} bytes", str(path))
-    return parse_safetensors_header(raw, size - 8 - n, str(path)), 8 + n
+    entries, meta = _parse_header(raw, size - 8 - n, str(path), dtypes)
+    return entries, 8 + n, meta
 
 
 def parse_safetensors_header(raw: bytes, data_size: int, where: str) -> list[HeaderEntry]:
     """Validate the JSON header ``raw`` of a safetensors file whose data section holds
     ``data_size`` bytes (see the module docstring); entries in data-offset order."""
+    return _parse_header(raw, data_size, where, SAFETENSORS_DTYPES)[0]
+
+
+def _parse_header(raw: bytes, data_size: int, where: str, dtypes: Mapping[str, str]
+                  ) -> tuple[list[HeaderEntry], dict[str, str]]:
     def fail(msg: str) -> CheckpointError:
         return CheckpointError(f"{where}: {msg}", where)
 
@@ -326,7 +341,7 @@ def parse_safetensors_header(raw: bytes, data_size: int, where: str) -> list[Hea
         if not isinstance(entry, dict):
             raise fail(f"bad header entry for {short(name)}: not an object")
         dtype_code = entry.get("dtype")
-        dtype = SAFETENSORS_DTYPES.get(dtype_code) if isinstance(dtype_code, str) else None
+        dtype = dtypes.get(dtype_code) if isinstance(dtype_code, str) else None
         if dtype is None:
             raise fail(f"tensor {short(name)} has unknown dtype {short(dtype_code)}")
         shape = entry.get("shape")
@@ -356,7 +371,7 @@ def parse_safetensors_header(raw: bytes, data_size: int, where: str) -> list[Hea
             raise fail(f"tensors {short(last.name)} and {short(e.name)} overlap in the data "
                        "section")
         last = e
-    return entries
+    return entries, dict(meta or {})
 
 
 # -- Zarr --------------------------------------------------------------------------------------
