@@ -70,6 +70,10 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
               help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
 @click.option("--stats", is_flag=True,
               help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
+@click.option("--force", is_flag=True,
+              help="Register the mask even when the same diff (same base and target bytes, "
+              "tol and sweep) is already registered (without it, and without --name, that "
+              "mask is named and nothing is registered; exit 0).")
 @ray_option
 @store_option
 @json_option
@@ -77,7 +81,7 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, ray_address: str | None,
+         notes: str | None, rank: bool, stats: bool, force: bool, ray_address: str | None,
          store: str | None, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
@@ -96,9 +100,14 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, ray=ray_address, progress=progress, warn=warn)
+                        stats=stats, ray=ray_address, force=force, progress=progress,
+                        warn=warn)
     if as_json:
-        echo_json(_summary(mask))
+        echo_json({**_summary(mask), "already_registered": mask.reused})
+    elif mask.reused:
+        _print_mask_line(mask, "already registered as")
+        click.echo("(the same diff: same base and target bytes, same tol; nothing registered; "
+                   "--force registers a copy, `maskhub edit` fixes its metadata)", err=True)
     else:
         _print_mask_line(mask, "registered")
 

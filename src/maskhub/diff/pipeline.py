@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
@@ -59,6 +60,20 @@ class DiffOutcome:
     #: ``(tensor, stratum, numel, n_updated)``: the magnitude strata (:mod:`maskhub.kernels.
     #: strata`), the ``tensor_strata`` rows.
     strata: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: Per-tensor content digests of each side (:mod:`maskhub.checkpoints.fingerprint`).
+    base_digests: dict[str, bytes] = field(default_factory=dict)
+    target_digests: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Content fingerprint of the base's compared tensors (``None`` if not hashed)."""
+        return fp.combine(self.base_digests) if self.base_digests or not self.tensors else None
+
+    @property
+    def target_fingerprint(self) -> str | None:
+        """Content fingerprint of the target's compared tensors."""
+        return fp.combine(self.target_digests) if self.target_digests or not self.tensors \
+            else None
 
     @property
     def n_params(self) -> int:
@@ -101,6 +116,13 @@ class _Job:
     strata: np.ndarray  # int64 [2, BINS]: entries and updated entries per exponent of θ0
     known: np.ndarray | None = None  # the entries' histogram, from the strata cache
     remaining: int = 0
+    a_chunks: list[bytes] = field(default_factory=list)  # chunk digests, by chunk index
+    b_chunks: list[bytes] = field(default_factory=list)
+
+    def digests(self) -> tuple[bytes, bytes]:
+        """The tensor digests of both sides, once every chunk was hashed."""
+        return (fp.tensor_digest(self.name, self.a_info.dtype, self.a_info.shape, self.a_chunks),
+                fp.tensor_digest(self.name, self.b_info.dtype, self.b_info.shape, self.b_chunks))
 
 
 class _Prefetcher(threading.Thread):
@@ -190,8 +212,14 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
     packed = job.packed[start // 8:(stop + 7) // 8]
     fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
+    k = start // CHUNK  # content identity, hashed while the chunk is in cache
+    job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
+    job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
+
+
+assert CHUNK == fp.CHUNK, "the fingerprint's chunks are the diff's chunks"
 
 
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
@@ -214,17 +242,20 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         def jobs() -> Iterator[_Job]:
             for name in names:  # made one by one: packed bits live only until written
                 a_info, b_info = base.tensors[name], target.tensors[name]
+                n_chunks = -(-a_info.numel // CHUNK)
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
                            np.zeros((2, BINS), dtype=np.int64),
-                           strata_cache.load(a_info) if strata_cache else None)
+                           strata_cache.load(a_info) if strata_cache else None,
+                           a_chunks=[b""] * n_chunks, b_chunks=[b""] * n_chunks)
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
             for r in (job.a, job.b):  # whatever large folios left mapped around it
                 r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
             stats = _stats(job)
+            outcome.base_digests[job.name], outcome.target_digests[job.name] = job.digests()
             wthread.put(stats, job.packed)
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
@@ -328,6 +359,11 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                                       job.b_info.dtype, n, job.packed)
             _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
                                                                   job.strata)
+            for side, chunks, info in ((job.a, job.a_chunks, job.a_info),
+                                       (job.b, job.b_chunks, job.b_info)):
+                step = CHUNK * itemsize(info.dtype)
+                for k, start in enumerate(range(side.begin, side.end, step)):
+                    chunks[k] = fp.chunk_digest(side.file.buf[start:min(side.end, start + step)])
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
         prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)

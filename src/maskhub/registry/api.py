@@ -141,6 +141,7 @@ class Registry(Home):
         rank: bool = False,
         stats: bool = False,
         ray: str | None = None,
+        force: bool = False,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> Mask:
@@ -159,6 +160,10 @@ class Registry(Home):
         (``RAY_ADDRESS`` or a local Ray); see :mod:`maskhub.diff.ray`. Same bits.
         With a remote store (``Registry(store=...)``) the store is written to that URL.
         A CPU diff never imports torch (only ``rank``/``stats`` and CUDA do).
+        The diff records a content fingerprint of each side (``base_fingerprint``,
+        ``target_fingerprint``: :mod:`maskhub.checkpoints.fingerprint`). Without ``name``, a
+        diff identical to a registered one (same fingerprints, tol and sweep) registers
+        nothing and returns that mask (``mask.reused`` is True); ``force`` registers a copy.
         """
         from maskhub.diff.run import diff
 
@@ -166,7 +171,7 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, progress=progress, warn=warn)
+                    ray=ray, force=force, progress=progress, warn=warn)
         assert isinstance(mask, Mask)
         return mask
 

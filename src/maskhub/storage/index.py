@@ -421,6 +421,9 @@ class Index:
         cols = ", ".join(MASK_COLUMNS)
         marks = ", ".join("?" for _ in MASK_COLUMNS)
         con.execute(f"INSERT INTO masks ({cols}) VALUES ({marks})", [row[c] for c in MASK_COLUMNS])
+        # issue 26: content identity (migration 12)
+        con.execute("UPDATE masks SET base_fingerprint = ?, target_fingerprint = ? WHERE id = ?",
+                    [meta.base_fingerprint, meta.target_fingerprint, meta.id])
         if tensors:
             insert_columns(con, "tensors", [meta.id], [
                 [t.tensor for t in tensors], [t.layer for t in tensors],
