@@ -62,6 +62,14 @@ class Mask(MaskRecord):
                                   commit_message=commit_message, repo_type=repo_type,
                                   license=license, token=token)
 
+    # -- issue 26: metadata edits (maskhub.maintenance.edit) ------------------------------
+
+    def update(self, **changes: Any) -> Mask:
+        """Correct this mask's metadata (``name``, ``base_model``, ``algorithm``, ``seed``,
+        ``dataset``, ``tags``, ``notes``...), recorded; returns the mask as now registered
+        (see :meth:`Registry.edit`)."""
+        return self.registry.edit(self.id, **changes)
+
 
 class Registry(Home):
     """A maskhub home: the mask stores and the SQL index ``registry.duckdb``.
@@ -109,6 +117,19 @@ class Registry(Home):
         from it (:meth:`derived_from`) stay, their lineage still naming its id."""
         mask = self.get(ref)
         self.remove(mask)
+        return mask
+
+    def edit(self, ref: str, **changes: Any) -> Mask:
+        """Correct a mask's metadata after the fact (the library call of ``maskhub edit``):
+        ``name``, ``base_model``, ``base_revision``, ``target_model``, ``target_revision``,
+        ``algorithm``, ``seed``, ``dataset``, ``tags`` (the new list), ``notes``; ``None``
+        leaves a field as it is. The index row and the store's attributes change together;
+        each change is recorded in ``masks.edits`` (and ``masks.edited_at``). Bits, counts and
+        fingerprints are not editable. See :mod:`maskhub.maintenance.edit`."""
+        from maskhub.maintenance.edit import edit
+
+        mask = edit(self, self.get(ref), changes)
+        assert isinstance(mask, Mask)
         return mask
 
     def fsck(self, repair: bool = False) -> FsckReport:
