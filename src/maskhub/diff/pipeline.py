@@ -212,9 +212,10 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
     packed = job.packed[start // 8:(stop + 7) // 8]
     fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
-    k = start // CHUNK  # content identity, hashed while the chunk is in cache
-    job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
-    job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
+    if job.a_chunks:  # content identity, hashed while the chunk is in cache
+        k = start // CHUNK
+        job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
+        job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
@@ -224,13 +225,14 @@ assert CHUNK == fp.CHUNK, "the fingerprint's chunks are the diff's chunks"
 
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
              writer: MaskWriter, progress: ProgressFn | None = None,
-             strata_cache: StrataCache | None = None) -> DiffOutcome:
+             strata_cache: StrataCache | None = None, fingerprint: bool = True) -> DiffOutcome:
     """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
     this thread after each tensor, in order. ``strata_cache``: where the base tensors'
     exponent histograms are kept between diffs (see :class:`~maskhub.kernels.strata.
-    StrataCache`).
+    StrataCache`). ``fingerprint``: also hash every chunk of both sides into the content
+    fingerprints (:mod:`maskhub.checkpoints.fingerprint`; False only to measure its cost).
     """
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
@@ -242,7 +244,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         def jobs() -> Iterator[_Job]:
             for name in names:  # made one by one: packed bits live only until written
                 a_info, b_info = base.tensors[name], target.tensors[name]
-                n_chunks = -(-a_info.numel // CHUNK)
+                n_chunks = -(-a_info.numel // CHUNK) if fingerprint else 0
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
@@ -255,7 +257,9 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             for r in (job.a, job.b):  # whatever large folios left mapped around it
                 r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
             stats = _stats(job)
-            outcome.base_digests[job.name], outcome.target_digests[job.name] = job.digests()
+            if fingerprint:
+                outcome.base_digests[job.name], outcome.target_digests[job.name] = \
+                    job.digests()
             wthread.put(stats, job.packed)
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
@@ -361,6 +365,8 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                                                                   job.strata)
             for side, chunks, info in ((job.a, job.a_chunks, job.a_info),
                                        (job.b, job.b_chunks, job.b_info)):
+                if not chunks:
+                    continue
                 step = CHUNK * itemsize(info.dtype)
                 for k, start in enumerate(range(side.begin, side.end, step)):
                     chunks[k] = fp.chunk_digest(side.file.buf[start:min(side.end, start + step)])
