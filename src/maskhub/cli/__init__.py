@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from maskhub import __version__
-from maskhub.errors import MaskhubError
+from maskhub.errors import MaskhubError, StudyInterruptedError
 
 
 def usage_line(exc: click.UsageError) -> str:
@@ -88,13 +88,30 @@ class MaskhubGroup(click.Group):
             sys.exit(exc.exit_code)
         except MaskhubError as exc:
             click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(INTERRUPTED if isinstance(exc, StudyInterruptedError) else 1)
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("Interrupted: nothing was registered and no partial mask was kept.",
                        err=True)
-            sys.exit(1)
+            sys.exit(INTERRUPTED)
         except BrokenPipeError:
-            sys.exit(1)
+            # `maskhub show X | head -2`: the reader has what it wanted. Quietly, exit 0;
+            # stdout goes to /dev/null so that the interpreter's last flush cannot complain.
+            _silence_stdout()
+            sys.exit(0)
+
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells and other tools report it.
+INTERRUPTED = 130
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner)
+        pass
 
 
 @click.group(cls=MaskhubGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -123,12 +123,13 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
     Example:
       maskhub ls --where "algorithm = 'dpo'"
     """
-    rows = registry(home).ls(where)
+    rows = registry(home, reading=True).ls(where)
     if as_json:
         echo_json(rows)
         return
     if not rows:
-        click.echo("no masks registered yet (try `maskhub demo`)", err=True)
+        click.echo("no masks match --where" if where else
+                   "no masks registered yet (try `maskhub demo`)", err=True)
         return
     cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
     print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
@@ -148,7 +149,7 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
     Example:
       maskhub show tulu-dpo
     """
-    info = registry(home).show(mask)
+    info = registry(home, reading=True).show(mask)
     if as_json:
         echo_json(info)
         return
@@ -156,10 +157,11 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
     fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
               "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
               "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
-              "parents", "notes"]
+              "parents", "notes", "base_fingerprint", "target_fingerprint", "edited_at"]
+    shown = {**m, "parents": m.get("parent_names") or m.get("parents")}
     print_table(["field", "value"],
-                [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
-                 if m.get(f) not in (None, [], "")])
+                [[f, pct(shown[f]) if f == "sparsity" else shown[f]] for f in fields
+                 if shown.get(f) not in (None, [], "")])
     if info["by_layer"]:
         stdout.print()
         print_table(["layer", "numel", "n_updated", "sparsity"],
@@ -209,7 +211,7 @@ def sql(query: str, fmt_: str, as_json: bool, home: str | None) -> None:
     Example:
       maskhub sql "select algorithm, avg(sparsity) from masks group by 1"
     """
-    cols, rows = registry(home).sql(query)
+    cols, rows = registry(home, reading=True).sql(query)
     if as_json or fmt_ == "json":
         echo_json([dict(zip(cols, r, strict=True)) for r in rows])
     elif fmt_ == "csv":

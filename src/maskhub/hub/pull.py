@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_errors, hub_messages
+from maskhub.checkpoints.hubio import hub_errors, hub_messages, unresolvable_host
 from maskhub.checkpoints.sources import split_revision
 from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
 from maskhub.hub.card import (
@@ -82,7 +82,9 @@ def _read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             raise MaskStoreError(f"Hub repo {where} is not a maskhub mask: it has no "
                                  f"{METADATA_FILE}", where) from exc
         except LocalEntryNotFoundError as exc:
-            why = ("HF_HUB_OFFLINE is set" if is_offline()
+            host = unresolvable_host()
+            why = (f"the Hub cannot be reached ({host} does not resolve: offline?)" if host
+                   else "HF_HUB_OFFLINE is set" if is_offline()
                    else "the Hub cannot be reached or the download failed")
             raise HubError(f"{where} is not (completely) in the local Hugging Face cache and "
                            f"{why}", repo_id) from exc
