@@ -180,7 +180,7 @@ def test_ctrl_c_names_the_masks_already_registered(tmp_path: Path, maskhub_home:
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 1
+    assert proc.wait(timeout=120) == 130
     assert rest.strip().splitlines() == [
         "Error: interrupted: the study registered 1 complete mask(s) before it stopped "
         f"(study-dpo-s0); checkpoints so far are in {tmp_path / 's'}. Rerun with another "

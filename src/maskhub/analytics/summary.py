@@ -64,7 +64,13 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
             FROM tensor_strata s JOIN tensors t USING (mask_id, tensor)
             WHERE mask_id = ? AND s.stratum >= 0
             GROUP BY ALL ORDER BY 1, 2, 3""", [mask.id])
-    return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
+        # parents by name (a removed parent by its id, marked so)
+        parents = list(mask.row.get("parents") or [])
+        names = dict(con.execute("SELECT id, name FROM masks WHERE list_contains(?, id)",
+                                 [parents]).fetchall()) if parents else {}
+    row = _jsonable(mask.row)
+    row["parent_names"] = [names.get(p, f"{p[:12]} (removed)") for p in parents]
+    return {"mask": row, "by_layer": by_layer, "by_module": by_module,
             "sweep": sweep, "analysis": summary,
             "by_exponent": by_exponent(strata, mask.row.get("null_budget"))}
 

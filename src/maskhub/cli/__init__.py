@@ -16,7 +16,7 @@ import click
 
 from maskhub import __version__
 from maskhub.cli.text import visible
-from maskhub.errors import MaskhubError, environment_failure
+from maskhub.errors import MaskhubError, StudyInterruptedError, environment_failure
 
 
 def usage_line(exc: click.UsageError) -> str:
@@ -35,6 +35,7 @@ COMMAND_MODULES = {
     "verify": "verify", "trajectory": "analysis", "compare": "analysis",
     "fsck": "maintenance", "import": "ingest", "study": "study",
     "apply": "patch",
+    "edit": "edit",  # issue 26
 }
 
 
@@ -90,13 +91,16 @@ class MaskhubGroup(click.Group):
             sys.exit(exc.exit_code)
         except MaskhubError as exc:
             click.echo(visible(f"Error: {exc}"), err=True)  # one line, harmless
-            sys.exit(1)
+            sys.exit(INTERRUPTED if isinstance(exc, StudyInterruptedError) else 1)
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("Interrupted: nothing was registered and no partial mask was kept.",
                        err=True)
-            sys.exit(1)
+            sys.exit(INTERRUPTED)
         except BrokenPipeError:
-            sys.exit(1)
+            # `maskhub show X | head -2`: the reader has what it wanted. Quietly, exit 0;
+            # stdout goes to /dev/null so that the interpreter's last flush cannot complain.
+            _silence_stdout()
+            sys.exit(0)
         except Exception as exc:
             # The disk (or the system) refusing an operation that no boundary translated:
             # still one line naming the path and the cause (errors.environment_failure).
@@ -105,6 +109,20 @@ class MaskhubGroup(click.Group):
                 raise
             click.echo(f"Error: {failure}", err=True)
             sys.exit(1)
+
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells and other tools report it.
+INTERRUPTED = 130
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner)
+        pass
 
 
 @click.group(cls=MaskhubGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -78,6 +78,10 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--budget", type=float,
               help="Movement budget of the precision null, e.g. lr*steps (default: the "
               "largest |delta| observed).")
+@click.option("--force", is_flag=True,
+              help="Register the mask even when the same diff (same base and target bytes, "
+              "tol and sweep) is already registered (without it, and without --name, that "
+              "mask is named and nothing is registered; exit 0).")
 @ray_option
 @store_option
 @json_option
@@ -86,7 +90,8 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
          notes: str | None, rank: bool, stats: bool, patch: bool, budget: float | None,
-         ray_address: str | None, store: str | None, as_json: bool, home: str | None) -> None:
+         force: bool, ray_address: str | None, store: str | None, as_json: bool,
+         home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -105,10 +110,14 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, ray=ray_address, progress=progress, warn=warn,
-                        patch=patch, budget=budget)
+                        stats=stats, ray=ray_address, force=force, progress=progress,
+                        warn=warn, patch=patch, budget=budget)
     if as_json:
-        echo_json(_summary(mask))
+        echo_json({**_summary(mask), "already_registered": mask.reused})
+    elif mask.reused:
+        _print_mask_line(mask, "already registered as")
+        click.echo("(the same diff: same base and target bytes, same tol; nothing registered; "
+                   "--force registers a copy, `maskhub edit` fixes its metadata)", err=True)
     else:
         _print_mask_line(mask, "registered")
         _print_null_line(mask)
@@ -162,7 +171,8 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
     """
     if limit is None:
         limit = 0 if as_json else LS_DEFAULT_LIMIT
-    rows = registry(home).ls(where, limit=limit, sort=sort, descending=desc, timeout=timeout)
+    rows = registry(home, reading=True).ls(where, limit=limit, sort=sort, descending=desc,
+                                           timeout=timeout)
     if as_json:
         echo_json(rows)
         return
@@ -199,7 +209,7 @@ def show(mask: str, control: str | None, as_json: bool, home: str | None) -> Non
       maskhub show tulu-dpo
       maskhub show tulu-dpo --control tulu-dpo-fp32
     """
-    info = registry(home).show(mask, control=control)
+    info = registry(home, reading=True).show(mask, control=control)
     if as_json:
         echo_json(info)
         return
@@ -210,9 +220,10 @@ def show(mask: str, control: str | None, as_json: bool, home: str | None) -> Non
     fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
               "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
               "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
-              "parents", "notes"]
-    table = [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
-             if m.get(f) not in (None, [], "")]
+              "parents", "notes", "base_fingerprint", "target_fingerprint", "edited_at"]
+    shown = {**m, "parents": m.get("parent_names") or m.get("parents")}
+    table = [[f, pct(shown[f]) if f == "sparsity" else shown[f]] for f in fields
+             if shown.get(f) not in (None, [], "")]
     if m.get("has_values"):
         table.append(["patch", "holds the target's values at the updated entries "
                                "(maskhub apply rebuilds the target from the base)"])
@@ -327,7 +338,7 @@ def sql(query: str, fmt_: str, as_json: bool, timeout: float, home: str | None) 
       maskhub sql "select algorithm, avg(sparsity) from masks group by 1"
       maskhub sql "select name, sparsity from masks" --format csv
     """
-    cols, rows = registry(home).sql(query, timeout=timeout)
+    cols, rows = registry(home, reading=True).sql(query, timeout=timeout)
     if as_json or fmt_ == "json":
         echo_json([dict(zip(cols, r, strict=True)) for r in rows])
     elif fmt_ == "csv":

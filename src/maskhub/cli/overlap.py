@@ -37,7 +37,9 @@ def _significance(r: OverlapResult) -> str:
         lp = r.log10_p_magnitude
         p_text = f"p = {10 ** lp:.3g}" if lp is not None and lp > -300 \
             else f"p < 1e-300 (log10 p = {lp:,.1f})"
-        return (f"above random: {_num(r.lift_magnitude, 3)}x the magnitude-stratified "
+        lift = r.lift_magnitude
+        side = "below" if lift is not None and lift < 1 else "above"
+        return (f"{side} random: {_num(lift, 3)}x the magnitude-stratified "
                 f"expectation (z = {r.z_magnitude:,.2f}, one-sided {p_text}; the stratified "
                 f"null alone would say {_num(r.lift_stratified, 3)}x)")
     if r.z_score is None:
@@ -116,7 +118,7 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
                     title=f"{'magnitude-stratified' if strict else 'stratified'} random "
                           "baseline of o1")
     n_pairs = len(m.results)
-    say(f"{n_pairs} pairs, {m.cached} from the index cache")
+    say(f"{n_pairs} pair{'' if n_pairs == 1 else 's'}, {m.cached} from the index cache")
 
 
 @click.command()

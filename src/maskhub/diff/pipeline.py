@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
@@ -61,6 +62,20 @@ class DiffOutcome:
     #: ``(tensor, stratum, numel, n_updated)``: the magnitude strata (:mod:`maskhub.kernels.
     #: strata`), the ``tensor_strata`` rows.
     strata: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: Per-tensor content digests of each side (:mod:`maskhub.checkpoints.fingerprint`).
+    base_digests: dict[str, bytes] = field(default_factory=dict)
+    target_digests: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Content fingerprint of the base's compared tensors (``None`` if not hashed)."""
+        return fp.combine(self.base_digests) if self.base_digests or not self.tensors else None
+
+    @property
+    def target_fingerprint(self) -> str | None:
+        """Content fingerprint of the target's compared tensors."""
+        return fp.combine(self.target_digests) if self.target_digests or not self.tensors \
+            else None
 
     @property
     def n_params(self) -> int:
@@ -115,6 +130,13 @@ class _Job:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
     #: The largest |Δ| over the updated entries so far; None for dtypes without a null.
     dmax: float | None = None
+    a_chunks: list[bytes] = field(default_factory=list)  # chunk digests, by chunk index
+    b_chunks: list[bytes] = field(default_factory=list)
+
+    def digests(self) -> tuple[bytes, bytes]:
+        """The tensor digests of both sides, once every chunk was hashed."""
+        return (fp.tensor_digest(self.name, self.a_info.dtype, self.a_info.shape, self.a_chunks),
+                fp.tensor_digest(self.name, self.b_info.dtype, self.b_info.shape, self.b_chunks))
 
 
 class _Prefetcher(threading.Thread):
@@ -212,13 +234,21 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, dfn: DeltaMaxFn | None, job: _Job, s
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
     if dfn is not None:
         dmax[0] = dfn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, stop - start)
+    if job.a_chunks:  # content identity, hashed while the chunk is in cache
+        k = start // CHUNK
+        job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
+        job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
 
+assert CHUNK == fp.CHUNK, "the fingerprint's chunks are the diff's chunks"
+
+
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
              writer: MaskWriter, progress: ProgressFn | None = None,
-             strata_cache: StrataCache | None = None, patch: bool = False) -> DiffOutcome:
+             strata_cache: StrataCache | None = None, patch: bool = False,
+             fingerprint: bool = True) -> DiffOutcome:
     """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
@@ -227,6 +257,8 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     StrataCache`). ``patch``: also store the target's values at the set bits; at
     ``kernel.tol == 0`` the mask is widened to every entry whose bits differ
     (:mod:`maskhub.kernels.patchbits`), so that the patch rebuilds the target exactly.
+    StrataCache`). ``fingerprint``: also hash every chunk of both sides into the content
+    fingerprints (:mod:`maskhub.checkpoints.fingerprint`; False only to measure its cost).
     """
     lossless = patch and kernel.tol == 0
     outcome = DiffOutcome()
@@ -239,12 +271,14 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         def jobs() -> Iterator[_Job]:
             for name in names:  # made one by one: packed bits live only until written
                 a_info, b_info = base.tensors[name], target.tensors[name]
+                n_chunks = -(-a_info.numel // CHUNK) if fingerprint else 0
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
                            np.zeros((2, BINS), dtype=np.int64),
                            strata_cache.load(a_info) if strata_cache else None,
-                           values={} if patch else None)
+                           values={} if patch else None,
+                           a_chunks=[b""] * n_chunks, b_chunks=[b""] * n_chunks)
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
@@ -252,6 +286,9 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                 r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
             values = job.patch_values() if patch else None
             stats = _stats(job, None if values is None else values.shape[0])
+            if fingerprint:
+                outcome.base_digests[job.name], outcome.target_digests[job.name] = \
+                    job.digests()
             wthread.put(stats, job.packed, values)
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
@@ -377,6 +414,13 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                         job.packed[start // 8:(stop + 7) // 8], lossless)
             _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
                                                                   job.strata)
+            for side, chunks, info in ((job.a, job.a_chunks, job.a_info),
+                                       (job.b, job.b_chunks, job.b_info)):
+                if not chunks:
+                    continue
+                step = CHUNK * itemsize(info.dtype)
+                for k, start in enumerate(range(side.begin, side.end, step)):
+                    chunks[k] = fp.chunk_digest(side.file.buf[start:min(side.end, start + step)])
         dfn = _delta_fn(kernel, job.a_info.dtype, job.b_info.dtype)
         if dfn is not None:
             job.dmax = dfn(job.a.raw(), job.b.raw(), job.packed, n) if n else 0.0

@@ -57,12 +57,18 @@ def diff(
     stats: bool = False,
     ray: str | None = None,
     budget: float | None = None,
+    force: bool = False,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
     patch: bool = False,
 ) -> MaskRecord:
     """Diff ``target`` against ``base`` and register the mask of updated parameters in
-    ``home`` (the arguments: see :meth:`maskhub.Registry.diff`)."""
+    ``home`` (the arguments: see :meth:`maskhub.Registry.diff`).
+
+    A diff whose base and target fingerprints, tolerance and sweep equal those of a registered
+    mask (and, with ``rank``/``stats``, one that has its analysis) registers nothing unless
+    ``name`` or ``force`` is given: the registered mask is returned, with ``reused = True``.
+    """
     if tol is None:
         tol = 0.0 if patch else DEFAULT_TOL
     check_tolerance(tol)
@@ -83,6 +89,7 @@ def diff(
         dev = resolve_device(device)
     if name is not None:
         home.check_new_name(name)
+    explicit_name = name is not None
     checked = interruptible(progress)
     with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
         base_ck = open_checkpoint(base)
@@ -107,6 +114,14 @@ def diff(
                     else None
                 outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache,
                                    patch=patch)
+            same = None if (force or explicit_name or patch) else _same_diff(
+                home, outcome.base_fingerprint, outcome.target_fingerprint, float(tol),
+                kernel.sweep, rank or stats)
+            if same is not None:
+                remove_tree(tmp)
+                mask = home.get(same)
+                mask.reused = True
+                return mask
             tensors, null = settle_null(outcome.tensors, outcome.strata, budget)
             extra: dict = {"skipped_tensors": skipped} if skipped else {}
             if null is not None:
@@ -124,6 +139,8 @@ def diff(
                 algorithm=algorithm, seed=seed, dataset=dataset,
                 dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
                 sweep=tuple(kernel.sweep), notes=notes,
+                base_fingerprint=outcome.base_fingerprint,
+                target_fingerprint=outcome.target_fingerprint,
                 extra=extra, has_values=patch,
             )
             writer.finish(meta)
@@ -148,3 +165,24 @@ def _check_patchable(base: Checkpoint, target: Checkpoint, names: Sequence[str])
 
 def _input_bytes(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> int:
     return sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
+
+
+def _same_diff(home: Home, base_fp: str | None, target_fp: str | None, tol: float,
+               sweep: Sequence[float], analysis: bool) -> str | None:
+    """The id of a registered mask made by the same diff (same content on both sides, same
+    tol and sweep; with ``analysis``, one that has ``tensor_analysis`` rows), else ``None``."""
+    if base_fp is None or target_fp is None:
+        return None
+    with home.index.connect(write=False) as con:
+        rows = con.execute(
+            "SELECT id, list_sort(coalesce(list_distinct((SELECT list(s.tol) FROM "
+            "tensor_sweep s WHERE s.mask_id = m.id)), [])), "
+            "EXISTS (SELECT 1 FROM tensor_analysis a WHERE a.mask_id = m.id) "
+            "FROM masks m WHERE base_fingerprint = ? AND target_fingerprint = ? AND tol = ? "
+            "AND operation IS NULL ORDER BY created_at",
+            [base_fp, target_fp, tol]).fetchall()
+    for mask_id, tols, has_analysis in rows:
+        if [float(t) for t in tols] == sorted(float(t) for t in sweep) and \
+                (has_analysis or not analysis):
+            return str(mask_id)
+    return None

@@ -16,7 +16,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_cache_failure, hub_errors, hub_messages
+from maskhub.checkpoints.hubio import (
+    hub_cache_failure,
+    hub_errors,
+    hub_messages,
+    unresolvable_host,
+)
 from maskhub.checkpoints.sources import split_revision
 from maskhub.errors import (
     HubError,
@@ -92,7 +97,9 @@ def _read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             failure = hub_cache_failure(exc)  # the cache could not be written: not the network
             if failure is not None:
                 raise failure from exc
-            why = ("HF_HUB_OFFLINE is set" if is_offline()
+            host = unresolvable_host()
+            why = (f"the Hub cannot be reached ({host} does not resolve: offline?)" if host
+                   else "HF_HUB_OFFLINE is set" if is_offline()
                    else "the Hub cannot be reached or the download failed")
             raise HubError(f"{where} is not (completely) in the local Hugging Face cache and "
                            f"{why}", repo_id) from exc

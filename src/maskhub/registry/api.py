@@ -91,6 +91,14 @@ class Mask(MaskRecord):
                                   commit_message=commit_message, repo_type=repo_type,
                                   license=license, token=token)
 
+    # -- issue 26: metadata edits (maskhub.maintenance.edit) ------------------------------
+
+    def update(self, **changes: Any) -> Mask:
+        """Correct this mask's metadata (``name``, ``base_model``, ``algorithm``, ``seed``,
+        ``dataset``, ``tags``, ``notes``...), recorded; returns the mask as now registered
+        (see :meth:`Registry.edit`)."""
+        return self.registry.edit(self.id, **changes)
+
 
 class Registry(Home):
     """A maskhub home: the mask stores and the SQL index ``registry.duckdb``.
@@ -177,6 +185,19 @@ class Registry(Home):
         self.remove(mask)
         return mask
 
+    def edit(self, ref: str, **changes: Any) -> Mask:
+        """Correct a mask's metadata after the fact (the library call of ``maskhub edit``):
+        ``name``, ``base_model``, ``base_revision``, ``target_model``, ``target_revision``,
+        ``algorithm``, ``seed``, ``dataset``, ``tags`` (the new list), ``notes``; ``None``
+        leaves a field as it is. The index row and the store's attributes change together;
+        each change is recorded in ``masks.edits`` (and ``masks.edited_at``). Bits, counts and
+        fingerprints are not editable. See :mod:`maskhub.maintenance.edit`."""
+        from maskhub.maintenance.edit import edit
+
+        mask = edit(self, self.get(ref), changes)
+        assert isinstance(mask, Mask)
+        return mask
+
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check that the index and the stores agree (rows and stores, arrays, interrupted
         writes, staging, lineage, overlap cache, migrations); with ``repair``, fix what can
@@ -207,6 +228,7 @@ class Registry(Home):
         rank: bool = False,
         stats: bool = False,
         ray: str | None = None,
+        force: bool = False,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
         patch: bool = False,
@@ -235,6 +257,10 @@ class Registry(Home):
         ``budget``: the movement budget of the precision null (entries whose smallest
         recordable change at their |θ0| exceeds it could not have changed; see
         :mod:`maskhub.kernels.precision`); default the largest |Δ| observed.
+        The diff records a content fingerprint of each side (``base_fingerprint``,
+        ``target_fingerprint``: :mod:`maskhub.checkpoints.fingerprint`). Without ``name``, a
+        diff identical to a registered one (same fingerprints, tol and sweep) registers
+        nothing and returns that mask (``mask.reused`` is True); ``force`` registers a copy.
         """
         from maskhub.diff.run import diff
 
@@ -242,7 +268,8 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, budget=budget, progress=progress, warn=warn, patch=patch)
+                    ray=ray, budget=budget, force=force, progress=progress, warn=warn,
+                    patch=patch)
         assert isinstance(mask, Mask)
         return mask
 

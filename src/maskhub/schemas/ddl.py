@@ -366,10 +366,23 @@ M010_PRECISION_NULL = Migration(
     """,
 )
 
+M012_FINGERPRINTS = Migration(
+    12,
+    "masks.base_fingerprint, masks.target_fingerprint (content identity of each checkpoint) "
+    "and masks.edited_at / masks.edits (maskhub edit)",
+    """
+    ALTER TABLE masks ADD COLUMN base_fingerprint VARCHAR;
+    ALTER TABLE masks ADD COLUMN target_fingerprint VARCHAR;
+    ALTER TABLE masks ADD COLUMN edited_at TIMESTAMP;
+    ALTER TABLE masks ADD COLUMN edits VARCHAR[];
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
                                M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
-                               M009_HAS_VALUES, M010_PRECISION_NULL, M016_LIVE_TRAJECTORY]
+                               M009_HAS_VALUES, M010_PRECISION_NULL, M012_FINGERPRINTS,
+                               M016_LIVE_TRAJECTORY]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

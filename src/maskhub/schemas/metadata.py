@@ -91,6 +91,10 @@ class MaskMetadata:
     parents: tuple[str, ...] = ()
     operation: str | None = None
     notes: str | None = None
+    # Content identity (:mod:`maskhub.checkpoints.fingerprint`): "xxh3-128:<hex>" of the
+    # compared tensors of each side; None for masks made before, or not by a diff.
+    base_fingerprint: str | None = None
+    target_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     #: A patch: the store also holds the target's values at the set bits (``values/``).

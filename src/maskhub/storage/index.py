@@ -480,6 +480,9 @@ class Index:
         con.execute(f"INSERT INTO masks ({cols}) VALUES ({marks})", [row[c] for c in MASK_COLUMNS])
         if meta.has_values:  # migration 9; the column defaults to false
             con.execute("UPDATE masks SET has_values = true WHERE id = ?", [meta.id])
+        # issue 26: content identity (migration 12)
+        con.execute("UPDATE masks SET base_fingerprint = ?, target_fingerprint = ? WHERE id = ?",
+                    [meta.base_fingerprint, meta.target_fingerprint, meta.id])
         if tensors:
             insert_columns(con, "tensors", [meta.id], [
                 [t.tensor for t in tensors], [t.layer for t in tensors],

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -588,3 +588,32 @@ class MaskStore:
                 f"{self.path}: values of {name!r} are {arr.dtype}{list(arr.shape)} of dtype "
                 f"{dtype!r}; the mask has {st.n_updated} set bits of target dtype "
                 f"{st.target_dtype!r}", str(self.path))
+
+
+# -- issue 26: metadata edits (maskhub edit) -------------------------------------------------
+
+def replace_attributes(path: Path | str, attributes: dict) -> Callable[[], None]:
+    """Replace the group attributes of the store at ``path`` and return a function that puts
+    the old ones back. A local store's ``zarr.json`` is written aside and renamed over the
+    old one (a reader sees the old document or the new one, never half of one); a remote
+    store's group document is one object written by zarr."""
+    if not remote.is_url(path):
+        doc_path = Path(path) / "zarr.json"
+        old = doc_path.read_bytes()
+        doc = json.loads(old)
+        doc["attributes"] = attributes
+
+        def put(data: bytes) -> None:
+            aside = doc_path.with_name("zarr.json.edit")
+            aside.write_bytes(data)
+            os.replace(aside, doc_path)
+
+        put(json.dumps(doc, indent=2).encode())
+        return lambda: put(old)
+    import zarr
+
+    group = zarr.open_group(store=remote.zarr_store(str(path), read_only=False), mode="r+",
+                            zarr_format=3)
+    before = dict(group.attrs)
+    group.update_attributes(attributes)
+    return lambda: group.update_attributes(before)
