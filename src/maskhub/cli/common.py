@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from maskhub.cli.text import cell, styled, table_lines, visible
+from maskhub.errors import UsageError
 from maskhub.registry.api import Registry
 
 if TYPE_CHECKING:
@@ -24,8 +28,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class LazyConsole:
-    """A ``rich`` console made on first use: ``maskhub --help`` and the commands that print
-    no table never import rich (~40 ms of start-up)."""
+    """A ``rich`` console made on first use, for the progress bars: tables and lines are
+    printed without rich (:func:`print_table`, :func:`say`), so a command that draws no bar
+    never imports it (~40 ms of start-up)."""
 
     def __init__(self, **options: Any) -> None:
         """``options``: the keyword arguments of ``rich.console.Console``."""
@@ -45,7 +50,8 @@ class LazyConsole:
         return getattr(self.console, name)
 
 
-# Tables are not folded to 80 columns when stdout is a pipe or a file.
+# Tables are not folded to 80 columns when stdout is a pipe or a file. Data never goes
+# through these consoles (they read markup): print it with print_table/say/echo.
 stdout = LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 stderr = LazyConsole(stderr=True)
 
@@ -97,17 +103,37 @@ def store_option(f: F) -> F:
                              "pip install 'maskhub[s3]'.")(f)
 
 
-def registry(home: str | None, store: str | None = None) -> Registry:
+def registry(home: str | None, store: str | None = None, *, reading: bool = False) -> Registry:
     """Open the registry of ``--home`` (the command's, else the global one, else
-    ``$MASKHUB_HOME``); new stores under ``--store`` when given."""
-    return Registry(command_home(home), store=store)
+    ``$MASKHUB_HOME``); new stores under ``--store`` when given. ``reading``: a command
+    that only reads (``ls``, ``show``, ``sql``) creates no home: a ``--home`` or
+    ``$MASKHUB_HOME`` that does not exist is one error line (the default home is created)."""
+    chosen = command_home(home)
+    given = chosen or os.environ.get("MASKHUB_HOME")
+    if reading and given and "://" not in str(given):
+        from maskhub.config import home_dir
+
+        path = home_dir(chosen)
+        if not path.exists():
+            raise UsageError(f"no registry at {path}: no such directory (`maskhub diff` or "
+                             "`maskhub demo` creates one)")
+    return Registry(chosen, store=store)
+
+
+def _exact_decimal(v: Decimal) -> int | float | str:
+    """A DECIMAL for JSON: an int or a float where that is the same number, else its digits
+    as a string (never rounded)."""
+    if v == v.to_integral_value():
+        return int(v)
+    f = float(v)
+    return f if math.isfinite(f) and Decimal(repr(f)) == v else str(v)
 
 
 def _plain(v: Any) -> Any:
     if isinstance(v, (datetime, date)):
         return v.isoformat()
     if isinstance(v, Decimal):
-        return float(v)
+        return _exact_decimal(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, tuple):
@@ -120,12 +146,13 @@ def _plain(v: Any) -> Any:
 
 
 def echo_json(obj: Any) -> None:
-    """Print ``obj`` as JSON on stdout."""
+    """Print ``obj`` as JSON on stdout: strings exact (JSON escapes their control
+    characters), floats as Python's shortest exact repr, DECIMALs unrounded."""
     click.echo(json.dumps(_plain(obj), indent=2, default=str))
 
 
 def fmt(v: Any) -> str:
-    """A cell for a human table."""
+    """A cell for a human table (before :func:`maskhub.cli.text.cell` makes it safe)."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -137,6 +164,19 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def csv_value(v: Any) -> str:
+    """A CSV field, exact: floats as their shortest repr that reads back to the same
+    double, DECIMALs with all their digits, timestamps with their microseconds, lists and
+    structs as JSON; strings as they are (the csv module quotes them)."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(_plain(v), default=str)
+    return str(v)
+
+
 def pct(fraction: float | None) -> str:
     """A fraction in [0, 1] printed as a percentage."""
     return "" if fraction is None else f"{100 * fraction:.2f}%"
@@ -144,42 +184,108 @@ def pct(fraction: float | None) -> str:
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
                 formatters: dict[str, Callable[[Any], str]] | None = None) -> None:
-    """Print a rich table on stdout."""
-    from rich.table import Table
+    """Print a table on stdout, every header and cell verbatim and harmless (control
+    characters escaped and long values cut by :func:`maskhub.cli.text.cell`; no markup), at
+    a cost proportional to the cells shown (:func:`maskhub.cli.text.table_lines`). On a
+    terminal the table is fitted to its width, long cells folded."""
+    import shutil
 
     formatters = formatters or {}
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*(formatters.get(c, fmt)(v) for c, v in zip(columns, r, strict=True)))
-    stdout.print(table)
+    cells = [[cell(formatters.get(c, fmt)(v)) for c, v in zip(columns, r, strict=True)]
+             for r in rows]
+    tty = styled(sys.stdout)
+    lines = table_lines([cell(c) for c in columns], cells,
+                        title=visible(title) if title else None,
+                        max_width=shutil.get_terminal_size().columns if sys.stdout.isatty()
+                        else None, bold=tty)
+    click.echo("\n".join(lines))
 
 
 def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print CSV on stdout."""
+    """Print CSV on stdout, values exact (see :func:`csv_value`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")  # not CRLF: shell substitution keeps \r
     w.writerow(columns)
     for r in rows:
-        w.writerow([fmt(v) for v in r])
+        w.writerow([csv_value(v) for v in r])
     sys.stdout.write(buf.getvalue())
 
 
+Part = str | tuple[str, str]
+
+#: ANSI codes of the styles :func:`say` knows.
+_STYLES = {"bold": "1", "yellow": "33", "red": "31", "green": "32"}
+
+
+def say(*parts: Part, err: bool = False) -> None:
+    """Print one line made of ``parts`` (plain strings, or ``(text, style)`` pairs such as
+    ``(name, "bold")``), each shown verbatim and harmless (:func:`maskhub.cli.text.visible`):
+    no markup, no emoji codes, no terminal escapes but the style's own (on a terminal only).
+    On stderr with ``err``."""
+    tty = styled(sys.stderr if err else sys.stdout)
+    out = []
+    for part in parts:
+        if isinstance(part, tuple):
+            text = visible(part[0])
+            out.append(f"\x1b[{_STYLES[part[1]]}m{text}\x1b[0m" if tty and text else text)
+        else:
+            out.append(visible(part))
+    click.echo("".join(out), err=err)
+
+
+def echo(line: str, err: bool = False) -> None:
+    """``click.echo`` of a line holding data, made harmless (:func:`maskhub.cli.text.visible`)."""
+    click.echo(visible(line), err=err)
+
+
 def warn(message: str) -> None:
-    """A warning line on stderr."""
-    stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    """A warning line on stderr (the message verbatim and harmless)."""
+    say(("warning:", "yellow"), " " + message, err=True)
+
+
+#: Seconds of work before a progress bar is drawn.
+BAR_DELAY = 0.3
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether rich would draw on stderr (a terminal, or FORCE_TERMINAL / TTY_COMPATIBLE set),
+    decided without importing rich."""
+    import os
+
+    for var in ("FORCE_TERMINAL", "TTY_COMPATIBLE"):
+        if os.environ.get(var, "") not in ("", "0"):
+            return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (not merely a stream rich was told to colour)."""
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a notebook's or test runner's stream
+        return False
 
 
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
     """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``;
     nothing (not even rich's import) until the first update: an answer from the cache draws
-    no bar."""
+    no bar. Nothing either when stderr is not a terminal (rich would draw a disabled bar), or
+    before :data:`BAR_DELAY` seconds have passed: a small job finishes without a bar, and
+    without paying rich's import."""
     state: dict[str, Any] = {}
+    started = time.monotonic()
+    if not _stderr_is_terminal():
+        yield lambda *_: None
+        return
 
     def update(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
         if "progress" not in state:
+            if time.monotonic() - started < BAR_DELAY:
+                return
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -192,7 +298,9 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, st
             progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TimeRemainingColumn(),
-                console=stderr.console, transient=True, disable=not stderr.is_terminal,
+                # a real terminal only: rich takes FORCE_COLOR (set by ipykernel) for one,
+                # and a notebook would capture the live bar's escape codes
+                console=stderr.console, transient=True, disable=not _stderr_is_tty(),
             )
             progress.start()
             state["progress"] = progress

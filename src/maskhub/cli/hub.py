@@ -16,7 +16,7 @@ from maskhub.cli.common import (
     pct,
     print_table,
     registry,
-    stdout,
+    say,
     warn,
 )
 
@@ -88,12 +88,12 @@ def push(mask: str, repo_id: str, private: bool, revision: str | None,
     if as_json:
         echo_json(res.to_dict())
     elif res.changed:
-        stdout.print(f"pushed [bold]{res.name}[/bold] to {res.repo_id}@{res.branch}: commit "
-                     f"{res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)\n{res.url}",
-                     highlight=False)
+        say("pushed ", (res.name, "bold"), f" to {res.repo_id}@{res.branch}: commit "
+            f"{res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)")
+        say(res.url)
     else:
-        stdout.print(f"{res.name} is unchanged on {res.repo_id}@{res.branch}: no new commit "
-                     f"(at {res.commit[:12]})", highlight=False)
+        say(f"{res.name} is unchanged on {res.repo_id}@{res.branch}: no new commit "
+            f"(at {res.commit[:12]})")
 
 
 @click.command()
@@ -122,9 +122,9 @@ def pull(repo_id: str, name: str | None, repo_type: str, quiet: bool, as_json: b
         warn(note)
     m = res.mask
     verb = "registered" if res.status == "registered" else "already registered:"
-    stdout.print(f"{verb} [bold]{m.name}[/bold] (id {m.id[:12]}) from {res.repo_id}@"
-                 f"{res.commit[:12]}: {m.n_updated:,} of {m.n_params:,} parameters updated, "
-                 f"sparsity {pct(m.sparsity)}", highlight=False)
+    say(f"{verb} ", (m.name, "bold"), f" (id {m.id[:12]}) from {res.repo_id}@"
+        f"{res.commit[:12]}: {m.n_updated:,} of {m.n_params:,} parameters updated, "
+        f"sparsity {pct(m.sparsity)}")
 
 
 @click.command()
@@ -132,9 +132,10 @@ def pull(repo_id: str, name: str | None, repo_type: str, quiet: bool, as_json: b
 @click.option("--algorithm", metavar="A", help="Only masks of this algorithm (dpo, grpo...).")
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
 @repo_type_option
+@quiet_option
 @json_option
 def search(base_model: str | None, algorithm: str | None, limit: int, repo_type: str,
-           as_json: bool) -> None:
+           quiet: bool, as_json: bool) -> None:
     """List mask repos on the Hub (tag maskhub), by base model and algorithm.
 
     \b
@@ -144,7 +145,7 @@ def search(base_model: str | None, algorithm: str | None, limit: int, repo_type:
     from maskhub.hub.search import search as hub_search  # lazy: keeps `maskhub` start fast
 
     hits = hub_search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
-                      limit=limit)
+                      limit=limit, notice=hub_output(quiet)["notice"])
     if as_json:
         echo_json(hits)
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import command_home, echo_json, home_option, json_option, stderr, stdout
+from maskhub.cli.common import command_home, echo_json, home_option, json_option, say
 
 
 @click.command()
@@ -31,15 +31,15 @@ def study(output: str, quick: bool, name: str | None, as_json: bool, home: str |
     from maskhub.study import study as run_study
 
     report = run_study(output, quick=quick, name=name, home=command_home(home),
-                       say=lambda line: stderr.print(line, highlight=False, markup=False))
+                       say=lambda line: say(line, err=True))
     if as_json:
         echo_json({"markdown": str(report.paths["markdown"]), "json": str(report.paths["json"]),
                    "masks": report.masks, "timing": report.timing,
                    "findings": report.findings})
         return
     for line in report.findings:
-        stdout.print(f"- {line}", highlight=False, markup=False)
-    stdout.print(f"report: {report.paths['markdown']}", highlight=False, markup=False)
+        say(f"- {line}")
+    say(f"report: {report.paths['markdown']}")
 
 
 COMMANDS = [study]

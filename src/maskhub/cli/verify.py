@@ -13,7 +13,7 @@ from maskhub.cli.common import (
     json_option,
     print_table,
     registry,
-    stdout,
+    say,
     warn,
 )
 from maskhub.errors import UsageError
@@ -68,19 +68,18 @@ def verify(mask: str, base: str, trained: str, tol_text: str, device: str, allow
             why = ": any change at all, the exact-mode guarantee"
         else:
             why = ""
-        stdout.print(f"mask {report.mask}: {report.n_changed:,} of {report.n_params:,} "
-                     f"parameters changed (tol {report.tol:g}{why}), {report.n_outside:,} "
-                     "outside the mask", highlight=False)
+        say(f"mask {report.mask}: {report.n_changed:,} of {report.n_params:,} "
+            f"parameters changed (tol {report.tol:g}{why}), {report.n_outside:,} "
+            "outside the mask")
         if report.ok:
-            stdout.print("OK: nothing changed outside the mask", highlight=False)
+            say("OK: nothing changed outside the mask")
         else:
-            stdout.print(f"FAIL: {report.n_outside:,} parameter(s) changed outside the mask, "
-                         f"in {len(report.outside())} tensor(s)", highlight=False)
+            say(f"FAIL: {report.n_outside:,} parameter(s) changed outside the mask, "
+                f"in {len(report.outside())} tensor(s)")
             if report.mask_tol is not None and report.tol < report.mask_tol:
-                stdout.print(f"note: the mask was made at tol {report.mask_tol:g}, so changes "
-                             f"of at most {report.mask_tol:g} are outside it by definition; "
-                             "to check a run against its own mask use --tol mask",
-                             highlight=False)
+                say(f"note: the mask was made at tol {report.mask_tol:g}, so changes "
+                    f"of at most {report.mask_tol:g} are outside it by definition; "
+                    "to check a run against its own mask use --tol mask")
     if not report.ok:
         # SystemExit, not ctx.exit(): the group runs click with standalone_mode=False, where
         # ctx.exit(1) would become a return value and exit code 0.

@@ -79,13 +79,20 @@ def masked_optimizer(model: Any, mask: Any, args: Any, *,
     warm-up) from the ``TrainingArguments`` ``args``, over ``num_training_steps`` (default
     ``args.max_steps``). ``optimizer_kwargs`` go to :class:`MaskedAdamW` (``master_weights``,
     ``fused_backward``, name matching...). Call it with the model the Trainer will train,
-    before building the Trainer."""
+    before building the Trainer. ``fused_backward=True`` needs ``max_grad_norm=0`` (the
+    Trainer's clipping reads dense gradients that it frees); gradient accumulation works."""
     from transformers import get_scheduler
 
     steps = num_training_steps or getattr(args, "max_steps", 0)
     if not steps or steps <= 0:
         raise UsageError("masked_optimizer needs the number of training steps: set "
                          "max_steps in the TrainingArguments or pass num_training_steps")
+    if optimizer_kwargs.get("fused_backward") and (args.max_grad_norm or 0) > 0:
+        # The Trainer clips the dense gradients, which fused_backward has already freed: it
+        # would find none and silently not clip.
+        raise UsageError(f"fused_backward=True frees the dense gradients that the Trainer's "
+                         f"max_grad_norm={args.max_grad_norm} clipping reads: set "
+                         f"max_grad_norm=0 in the TrainingArguments")
     optimizer = MaskedAdamW(model, mask, lr=args.learning_rate,
                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                             weight_decay=args.weight_decay, home=home, **optimizer_kwargs)
