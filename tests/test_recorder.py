@@ -171,6 +171,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             save_file(full, f"{out}/base.safetensors")
         rec = Recorder(model, "fsdp", home=f"{out}/home", keep="disk", per_step=True,
                        tol=0.0)
+        patches = Recorder(model, "fsdp-patch", home=f"{out}/home", values=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(rank)
         for step in range(1, 4):
@@ -181,10 +182,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             (y[:, 0] ** 2).mean().backward()
             opt.step()
             rec.record(step)
+            patches.record(step)
             full = {n: p.full_tensor() for n, p in model.named_parameters()}
             if rank == 0:
                 save_file(full, f"{out}/step-{step}.safetensors")
         result = rec.finish()
+        patches.finish()
         if rank == 0:
             Path(f"{out}/result.json").write_text(json.dumps(result.to_dict()))
         else:
@@ -217,6 +220,12 @@ def test_fsdp2_shards_on_two_gloo_ranks_equal_the_dense_diff(tmp_path, monkeypat
         assert live.n_updated == dense["n_updated"] > 0
         for n in names:
             assert np.array_equal(live.packed(n), reg.get(f"dense-{step}").packed(n)), n
+    # the values of each shard gathered too: the live patch rebuilds the gathered checkpoint
+    run_json("apply", "fsdp-patch-step-3", str(tmp_path / "base.safetensors"),
+             str(tmp_path / "rebuilt"))
+    assert (tmp_path / "rebuilt" / "base.safetensors").read_bytes() == \
+        (tmp_path / "step-3.safetensors").read_bytes() or _same_tensors(
+            tmp_path / "rebuilt" / "base.safetensors", tmp_path / "step-3.safetensors")
     result = json.loads((tmp_path / "result.json").read_text())
     traj = run_json("trajectory", str(tmp_path / "base.safetensors"),
                     *(str(tmp_path / f"step-{s}.safetensors") for s in (1, 2, 3)),
@@ -226,12 +235,61 @@ def test_fsdp2_shards_on_two_gloo_ranks_equal_the_dense_diff(tmp_path, monkeypat
         [[p[k] for k in keys] for p in traj["points"]]
 
 
+def _same_tensors(a: Path, b: Path) -> bool:
+    """The two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(
+        ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.uint8).reshape(-1),
+                                                   tb[k].view(torch.uint8).reshape(-1))
+        for k in ta)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_live_patch_rebuilds_the_model_bit_for_bit(tmp_path, kernel) -> None:
+    """values=True: RUN-step-N is a patch with the same bits and values as `maskhub diff
+    ckpt0 ckptN --patch` (every entry whose bits changed, ±0 and NaN payloads included), and
+    `maskhub apply` turns ckpt0 into ckptN exactly."""
+    torch.manual_seed(0)
+    model = TinyLlama(CFG).to(torch.bfloat16)
+    with torch.no_grad():  # values a lossless patch must carry: +0 -> -0, NaN payloads
+        emb = next(p for n, p in model.named_parameters() if "embed" in n)
+        emb.view(-1)[:3] = torch.tensor([0.0, float("nan"), 1.0], dtype=torch.bfloat16)
+    ck0 = _save(model, tmp_path / "ckpt-0")
+    reg = Registry()
+    rec = reg.recorder(model, "live", values=True, kernel=kernel)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for ids in synthetic_batches(CFG, 2, batch=4, seq=12, seed=1):
+        opt.zero_grad()
+        model.loss(ids).backward()
+        opt.step()
+    with torch.no_grad():
+        bits = emb.view(-1).view(torch.int16)
+        bits[0] = -32768                           # -0.0: equal to +0, other bits
+        bits[1] = 0x7FC1                           # another NaN payload
+    rec.record(2)
+    rec.finish()
+    ck2 = _save(model, tmp_path / "ckpt-2")
+    dense = run_json("diff", str(ck0), str(ck2), "--patch", "--name", "dense")
+    live = reg.get("live-step-2")
+    assert live.row["has_values"] and live.n_updated == dense["n_updated"] > 0
+    for n, _ in model.named_parameters():
+        assert np.array_equal(live.packed(n), reg.get("dense").packed(n)), n
+        assert np.array_equal(live.store.values(n), reg.get("dense").store.values(n)), n
+    run_json("apply", "live-step-2", str(ck0), str(tmp_path / "rebuilt"))
+    assert _same_tensors(tmp_path / "rebuilt" / "model.safetensors", ck2 / "model.safetensors")
+
+
 def test_bad_use_is_one_clear_error(tmp_path) -> None:
     """Steps that do not increase, an unknown keep, a base of another model."""
     model = torch.nn.Linear(4, 3)
     reg = Registry()
     with pytest.raises(UsageError, match="^keep must be one of cpu, disk, not 'gpu'$"):
         reg.recorder(model, "r", keep="gpu")
+    with pytest.raises(UsageError, match=r"^values=True records a lossless patch: every entry "
+                                         r"whose bits changed, at tol 0; drop tol or values$"):
+        reg.recorder(model, "r", values=True, tol=1e-5)
     other = torch.nn.Linear(5, 3)
     (tmp_path / "other").mkdir()
     save_file({n: p.detach() for n, p in other.named_parameters()},

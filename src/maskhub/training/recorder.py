@@ -55,7 +55,14 @@ from maskhub.schemas.metadata import BITORDER, MaskMetadata, TensorStats
 from maskhub.schemas.names import invalid_mask_name_message, parse_tensor_name, valid_mask_name
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
-from maskhub.training.masking import NameMap, _map_name, canonical_name, unwrap_model
+from maskhub.storage.values import bits_dtype
+from maskhub.training.masking import (
+    _INT_OF_SIZE,
+    NameMap,
+    _map_name,
+    canonical_name,
+    unwrap_model,
+)
 
 try:  # torch.distributed is optional in some torch builds
     import torch.distributed as dist
@@ -123,6 +130,8 @@ class Recorder:
     or ``None`` for ``$MASKHUB_HOME``. ``tol``: updated iff ``|θ - θ0| > tol``.
     ``keep``: ``"cpu"`` or ``"disk"``; ``base``: with ``keep="disk"``, the checkpoint the run
     started from (safetensors directory or file), read instead of writing θ0 aside.
+    ``values``: record patches (the mask of every entry whose bits changed, at tol 0, plus
+    its values: ``maskhub apply RUN-step-N BASE OUT`` rebuilds the model at step N).
     ``per_step``: also count (and with ``delta_masks=True`` register) the entries changed
     since the previous record. ``step``: the step of θ0. ``kernel``: ``"auto"`` (the CPU diff
     kernel for CPU parameters, the device path elsewhere), ``"cpu"`` or ``"torch"`` (the device
@@ -133,8 +142,9 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, run: str, *,
-                 home: Home | str | Path | None = None, tol: float = 1e-5,
-                 keep: str = "cpu", base: str | Path | None = None, per_step: bool = False,
+                 home: Home | str | Path | None = None, tol: float | None = None,
+                 keep: str = "cpu", base: str | Path | None = None, values: bool = False,
+                 per_step: bool = False,
                  delta_masks: bool = False, step: int = 0, kernel: str = "auto",
                  strip_prefix: str | None = None, add_prefix: str | None = None,
                  name_map: NameMap | None = None, algorithm: str | None = None,
@@ -142,7 +152,12 @@ class Recorder:
                  tags: Sequence[str] = (), base_model: str | None = None,
                  notes: str | None = None) -> None:
         """Snapshot θ0 (or check ``base``) and check the run's mask names are free."""
+        if tol is None:
+            tol = 0.0 if values else 1e-5
         check_tolerance(tol)
+        if values and tol != 0:
+            raise UsageError("values=True records a lossless patch: every entry whose bits "
+                             "changed, at tol 0; drop tol or values")
         if keep not in KEEP:
             raise UsageError(f"keep must be one of {', '.join(KEEP)}, not {keep!r}")
         if kernel not in KERNELS:
@@ -152,6 +167,7 @@ class Recorder:
         if not valid_mask_name(f"{run}-ever"):
             raise UsageError(invalid_mask_name_message(run))
         self.run, self.tol, self.keep, self.kernel = run, float(tol), keep, kernel
+        self.values = values
         self.per_step, self.delta_masks = per_step or delta_masks, delta_masks
         self.meta = dict(algorithm=algorithm, seed=seed, dataset=dataset, tags=tuple(tags),
                          notes=notes)
@@ -251,6 +267,11 @@ class Recorder:
             if wrong:
                 raise UsageError(f"{base} is not this model's base: {len(wrong)} parameter(s) "
                                  f"missing or of another shape, e.g. {wrong[0]}")
+            other = [t for t in self.tracked if ck.tensors[t.name].dtype != t.dtype]
+            if self.values and other:
+                raise UsageError(f"values=True needs θ0 in the parameters' own dtype: "
+                                 f"{other[0].name} is {ck.tensors[other[0].name].dtype} in "
+                                 f"{base}, {other[0].dtype} in the model")
             files: dict[Path, MappedFile] = {}
             for t in self.tracked:
                 info = ck.tensors[t.name]
@@ -339,6 +360,73 @@ class Recorder:
             return np.empty(0, dtype=np.uint8)
         return torch.cat(pieces).cpu().numpy()
 
+    def _patch(self, t: _Tracked, cur: torch.Tensor, against: torch.Tensor | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """A lossless patch of this rank's part of ``t``: the packed bits of every entry whose
+        bits differ from θ0, and the current values there (raw bits, flat order)."""
+        n = t.local_numel
+        ubits = bits_dtype(t.dtype)
+        size = itemsize(t.dtype)
+        if self.kernel == "cpu" or (self.kernel == "auto" and cur.device.type == "cpu"):
+            b = _host_bytes(cur.to("cpu") if cur.device.type != "cpu" else cur).view(ubits)
+            packed = np.empty((n + 7) // 8, dtype=np.uint8)
+            parts = []
+            for s in range(0, n, DEVICE_CHUNK):
+                e = min(n, s + DEVICE_CHUNK)
+                if against is not None:
+                    a = _host_bytes(against[s:e].to("cpu")).view(ubits)
+                else:
+                    a = self._base_raw(t, s, e).view(ubits)
+                differs = a != b[s:e]
+                packed[s // 8:(e + 7) // 8] = np.packbits(differs, bitorder=BITORDER)
+                parts.append(b[s:e][differs])
+            vals = np.concatenate(parts) if parts else np.empty(0, dtype=ubits)
+            return packed, vals
+        as_int = _INT_OF_SIZE[size]
+        pieces, picked = [], []
+        for s in range(0, n, DEVICE_CHUNK):
+            e = min(n, s + DEVICE_CHUNK)
+            if against is not None:
+                a = against[s:e].to(cur.device, non_blocking=True)
+            else:
+                a = _from_raw(self._base_raw(t, s, e), t.dtype).to(cur.device)
+            b = cur[s:e].view(as_int)
+            differs = a.view(as_int) != b
+            pieces.append(pack_on_device(differs))
+            picked.append(b[differs])
+        if not pieces:
+            return np.empty(0, dtype=np.uint8), np.empty(0, dtype=ubits)
+        packed = torch.cat(pieces).cpu().numpy()
+        vals = torch.cat(picked).cpu().numpy().view(ubits)
+        return packed, vals
+
+    def _full_values(self, t: _Tracked, local: np.ndarray) -> np.ndarray | None:
+        """The whole parameter's patch values on rank 0, in flat order (``None`` elsewhere):
+        each rank's values, gathered as raw bytes and joined in rank order (FSDP2's dim-0
+        shards follow one another in flat order)."""
+        if not t.sharded:
+            return local if self.rank == 0 else None
+        dev = self._comm_device(t)
+        mine = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+        counts = [torch.empty_like(mine) for _ in t.ranges]
+        dist.all_gather(counts, mine, group=t.group)
+        size = local.dtype.itemsize
+        width = max(1, max(int(c) for c in counts) * size)
+        buf = torch.zeros(width, dtype=torch.uint8, device=dev)
+        raw = local.view(np.uint8)
+        if raw.shape[0]:
+            buf[:raw.shape[0]] = torch.from_numpy(raw.copy()).to(dev)
+        root = dist.get_global_rank(t.group, 0)
+        gathered = [torch.empty_like(buf) for _ in t.ranges] if dist.get_rank() == root \
+            else None
+        dist.gather(buf, gathered, dst=root, group=t.group)
+        if gathered is None:
+            return None
+        order = sorted(range(len(t.ranges)), key=lambda r: t.ranges[r][0])
+        joined = np.concatenate([gathered[r].cpu().numpy()[:int(counts[r]) * size]
+                                 for r in order])
+        return joined.view(local.dtype)
+
     def _cpu_kernel(self) -> DiffKernel:
         if not hasattr(self, "_kernel"):
             self._kernel = DiffKernel(tol=self.tol)
@@ -399,7 +487,13 @@ class Recorder:
             with torch.no_grad():
                 for t in self.tracked:
                     cur = _local(t.param).detach().reshape(-1)
-                    bits = self._full_bits(t, self._diff(t, cur, t.snapshot))
+                    vals = None
+                    if self.values:
+                        local_bits, local_vals = self._patch(t, cur, t.snapshot)
+                        bits = self._full_bits(t, local_bits)
+                        vals = self._full_values(t, local_vals)
+                    else:
+                        bits = self._full_bits(t, self._diff(t, cur, t.snapshot))
                     prev_bits = None
                     if self.per_step:
                         prev_bits = self._full_bits(t, self._diff(t, cur, t.prev))
@@ -412,7 +506,7 @@ class Recorder:
                                   target_dtype=t.dtype)
                     n = popcount(bits)
                     s = TensorStats(t.name, n_updated=n, **common)
-                    writer.add(s, bits)
+                    writer.add(s, bits, values=vals)
                     stats.append(s)
                     np.bitwise_or(t.ever, bits, out=t.ever)
                     n_first += n
@@ -467,7 +561,7 @@ class Recorder:
             target_model=f"{self.run}@step-{step}", n_params=n_params, n_updated=n_updated,
             tol=self.tol, dtype="+".join(sorted(dtypes)), created_at=timestamp(),
             operation=operation, extra={"run": self.run, "step": step, "keep": self.keep},
-            **self.meta)
+            has_values=self.values and operation == "record", **self.meta)
 
     def finish(self) -> TrajectoryResult | None:
         """Register ``RUN-ever`` and the trajectory rows (rank 0; ``None`` elsewhere), and
