@@ -172,7 +172,7 @@ def test_pending_migrations(maskhub_home: Path) -> None:
         con.execute("INSERT INTO schema_migrations (number, name) VALUES (?, ?)",
                     [m.number, m.name])
     con.close()
-    check(["migrations: schema migration(s) 5, 6, 7, 8 not applied"])
+    check(["migrations: schema migration(s) 5, 6, 7, 8, 9 not applied"])
     assert Registry().index.pending_migrations() == []
 
 

@@ -312,8 +312,18 @@ def test_a_card_publishes_hub_ids_and_given_names_never_local_paths(
     card = hub_server.file_bytes("bob/named", "README.md").decode()
     assert str(tmp_path) not in card
     meta = parse_card(card.encode())
-    assert (meta["base_model"], meta["base_model_relation"], meta["datasets"]) == (
-        "org/base-7b", "adapter", ["org/math-prefs"])
+    assert (meta["base_model"], meta["datasets"]) == ("org/base-7b", ["org/math-prefs"])
+    assert "base_model_relation" not in meta  # a mask is not an adapter, merge, quantization
+    # issue 26: the install line is true for this project (its package metadata has no
+    # index name or URL), and the snippet is Python that loads the base, pulls and trains
+    assert "pip install maskhub" not in card and "github.com/maskhub" not in card
+    assert "# maskhub 0.1.0 is not published on a package index" in card
+    assert "it is not a PEFT adapter and needs maskhub" in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(snippet, "card-snippet", "exec")
+    assert ('model = AutoModelForCausalLM.from_pretrained("org/base-7b", '
+            'torch_dtype=torch.bfloat16)') in snippet
+    assert 'mask = Mask.from_hub("bob/named")\napply_mask(model, mask)' in snippet
     assert {k: meta["maskhub"][k] for k in ("base_model", "target_model", "dataset")} == {
         "base_model": "org/base-7b", "target_model": "my-grpo-run",
         "dataset": "org/math-prefs"}

@@ -142,8 +142,33 @@ def test_fused_backward_same_bits_and_gradients_freed(dtype: torch.dtype) -> Non
         opt_b.step()  # a no-op, as a training loop would still call it
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(x, y), name
-    with pytest.raises(UsageError, match="not available with fused_backward=True"):
-        opt_b.clip_grad_norm_(1.0)
+    opt_b.remove_hooks()
+
+
+def test_fused_backward_accumulates_and_clips_like_the_unfused_optimizer() -> None:
+    """Two backward passes per step (gradient accumulation) and clipping by the trainable
+    entries' norm: fused_backward updates once per step(), with the same bits."""
+    torch.manual_seed(4)
+    a = TinyLlama(CFG)
+    b = copy.deepcopy(a)
+    masks = planted_mask(a)
+    opt_a = MaskedAdamW(a, masks, lr=3e-3, weight_decay=0.1)
+    opt_b = MaskedAdamW(b, masks, lr=3e-3, weight_decay=0.1, fused_backward=True)
+    data = batches(12)
+    norms = []
+    for i in range(0, 12, 2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            for ids in data[i:i + 2]:
+                (model.loss(ids) / 2).backward()
+            norms.append(opt.clip_grad_norm_(0.05))
+            opt.step()
+        assert all(p.grad is None for p in b.parameters())
+        assert norms[-2] == norms[-1] > 0.05  # the same norm, and it did clip
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+    steps = {float(s["step"]) for s in opt_b.state.values()}
+    assert steps == {6.0}  # one update per step(), not per backward
     opt_b.remove_hooks()
 
 
@@ -192,6 +217,46 @@ def test_masked_optimizer_in_a_real_transformers_trainer(tmp_path) -> None:
     report = Registry().verify(DictMask(masks, name="planted"), tmp_path / "base",
                                tmp_path / "trained")  # the public API's verify, tol 0
     assert report.ok and report.n_outside == 0 and report.n_changed == moved
+
+
+def test_fused_backward_with_trainer_gradient_accumulation(tmp_path) -> None:
+    """A real Trainer with gradient_accumulation_steps=2: MaskedAdamW(fused_backward=True)
+    steps 3 times in 3 optimizer steps (6 micro-batches) and ends with the unfused run's
+    bits; with the Trainer's max_grad_norm clipping (which reads the dense gradients that it
+    frees) it is refused with one clear error."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from maskhub.integrations.transformers import masked_optimizer
+
+    masks = planted_mask(tiny_hf_llama())
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 61, (24, 16), generator=g)]
+
+    def train(fused: bool, max_grad_norm: float = 0.0) -> tuple[torch.nn.Module, MaskedAdamW]:
+        model = tiny_hf_llama()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"out-{fused}"), max_steps=3,
+            per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_grad_norm=max_grad_norm, learning_rate=1e-2, weight_decay=0.1,
+            use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, seed=0)
+        optimizer, scheduler = masked_optimizer(model, masks, args, fused_backward=fused)
+        transformers.Trainer(model=model, args=args, train_dataset=data,
+                             optimizers=(optimizer, scheduler)).train()
+        return model, optimizer
+
+    unfused, _ = train(False)
+    fused, opt = train(True)
+    assert {float(s["step"]) for s in opt.state.values()} == {3.0}
+    for (name, x), (_, y) in zip(unfused.named_parameters(), fused.named_parameters(),
+                                 strict=True):
+        assert torch.equal(x, y), name
+    with pytest.raises(UsageError) as err:
+        train(True, max_grad_norm=1.0)
+    assert str(err.value) == (
+        "fused_backward=True frees the dense gradients that the Trainer's max_grad_norm=1.0 "
+        "clipping reads: set max_grad_norm=0 in the TrainingArguments")
 
 
 def _dist_worker(rank: int, port: int, masks_file: str, out: str) -> None:

@@ -26,11 +26,17 @@ def _entropy_bits(p: float) -> float:
 
 
 def _stock_read(path: Path) -> tuple[np.ndarray, dict]:
-    """What a reader with only zarr + numpy does."""
+    """What a reader with only zarr + numpy does (the README's lines, both layouts)."""
     arr = zarr.open_array(store=str(path), mode="r", zarr_format=3)
     attrs = dict(arr.attrs)
     n = math.prod(attrs["shape"])
-    bits = np.unpackbits(arr[:], count=n, bitorder=attrs["bitorder"])
+    if attrs.get("encoding") == "gaps-u8":
+        c = arr[:].astype(np.int64)
+        idx = np.cumsum(c + (c < 255))[c < 255] - 1
+        bits = np.zeros(n, bool)
+        bits[idx] = True
+    else:
+        bits = np.unpackbits(arr[:], count=n, bitorder=attrs["bitorder"])
     return bits.astype(bool).reshape(attrs["shape"]), attrs
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from clitools import fail_line
 from factory import llama_shapes, plant_updates, random_state, save
 
 from maskhub import Registry
@@ -166,8 +167,21 @@ def test_mask_of_another_model(run):
     assert len(info.value.missing_in_target) == 9
     wide = random_state(llama_shapes(hidden=8), torch.bfloat16, seed=5)
     Registry().diff(save(wide, tmp / "w-base"), save(wide, tmp / "w-target"), name="wide")
-    res = cli("verify", "wide", run["base_dir"], run["target_dir"])
-    assert res.exit_code == 1 and "shape(s) differ" in res.stderr
+    # A different architecture is a mask of another model, said in one line, and
+    # --allow-missing does not turn it into a comparison of the tensors that happen to match.
+    for extra in ((), ("--allow-missing",)):
+        res = cli("verify", "wide", run["base_dir"], run["target_dir"], *extra)
+        assert res.exit_code == 1
+        assert res.stderr == (
+            "Error: mask 'wide' is a mask of another model: only 0 of the 21 tensors of the "
+            "mask are in the checkpoints with the same name and shape (e.g. 'lm_head.weight' "
+            "is [32, 8] in the mask and [32, 16] in the checkpoints)\n")
+    # diff of two checkpoints of different models: one line, no --allow-missing hint
+    for extra in ((), ("--allow-missing",)):
+        assert fail_line("diff", str(tmp / "w-base"), str(run["target_dir"]), *extra) == (
+            "Error: the base and target checkpoints are of different models: only 0 of the 21 "
+            "tensors of the base are in the target with the same name and shape (e.g. "
+            "'lm_head.weight' is [32, 8] in the base and [32, 16] in the target)")
 
 
 def test_unknown_mask_and_help(run):

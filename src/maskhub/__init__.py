@@ -21,7 +21,19 @@ def __getattr__(name: str) -> object:
         from maskhub.registry import api
 
         return getattr(api, name)
+    if name in _SUBMODULES:  # `maskhub.integrations.transformers...` after `import maskhub`
+        import importlib
+
+        return importlib.import_module(f"maskhub.{name}")
     raise AttributeError(f"module 'maskhub' has no attribute {name!r}")
+
+#: Subpackages reachable as attributes after a plain ``import maskhub`` (imported then).
+_SUBMODULES = ("integrations", "torch")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
 
 __all__ = [
     "CheckpointError",

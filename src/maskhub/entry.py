@@ -13,7 +13,7 @@ def run() -> None:
         from maskhub.cli import main
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted: nothing was done.\n")
-        sys.exit(1)
+        sys.exit(130)
     try:
         main()
     finally:

@@ -26,6 +26,7 @@ from maskhub.training.masking import (
     resolve_mask,
     unwrap_model,
 )
+from maskhub.training.recorder import Recorder
 
 __all__ = [
     "DictMask",
@@ -34,6 +35,7 @@ __all__ = [
     "MaskHandle",
     "MaskLike",
     "MaskedParameter",
+    "Recorder",
     "StoreMask",
     "apply_mask",
     "canonical_name",

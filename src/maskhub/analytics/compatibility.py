@@ -1,5 +1,11 @@
-"""Which masks can be compared: same base model (and revision), same tensors and shapes,
-decided from the SQL index alone (no store is opened, so a cached overlap stays light)."""
+"""Which masks can be compared: same base model, same tensors and shapes, decided from the
+SQL index alone (no store is opened, so a cached overlap stays light).
+
+"Same base model" is decided by content when both masks recorded a base fingerprint
+(:mod:`maskhub.checkpoints.fingerprint`): the same bytes are the same base whatever the path,
+sharding or recorded name; different bytes are different bases even under one name. Masks
+without a fingerprint (made before it, or by ``import``) fall back to the recorded name and
+revision."""
 
 from __future__ import annotations
 
@@ -53,11 +59,17 @@ def check_compatible(registry: Home, masks: Sequence[MaskRecord]) -> Layout:
     ref = stats[first.id]
     for other in masks[1:]:
         ra, rb = first.row, other.row
-        if ra["base_model"] != rb["base_model"]:
+        fa, fb = ra.get("base_fingerprint"), rb.get("base_fingerprint")
+        if fa and fb:
+            if fa != fb:
+                raise IncompatibleMasksError(
+                    f"{first.name} and {other.name} have different base models: the bytes of "
+                    f"{ra['base_model']!r} and {rb['base_model']!r} differ ({fa} vs {fb})")
+        elif ra["base_model"] != rb["base_model"]:
             raise IncompatibleMasksError(
                 f"{first.name} and {other.name} have different base models: "
                 f"{ra['base_model']!r} vs {rb['base_model']!r}")
-        if ra["base_revision"] and rb["base_revision"] and \
+        elif ra["base_revision"] and rb["base_revision"] and \
                 ra["base_revision"] != rb["base_revision"]:
             raise IncompatibleMasksError(
                 f"{first.name} and {other.name} have different base revisions of "

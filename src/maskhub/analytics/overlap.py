@@ -104,30 +104,51 @@ def overlap_all(registry: Home, masks: Sequence[MaskRecord], *, refresh: bool = 
 def select_masks(registry: Home, refs: Sequence[str] = (),
                  base_model: str | None = None) -> list[MaskRecord]:
     """The masks of an all-pairs pass: ``refs`` (names or id prefixes), else every mask of
-    ``base_model``, else every registered mask when they all share one base model."""
+    ``base_model``, else every registered mask when they all share one base model.
+
+    ``base_model``: a recorded base model name, or a local path (resolved as ``diff`` records
+    it: ``./llama-sft`` matches masks of ``/abs/llama-sft``). A base is known by its content:
+    the masks whose base has the same fingerprint as a mask recorded under that name belong
+    to it too, wherever their base lay."""
+    from maskhub.core.provenance import model_name
+
+    if base_model is not None:
+        base_model = model_name(base_model)
+    with registry.index.connect(write=False) as con:
+        rows = con.execute(
+            "SELECT id, base_model, base_fingerprint FROM masks ORDER BY created_at, name"
+        ).fetchall()
+    if base_model is not None:
+        prints = {r[2] for r in rows if r[1] == base_model and r[2]}
+        of_base = {r[0] for r in rows if r[1] == base_model or (r[2] and r[2] in prints)}
     if refs:
         masks = [registry.get(r) for r in refs]
         if base_model is not None:
             for m in masks:
-                if m.row["base_model"] != base_model:
+                if m.id not in of_base:
                     raise IncompatibleMasksError(
                         f"{m.name} has base model {m.row['base_model']!r}, not {base_model!r}")
         return masks
-    with registry.index.connect(write=False) as con:
-        if base_model is not None:
-            ids = [r[0] for r in con.execute(
-                "SELECT id FROM masks WHERE base_model = ? ORDER BY created_at, name",
-                [base_model]).fetchall()]
-            if not ids:
-                raise UsageError(f"no registered mask has base model {base_model!r}")
-        else:
-            rows = con.execute(
-                "SELECT id, base_model FROM masks ORDER BY created_at, name").fetchall()
-            models = sorted({r[1] for r in rows})
-            if len(models) > 1:
-                shown = ", ".join(models[:5])
-                raise IncompatibleMasksError(
-                    f"the registry holds masks of {len(models)} base models ({shown}); "
-                    "choose one with --base-model or list the masks")
-            ids = [r[0] for r in rows]
+    if base_model is not None:
+        ids = [r[0] for r in rows if r[0] in of_base]
+        if not ids:
+            raise UsageError(f"no registered mask has base model {base_model!r}")
+    else:
+        # one base: one fingerprint where recorded, else one name
+        # (a mask without one counts with the fingerprinted masks recorded under its name)
+        known: dict[str, set[str]] = {}
+        for _, model, fingerprint in rows:
+            if fingerprint:
+                known.setdefault(model, set()).add(fingerprint)
+        names: dict[str, str] = {}
+        for _, model, fingerprint in rows:
+            key = fingerprint or (min(known[model]) if len(known.get(model, ())) == 1 else model)
+            names.setdefault(key, model)
+        if len(names) > 1:
+            models = sorted(names.values())
+            shown = ", ".join(models[:5])
+            raise IncompatibleMasksError(
+                f"the registry holds masks of {len(models)} base models ({shown}); "
+                "choose one with --base-model or list the masks")
+        ids = [r[0] for r in rows]
     return [registry.get(i) for i in ids]

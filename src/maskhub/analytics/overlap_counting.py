@@ -21,6 +21,8 @@ from maskhub.kernels.bitcount import popcount
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
+from maskhub.storage.gapcode import ENCODING_ATTR, LazyPacked
+from maskhub.storage.store import CHUNK_BYTES
 
 if TYPE_CHECKING:
     from maskhub.analytics.compatibility import Layout
@@ -35,14 +37,18 @@ MAX_WORKERS = 8
 _ZSTD = Zstd()
 
 
-def packed_array(mask: MaskRecord, stats: TensorStats) -> zarr.Array:
-    """The zarr array of one tensor's packed bits, checked against its recorded size."""
+def packed_array(mask: MaskRecord, stats: TensorStats) -> zarr.Array | LazyPacked:
+    """The zarr array of one tensor's packed bits, checked against its recorded size; for a
+    gap-coded array (:mod:`maskhub.storage.gapcode`), its bits decoded on first read."""
     try:
         arr = mask.store.group[stats.tensor]
     except KeyError as exc:
         raise MaskStoreError(f"{mask.path}: tensor {stats.tensor!r} is missing from the store",
                              str(mask.path)) from exc
     nbytes = (stats.numel + 7) // 8
+    if isinstance(arr, zarr.Array) and arr.attrs.get(ENCODING_ATTR) is not None:
+        store, name = mask.store, stats.tensor
+        return LazyPacked(lambda: store.packed(name), nbytes, CHUNK_BYTES)
     if not isinstance(arr, zarr.Array) or arr.dtype != np.uint8 or arr.shape != (nbytes,):
         raise MaskStoreError(f"{mask.path}: {stats.tensor!r} is not uint8[{nbytes}] packed bits",
                              str(mask.path))
@@ -127,11 +133,13 @@ class PackedSource:
                                  f"{self.tensor!r}: {exc}", str(self.mask.path)) from exc
 
 
-def _direct_dir(arr: zarr.Array) -> Path | None:
+def _direct_dir(arr: zarr.Array | LazyPacked) -> Path | None:
     """The directory of an array's chunk files when the fast path applies, else None."""
     from zarr.codecs import BytesCodec, ZstdCodec
     from zarr.storage import LocalStore
 
+    if not isinstance(arr, zarr.Array):
+        return None
     meta = arr.metadata
     codecs = getattr(meta, "codecs", ())
     if not (isinstance(arr.store, LocalStore) and getattr(meta, "zarr_format", 0) == 3

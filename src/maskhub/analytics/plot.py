@@ -126,7 +126,7 @@ def plot_sparsity(registry: Home, mask: MaskRecord, output: str | os.PathLike[st
 
 
 def plot_overlap(matrix: OverlapMatrix, output: str | os.PathLike[str],
-                 baseline: str = "stratified", size: tuple[int, int] | None = None) -> Path:
+                 baseline: str = "magnitude", size: tuple[int, int] | None = None) -> Path:
     """Overlap matrix heatmap of several masks, each cell with its random baseline.
 
     Cell (row i, column j) is the share of mask i's updated parameters that mask j updated

@@ -6,6 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from maskhub.core.home import Home
+from maskhub.errors import IncompatibleMasksError
+from maskhub.kernels.precision import binade, min_change
 
 
 def mask_summary(home: Home, ref: str) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
                    count(sign_flips) AS n_stats_tensors, sum(sign_flips) AS sign_flips,
                    sum(a.mean_abs_delta * t.numel) / sum(t.numel)
                        FILTER (WHERE a.mean_abs_delta IS NOT NULL) AS mean_abs_delta,
-                   max(max_abs_delta) AS max_abs_delta,
+                   max(a.max_abs_delta) AS max_abs_delta,
                    sum(n_sub_bf16_step) AS n_sub_bf16_step
             FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
             WHERE mask_id = ?""", [mask.id])
@@ -56,9 +58,80 @@ def mask_summary(home: Home, ref: str) -> dict[str, Any]:
                 FROM tensor_analysis a JOIN tensors t USING (mask_id, tensor)
                 WHERE mask_id = ? AND t.layer IS NULL AND a.rank IS NOT NULL
                 ORDER BY a.tensor""", [mask.id])
-    return {"mask": _jsonable(mask.row), "by_layer": by_layer, "by_module": by_module,
-            "sweep": sweep, "analysis": summary}
+        strata = home.index.rows(con, """
+            SELECT t.base_dtype, t.target_dtype, s.stratum, sum(s.numel) AS numel,
+                   sum(s.n_updated) AS n_updated
+            FROM tensor_strata s JOIN tensors t USING (mask_id, tensor)
+            WHERE mask_id = ? AND s.stratum >= 0
+            GROUP BY ALL ORDER BY 1, 2, 3""", [mask.id])
+        # parents by name (a removed parent by its id, marked so)
+        parents = list(mask.row.get("parents") or [])
+        names = dict(con.execute("SELECT id, name FROM masks WHERE list_contains(?, id)",
+                                 [parents]).fetchall()) if parents else {}
+    row = _jsonable(mask.row)
+    row["parent_names"] = [names.get(p, f"{p[:12]} (removed)") for p in parents]
+    return {"mask": row, "by_layer": by_layer, "by_module": by_module,
+            "sweep": sweep, "analysis": summary,
+            "by_exponent": by_exponent(strata, mask.row.get("null_budget"))}
+
+
+def by_exponent(strata: list[dict[str, Any]], budget: float | None) -> list[dict[str, Any]]:
+    """The update rate per exponent of |θ0| (rows of ``(base_dtype, target_dtype, stratum,
+    numel, n_updated)``): each row with ``exponent`` (|θ0| in ``[2^e, 2^(e+1))``; None for zero
+    and subnormals, and inf/NaN), ``rate`` (updated share), ``min_change`` (the smallest
+    change the format records there) and ``null`` (whether it exceeds ``budget``)."""
+    out = []
+    for r in strata:
+        step = min_change(r["stratum"], r["base_dtype"] or "", r["target_dtype"] or "")
+        out.append({**r, "exponent": binade(r["stratum"], r["base_dtype"] or ""),
+                    "rate": r["n_updated"] / r["numel"] if r["numel"] else 0.0,
+                    "min_change": step,
+                    "null": None if step is None or budget is None else step > budget})
+    return out
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+#: The mask-level figures ``show --control`` sets side by side.
+CONTROL_FIGURES = ("dtype", "tol", "n_params", "n_updated", "sparsity", "max_abs_update",
+                   "null_budget", "n_null", "null_share", "sparsity_movable")
+
+
+def control_summary(home: Home, ref: str, control: str) -> dict[str, Any]:
+    """Mask ``ref`` beside its control ``control`` (typically the diff of the same run's
+    fp32 master weights, or an equal-budget run): the figures of :data:`CONTROL_FIGURES` and
+    the sparsity per module and parameter kind, from the SQL index. The masks must cover the
+    same tensors with the same sizes (their bases may differ: a bf16 checkpoint and its fp32
+    masters are different files; ``same_base`` says which)."""
+    with home.index.connect(write=False) as con:
+        m, c = home.get(ref), home.get(control)
+        rows = home.index.rows(con, """
+            SELECT mask_id, tensor, numel FROM tensors WHERE mask_id IN (?, ?)""",
+            [m.id, c.id])
+        by_module = home.index.rows(con, """
+            SELECT module, coalesce(param_kind, 'weight') AS param_kind, sum(numel) AS numel,
+                   1 - sum(n_updated) FILTER (WHERE mask_id = ?)
+                       / sum(numel) FILTER (WHERE mask_id = ?) AS sparsity,
+                   1 - sum(n_updated) FILTER (WHERE mask_id = ?)
+                       / sum(numel) FILTER (WHERE mask_id = ?) AS control_sparsity
+            FROM tensors WHERE mask_id IN (?, ?)
+            GROUP BY module, param_kind
+            ORDER BY min(coalesce(layer, -1)), module, param_kind <> 'weight', param_kind""",
+            [m.id, m.id, c.id, c.id, m.id, c.id])
+    mine = {r["tensor"]: r["numel"] for r in rows if r["mask_id"] == m.id}
+    theirs = {r["tensor"]: r["numel"] for r in rows if r["mask_id"] == c.id}
+    if mine != theirs:
+        diff = sorted(set(mine) ^ set(theirs)) or \
+            sorted(t for t in mine if mine[t] != theirs[t])
+        raise IncompatibleMasksError(f"{m.name} and {c.name} cover different tensors "
+                                     f"(first: {diff[0]!r}): not a control of one another")
+    for r in by_module:
+        r["numel"] //= 2
+    return {"mask": m.name, "control": c.name,
+            "same_base": (m.row["base_model"], m.row["base_revision"])
+            == (c.row["base_model"], c.row["base_revision"]),
+            "figures": [{"figure": f, "mask": m.row.get(f), "control": c.row.get(f)}
+                        for f in CONTROL_FIGURES],
+            "by_module": by_module}

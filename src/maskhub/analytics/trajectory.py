@@ -59,7 +59,9 @@ class TrajectoryPoint:
     checkpoint: str
     revision: str | None
     n_updated_vs_first: int = 0
-    n_updated_vs_prev: int = 0
+    #: ``None`` when the previous values were not kept (a live recording without
+    #: ``per_step``).
+    n_updated_vs_prev: int | None = 0
     n_ever: int = 0
     n_not_in_final: int = 0
 
@@ -95,7 +97,8 @@ class TrajectoryResult:
             "final_mask": self.final.id, "ever_mask": self.ever.id,
             "points": [{**p.__dict__,
                         "sparsity_vs_first": 1 - p.n_updated_vs_first / self.n_params,
-                        "sparsity_vs_prev": 1 - p.n_updated_vs_prev / self.n_params,
+                        "sparsity_vs_prev": (None if p.n_updated_vs_prev is None
+                                             else 1 - p.n_updated_vs_prev / self.n_params),
                         "sparsity_ever": 1 - p.n_ever / self.n_params,
                         "frac_not_in_final": p.n_not_in_final / self.n_params}
                        for p in self.points],
@@ -234,14 +237,16 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
                 id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
                 points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
                 n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
-            _record(registry, result)
+            record_trajectory(registry, result)
     except BaseException:
         remove_tree(tmp_ever)  # still staged when registering the final mask failed
         raise
     return result
 
 
-def _record(registry: Home, r: TrajectoryResult) -> None:
+def record_trajectory(registry: Home, r: TrajectoryResult) -> None:
+    """Insert the ``trajectories`` row and the ``trajectory_points`` rows of ``r`` (inside
+    the caller's transaction when one is open, as when its masks are registered)."""
     with registry.index.connect() as con:
         con.execute(
             "INSERT INTO trajectories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

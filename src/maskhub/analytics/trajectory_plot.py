@@ -23,7 +23,9 @@ def plot_trajectory(data: dict[str, Any], path: str | Path, dpi: int = 100) -> P
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=dpi,
                                    gridspec_kw={"width_ratios": [3, 1]})
     ax1.plot(steps, [100 * p["sparsity_vs_first"] for p in pts], "o-", label="vs first")
-    ax1.plot(steps, [100 * p["sparsity_vs_prev"] for p in pts], "s--", label="vs previous")
+    if all(p["sparsity_vs_prev"] is not None for p in pts):  # a live run may not keep it
+        ax1.plot(steps, [100 * p["sparsity_vs_prev"] for p in pts], "s--",
+                 label="vs previous")
     ax1.plot(steps, [100 * p["sparsity_ever"] for p in pts], "^:", label="ever updated")
     ax3 = ax1.twinx()
     ax3.plot(steps, [100 * p["frac_not_in_final"] for p in pts], "d-.", color="#9c27b0",

@@ -15,7 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from maskhub.errors import CheckpointError, HubError
+from maskhub.errors import (
+    CheckpointError,
+    EnvironmentFailure,
+    HubError,
+    environment_failure,
+)
 
 CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 #: How many times huggingface_hub resumes a download whose connection dropped.
@@ -109,7 +114,8 @@ def hub_messages(notice: Callable[[str], None] | None = None, progress: bool = T
 
         warnings.showwarning = showwarning
         try:
-            yield
+            with offline_if_unresolvable():
+                yield
         finally:
             logger.removeHandler(handler)
             for h in saved:
@@ -119,25 +125,85 @@ def hub_messages(notice: Callable[[str], None] | None = None, progress: bool = T
                 enable_progress_bars()
 
 
+# -- issue 26: no retries against a Hub whose name does not resolve ----------------------
+
+#: The Hub host found unresolvable by :func:`offline_if_unresolvable` while its block runs.
+_FORCED_OFFLINE: list[str] = []
+
+
+def unresolvable_host() -> str | None:
+    """The Hub host that :func:`offline_if_unresolvable` found unresolvable, while its block
+    runs (else ``None``)."""
+    return _FORCED_OFFLINE[0] if _FORCED_OFFLINE else None
+
+
+@contextmanager
+def offline_if_unresolvable() -> Iterator[None]:
+    """Run the block in huggingface_hub's offline mode when the Hub's host name does not
+    resolve (no network, no DNS): a request then fails at once, or is served from the local
+    cache, instead of being retried with back-off (five retries, ~26 s) for a failure that
+    retrying cannot fix. One DNS lookup; nothing changes when the name resolves or
+    ``HF_HUB_OFFLINE`` is already set. :func:`hub_errors` then says why in its one line."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    unresolvable = False
+    if host and not constants.HF_HUB_OFFLINE and not _FORCED_OFFLINE:
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            unresolvable = True
+        except OSError:  # anything else: let huggingface_hub find out
+            pass
+    if not unresolvable:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    _FORCED_OFFLINE.append(host)
+    try:
+        yield
+    finally:
+        _FORCED_OFFLINE.clear()
+        constants.HF_HUB_OFFLINE = False
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub / network exceptions into one-line :class:`HubError`."""
+    """Turn huggingface_hub / network exceptions into one-line :class:`HubError`; the disk
+    refusing a write (a full Hugging Face cache...) is an
+    :class:`~maskhub.errors.EnvironmentFailure` naming the file, or the cache, instead."""
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            failure = hub_cache_failure(exc)
+            if failure is not None:
+                raise failure from exc
+            raise
+    except EnvironmentFailure:
+        raise
     except hf_errors.RevisionNotFoundError as exc:
         raise HubError(f"revision {revision!r} not found in Hub repo {repo_id}", repo_id) from exc
     except hf_errors.RepositoryNotFoundError as exc:
         raise HubError(f"Hub repo {repo_id} not found (or it is private and no valid HF_TOKEN "
                        "is set)", repo_id) from exc
     except hf_errors.OfflineModeIsEnabled as exc:
+        if _FORCED_OFFLINE:
+            raise HubError(f"{where}: the Hub cannot be reached ({_FORCED_OFFLINE[0]} does "
+                           "not resolve: offline?)", repo_id) from exc
         raise HubError(f"{where}: HF_HUB_OFFLINE is set and this needs the network",
                        repo_id) from exc
     except hf_errors.LocalEntryNotFoundError as exc:
+        why = (f"{_FORCED_OFFLINE[0]} does not resolve: offline?" if _FORCED_OFFLINE
+               else _first_line(exc))
         raise HubError(f"{where}: not in the local Hub cache and the Hub cannot be reached "
-                       f"({_first_line(exc)})", repo_id) from exc
+                       f"({why})", repo_id) from exc
     # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
     except hf_errors.EntryNotFoundError as exc:
         raise HubError(f"{where}: file not found on the Hub: {_first_line(exc)}",
@@ -154,6 +220,18 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
             raise HubError(f"{where}: network error talking to the Hub: {_first_line(exc)}",
                            repo_id) from exc
         raise
+
+
+def hub_cache_failure(exc: BaseException) -> Exception | None:
+    """What :func:`~maskhub.errors.environment_failure` makes of ``exc`` met while
+    huggingface_hub read or wrote its cache: the file it names, else the cache directory
+    (``HF_HUB_CACHE``, the variable the advice names); ``None`` for any other error."""
+    failure = environment_failure(exc, setting="HF_HUB_CACHE")
+    if failure is not None and failure.path is None:
+        from huggingface_hub import constants
+
+        failure = environment_failure(exc, constants.HF_HUB_CACHE, setting="HF_HUB_CACHE")
+    return failure
 
 
 def _first_line(exc: BaseException) -> str:

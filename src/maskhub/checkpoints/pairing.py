@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.errors import CheckpointMismatchError
+from maskhub.schemas.modelfit import another_model
 
 
 def match_tensors(base: Checkpoint, target: Checkpoint, allow_missing: bool,
@@ -15,6 +16,13 @@ def match_tensors(base: Checkpoint, target: Checkpoint, allow_missing: bool,
 
     ``sides``: what the messages call the two checkpoints (``verify`` says ``trained``).
     """
+    a_shapes = {n: t.shape for n, t in base.tensors.items()}
+    b_shapes = {n: t.shape for n, t in target.tensors.items()}
+    why = (another_model(a_shapes, b_shapes, f"the {sides[0]}", f"the {sides[1]}")
+           or another_model(b_shapes, a_shapes, f"the {sides[1]}", f"the {sides[0]}"))
+    if why is not None:  # not a case of a few missing tensors: --allow-missing is no help
+        raise CheckpointMismatchError(
+            f"the {sides[0]} and {sides[1]} checkpoints are of different models: {why}")
     only_base = [n for n in base.tensors if n not in target.tensors]
     only_target = [n for n in target.tensors if n not in base.tensors]
     if (only_base or only_target) and not allow_missing:

@@ -8,7 +8,6 @@ Pickle formats are refused without being opened.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from maskhub.checkpoints.header import (
     read_header,
     short_error,
 )
+from maskhub.checkpoints.validate import read_json_file, short
 from maskhub.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -86,10 +86,17 @@ def _from_dir(directory: Path, ref: str, revision: str | None) -> Checkpoint:
     index = directory / INDEX_NAME
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            weight_map = read_json_file(index, str(index), CheckpointError)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index", str(index)) from exc
         shard_names = list(dict.fromkeys(weight_map.values()))
+        for s in shard_names:
+            if s != Path(s).name or s in ("", ".", ".."):
+                raise CheckpointError(f"{index} names shard {short(s)}, which is not a file "
+                                      "of its directory", str(index))
         missing = [s for s in shard_names if not (directory / s).is_file()]
         if missing:
             raise CheckpointError(f"{directory}: shard {missing[0]} named in {INDEX_NAME} "

@@ -30,13 +30,17 @@ from maskhub.cli.common import (
 @click.option("--seed", type=int, help="Seed of the run.")
 @click.option("--dataset", help="Training dataset of the run.")
 @click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
+@click.option("--patches", is_flag=True,
+              help="CHECKPOINTS are BASE P1 ... Pn: a base and an ordered chain of sparse "
+              "patch files (TRL delta sync, vLLM checkpoint patches; see the README), "
+              "measured without building any dense checkpoint.")
 @store_option
 @json_option
 @home_option
 def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, device: str,
                plot_path: str | None, algorithm: str | None, seed: int | None,
-               dataset: str | None, tags: tuple[str, ...], store: str | None, as_json: bool,
-               home: str | None) -> None:
+               dataset: str | None, tags: tuple[str, ...], patches: bool, store: str | None,
+               as_json: bool, home: str | None) -> None:
     """Follow the mask along CKPT0 CKPT1 ... CKPTn (or one directory of checkpoint
     subdirectories, ordered by the step number in their names).
 
@@ -50,12 +54,13 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
     Example:
       maskhub trajectory ./run/checkpoint-0 ./run/checkpoint-500 ./run/checkpoint-1000
       maskhub trajectory ./run --name grpo-run --plot grpo.png
+      maskhub trajectory --patches ./base step-1.safetensors step-2.safetensors
     """
     reg = registry(home, store)
     with byte_progress("trajectory") as progress:
         result = reg.trajectory(list(checkpoints), name=name, tol=tol, device=device,
                                 algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
-                                progress=progress)
+                                patches=patches, progress=progress)
     data = result.to_dict()
     if plot_path:
         from maskhub.analytics.trajectory_plot import plot_trajectory

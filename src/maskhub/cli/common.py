@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from maskhub.cli.text import cell, styled, table_lines, visible
+from maskhub.errors import UsageError
 from maskhub.registry.api import Registry
 
 if TYPE_CHECKING:
@@ -100,10 +103,21 @@ def store_option(f: F) -> F:
                              "pip install 'maskhub[s3]'.")(f)
 
 
-def registry(home: str | None, store: str | None = None) -> Registry:
+def registry(home: str | None, store: str | None = None, *, reading: bool = False) -> Registry:
     """Open the registry of ``--home`` (the command's, else the global one, else
-    ``$MASKHUB_HOME``); new stores under ``--store`` when given."""
-    return Registry(command_home(home), store=store)
+    ``$MASKHUB_HOME``); new stores under ``--store`` when given. ``reading``: a command
+    that only reads (``ls``, ``show``, ``sql``) creates no home: a ``--home`` or
+    ``$MASKHUB_HOME`` that does not exist is one error line (the default home is created)."""
+    chosen = command_home(home)
+    given = chosen or os.environ.get("MASKHUB_HOME")
+    if reading and given and "://" not in str(given):
+        from maskhub.config import home_dir
+
+        path = home_dir(chosen)
+        if not path.exists():
+            raise UsageError(f"no registry at {path}: no such directory (`maskhub diff` or "
+                             "`maskhub demo` creates one)")
+    return Registry(chosen, store=store)
 
 
 def _exact_decimal(v: Decimal) -> int | float | str:
@@ -234,15 +248,49 @@ def warn(message: str) -> None:
     say(("warning:", "yellow"), " " + message, err=True)
 
 
+#: Seconds of work before a progress bar is drawn.
+BAR_DELAY = 0.3
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether rich would draw on stderr (a terminal, or FORCE_TERMINAL / TTY_COMPATIBLE set),
+    decided without importing rich."""
+    import os
+
+    for var in ("FORCE_TERMINAL", "TTY_COMPATIBLE"):
+        if os.environ.get(var, "") not in ("", "0"):
+            return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (not merely a stream rich was told to colour)."""
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a notebook's or test runner's stream
+        return False
+
+
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, str], None]]:
     """A progress bar on stderr fed by ``(done, total, bytes_done, bytes_total, name)``;
     nothing (not even rich's import) until the first update: an answer from the cache draws
-    no bar."""
+    no bar. Nothing either when stderr is not a terminal (rich would draw a disabled bar), or
+    before :data:`BAR_DELAY` seconds have passed: a small job finishes without a bar, and
+    without paying rich's import."""
     state: dict[str, Any] = {}
+    started = time.monotonic()
+    if not _stderr_is_terminal():
+        yield lambda *_: None
+        return
 
     def update(done: int, total: int, bytes_done: int, bytes_total: int, name: str) -> None:
         if "progress" not in state:
+            if time.monotonic() - started < BAR_DELAY:
+                return
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -255,7 +303,9 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, st
             progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TimeRemainingColumn(),
-                console=stderr.console, transient=True, disable=not stderr.is_terminal,
+                # a real terminal only: rich takes FORCE_COLOR (set by ipykernel) for one,
+                # and a notebook would capture the live bar's escape codes
+                console=stderr.console, transient=True, disable=not _stderr_is_tty(),
             )
             progress.start()
             state["progress"] = progress

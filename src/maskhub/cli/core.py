@@ -55,8 +55,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--algorithm", help="RL algorithm of the run (dpo, grpo, ppo...).")
 @click.option("--seed", type=int, help="Seed of the run.")
 @click.option("--dataset", help="Training dataset of the run.")
-@click.option("--tol", type=float, default=1e-5, show_default=True,
-              help="Updated iff |target - base| > tol (0: any change).")
+@click.option("--tol", type=float, default=None,
+              help="Updated iff |target - base| > tol (0: any change).  [default: 1e-05; 0 "
+              "with --patch]")
 @click.option("--sweep", help="Comma-separated extra tolerances whose per-tensor counts are "
               "recorded in the same pass, e.g. 0,1e-8,1e-7,1e-6,1e-5.")
 @click.option("--device", default="auto", show_default=True,
@@ -71,6 +72,16 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
               help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
 @click.option("--stats", is_flag=True,
               help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
+@click.option("--patch", is_flag=True,
+              help="Also store the target's values at the updated entries, so that `maskhub "
+              "apply` rebuilds TARGET from BASE bit for bit (at --tol 0, the default then).")
+@click.option("--budget", type=float,
+              help="Movement budget of the precision null, e.g. lr*steps (default: the "
+              "largest |delta| observed).")
+@click.option("--force", is_flag=True,
+              help="Register the mask even when the same diff (same base and target bytes, "
+              "tol and sweep) is already registered (without it, and without --name, that "
+              "mask is named and nothing is registered; exit 0).")
 @ray_option
 @store_option
 @json_option
@@ -78,8 +89,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, ray_address: str | None,
-         store: str | None, as_json: bool, home: str | None) -> None:
+         notes: str | None, rank: bool, stats: bool, patch: bool, budget: float | None,
+         force: bool, ray_address: str | None, store: str | None, as_json: bool,
+         home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
     BASE and TARGET are each a .safetensors file, a directory of safetensors (single file or
@@ -90,6 +102,7 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
       maskhub diff ./tulu-sft ./tulu-dpo --algorithm dpo --seed 42 \\
           --dataset tulu-pref --name tulu-dpo --sweep 0,1e-8,1e-7,1e-6,1e-5
       maskhub diff /shared/sft /shared/rl --ray --store s3://bucket/maskhub
+      maskhub diff ./qwen-sft ./qwen-grpo --patch --name qwen-grpo-patch
     """
     reg = registry(home, store)
     with byte_progress("diff") as progress:
@@ -97,11 +110,29 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, ray=ray_address, progress=progress, warn=warn)
+                        stats=stats, ray=ray_address, force=force, progress=progress,
+                        warn=warn, patch=patch, budget=budget)
     if as_json:
-        echo_json(_summary(mask))
+        echo_json({**_summary(mask), "already_registered": mask.reused})
+    elif mask.reused:
+        _print_mask_line(mask, "already registered as")
+        click.echo("(the same diff: same base and target bytes, same tol; nothing registered; "
+                   "--force registers a copy, `maskhub edit` fixes its metadata)", err=True)
     else:
         _print_mask_line(mask, "registered")
+        _print_null_line(mask)
+
+
+def _print_null_line(mask: Mask) -> None:
+    r = mask.row
+    if r.get("n_null") is None:
+        return
+    movable = "" if r.get("sparsity_movable") is None else \
+        f", sparsity among the rest {pct(r['sparsity_movable'])}"
+    say(
+        f"precision null at budget {r['null_budget']:.3g} ({r['null_budget_source']}): "
+        f"{r['n_null']:,} parameters ({pct(r['null_share'])}) could not have changed"
+        f"{movable}")
 
 
 #: Rows ``maskhub ls`` prints in a table when ``--limit`` is not given.
@@ -140,7 +171,8 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
     """
     if limit is None:
         limit = 0 if as_json else LS_DEFAULT_LIMIT
-    rows = registry(home).ls(where, limit=limit, sort=sort, descending=desc, timeout=timeout)
+    rows = registry(home, reading=True).ls(where, limit=limit, sort=sort, descending=desc,
+                                           timeout=timeout)
     if as_json:
         echo_json(rows)
         return
@@ -149,9 +181,13 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
                    "no masks registered yet (try `maskhub demo`)", err=True)
         return
     cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
-    print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
-                        f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows],
-                formatters={"sparsity": pct})
+    table = [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
+              f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows]
+    if any(r.get("has_values") for r in rows):  # a patch column only when there is one
+        cols.append("patch")
+        for line, r in zip(table, rows, strict=True):
+            line.append("values" if r.get("has_values") else "")
+    print_table(cols, table, formatters={"sparsity": pct})
     more = rows.total - len(rows)
     if more > 0:
         click.echo(f"{len(rows)} of {rows.total:,} masks shown, {more:,} more: --limit 0 "
@@ -160,28 +196,38 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
 
 @click.command()
 @click.argument("mask")
+@click.option("--control", help="A second mask to set beside it, e.g. the diff of the same "
+              "run's fp32 master weights.")
 @json_option
 @home_option
-def show(mask: str, as_json: bool, home: str | None) -> None:
+def show(mask: str, control: str | None, as_json: bool, home: str | None) -> None:
     """Show one mask: totals, then sparsity per layer and per module (like the paper's
-    Figure 3), and the tolerance sweep when one was recorded.
+    Figure 3), the precision null, and the tolerance sweep when one was recorded.
 
     \b
     Example:
       maskhub show tulu-dpo
+      maskhub show tulu-dpo --control tulu-dpo-fp32
     """
-    info = registry(home).show(mask)
+    info = registry(home, reading=True).show(mask, control=control)
     if as_json:
         echo_json(info)
+        return
+    if control is not None:
+        _print_control(info["control"])
         return
     m = info["mask"]
     fields = ["name", "id", "base_model", "base_revision", "target_model", "target_revision",
               "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
               "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
-              "parents", "notes"]
-    print_table(["field", "value"],
-                [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
-                 if m.get(f) not in (None, [], "")])
+              "parents", "notes", "base_fingerprint", "target_fingerprint", "edited_at"]
+    shown = {**m, "parents": m.get("parent_names") or m.get("parents")}
+    table = [[f, pct(shown[f]) if f == "sparsity" else shown[f]] for f in fields
+             if shown.get(f) not in (None, [], "")]
+    if m.get("has_values"):
+        table.append(["patch", "holds the target's values at the updated entries "
+                               "(maskhub apply rebuilds the target from the base)"])
+    print_table(["field", "value"], table)
     if info["by_layer"]:
         click.echo()
         print_table(["layer", "numel", "n_updated", "sparsity"],
@@ -192,6 +238,7 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
                 [[r["module"], r["param_kind"], r["tensors"], r["numel"], r["n_updated"],
                   r["sparsity"]] for r in info["by_module"]], title="per module",
                 formatters={"sparsity": pct})
+    _print_precision_null(info)
     if info["sweep"]:
         click.echo()
         print_table(["tol", "n_updated", "sparsity"],
@@ -217,6 +264,62 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
         print_table(["update", "value"], rows, title="update analysis (diff --rank/--stats)")
 
 
+def _print_control(c: dict[str, Any]) -> None:
+    """``show --control``: the mask and its control side by side."""
+    if not c["same_base"]:
+        say(f"note: {c['mask']} and {c['control']} were diffed from different base "
+                     "files (as a bf16 checkpoint and its fp32 masters are)")
+    fractions = {"sparsity", "null_share", "sparsity_movable"}
+
+    def fmt(f: str, v: Any) -> Any:
+        if v is None:
+            return "-"
+        if f in fractions:
+            return pct(v)
+        if isinstance(v, float) and f != "tol":
+            return f"{v:.3g}"
+        return f"{v:,}" if isinstance(v, int) else v
+    print_table(["figure", c["mask"], c["control"]],
+                [[r["figure"], fmt(r["figure"], r["mask"]), fmt(r["figure"], r["control"])]
+                 for r in c["figures"]], title=f"{c['mask']} beside its control {c['control']}")
+    click.echo()
+    print_table(["module", "param", "numel", c["mask"], c["control"]],
+                [[r["module"], r["param_kind"], f"{r['numel']:,}", pct(r["sparsity"]),
+                  pct(r["control_sparsity"])] for r in c["by_module"]],
+                title="sparsity per module")
+
+
+def _print_precision_null(info: dict[str, Any]) -> None:
+    """The precision null of ``show`` and its per-exponent update rates."""
+    m = info["mask"]
+    if m.get("n_null") is not None:
+        click.echo()
+        rows = [["budget", f"{m['null_budget']:.3g} ({m['null_budget_source']})"],
+                ["largest |delta| observed", "-" if m.get("max_abs_update") is None
+                 else f"{m['max_abs_update']:.3g}"],
+                ["could not have changed", f"{m['n_null']:,} ({pct(m['null_share'])})"],
+                ["updated among them", f"{m['n_null_updated']:,}"],
+                ["sparsity among the rest", "-" if m.get("sparsity_movable") is None
+                 else pct(m["sparsity_movable"])]]
+        print_table(["precision null", "value"], rows,
+                    title="precision null (entries whose smallest bf16/fp16 step at |θ0| "
+                          "exceeds the budget)")
+    if info.get("by_exponent"):
+        click.echo()
+        print_table(
+            ["dtype", "|θ0| binade", "numel", "n_updated", "update rate", "smallest step",
+             "null"],
+            [[r["base_dtype"] if r["base_dtype"] == r["target_dtype"]
+              else f"{r['base_dtype']}->{r['target_dtype']}",
+              "zero/subnormal" if r["stratum"] == 0 else
+              ("inf/nan" if r["exponent"] is None else f"2^{r['exponent']}"),
+              f"{r['numel']:,}", f"{r['n_updated']:,}", pct(r["rate"]),
+              "-" if r["min_change"] is None else f"{r['min_change']:.3g}",
+              "-" if r["null"] is None else ("yes" if r["null"] else "no")]
+             for r in info["by_exponent"]],
+            title="update rate per exponent of |θ0|")
+
+
 @click.command()
 @click.argument("query")
 @click.option("--format", "fmt_", type=click.Choice(["table", "csv", "json"]), default="table",
@@ -235,7 +338,7 @@ def sql(query: str, fmt_: str, as_json: bool, timeout: float, home: str | None) 
       maskhub sql "select algorithm, avg(sparsity) from masks group by 1"
       maskhub sql "select name, sparsity from masks" --format csv
     """
-    cols, rows = registry(home).sql(query, timeout=timeout)
+    cols, rows = registry(home, reading=True).sql(query, timeout=timeout)
     if as_json or fmt_ == "json":
         echo_json([dict(zip(cols, r, strict=True)) for r in rows])
     elif fmt_ == "csv":

@@ -134,9 +134,10 @@ def pull(repo_id: str, name: str | None, repo_type: str, quiet: bool, as_json: b
 @click.option("--algorithm", metavar="A", help="Only masks of this algorithm (dpo, grpo...).")
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
 @repo_type_option
+@quiet_option
 @json_option
 def search(base_model: str | None, algorithm: str | None, limit: int, repo_type: str,
-           as_json: bool) -> None:
+           quiet: bool, as_json: bool) -> None:
     """List mask repos on the Hub (tag maskhub), by base model and algorithm.
 
     \b
@@ -146,7 +147,7 @@ def search(base_model: str | None, algorithm: str | None, limit: int, repo_type:
     from maskhub.hub.search import search as hub_search  # lazy: keeps `maskhub` start fast
 
     hits = hub_search(base_model=base_model, algorithm=algorithm, repo_type=repo_type,
-                      limit=limit)
+                      limit=limit, notice=hub_output(quiet)["notice"])
     if as_json:
         echo_json(hits)
         return

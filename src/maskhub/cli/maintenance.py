@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from maskhub.cli.common import command_home, echo, echo_json, home_option, json_option, store_option
+from maskhub.cli.common import command_home, echo, echo_json, home_option, json_option
 from maskhub.registry.api import Registry
 
 
@@ -15,7 +15,10 @@ from maskhub.registry.api import Registry
               help="Fix what is found: delete stale staging, tombstones and orphan stores, "
                    "settle interrupted writes, unregister masks whose store is missing or "
                    "incomplete, delete dangling rows, apply pending migrations.")
-@store_option
+@click.option("--store", default=None, envvar="MASKHUB_STORE", show_envvar=True,
+              metavar="URL",
+              help="Also look for orphan mask stores under this store root (s3://bucket/"
+                   "prefix): prefixes that no registered mask owns.")
 @json_option
 @home_option
 def fsck(repair: bool, store: str | None, as_json: bool, home: str | None) -> None:

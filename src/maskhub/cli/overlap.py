@@ -37,7 +37,9 @@ def _significance(r: OverlapResult) -> str:
         lp = r.log10_p_magnitude
         p_text = f"p = {10 ** lp:.3g}" if lp is not None and lp > -300 \
             else f"p < 1e-300 (log10 p = {lp:,.1f})"
-        return (f"above random: {_num(r.lift_magnitude, 3)}x the magnitude-stratified "
+        lift = r.lift_magnitude
+        side = "below" if lift is not None and lift < 1 else "above"
+        return (f"{side} random: {_num(lift, 3)}x the magnitude-stratified "
                 f"expectation (z = {r.z_magnitude:,.2f}, one-sided {p_text}; the stratified "
                 f"null alone would say {_num(r.lift_stratified, 3)}x)")
     if r.z_score is None:
@@ -116,7 +118,7 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
                     title=f"{'magnitude-stratified' if strict else 'stratified'} random "
                           "baseline of o1")
     n_pairs = len(m.results)
-    say(f"{n_pairs} pairs, {m.cached} from the index cache")
+    say(f"{n_pairs} pair{'' if n_pairs == 1 else 's'}, {m.cached} from the index cache")
 
 
 @click.command()
@@ -185,17 +187,25 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
 
 
 @click.command()
-@click.argument("operation", type=click.Choice(OPERATIONS))
-@click.argument("masks", nargs=-1, required=True)
+@click.argument("operation", type=click.Choice([*OPERATIONS, "random"]))
+@click.argument("masks", nargs=-1)
 @click.option("--min-count", type=int,
               help="consensus: keep parameters updated in at least K masks "
                    "(default: a strict majority).")
+@click.option("--like", help="random: the mask whose counts the random mask keeps.")
+@click.option("--per", type=click.Choice(["tensor", "magnitude"]), default="tensor",
+              show_default=True, help="random: keep the count per tensor, or per tensor and "
+              "exponent of |theta0| (reads the base checkpoint).")
+@click.option("--seed", type=int, help="random: seed of the positions (default 0).")
+@click.option("--base", help="random --per magnitude: the base checkpoint (default: the mask's "
+              "recorded base model).")
 @click.option("--name", help="Name of the new mask (default: OPERATION-MASK1-MASK2...).")
 @click.option("--notes", help="Free-text notes stored with the new mask.")
 @store_option
 @json_option
 @home_option
-def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name: str | None,
+def combine(operation: str, masks: tuple[str, ...], min_count: int | None, like: str | None,
+            per: str, seed: int | None, base: str | None, name: str | None,
             notes: str | None, store: str | None, as_json: bool, home: str | None) -> None:
     """Combine MASKS into a new registered mask, recording its lineage.
 
@@ -205,22 +215,33 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name:
     difference  parameters updated in the first mask and in none of the others
     consensus   parameters updated in at least --min-count masks: a reusable
                 subnetwork built from several runs
+    random      a control: --like MASK's count per tensor (or per tensor and
+                |theta0| exponent: --per magnitude) at random positions, seeded
 
     \b
     Example:
       maskhub combine consensus dpo-s1 dpo-s2 dpo-s3 --min-count 2 --name dpo-consensus
       maskhub combine difference dpo prime --name dpo-only
+      maskhub combine random --like dpo --per magnitude --seed 1 --name dpo-random
     """
     reg = registry(home, store)
     with byte_progress(operation) as progress:
         mask = reg.combine(operation, masks, name=name, min_count=min_count, notes=notes,
-                           progress=progress)
+                           progress=progress, like=like, per=per, seed=seed, base=base)
     if as_json:
         r = mask.row
         echo_json({"id": mask.id, "name": mask.name, "operation": r["operation"],
                    "parents": r["parents"], "min_count": mask.metadata.extra.get("min_count"),
                    "base_model": r["base_model"], "tol": r["tol"], "n_params": mask.n_params,
-                   "n_updated": mask.n_updated, "sparsity": mask.sparsity})
+                   "n_updated": mask.n_updated, "sparsity": mask.sparsity,
+                   **({"seed": r["seed"], "per": mask.metadata.extra.get("random_per")}
+                      if operation == "random" else {})})
+        return
+    if operation == "random":
+        say("registered ", (mask.name, "bold"), f" (id {mask.id[:12]}) = random "
+            f"placement like {like} (per {per}, seed {mask.row['seed']}): "
+            f"{mask.n_updated:,} of {mask.n_params:,} parameters, sparsity "
+            f"{pct(mask.sparsity)}")
         return
     say("registered ", (mask.name, "bold"), f" (id {mask.id[:12]}) = {operation} of "
         f"{', '.join(masks)}: {mask.n_updated:,} of {mask.n_params:,} parameters, "
@@ -237,7 +258,7 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, name:
               help="Image file (.png, .svg, .pdf). Default: <mask>-sparsity.png or "
                    "overlap.png in the current directory.")
 @click.option("--size", help="WIDTHxHEIGHT in pixels, e.g. 1600x900.")
-@click.option("--baseline", type=click.Choice(BASELINES), default="stratified",
+@click.option("--baseline", type=click.Choice(BASELINES), default="magnitude",
               show_default=True, help="Random baseline shown in the overlap cells.")
 @click.option("--refresh", is_flag=True, help="Recount overlaps even if cached.")
 @json_option

@@ -36,6 +36,7 @@ from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, val
 from maskhub.storage import remote
 from maskhub.storage.files import discard, publish, remove_tree, tombstone
 from maskhub.storage.index import Index
+from maskhub.storage.trash import OPEN_FILES, OPEN_SECONDS, empty_trash, to_trash
 
 if TYPE_CHECKING:
     import duckdb
@@ -123,12 +124,18 @@ class Home:
     # -- recovery ------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Finish what processes killed mid-write left: delete their staging directories and
-        settle their intent records (:meth:`settle_intent`). Returns one line per thing done.
+        """Finish what processes killed mid-write left: move their staging directories into
+        the trash and settle their intent records (:meth:`settle_intent`), then delete a
+        bounded part of the trash (:func:`~maskhub.storage.trash.empty_trash`: at most
+        ``OPEN_FILES`` files or ``OPEN_SECONDS`` seconds; the rest at later opens or by
+        ``fsck --repair``). Returns one line per thing done.
 
-        Costs one listing of ``tmp/`` when nothing crashed; an index connection (under the
-        exclusive lock) only when an intent record of a dead process is found. A record that
-        cannot be settled now (an unreachable remote store) stays for a later open.
+        The registry's state is settled at once whatever the size of what a crash left (one
+        rename per staging directory or orphan store); only the deletion of their files is
+        spread over opens. Costs one listing of ``tmp/`` when nothing crashed; an index
+        connection (under the exclusive lock) only when an intent record of a dead process is
+        found. A record that cannot be settled now (an unreachable remote store) stays for a
+        later open.
         """
         done = self._clean_stale_partials()
         stale = [i for i in iter_intents(self.tmp_dir) if not pid_alive(i.pid)]
@@ -139,6 +146,9 @@ class Home:
                         done.append(self.settle_intent(intent))
                     except (MaskhubError, OSError):
                         continue
+        deleted, _ = empty_trash(self.tmp_dir, OPEN_FILES, OPEN_SECONDS)
+        if deleted:
+            done.append(f"deleted {deleted} file(s) and folder(s) from tmp/trash")
         return done
 
     def _clean_stale_partials(self) -> list[str]:
@@ -153,8 +163,9 @@ class Home:
             if parsed is None or pid_alive(parsed[1]):
                 continue
             try:
-                if entry.is_dir():
-                    remove_tree(entry)
+                if entry.is_dir():  # one rename, however many files: deleted from the trash
+                    if not to_trash(self.tmp_dir, entry):
+                        continue
                 else:
                     entry.unlink(missing_ok=True)
             except OSError:  # not ours to remove (another user's): leave it
@@ -179,14 +190,14 @@ class Home:
             if row is None:
                 if intent.store_url is not None:
                     remove_tree(intent.store_url)
-                discard(final)
-                remove_tree(grave)
+                to_trash(self.tmp_dir, final)  # renames only: the files go with the trash
+                to_trash(self.tmp_dir, grave)
                 what = f"deleted the store of {mask_id}, never registered or already removed"
             else:
                 if row[0] is None and not final.exists() and grave.exists():
                     os.replace(grave, final)
                 else:
-                    remove_tree(grave)
+                    to_trash(self.tmp_dir, grave)
                 what = f"kept mask {mask_id}: its registration was committed"
             intent.path.unlink(missing_ok=True)
         verb = "an interrupted rm" if intent.op == "rm" else "an interrupted registration"
@@ -296,6 +307,7 @@ class Home:
                 if con.execute("SELECT 1 FROM masks WHERE name = ?", [meta.name]).fetchone():
                     raise NameTakenError(meta.name)
                 Index.insert_mask(con, meta, tensors, sweep)
+                Index.insert_precision_null(con, meta, tensors)
                 Index.insert_analysis(con, meta.id, [a.to_row() for a in analysis])
                 Index.insert_strata(con, meta.id, strata)
                 intent.append(write_intent(self.tmp_dir, meta.id, "add", url))

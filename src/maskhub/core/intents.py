@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskhub.errors import environment_errors
+
 PARTIAL_SUFFIX = ".partial"
 INTENT_SUFFIX = ".intent"
 
@@ -47,12 +49,17 @@ def write_intent(tmp_dir: Path, mask_id: str, op: str, store_url: str | None = N
     """Record that this process is about to add (``op="add"``) or remove (``"rm"``) the store
     of ``mask_id``; return the record's path. Written aside and renamed, so a crash leaves
     either a whole record or none (a leftover ``.tmp`` is harmless and swept)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"{mask_id}.{os.getpid()}{INTENT_SUFFIX}"
     part = path.with_name(path.name + ".tmp")
-    part.write_text(json.dumps({"id": mask_id, "op": op, "store_url": store_url}),
-                    encoding="utf-8")
-    os.replace(part, path)
+    try:
+        with environment_errors(tmp_dir):  # a full disk: one line, the write is abandoned
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            part.write_text(json.dumps({"id": mask_id, "op": op, "store_url": store_url}),
+                            encoding="utf-8")
+            os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -28,6 +28,8 @@ class MaskRecord:
         #: The store: a directory under the home, or a URL (``s3://...``) for a remote store.
         self.path: Path | str = path
         self._store: MaskStore | None = None
+        #: True when a ``diff`` found this mask already registered and returned it.
+        self.reused = False
 
     @property
     def store(self) -> MaskStore:

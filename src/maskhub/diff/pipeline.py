@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
+from maskhub.kernels.patchbits import bits_view, patch_chunk
+from maskhub.kernels.precision import DeltaMaxFn, delta_max_fn
 from maskhub.kernels.strata import BINS, StrataCache, StrataFn, strata_fn, strata_rows
 from maskhub.kernels.strata import FORMATS as STRATA_FORMATS
 from maskhub.kernels.threads import available_cpus
@@ -59,6 +62,20 @@ class DiffOutcome:
     #: ``(tensor, stratum, numel, n_updated)``: the magnitude strata (:mod:`maskhub.kernels.
     #: strata`), the ``tensor_strata`` rows.
     strata: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: Per-tensor content digests of each side (:mod:`maskhub.checkpoints.fingerprint`).
+    base_digests: dict[str, bytes] = field(default_factory=dict)
+    target_digests: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Content fingerprint of the base's compared tensors (``None`` if not hashed)."""
+        return fp.combine(self.base_digests) if self.base_digests or not self.tensors else None
+
+    @property
+    def target_fingerprint(self) -> str | None:
+        """Content fingerprint of the target's compared tensors."""
+        return fp.combine(self.target_digests) if self.target_digests or not self.tensors \
+            else None
 
     @property
     def n_params(self) -> int:
@@ -101,6 +118,25 @@ class _Job:
     strata: np.ndarray  # int64 [2, BINS]: entries and updated entries per exponent of θ0
     known: np.ndarray | None = None  # the entries' histogram, from the strata cache
     remaining: int = 0
+    #: A patch: the target's values (raw bits) at the set bits, per chunk start.
+    values: dict[int, np.ndarray] | None = None
+
+    def patch_values(self) -> np.ndarray:
+        """The values of every chunk, in flat order."""
+        assert self.values is not None
+        parts = [self.values[s] for s in sorted(self.values)]
+        if not parts:
+            return bits_view(np.empty(0, dtype=np.uint8), self.b_info.dtype).copy()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    #: The largest |Δ| over the updated entries so far; None for dtypes without a null.
+    dmax: float | None = None
+    a_chunks: list[bytes] = field(default_factory=list)  # chunk digests, by chunk index
+    b_chunks: list[bytes] = field(default_factory=list)
+
+    def digests(self) -> tuple[bytes, bytes]:
+        """The tensor digests of both sides, once every chunk was hashed."""
+        return (fp.tensor_digest(self.name, self.a_info.dtype, self.a_info.shape, self.a_chunks),
+                fp.tensor_digest(self.name, self.b_info.dtype, self.b_info.shape, self.b_chunks))
 
 
 class _Prefetcher(threading.Thread):
@@ -148,17 +184,19 @@ class _WriterThread(threading.Thread):
     def __init__(self, writer: MaskWriter) -> None:
         super().__init__(name="maskhub-writer", daemon=True)
         self.writer = writer
-        self.queue: queue.Queue[tuple[TensorStats, np.ndarray] | None] = queue.Queue(WRITE_QUEUE)
+        self.queue: queue.Queue[tuple[TensorStats, np.ndarray, np.ndarray | None] | None] = \
+            queue.Queue(WRITE_QUEUE)
         self.error: BaseException | None = None
         self.cancelled = False
 
-    def put(self, stats: TensorStats, packed: np.ndarray) -> None:
+    def put(self, stats: TensorStats, packed: np.ndarray,
+            values: np.ndarray | None = None) -> None:
         """Queue one tensor (blocks while the queue is full); re-raises a writer failure."""
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.queue.put((stats, packed), timeout=0.1)
+                self.queue.put((stats, packed, values), timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -182,28 +220,47 @@ class _WriterThread(threading.Thread):
                     self.error = exc
 
 
-def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
-                counts: np.ndarray, strata: np.ndarray) -> None:
+def _chunk_task(fn: ChunkFn, sfn: StrataFn, dfn: DeltaMaxFn | None, job: _Job, start: int,
+                stop: int, counts: np.ndarray, strata: np.ndarray, dmax: np.ndarray,
+                lossless: bool) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
     packed = job.packed[start // 8:(stop + 7) // 8]
     fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
+    if job.values is not None:  # a patch: widen the bits, keep the target's values
+        job.values[start] = patch_chunk(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1],
+                                        job.a_info.dtype, job.b_info.dtype, packed, lossless)
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
+    if dfn is not None:
+        dmax[0] = dfn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, stop - start)
+    if job.a_chunks:  # content identity, hashed while the chunk is in cache
+        k = start // CHUNK
+        job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
+        job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
 
+assert CHUNK == fp.CHUNK, "the fingerprint's chunks are the diff's chunks"
+
+
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
              writer: MaskWriter, progress: ProgressFn | None = None,
-             strata_cache: StrataCache | None = None) -> DiffOutcome:
+             strata_cache: StrataCache | None = None, patch: bool = False,
+             fingerprint: bool = True) -> DiffOutcome:
     """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
     this thread after each tensor, in order. ``strata_cache``: where the base tensors'
     exponent histograms are kept between diffs (see :class:`~maskhub.kernels.strata.
-    StrataCache`).
+    StrataCache`). ``patch``: also store the target's values at the set bits; at
+    ``kernel.tol == 0`` the mask is widened to every entry whose bits differ
+    (:mod:`maskhub.kernels.patchbits`), so that the patch rebuilds the target exactly.
+    StrataCache`). ``fingerprint``: also hash every chunk of both sides into the content
+    fingerprints (:mod:`maskhub.checkpoints.fingerprint`; False only to measure its cost).
     """
+    lossless = patch and kernel.tol == 0
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
@@ -214,18 +271,25 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         def jobs() -> Iterator[_Job]:
             for name in names:  # made one by one: packed bits live only until written
                 a_info, b_info = base.tensors[name], target.tensors[name]
+                n_chunks = -(-a_info.numel // CHUNK) if fingerprint else 0
                 yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
                            np.zeros((2, BINS), dtype=np.int64),
-                           strata_cache.load(a_info) if strata_cache else None)
+                           strata_cache.load(a_info) if strata_cache else None,
+                           values={} if patch else None,
+                           a_chunks=[b""] * n_chunks, b_chunks=[b""] * n_chunks)
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
             for r in (job.a, job.b):  # whatever large folios left mapped around it
                 r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
-            stats = _stats(job)
-            wthread.put(stats, job.packed)
+            values = job.patch_values() if patch else None
+            stats = _stats(job, None if values is None else values.shape[0])
+            if fingerprint:
+                outcome.base_digests[job.name], outcome.target_digests[job.name] = \
+                    job.digests()
+            wthread.put(stats, job.packed, values)
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
@@ -243,9 +307,9 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         wthread.start()
         try:
             if kernel.on_cuda:
-                _run_cuda(jobs(), kernel, prefetch, finish_job)
+                _run_cuda(jobs(), kernel, prefetch, finish_job, lossless)
             else:
-                _run_cpu(jobs(), kernel, prefetch, finish_job)
+                _run_cpu(jobs(), kernel, prefetch, finish_job, lossless)
             wthread.finish()
         finally:
             prefetch.stop()
@@ -257,31 +321,39 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     return outcome
 
 
-def _stats(job: _Job) -> TensorStats:
+def _stats(job: _Job, n_updated: int | None = None) -> TensorStats:
     layer, module = parse_tensor_name(job.name)
-    return TensorStats(job.name, job.a_info.shape, job.a_info.numel, int(job.counts[0]), layer,
-                       module, job.a_info.dtype, job.b_info.dtype)
+    n = int(job.counts[0]) if n_updated is None else n_updated
+    return TensorStats(job.name, job.a_info.shape, job.a_info.numel, n, layer,
+                       module, job.a_info.dtype, job.b_info.dtype, max_abs_delta=job.dmax)
 
 
 def _strata_fn(kernel: DiffKernel, dtype: str, entries: bool = True) -> StrataFn:
     return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy", entries)
 
 
+def _delta_fn(kernel: DiffKernel, a_dtype: str, b_dtype: str) -> DeltaMaxFn | None:
+    return delta_max_fn(a_dtype, b_dtype, "numba" if kernel.backend == "numba" else "numpy")
+
+
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
-             finish_job: Callable[[int, _Job], None]) -> None:
+             finish_job: Callable[[int, _Job], None], lossless: bool = False) -> None:
     threads = compute_threads()
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
     sfns: dict[tuple[str, bool], StrataFn] = {}
+    dfns: dict[tuple[str, str], DeltaMaxFn | None] = {}
     inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
-                          np.ndarray | None]] = deque()
+                          np.ndarray | None, np.ndarray | None]] = deque()
 
     def pop_oldest() -> None:
-        i, job, fut, counts, strata = inflight.popleft()
+        i, job, fut, counts, strata, dmax = inflight.popleft()
         if fut is not None:
             fut.result()
             job.counts += counts
             job.strata += strata
+            if job.dmax is not None and dmax is not None:
+                job.dmax = max(job.dmax, float(dmax[0]))
             job.remaining -= 1
         if job.remaining == 0:
             finish_job(i, job)
@@ -293,31 +365,37 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                 fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
                 skey = (key[0], job.known is None)
                 sfn = sfns.get(skey) or sfns.setdefault(skey, _strata_fn(kernel, *skey))
+                if key not in dfns:
+                    dfns[key] = _delta_fn(kernel, *key)
+                dfn = dfns[key]
+                job.dmax = 0.0 if dfn is not None else None
                 n = job.a_info.numel
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
                 if not starts:  # an empty tensor: finished in order with the others
-                    inflight.append((i, job, None, None, None))
+                    inflight.append((i, job, None, None, None, None))
                 for start in starts:
                     stop = min(n, start + CHUNK)
                     counts = np.zeros(len(kernel.tols), dtype=np.int64)
                     strata = np.zeros((2, BINS), dtype=np.int64)
-                    fut = pool.submit(_chunk_task, fn, sfn, job, start, stop, counts, strata)
-                    inflight.append((i, job, fut, counts, strata))
+                    dmax = np.zeros(1, dtype=np.float64)
+                    fut = pool.submit(_chunk_task, fn, sfn, dfn, job, start, stop, counts,
+                                      strata, dmax, lossless)
+                    inflight.append((i, job, fut, counts, strata, dmax))
                     prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
                     while len(inflight) > window:
                         pop_oldest()
             while inflight:
                 pop_oldest()
         except BaseException:
-            for _, _, fut, _, _ in inflight:
+            for _, _, fut, _, _, _ in inflight:
                 if fut is not None:
                     fut.cancel()
             raise
 
 
 def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
-              finish_job: Callable[[int, _Job], None]) -> None:
+              finish_job: Callable[[int, _Job], None], lossless: bool = False) -> None:
     from maskhub.kernels.gpukernel import CudaDiffer
 
     differ = CudaDiffer.for_kernel(kernel)
@@ -326,8 +404,26 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
         if n:
             job.counts += differ.diff(job.a.raw(), job.b.raw(), job.a_info.dtype,
                                       job.b_info.dtype, n, job.packed)
+            if job.values is not None:  # a patch: its values are gathered on the CPU
+                sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
+                for start in range(0, n, CHUNK):
+                    stop = min(n, start + CHUNK)
+                    job.values[start] = patch_chunk(
+                        job.a.raw()[start * sa:stop * sa], job.b.raw()[start * sb:stop * sb],
+                        job.a_info.dtype, job.b_info.dtype,
+                        job.packed[start // 8:(stop + 7) // 8], lossless)
             _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
                                                                   job.strata)
+            for side, chunks, info in ((job.a, job.a_chunks, job.a_info),
+                                       (job.b, job.b_chunks, job.b_info)):
+                if not chunks:
+                    continue
+                step = CHUNK * itemsize(info.dtype)
+                for k, start in enumerate(range(side.begin, side.end, step)):
+                    chunks[k] = fp.chunk_digest(side.file.buf[start:min(side.end, start + step)])
+        dfn = _delta_fn(kernel, job.a_info.dtype, job.b_info.dtype)
+        if dfn is not None:
+            job.dmax = dfn(job.a.raw(), job.b.raw(), job.packed, n) if n else 0.0
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)
         job.b.file.release(job.b.begin, job.b.end - job.b.begin)
         prefetch.advance(job.a_info.nbytes + job.b_info.nbytes)

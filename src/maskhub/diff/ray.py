@@ -80,10 +80,11 @@ def _fail_once(marker: str) -> None:
 def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store: str,
                tol: float, sweep: Sequence[float], device: str, fail_once: str | None = None
                ) -> tuple[list[TensorStats], list[tuple[str, float, int]],
-                          list[tuple[str, int, int, int]]]:
+                          list[tuple[str, int, int, int]], dict[str, bytes], dict[str, bytes]]:
     """The body of one Ray task: diff the tensors of ``expect`` (``{name: (shape, base dtype,
     target dtype)}``, in checkpoint order) and write their arrays into ``store``; return their
-    stats, sweep counts and magnitude strata. Runs anywhere, with or without Ray."""
+    stats, sweep counts, magnitude strata and both sides' tensor digests. Runs anywhere,
+    with or without Ray."""
     base_ck = open_checkpoint(base_spec)
     target_ck = open_checkpoint(target_spec)
     try:
@@ -103,7 +104,8 @@ def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store
         target_ck.close()
     if fail_once:
         _fail_once(fail_once)
-    return outcome.tensors, outcome.sweep, outcome.strata
+    return (outcome.tensors, outcome.sweep, outcome.strata, outcome.base_digests,
+            outcome.target_digests)
 
 
 def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: Sequence[str],
@@ -148,7 +150,9 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
     gather(ray, refs, collect)
     outcome = DiffOutcome()
     for k in range(len(groups)):
-        stats, sweep_rows, strata_rows = results[k]
+        stats, sweep_rows, strata_rows, base_digests, target_digests = results[k]
+        outcome.base_digests.update(base_digests)
+        outcome.target_digests.update(target_digests)
         outcome.tensors.extend(stats)
         outcome.sweep.extend(sweep_rows)
         outcome.strata.extend(strata_rows)

@@ -24,11 +24,16 @@ from maskhub.diff.pipeline import run_diff
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
+from maskhub.kernels.patchbits import can_convert
+from maskhub.kernels.precision import check_budget, settle_null
 from maskhub.kernels.strata import StrataCache
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
+
+#: The tolerance of a diff without ``--patch`` (the paper's bf16 tolerance).
+DEFAULT_TOL = 1e-5
 
 
 def diff(
@@ -40,7 +45,7 @@ def diff(
     algorithm: str | None = None,
     seed: int | None = None,
     dataset: str | None = None,
-    tol: float = 1e-5,
+    tol: float | None = None,
     sweep: Sequence[float] = (),
     device: str = "auto",
     allow_missing: bool = False,
@@ -51,12 +56,29 @@ def diff(
     rank: bool = False,
     stats: bool = False,
     ray: str | None = None,
+    budget: float | None = None,
+    force: bool = False,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
+    patch: bool = False,
 ) -> MaskRecord:
     """Diff ``target`` against ``base`` and register the mask of updated parameters in
-    ``home`` (the arguments: see :meth:`maskhub.Registry.diff`)."""
+    ``home`` (the arguments: see :meth:`maskhub.Registry.diff`).
+
+    A diff whose base and target fingerprints, tolerance and sweep equal those of a registered
+    mask (and, with ``rank``/``stats``, one that has its analysis) registers nothing unless
+    ``name`` or ``force`` is given: the registered mask is returned, with ``reused = True``.
+    """
+    if tol is None:
+        tol = 0.0 if patch else DEFAULT_TOL
     check_tolerance(tol)
+    if patch and ray is not None:
+        raise UsageError("--patch does not run on Ray yet: drop --ray")
+    if patch and tol > 0 and warn is not None:
+        warn(f"a patch at --tol {tol:g} leaves out entries that moved by at most {tol:g}, so "
+             "`maskhub apply` will not rebuild the target exactly; --tol 0 (the default with "
+             "--patch) is lossless")
+    check_budget(budget)
     if any(not (math.isfinite(t) and t >= 0) for t in sweep):
         raise UsageError("sweep tolerances must be finite numbers >= 0")
     if ray is not None:
@@ -67,11 +89,14 @@ def diff(
         dev = resolve_device(device)
     if name is not None:
         home.check_new_name(name)
+    explicit_name = name is not None
     checked = interruptible(progress)
     with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
         base_ck = open_checkpoint(base)
         target_ck = open_checkpoint(target)
         names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
+        if patch:
+            _check_patchable(base_ck, target_ck, names)
         base_name = base_model or model_name(base_ck.ref)
         target_name = target_model or model_name(target_ck.ref)
         name = name or home.default_name(target_name)
@@ -87,7 +112,20 @@ def diff(
             else:
                 cache = StrataCache(home.home / "cache" / "strata") if home.index.writable \
                     else None
-                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache)
+                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache,
+                                   patch=patch)
+            same = None if (force or explicit_name or patch) else _same_diff(
+                home, outcome.base_fingerprint, outcome.target_fingerprint, float(tol),
+                kernel.sweep, rank or stats)
+            if same is not None:
+                remove_tree(tmp)
+                mask = home.get(same)
+                mask.reused = True
+                return mask
+            tensors, null = settle_null(outcome.tensors, outcome.strata, budget)
+            extra: dict = {"skipped_tensors": skipped} if skipped else {}
+            if null is not None:
+                extra["precision_null"] = null
             analysis = []
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
@@ -101,7 +139,9 @@ def diff(
                 algorithm=algorithm, seed=seed, dataset=dataset,
                 dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
                 sweep=tuple(kernel.sweep), notes=notes,
-                extra={"skipped_tensors": skipped} if skipped else {},
+                base_fingerprint=outcome.base_fingerprint,
+                target_fingerprint=outcome.target_fingerprint,
+                extra=extra, has_values=patch,
             )
             writer.finish(meta)
             check_interrupt()  # the last point where Ctrl-C stops the diff
@@ -111,9 +151,38 @@ def diff(
         finally:
             base_ck.close()
             target_ck.close()
-        return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis,
+        return home.register_store(tmp, meta, tensors, outcome.sweep, analysis,
                                    outcome.strata)
+
+
+def _check_patchable(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> None:
+    for n in names:
+        a, b = base.tensors[n].dtype, target.tensors[n].dtype
+        if not can_convert(a, b):
+            raise UsageError(f"--patch cannot rebuild tensor {n!r}: its base is {a} and its "
+                             f"target {b} (a patch converts between float dtypes only)")
 
 
 def _input_bytes(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> int:
     return sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
+
+
+def _same_diff(home: Home, base_fp: str | None, target_fp: str | None, tol: float,
+               sweep: Sequence[float], analysis: bool) -> str | None:
+    """The id of a registered mask made by the same diff (same content on both sides, same
+    tol and sweep; with ``analysis``, one that has ``tensor_analysis`` rows), else ``None``."""
+    if base_fp is None or target_fp is None:
+        return None
+    with home.index.connect(write=False) as con:
+        rows = con.execute(
+            "SELECT id, list_sort(coalesce(list_distinct((SELECT list(s.tol) FROM "
+            "tensor_sweep s WHERE s.mask_id = m.id)), [])), "
+            "EXISTS (SELECT 1 FROM tensor_analysis a WHERE a.mask_id = m.id) "
+            "FROM masks m WHERE base_fingerprint = ? AND target_fingerprint = ? AND tol = ? "
+            "AND operation IS NULL ORDER BY created_at",
+            [base_fp, target_fp, tol]).fetchall()
+    for mask_id, tols, has_analysis in rows:
+        if [float(t) for t in tols] == sorted(float(t) for t in sweep) and \
+                (has_analysis or not analysis):
+            return str(mask_id)
+    return None

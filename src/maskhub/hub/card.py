@@ -88,28 +88,33 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
     the per-module table and a snippet to pull and apply the mask.
 
     Checkpoints appear by Hub id or by the name given with ``--base-model/--target-model``;
-    a local path is left out (text and metadata). ``base_model`` (with
-    ``base_model_relation: adapter``: the mask is applied to the base to train it) only for
-    a Hub id; ``datasets`` when the run's dataset is known."""
+    a local path is left out (text and metadata). ``base_model`` only for a Hub id, and no
+    ``base_model_relation``: the Hub's relations (adapter, merge, quantized, finetune) all
+    promise weights loadable on the base, and a mask is none of them. ``datasets`` when the
+    run's dataset is known. The install line and the link come from maskhub's own package
+    metadata (:func:`project_source`): no package index name or URL it does not have."""
     from huggingface_hub import ModelCardData
 
     base, target = public_name(meta.base_model), public_name(meta.target_model)
     dataset = public_name(meta.dataset)
     algorithm = (meta.algorithm or "").strip().lower() or None
-    tags = [*BASE_TAGS, *([algorithm] if algorithm else [])]
+    tags = [*BASE_TAGS, *([algorithm] if algorithm else []),
+            *(["patch"] if meta.has_values else [])]
     details = {"mask_id": meta.id, "name": name, "algorithm": meta.algorithm,
                "base_model": base, "base_revision": meta.base_revision,
                "target_model": target, "target_revision": meta.target_revision,
                "seed": meta.seed, "dataset": dataset, "tol": meta.tol,
                "n_params": meta.n_params, "n_updated": meta.n_updated,
-               "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version}
+               "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version,
+        "has_values": meta.has_values or None}
     hub_base = base if is_hub_repo_id(base) else None
-    relation = {"base_model_relation": "adapter"} if hub_base else {}
     card = ModelCardData(
         library_name="maskhub", license=license, base_model=hub_base,
         datasets=[dataset] if dataset else None,
-        tags=tags, maskhub={k: v for k, v in details.items() if v is not None}, **relation,
+        tags=tags, maskhub={k: v for k, v in details.items() if v is not None},
     )
+    url, install = project_source()
+    made_with = f"[maskhub]({url})" if url else "maskhub"
     kind = f"{meta.algorithm} " if meta.algorithm else ""
     summary = [
         ("base model", _code(base, meta.base_revision)),
@@ -125,8 +130,7 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "---", card.to_yaml(), "---", "",
         f"# {name}: update mask", "",
         f"Which parameters the {kind}fine-tuning{of_target} changed{to_base}: a boolean "
-        "mask per parameter tensor, made with "
-        "[maskhub](https://github.com/maskhub/maskhub). "
+        f"mask per parameter tensor, made with {made_with}. "
         f"{100 * meta.density:.2f}% of the parameters were updated.", "",
         "| | |", "| --- | --- |",
         *(f"| {k} | {v} |" for k, v in summary if v not in (None, "")), "",
@@ -139,21 +143,41 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         lines.append(f"| {module} | {n} | {numel:,} | {upd:,} | {100 * sp:.2f}% |")
     rt = "" if repo_type == "model" else f', repo_type="{repo_type}"'
     rt_cli = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    load = (f'model = AutoModelForCausalLM.from_pretrained("{hub_base}", '
+            'torch_dtype=torch.bfloat16)' if hub_base else
+            "model = ...  # the base model this mask was made from (not a Hub repo: load it "
+            "as you do)")
     lines += [
         "", "## Use it", "",
-        "Train only the parameters this mask marks (gradient masking):", "",
+        "This repo holds a mask, not weights: it is not a PEFT adapter and needs maskhub "
+        "to be read (or zarr-python and numpy, see Files).", "",
+        "```bash", install, "```", "",
+        "Train only the parameters this mask marks (gradient masking; entries outside it "
+        "stay bit-identical to the base):", "",
         "```python",
+        "import torch",
+        "from transformers import AutoModelForCausalLM",
         "from maskhub import Mask",
-        f'mask = Mask.from_hub("{repo_id}"{rt})', "",
-        "from maskhub.torch import apply_mask",
+        "from maskhub.torch import apply_mask", "",
+        load,
+        f'mask = Mask.from_hub("{repo_id}"{rt})',
         "apply_mask(model, mask)  # train only the entries the mask marks as updated",
+        "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)",
+        "# ... your training loop (or a transformers/TRL Trainer)",
         "```", "",
-        "or from the command line:", "",
-        "```bash", f"pip install maskhub && maskhub pull {repo_id}{rt_cli}", "```", "",
+        "or fetch it from the command line:", "",
+        "```bash", f"maskhub pull {repo_id}{rt_cli}", "```", "",
+        *(_patch_lines(meta, base, target, repo_id, rt_cli) if meta.has_values else []),
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
         "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
-        "bitorder=...)`).",
+        "bitorder=...)`), or for a low-density tensor a byte-gap code (attribute "
+        "`encoding: gaps-u8`; `c = a[:].astype(np.int64)`, set indices "
+        "`np.cumsum(c + (c < 255))[c < 255] - 1`).",
+        *([f"- `{STORE_DIR}/values/`: the fine-tuned model's values at the updated entries, "
+           "one 1-D array per tensor in flat C order of the set bits, in the tensor's dtype "
+           "(bf16 as its `uint16` bits; attribute `dtype`); `flat = base.ravel().copy(); "
+           "flat[np.flatnonzero(mask)] = values`."] if meta.has_values else []),
         f"- `{TENSORS_FILE}`: per-tensor counts.",
         f"- `{METADATA_FILE}`: metadata and the sha256 of every file; `maskhub pull` checks "
         "them all.", "",
@@ -161,7 +185,58 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
     return "\n".join(lines)
 
 
+def _patch_lines(meta: MaskMetadata, base: str | None, target: str | None, repo_id: str,
+                 rt_cli: str) -> list[str]:
+    """The card's section on rebuilding the fine-tuned model from the base (a patch)."""
+    if is_hub_repo_id(base):
+        base_arg = f"{base}@{meta.base_revision}" if meta.base_revision else str(base)
+    else:
+        base_arg = "BASE"
+    out = "./" + (target.rstrip("/").rsplit("/", 1)[-1] if target else "rebuilt")
+    what = f"`{target}`" if target else "the fine-tuned model"
+    frm = f"`{base}`" if base else "its base"
+    exact = (" bit for bit" if meta.tol == 0 else
+             f" except for entries that moved by at most {meta.tol:g} (a lossy patch)")
+    lines = ["", "## Rebuild the fine-tuned model", "",
+             f"This repo is a patch: it also holds the values of {what} at the updated "
+             f"entries, so it rebuilds {what} from {frm}{exact}, one tensor at a time:", "",
+             "```bash", f"pip install maskhub && maskhub apply {repo_id}{rt_cli} "
+             f"{base_arg} {out}", "```", ""]
+    if base_arg == "BASE":
+        lines += ["(BASE: the base checkpoint, a directory of safetensors; `maskhub apply` "
+                  "checks that it holds the tensors, shapes and dtypes the patch was made "
+                  "from.)", ""]
+    return lines
+
+
 def _code(model: str | None, revision: str | None) -> str | None:
     if model is None:
         return None
     return f"`{model}`" + (f" @ `{revision}`" if revision else "")
+
+
+def project_source() -> tuple[str | None, str]:
+    """``(url, install line)`` for maskhub as its installed package metadata describes it:
+    the project URL when the metadata has one (``[project.urls]``), and a ``pip install``
+    line that holds: from that repository when there is one, else a comment saying the
+    package is not on a package index (no ``pip install maskhub``: that name on PyPI is not
+    this project's unless its metadata says so)."""
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata("maskhub")
+        version = meta.get("Version") or ""
+    except metadata.PackageNotFoundError:
+        meta, version = None, ""
+    url = None
+    if meta is not None:
+        labelled = {}
+        for entry in meta.get_all("Project-URL") or []:
+            label, _, value = entry.partition(",")
+            labelled[label.strip().lower()] = value.strip()
+        url = next((labelled[k] for k in ("repository", "source", "homepage")
+                    if labelled.get(k)), None) or meta.get("Home-page") or None
+    if url and url.startswith("https://"):
+        return url, f'pip install "maskhub @ git+{url}"'
+    return None, (f"# maskhub {version} is not published on a package index: install it "
+                  "from its source tree (pip install -e .)").replace("  ", " ")

@@ -5,15 +5,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from maskhub.checkpoints.validate import check_mask_counts, load_json, short
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.schemas.metadata import FORMAT_VERSION, MaskMetadata
+from maskhub.schemas.names import valid_mask_name
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -147,8 +148,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     Raises :class:`MaskStoreError` with one line naming ``where`` for anything wrong.
     """
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = load_json(data, f"Hub repo {where}: {METADATA_FILE}")
+    except MaskStoreError:
         doc = None
     if not isinstance(doc, dict) or doc.get("kind") != HUB_KIND:
         raise MaskStoreError(f"Hub repo {where} is not a maskhub mask: its {METADATA_FILE} is "
@@ -174,6 +175,11 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if wrong:
         raise MaskStoreError(f"Hub repo {where}: bad mask metadata: {', '.join(wrong)} has the "
                              "wrong type", where)
+    check_mask_counts(attrs, f"Hub repo {where}")
+    if not valid_mask_name(meta.name):
+        raise MaskStoreError(f"Hub repo {where}: bad mask metadata: name {short(meta.name)} "
+                             "breaks the mask-name rules (letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit, at most 200 characters)", where)
     tensors = attrs.get("tensors")
     if not isinstance(tensors, list):
         raise MaskStoreError(f"Hub repo {where}: the mask metadata lists no tensors", where)

@@ -16,9 +16,20 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maskhub.checkpoints.hubio import hub_errors, hub_messages
+from maskhub.checkpoints.hubio import (
+    hub_cache_failure,
+    hub_errors,
+    hub_messages,
+    unresolvable_host,
+)
 from maskhub.checkpoints.sources import split_revision
-from maskhub.errors import HubError, MaskStoreError, NameTakenError, UsageError
+from maskhub.errors import (
+    HubError,
+    MaskStoreError,
+    NameTakenError,
+    UsageError,
+    environment_errors,
+)
 from maskhub.hub.card import (
     ANALYSIS_FIELDS,
 )
@@ -37,6 +48,7 @@ from maskhub.hub.layout import (
     parse_manifest,
     safe_relpath,
 )
+from maskhub.kernels.precision import settle_null
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
@@ -82,7 +94,12 @@ def _read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             raise MaskStoreError(f"Hub repo {where} is not a maskhub mask: it has no "
                                  f"{METADATA_FILE}", where) from exc
         except LocalEntryNotFoundError as exc:
-            why = ("HF_HUB_OFFLINE is set" if is_offline()
+            failure = hub_cache_failure(exc)  # the cache could not be written: not the network
+            if failure is not None:
+                raise failure from exc
+            host = unresolvable_host()
+            why = (f"the Hub cannot be reached ({host} does not resolve: offline?)" if host
+                   else "HF_HUB_OFFLINE is set" if is_offline()
                    else "the Hub cannot be reached or the download failed")
             raise HubError(f"{where} is not (completely) in the local Hugging Face cache and "
                            f"{why}", repo_id) from exc
@@ -277,10 +294,14 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     remove_tree(tmp)
     tmp.mkdir(parents=True)
     try:
-        parquet = _fetch(folder, needed, manifest, tmp, where)
+        with environment_errors(tmp):  # the copy into staging met a full disk
+            parquet = _fetch(folder, needed, manifest, tmp, where)
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
         sweep, analysis, strata = _check_parquet(parquet, stats, where)
+        null = meta.extra.get("precision_null")
+        if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
+            stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor again
         notes: tuple[str, ...] = ()
         if name is None:
             stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from maskhub.checkpoints.hubio import hub_errors
+from maskhub.checkpoints.hubio import hub_errors, hub_messages
 from maskhub.errors import UsageError
 from maskhub.hub.layout import (
     BASE_TAGS,
@@ -19,12 +20,14 @@ if TYPE_CHECKING:
 
 
 def search(*, base_model: str | None = None, algorithm: str | None = None,
-           repo_type: str = "model", limit: int = 50,
-           token: str | None = None) -> list[dict[str, Any]]:
+           repo_type: str = "model", limit: int = 50, token: str | None = None,
+           notice: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Mask repos on the Hub (tag ``maskhub``), optionally of one base model
     (``base_model:<id>`` tag) and one algorithm (its tag); most recent first where the Hub
     sorts. Each hit: ``repo_id, repo_type, base_model, algorithm, sparsity, n_params, tags,
-    last_modified, downloads, likes``."""
+    last_modified, downloads, likes``. ``notice``: where huggingface_hub's own messages go,
+    as short lines (see :func:`~maskhub.checkpoints.hubio.hub_messages`); offline, the one
+    error line comes at once (no retries against a host name that does not resolve)."""
     if repo_type not in REPO_TYPES:
         raise UsageError(f"repo type must be one of {', '.join(REPO_TYPES)}, not {repo_type!r}")
     if limit < 1:
@@ -35,7 +38,7 @@ def search(*, base_model: str | None = None, algorithm: str | None = None,
     if algorithm:
         filters.append(algorithm.strip().lower())
     api = hf_api(token)
-    with hub_errors("Hub search"):
+    with hub_messages(notice, progress=False), hub_errors("Hub search"):
         if repo_type == "model":
             items = list(api.list_models(filter=filters, cardData=True, limit=limit))
         else:

@@ -19,9 +19,21 @@ from typing import Any
 import numpy as np
 
 from maskhub.checkpoints.header import PICKLE_SUFFIXES, read_header
-from maskhub.errors import MaskStoreError, UsageError
+from maskhub.checkpoints.validate import (
+    MAX_CHUNK_BYTES,
+    ArrayFacts,
+    check_array_document,
+    check_tree,
+    present_chunks,
+    read_array_metadata,
+    read_json_file,
+    short,
+)
+from maskhub.errors import MaskhubError, MaskStoreError, UsageError
 from maskhub.hub.layout import safe_relpath
+from maskhub.kernels.bitcount import popcount
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND
+from maskhub.storage.gapcode import ENCODING_ATTR, GAPS_U8, GapCodeError, decode
 
 #: What an imported tensor's mask may be held as: booleans, or 0/1 in ``uint8``.
 MASK_DTYPES = ("bool", "uint8")
@@ -126,13 +138,16 @@ def from_zarr(path: Path) -> MaskSource:
     import zarr
 
     where = path.name
+    _check_store_files(path, where)
     try:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
         attrs = dict(group.attrs)
         arrays = dict(group.arrays())
         subgroups = [n for n, _ in group.groups()]
     except Exception as exc:
-        raise MaskStoreError(f"{path} is not a readable Zarr v3 group: {exc}", str(path)) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskStoreError(f"{path} is not a readable Zarr v3 group: {first}",
+                             str(path)) from exc
     if attrs.get("kind", STORE_KIND) != STORE_KIND:
         raise MaskStoreError(f"{where}: its kind is {attrs['kind']!r}, not {STORE_KIND!r}",
                              where)
@@ -164,14 +179,21 @@ def from_zarr(path: Path) -> MaskSource:
 
     def read(name: str) -> ImportedTensor:
         arr = arrays[name]
-        a = dict(arr.attrs)
-        if arr.dtype == np.uint8 and "shape" in a:
-            got = _unpack(name, arr, a, where)
-        else:
-            got = pack_bits(name, np.asarray(arr[...]), where)
-            if "shape" in a and [int(s) for s in a["shape"]] != list(got.shape):
-                raise MaskStoreError(f"{where}: array {name!r} has shape {list(got.shape)}, "
-                                     f"its shape attribute says {a['shape']}", where)
+        facts = read_array_metadata(path / name, name, where, path)
+        a = facts.attributes
+        try:
+            if facts.encoded:
+                got = _ungap(name, arr, dict(a), where)
+            elif facts.packed:
+                got = _unpack(name, arr, facts, path / name, where)
+            else:
+                got = _read_unpacked(name, arr, facts, path / name, where)
+        except MaskhubError:
+            raise
+        except Exception as exc:  # zarr and its codecs raise their own types on corrupt chunks
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MaskStoreError(f"{where}: cannot read array {short(name)}: {first}",
+                                 where) from exc
         for key, value in (("numel", got.numel), ("n_updated", got.n_updated)):
             if key in a and a[key] != value:
                 raise MaskStoreError(f"{where}: array {name!r} has {key} {value}, its "
@@ -181,23 +203,135 @@ def from_zarr(path: Path) -> MaskSource:
     return MaskSource("zarr", where, names, read, attrs)
 
 
-def _unpack(name: str, arr: Any, attrs: dict[str, Any], where: str) -> ImportedTensor:
-    """A packed ``uint8`` array (attributes ``shape``, ``bitorder``), repacked little-endian
-    with its padding bits cleared."""
-    shape = attrs["shape"]
-    bitorder = attrs.get("bitorder")
+def _check_store_files(path: Path, where: str) -> None:
+    """Before zarr opens anything: every file of the store a regular file inside it, every
+    ``zarr.json`` of bounded size and nesting (see :mod:`maskhub.checkpoints.validate`)."""
+    check_tree(path, where)
+    for dirpath, _dirs, files in os.walk(path):
+        if "zarr.json" in files:
+            rel = Path(dirpath).relative_to(path).as_posix()
+            doc = read_json_file(Path(dirpath) / "zarr.json", f"{where}/zarr.json" if rel == "."
+                                 else f"{where}/{rel}/zarr.json")
+            if rel != "." and isinstance(doc, dict) and doc.get("node_type") == "array":
+                check_array_document(doc, rel, where)
+
+
+def _zeros(nbytes: int, name: str, where: str) -> np.ndarray:
+    """A zero-filled buffer; its pages are only touched where chunks are stored."""
+    try:
+        return np.zeros(nbytes, dtype=np.uint8)
+    except MemoryError as exc:
+        raise MaskStoreError(f"{where}: array {short(name)} needs {nbytes} bytes, more than "
+                             "this process can allocate", where) from exc
+
+
+def _ungap(name: str, arr: Any, attrs: dict[str, Any], where: str) -> ImportedTensor:
+    """A byte-gap coded ``uint8`` array (attributes ``encoding: "gaps-u8"``, ``shape``)."""
+    shape = attrs.get("shape")
+    if attrs[ENCODING_ATTR] != GAPS_U8:
+        raise MaskStoreError(f"{where}: array {name!r} has encoding {attrs[ENCODING_ATTR]!r}; "
+                             f"this maskhub reads packed bits and {GAPS_U8!r}", where)
     if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise MaskStoreError(f"{where}: array {name!r} has a bad shape attribute {shape!r}",
                              where)
+    if arr.dtype != np.uint8 or len(arr.shape) != 1:
+        raise MaskStoreError(f"{where}: gap-coded array {name!r} is {arr.dtype} of shape "
+                             f"{list(arr.shape)}, not one-dimensional uint8", where)
+    try:
+        packed, count = decode(np.asarray(arr[...]), math.prod(shape))
+    except GapCodeError as exc:
+        raise MaskStoreError(f"{where}: array {name!r}: {exc}", where) from exc
+    return ImportedTensor(name, tuple(shape), packed, count)
+
+
+def _unpack(name: str, arr: Any, facts: ArrayFacts, directory: Path, where: str
+            ) -> ImportedTensor:
+    """A packed ``uint8`` array (attributes ``shape``, ``bitorder``; checked by the
+    validator), repacked little-endian with its padding bits cleared, read chunk by chunk:
+    only the chunks present are read, so memory follows the bytes stored."""
+    shape = [int(s) for s in facts.attributes["shape"]]
+    bitorder = facts.attributes.get("bitorder")
     if bitorder not in ("little", "big"):
         raise MaskStoreError(f"{where}: packed array {name!r} needs a bitorder attribute, "
-                             f"'little' or 'big' (not {bitorder!r})", where)
+                             f"'little' or 'big' (not {short(bitorder)})", where)
     numel = math.prod(shape)
-    if arr.shape != ((numel + 7) // 8,):
-        raise MaskStoreError(f"{where}: packed array {name!r} has shape {list(arr.shape)}; "
-                             f"{numel} entries need [{(numel + 7) // 8}] bytes", where)
-    bits = np.unpackbits(np.asarray(arr[...]), count=numel, bitorder=bitorder)
-    return pack_bits(name, bits.view(bool).reshape(shape), where)
+    nbytes, chunk = facts.shape[0], facts.chunk_shape[0]
+    out = _zeros(nbytes, name, where)
+    count = 0
+    for (i,) in present_chunks(directory, facts):
+        start, stop = i * chunk, min(nbytes, (i + 1) * chunk)
+        part = np.asarray(arr[start:stop])
+        out[start:stop] = _REVERSED[part] if bitorder == "big" else part
+        if stop == nbytes and numel % 8:
+            out[-1] &= (1 << (numel % 8)) - 1
+        count += popcount(out[start:stop])  # only the bytes present: untouched pages stay so
+    return ImportedTensor(name, tuple(shape), out, count)
+
+
+def _read_unpacked(name: str, arr: Any, facts: ArrayFacts, directory: Path, where: str
+                   ) -> ImportedTensor:
+    """A ``bool`` (or ``uint8`` 0/1) array shaped like its parameter, packed slab by slab of
+    chunk rows: rows with no chunk stored are zeros and are never read."""
+    shape = facts.shape
+    numel = math.prod(shape)
+    out = _zeros((numel + 7) // 8, name, where)
+    if not shape:  # a 0-d array
+        got = pack_bits(name, np.asarray(arr[...]).reshape(1), where)
+        return ImportedTensor(name, (), got.packed, got.n_updated)
+    row = math.prod(shape[1:])
+    rows = facts.chunk_shape[0]
+    count = 0
+    if rows * row <= MAX_CHUNK_BYTES:
+        for r in sorted({index[0] for index in present_chunks(directory, facts)}):
+            lo, hi = r * rows, min(shape[0], (r + 1) * rows)
+            bits = _mask_values(name, np.asarray(arr[lo:hi]), where)
+            _put_bits(out, lo * row, bits)
+            count += int(np.count_nonzero(bits))
+    else:  # rows too wide to read whole: one chunk at a time, its set entries placed
+        for index in present_chunks(directory, facts):
+            sel = tuple(slice(i * c, min(s, (i + 1) * c))
+                        for i, c, s in zip(index, facts.chunk_shape, shape, strict=True))
+            block = _mask_values(name, np.asarray(arr[sel]), where).reshape(
+                [b.stop - b.start for b in sel])
+            hits = np.nonzero(block)
+            count += int(hits[0].size)
+            if hits[0].size:
+                flat = np.ravel_multi_index(tuple(h + b.start for h, b in zip(hits, sel,
+                                                                              strict=True)),
+                                            shape)
+                np.bitwise_or.at(out, flat >> 3, (1 << (flat & 7)).astype(np.uint8))
+    return ImportedTensor(name, tuple(shape), out, count)
+
+
+def _mask_values(name: str, values: np.ndarray, where: str) -> np.ndarray:
+    """``values`` as a flat bool array: a ``bool`` array, or ``uint8`` holding 0 and 1."""
+    if values.dtype == np.uint8:
+        if values.size and int(values.max()) > 1:
+            raise MaskStoreError(f"{where}: tensor {name!r} holds values other than 0 and 1 "
+                                 f"(up to {int(values.max())}); a mask is bool, or uint8 0/1",
+                                 where)
+        return values.view(bool).ravel()
+    if values.dtype != np.bool_:
+        raise MaskStoreError(f"{where}: tensor {name!r} is {values.dtype}; a mask is bool, or "
+                             "uint8 0/1", where)
+    return values.ravel()
+
+
+def _put_bits(out: np.ndarray, pos: int, bits: np.ndarray) -> None:
+    """OR the entries ``bits`` into the little-endian packed ``out`` from entry ``pos``."""
+    lead = min((-pos) % 8, bits.size)
+    for j in np.flatnonzero(bits[:lead]):
+        out[(pos + j) >> 3] |= np.uint8(1 << ((pos + j) & 7))
+    pos += lead
+    bits = bits[lead:]
+    if bits.size:
+        packed = np.packbits(bits, bitorder=BITORDER)
+        out[pos >> 3:(pos >> 3) + packed.size] |= packed
+
+
+#: Each byte with its bit order reversed (big to little bit order).
+_REVERSED = np.packbits(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                                      bitorder="big"), axis=1, bitorder="little").ravel()
 
 
 def open_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> MaskSource:

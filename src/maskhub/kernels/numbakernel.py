@@ -180,3 +180,31 @@ def strata_counts(a, shift, emask, packed, n, out):  # pragma: no cover - compil
             total += loc[k, e]
         out[0, e] += total
     strata_updated(a, shift, emask, packed, n, out)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def max_abs_delta(a, b, ka, kb, packed, n):  # pragma: no cover - compiled
+    """Largest ``|b - a|`` (float64, NaN ignored) over the entries whose bit is set in
+    ``packed``; ``ka``/``kb`` the kinds of :func:`_value`. Walks the set bits, 64 at a time."""
+    best = 0.0
+    nb = (n + 7) // 8
+    nw = nb // 8
+    for w in range(nw):
+        word = _u64(0)
+        for k in range(8):
+            word |= _u64(packed[w * 8 + k]) << _u64(8 * k)
+        while word:
+            i = w * 64 + trailing_zeros(word)
+            d = abs(_value(b[i], kb) - _value(a[i], ka))
+            if d > best:  # False for NaN
+                best = d
+            word &= word - _u64(1)
+    for byte_i in range(nw * 8, nb):
+        byte = packed[byte_i]
+        for k in range(8):
+            i = byte_i * 8 + k
+            if i < n and (byte >> k) & 1:
+                d = abs(_value(b[i], kb) - _value(a[i], ka))
+                if d > best:
+                    best = d
+    return best

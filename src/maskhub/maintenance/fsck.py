@@ -9,6 +9,11 @@ writer is between its rename and its commit while we look):
 * every ``masks`` row has its store, and the store the arrays its ``tensors`` rows list;
 * every store under ``masks/`` (and, with a remote store root, under ``<root>/masks/``) has
   its row, and no tombstone (``<id>.zarr.removing``) is left;
+* the counts of every ``masks`` and ``tensors`` row are what the one validator
+  (:mod:`maskhub.checkpoints.validate`) accepts: non-negative, ``n_updated <= numel``,
+  ``numel`` the product of the shape, a mask's totals the sums of its tensors';
+* files in ``tmp/trash`` (what recovery moved aside, deleted a bounded amount per open) are
+  counted, not problems; ``repair`` deletes them all;
 * every row of a table that refers to a mask (``mask_id``; ``mask_a``/``mask_b`` of the
   overlap cache) names a registered mask, and every ``trajectory_points`` row a trajectory.
 
@@ -24,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from maskhub.checkpoints.validate import count_problem, short
 from maskhub.core.intents import INTENT_SUFFIX, PARTIAL_SUFFIX, iter_intents, parse_name, pid_alive
 from maskhub.errors import MaskhubError
 from maskhub.storage import remote
 from maskhub.storage.files import TOMBSTONE_SUFFIX, discard, remove_tree
+from maskhub.storage.trash import count_trash, empty_trash
 
 if TYPE_CHECKING:
     import duckdb
@@ -78,6 +85,12 @@ class FsckReport:
         if c.get("trajectories_removed_masks"):
             notes.append(f"{c['trajectories_removed_masks']} trajectory(ies) name a removed "
                          "mask")
+        if c.get("trash"):
+            notes.append(f"{c['trash']} file(s) left by interrupted writes in tmp/trash, "
+                         "deleted a bounded amount at each open; fsck --repair deletes them "
+                         "now")
+        if c.get("trash_deleted"):
+            notes.append(f"deleted {c['trash_deleted']} file(s) and folder(s) from tmp/trash")
         if c.get("in_progress"):
             notes.append(f"{c['in_progress']} write(s) in progress")
         state = "clean" if not self.findings else "clean after repair"
@@ -124,10 +137,14 @@ def fsck(home: Home, repair: bool = False) -> FsckReport:
         rows = {r[0]: (r[1], r[2]) for r in con.execute(
             "SELECT id, name, store_url FROM masks").fetchall()}
         later = _rows(home, con, rows, busy, counts)
+        later += _counts(con, rows, busy)
         later += _stores(home, rows, busy, counts)
         later += _references(home, con, rows, counts)
         if repair:
             _apply(later)
+    if repair:
+        counts["trash_deleted"] = empty_trash(home.tmp_dir)[0]
+    counts["trash"] = count_trash(home.tmp_dir)
     return FsckReport([*findings, *staging, *later], counts)
 
 
@@ -226,6 +243,40 @@ def _rows(home: Home, con: duckdb.DuckDBPyConnection, rows: dict[str, tuple[str,
                                f"{subject}: its store {where} lacks the array "
                                f"{missing[0]!r}{more} (repair: unregister it, delete the store)",
                                fix=_unregister(home, mask_id, local)))
+    return out
+
+
+def _counts(con: duckdb.DuckDBPyConnection, rows: dict[str, tuple[str, str | None]],
+            busy: set[str]) -> list[Finding]:
+    """The invariants of :mod:`maskhub.checkpoints.validate` on what is indexed: counts
+    non-negative, ``n_updated <= numel``, ``numel`` the product of the shape, each mask's
+    totals the sums of its tensors'. No repair: the mask's bits cannot be trusted; the
+    message says how to remove it."""
+    bad: dict[str, str] = {}
+    for mask_id, n_params, n_updated in con.execute(
+            "SELECT id, n_params, n_updated FROM masks WHERE n_params < 0 OR n_updated < 0 "
+            "OR n_updated > n_params").fetchall():
+        bad[mask_id] = count_problem(n_params, n_updated) or ""
+    for mask_id, tensor, shape, numel, n_updated in con.execute(
+            "SELECT mask_id, tensor, shape, numel, n_updated FROM tensors ORDER BY mask_id, "
+            "tensor").fetchall():
+        problem = count_problem(numel, n_updated, list(shape))
+        if problem and mask_id not in bad:
+            bad[mask_id] = f"tensor {short(tensor)}: {problem}"
+    for mask_id, n_params, n_updated, t_params, t_updated in con.execute(
+            "SELECT m.id, m.n_params, m.n_updated, sum(t.numel), sum(t.n_updated) FROM masks m "
+            "JOIN tensors t ON t.mask_id = m.id GROUP BY ALL HAVING sum(t.numel) <> m.n_params "
+            "OR sum(t.n_updated) <> m.n_updated").fetchall():
+        bad.setdefault(mask_id, f"its tensors hold {t_params} entries and {t_updated} updated, "
+                                f"the mask row says {n_params} and {n_updated}")
+    out = []
+    for mask_id, problem in sorted(bad.items(), key=lambda kv: rows.get(kv[0], ("",))[0]):
+        if mask_id in busy or mask_id not in rows:
+            continue
+        name = rows[mask_id][0]
+        subject = f"mask {name} ({_short(mask_id)})"
+        out.append(Finding("bad-counts", subject, f"{subject}: {problem} (its bits cannot be "
+                           f"trusted; remove it: `maskhub rm {name}`)"))
     return out
 
 

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from maskhub.analytics.compare import CompareReport
     from maskhub.analytics.overlap import OverlapMatrix, OverlapResult
     from maskhub.analytics.trajectory import TrajectoryResult
+    from maskhub.diff.apply import ApplyResult
     from maskhub.hub.pull import PullResult
     from maskhub.hub.push import PushResult
     from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
+    from maskhub.training.recorder import Recorder
     from maskhub.training.verify import VerifyReport
 
 
@@ -56,6 +58,20 @@ class Mask(MaskRecord):
 
         return torch.from_numpy(self[tensor]).to(device)
 
+    def apply_to(self, model: torch.nn.Module, *, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, name_map: Any = None,
+                 extra: str = "error") -> int:
+        """Write this patch's values into ``model`` (which holds the patch's base) in place,
+        on whatever device each parameter lives, and return the number of entries written:
+        the model then holds the target (bit for bit in the target's dtypes). Names map as in
+        :func:`maskhub.torch.apply_mask` (``strip_prefix``, ``add_prefix``, ``name_map``);
+        ``extra="ignore"`` skips patch tensors the model lacks. A mask without values raises
+        :class:`~maskhub.errors.PatchError`. See :mod:`maskhub.training.patching`."""
+        from maskhub.training.patching import apply_patch
+
+        return apply_patch(model, self, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                           name_map=name_map, extra=extra)
+
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
 
     @classmethod
@@ -74,6 +90,14 @@ class Mask(MaskRecord):
         return self.registry.push(self.id, repo_id, private=private, revision=revision,
                                   commit_message=commit_message, repo_type=repo_type,
                                   license=license, token=token)
+
+    # -- issue 26: metadata edits (maskhub.maintenance.edit) ------------------------------
+
+    def update(self, **changes: Any) -> Mask:
+        """Correct this mask's metadata (``name``, ``base_model``, ``algorithm``, ``seed``,
+        ``dataset``, ``tags``, ``notes``...), recorded; returns the mask as now registered
+        (see :meth:`Registry.edit`)."""
+        return self.registry.edit(self.id, **changes)
 
 
 class Registry(Home):
@@ -142,18 +166,36 @@ class Registry(Home):
         for it. It shows the registry as it was when taken: call again for newer rows."""
         return self.index.snapshot()
 
-    def show(self, ref: str) -> dict[str, Any]:
+    def show(self, ref: str, control: str | None = None) -> dict[str, Any]:
         """Summary of one mask: its row, per-layer and per-module tables, the sweep, and the
-        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`)."""
-        from maskhub.analytics.summary import mask_summary
+        ``--rank/--stats`` summary (see :func:`maskhub.analytics.summary.mask_summary`).
+        ``control``: a second mask set beside it (``"control"``: e.g. the diff of the same
+        run's fp32 masters; :func:`maskhub.analytics.summary.control_summary`)."""
+        from maskhub.analytics.summary import control_summary, mask_summary
 
-        return mask_summary(self, ref)
+        info = mask_summary(self, ref)
+        if control is not None:
+            info["control"] = control_summary(self, ref, control)
+        return info
 
     def rm(self, ref: str) -> Mask:
         """Unregister a mask and delete its store; returns the removed mask. Masks derived
         from it (:meth:`derived_from`) stay, their lineage still naming its id."""
         mask = self.get(ref)
         self.remove(mask)
+        return mask
+
+    def edit(self, ref: str, **changes: Any) -> Mask:
+        """Correct a mask's metadata after the fact (the library call of ``maskhub edit``):
+        ``name``, ``base_model``, ``base_revision``, ``target_model``, ``target_revision``,
+        ``algorithm``, ``seed``, ``dataset``, ``tags`` (the new list), ``notes``; ``None``
+        leaves a field as it is. The index row and the store's attributes change together;
+        each change is recorded in ``masks.edits`` (and ``masks.edited_at``). Bits, counts and
+        fingerprints are not editable. See :mod:`maskhub.maintenance.edit`."""
+        from maskhub.maintenance.edit import edit
+
+        mask = edit(self, self.get(ref), changes)
+        assert isinstance(mask, Mask)
         return mask
 
     def fsck(self, repair: bool = False) -> FsckReport:
@@ -175,7 +217,7 @@ class Registry(Home):
         algorithm: str | None = None,
         seed: int | None = None,
         dataset: str | None = None,
-        tol: float = 1e-5,
+        tol: float | None = None,
         sweep: Sequence[float] = (),
         device: str = "auto",
         allow_missing: bool = False,
@@ -186,14 +228,22 @@ class Registry(Home):
         rank: bool = False,
         stats: bool = False,
         ray: str | None = None,
+        force: bool = False,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
+        patch: bool = False,
+        budget: float | None = None,
     ) -> Mask:
         """Diff ``target`` against ``base`` and register the mask of updated parameters.
 
         ``base``/``target``: a ``.safetensors`` file, a directory (single file or sharded with
         ``model.safetensors.index.json``) or a Hub repo id ``org/name[@revision]``.
-        ``tol``: a parameter is updated iff ``|target - base| > tol``. ``sweep``: extra
+        ``tol``: a parameter is updated iff ``|target - base| > tol`` (default ``1e-5``; ``0``
+        with ``patch``). ``patch``: also store the target's values at the set bits, so that
+        :meth:`apply` rebuilds the target from the base; at ``tol = 0`` (its default) the
+        mask then holds every entry whose bits differ (also +0 vs -0 and NaN payloads, which
+        ``tol = 0`` alone counts as unchanged) and the rebuild is bit for bit; at ``tol > 0``
+        it is not (``warn`` says so). ``sweep``: extra
         tolerances whose per-tensor counts are recorded too. ``base_model``/``target_model``
         override the recorded model names (default: the repo id or the absolute path).
         ``rank``: also record the numerical rank of every 2-D update (the paper's Table 2);
@@ -204,6 +254,13 @@ class Registry(Home):
         (``RAY_ADDRESS`` or a local Ray); see :mod:`maskhub.diff.ray`. Same bits.
         With a remote store (``Registry(store=...)``) the store is written to that URL.
         A CPU diff never imports torch (only ``rank``/``stats`` and CUDA do).
+        ``budget``: the movement budget of the precision null (entries whose smallest
+        recordable change at their |θ0| exceeds it could not have changed; see
+        :mod:`maskhub.kernels.precision`); default the largest |Δ| observed.
+        The diff records a content fingerprint of each side (``base_fingerprint``,
+        ``target_fingerprint``: :mod:`maskhub.checkpoints.fingerprint`). Without ``name``, a
+        diff identical to a registered one (same fingerprints, tol and sweep) registers
+        nothing and returns that mask (``mask.reused`` is True); ``force`` registers a copy.
         """
         from maskhub.diff.run import diff
 
@@ -211,9 +268,33 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, progress=progress, warn=warn)
+                    ray=ray, budget=budget, force=force, progress=progress, warn=warn,
+                    patch=patch)
         assert isinstance(mask, Mask)
         return mask
+
+    # -- patches: a mask with the target's values (maskhub.diff.apply) ----------------------
+
+    def apply(self, mask: str | Mask, base: str | os.PathLike[str],
+              out: str | os.PathLike[str], *, progress: ProgressFn | None = None,
+              warn: Callable[[str], None] | None = None,
+              notice: Callable[[str], None] | None = None) -> ApplyResult:
+        """Rebuild the target of patch ``mask`` (a name, id prefix, :class:`Mask`, or a Hub
+        repo id ``org/name[@rev]``, pulled first) from ``base`` into the new directory
+        ``out``: safetensors laid out like ``base`` (same shard names and index), in the
+        target's dtypes, bit for bit the target for a patch made at ``tol = 0``. ``base``
+        must be the patch's base (same tensor names, shapes and dtypes), else
+        :class:`~maskhub.errors.MaskMismatchError`; a mask without values raises
+        :class:`~maskhub.errors.PatchError`. Streams one tensor at a time; no torch."""
+        from maskhub.diff.apply import apply
+
+        if isinstance(mask, str) and "/" in mask:
+            from maskhub.checkpoints.sources import split_revision
+
+            repo, rev = split_revision(mask)
+            mask = self.pull(repo, rev, notice=notice, progress=False).mask  # type: ignore[assignment]
+        record = mask if isinstance(mask, MaskRecord) else self.get(mask)
+        return apply(record, base, out, progress=progress, warn=warn)
 
     # -- masks made elsewhere (maskhub.ingest) ---------------------------------------------
 
@@ -223,13 +304,34 @@ class Registry(Home):
             target_revision: str | None = None, tol: float | None = None,
             algorithm: str | None = None, seed: int | None = None, dataset: str | None = None,
             tags: Sequence[str] = (), notes: str | None = None,
-            progress: ProgressFn | None = None) -> Mask:
+            base: str | os.PathLike[str] | None = None,
+            progress: ProgressFn | None = None,
+            warn: Callable[[str], None] | None = None) -> Mask:
         """Register a mask made elsewhere (the library call of ``maskhub import``, a Python
         keyword): ``source`` is a Zarr v3 store in the documented layout, a ``.safetensors``
         file of ``bool``/``uint8`` masks, or a mapping ``{parameter name: numpy array or torch
         tensor}``. ``base_model`` is required unless the store records it; the other
         arguments override the store's attributes. Checked like a pull (shapes, counts,
-        names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`."""
+        names); no magnitude strata (they need θ0). See :mod:`maskhub.ingest.add`.
+
+        ``base``: ``source`` is a sparse patch file (TRL delta sync, vLLM checkpoint patch,
+        ``NAME.indices`` + ``NAME.values``) of the checkpoint ``base``, registered as a patch
+        (mask + values) that rebuilds the patched weights; ``tol`` defaults to 0 (lossless:
+        every entry whose bits change). See :mod:`maskhub.ingest.patch_import`."""
+        from maskhub.ingest.patch_import import import_patch, looks_like_patch
+
+        if base is not None:
+            patched = import_patch(self, source, str(base), name=name,  # type: ignore[arg-type]
+                                   base_model=base_model, target_model=target_model,
+                                   base_revision=base_revision,
+                                   target_revision=target_revision, tol=tol,
+                                   algorithm=algorithm, seed=seed, dataset=dataset, tags=tags,
+                                   notes=notes, progress=progress, warn=warn)
+            assert isinstance(patched, Mask)
+            return patched
+        if looks_like_patch(source):
+            raise UsageError(f"{source} is a sparse patch (indices + values): importing it "
+                             "needs --base BASE, the checkpoint it patches")
         from maskhub.ingest.add import add
 
         mask = add(self, source, name=name, base_model=base_model, target_model=target_model,
@@ -277,13 +379,35 @@ class Registry(Home):
         masks = select_masks(self, refs, base_model)
         return overlap_all(self, masks, refresh=refresh, progress=progress, ray=ray)
 
-    def combine(self, operation: str, refs: Sequence[str], *, name: str | None = None,
+    def combine(self, operation: str, refs: Sequence[str] = (), *, name: str | None = None,
                 min_count: int | None = None, notes: str | None = None,
-                progress: ProgressFn | None = None) -> Mask:
+                progress: ProgressFn | None = None, like: str | None = None,
+                per: str = "tensor", seed: int | None = None, base: str | None = None
+                ) -> Mask:
         """Register ``intersect``/``union``/``difference``/``consensus`` of masks as a new
-        mask with its lineage (see :mod:`maskhub.analytics.combine`)."""
+        mask with its lineage (see :mod:`maskhub.analytics.combine`), or ``random``: a mask
+        with ``like``'s count per tensor (``per="tensor"``) or per tensor and exponent of
+        |θ0| (``per="magnitude"``, reading the ``base`` checkpoint, default the recorded
+        one) at random positions, seeded by ``seed`` (default 0; see
+        :mod:`maskhub.analytics.random_mask`)."""
         from maskhub.analytics.combine import combine
 
+        if operation == "random" or like is not None:
+            if operation != "random":
+                raise UsageError("--like applies to combine random only")
+            if refs:
+                raise UsageError("combine random takes no MASKS: name the mask with --like")
+            if like is None:
+                raise UsageError("combine random needs --like MASK")
+            from maskhub.analytics.random_mask import random_like
+
+            mask = random_like(self, self.get(like), per=per,
+                               seed=0 if seed is None else seed, base=base, name=name,
+                               notes=notes, progress=progress)
+            assert isinstance(mask, Mask)
+            return mask
+        if seed is not None or base is not None or per != "tensor":
+            raise UsageError("--seed, --per and --base apply to combine random only")
         masks = [self.get(r) for r in refs]
         mask = combine(self, operation, masks, name=name, min_count=min_count, notes=notes,
                        progress=progress)
@@ -292,7 +416,7 @@ class Registry(Home):
 
     def plot(self, refs: Sequence[str], output: str | os.PathLike[str], *,
              kind: str | None = None, base_model: str | None = None,
-             baseline: str = "stratified", size: tuple[int, int] | None = None,
+             baseline: str = "magnitude", size: tuple[int, int] | None = None,
              refresh: bool = False, progress: ProgressFn | None = None) -> Path:
         """Draw a figure into ``output`` and return its path. ``kind="sparsity"``: the layer x
         module heatmap of one mask; ``kind="overlap"``: the overlap matrix of several masks
@@ -313,13 +437,27 @@ class Registry(Home):
     def trajectory(self, checkpoints: Sequence[str], *, name: str | None = None,
                    tol: float = 1e-5, device: str = "auto", algorithm: str | None = None,
                    seed: int | None = None, dataset: str | None = None,
-                   tags: Sequence[str] = (),
+                   tags: Sequence[str] = (), patches: bool = False,
                    progress: ProgressFn | None = None) -> TrajectoryResult:
         """Measure a sequence of checkpoints (or one directory of them, ordered by step):
         sparsity against the first and between consecutive ones, the ever-updated set (updated
         against the first at some checkpoint), the Figure 6 share and the never / cancelled /
         subnetwork split; registers ``NAME-final`` and ``NAME-ever`` with the run's
-        ``algorithm``, ``seed``, ``dataset`` and ``tags``."""
+        ``algorithm``, ``seed``, ``dataset`` and ``tags``.
+
+        ``patches=True``: ``checkpoints`` is ``[BASE, P1, ..., Pn]``, a base and an ordered
+        chain of sparse patch files (:mod:`maskhub.checkpoints.patches`), measured the same
+        way without building any dense checkpoint (:mod:`maskhub.analytics.patch_trajectory`;
+        CPU)."""
+        if patches:
+            from maskhub.analytics.patch_trajectory import run_patch_trajectory
+
+            specs = [str(c) for c in checkpoints]
+            if len(specs) < 2:
+                raise UsageError("--patches needs a base and at least one patch")
+            return run_patch_trajectory(self, specs[0], specs[1:], name=name, tol=tol,
+                                        algorithm=algorithm, seed=seed, dataset=dataset,
+                                        tags=tags, progress=progress)
         from maskhub.analytics.trajectory import run_trajectory
         from maskhub.kernels.device import resolve_device
 
@@ -390,6 +528,16 @@ class Registry(Home):
                       limit=limit, token=token)
 
     # -- masked training (maskhub.training; training itself: maskhub.torch) --------------
+
+    def recorder(self, model: torch.nn.Module, run: str, **options: Any) -> Recorder:
+        """A :class:`~maskhub.training.recorder.Recorder` of ``model``'s run ``run`` into
+        this registry: θ0 is kept now; each ``record(step)`` registers ``RUN-step-N`` and
+        ``finish()`` registers ``RUN-ever`` and the trajectory rows. ``options``: ``tol``,
+        ``keep`` (``"cpu"``/``"disk"``), ``base``, ``per_step``, ``delta_masks``, ``step``,
+        name mapping and the run's metadata (see the class)."""
+        from maskhub.training.recorder import Recorder
+
+        return Recorder(model, run, home=self, **options)
 
     def verify(self, mask: str | Any, base: str | os.PathLike[str],
                trained: str | os.PathLike[str], *, tol: float | str = 0.0, device: str = "auto",

@@ -329,9 +329,60 @@ M008_MASK_TENSORS = Migration(
     """,
 )
 
+M009_HAS_VALUES = Migration(
+    9,
+    "masks.has_values: the store is a patch (it holds the target's values at the set bits)",
+    """
+    ALTER TABLE masks ADD COLUMN has_values BOOLEAN DEFAULT false;
+    UPDATE masks SET has_values = false WHERE has_values IS NULL;
+    """,
+)
+
+M016_LIVE_TRAJECTORY = Migration(
+    16,
+    "trajectory_points.n_updated_vs_prev may be NULL: a live recording that does not keep "
+    "the previous values cannot count them",
+    """
+    ALTER TABLE trajectory_points ALTER COLUMN n_updated_vs_prev DROP NOT NULL;
+    """,
+)
+
+M010_PRECISION_NULL = Migration(
+    10,
+    "precision null: masks and tensors record the entries that could not have changed at "
+    "the run's movement budget (maskhub.kernels.precision)",
+    """
+    ALTER TABLE masks ADD COLUMN max_abs_update DOUBLE;
+    ALTER TABLE masks ADD COLUMN null_budget DOUBLE;
+    ALTER TABLE masks ADD COLUMN null_budget_source VARCHAR;
+    ALTER TABLE masks ADD COLUMN n_null BIGINT;
+    ALTER TABLE masks ADD COLUMN n_null_updated BIGINT;
+    ALTER TABLE masks ADD COLUMN null_share DOUBLE;
+    ALTER TABLE masks ADD COLUMN sparsity_movable DOUBLE;
+    ALTER TABLE tensors ADD COLUMN max_abs_update DOUBLE;
+    ALTER TABLE tensors ADD COLUMN n_null BIGINT;
+    ALTER TABLE tensors ADD COLUMN n_null_updated BIGINT;
+    ALTER TABLE tensors ADD COLUMN sparsity_movable DOUBLE;
+    """,
+)
+
+M012_FINGERPRINTS = Migration(
+    12,
+    "masks.base_fingerprint, masks.target_fingerprint (content identity of each checkpoint) "
+    "and masks.edited_at / masks.edits (maskhub edit)",
+    """
+    ALTER TABLE masks ADD COLUMN base_fingerprint VARCHAR;
+    ALTER TABLE masks ADD COLUMN target_fingerprint VARCHAR;
+    ALTER TABLE masks ADD COLUMN edited_at TIMESTAMP;
+    ALTER TABLE masks ADD COLUMN edits VARCHAR[];
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
-                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS]
+                               M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
+                               M009_HAS_VALUES, M010_PRECISION_NULL, M012_FINGERPRINTS,
+                               M016_LIVE_TRAJECTORY]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

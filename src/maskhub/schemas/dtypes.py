@@ -14,6 +14,7 @@ SAFETENSORS_DTYPES = {
 ITEMSIZE = {
     "bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int8": 1, "uint8": 1,
     "int16": 2, "int32": 4, "int64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8,  # the indices of sparse patches
 }
 
 #: dtypes that numpy holds natively (the others, bf16 and float8, need a bit-level view).

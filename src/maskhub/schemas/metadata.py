@@ -25,11 +25,26 @@ class TensorStats:
     module: str = ""
     base_dtype: str = ""
     target_dtype: str = ""
+    #: The largest ``|θ1 − θ0|`` over the updated entries (None: not a float pair, or not
+    #: measured); and the precision null (:mod:`maskhub.kernels.precision`): entries that could
+    #: not have changed at the mask's budget, and how many of those are updated anyway.
+    max_abs_delta: float | None = None
+    n_null: int | None = None
+    n_null_updated: int | None = None
 
     @property
     def sparsity(self) -> float:
         """Fraction of entries not updated (1.0 for an empty tensor)."""
         return 1.0 - (self.n_updated / self.numel) if self.numel else 1.0
+
+    @property
+    def sparsity_movable(self) -> float | None:
+        """Sparsity among the entries outside the precision null (None: no null known, or
+        no entry could move)."""
+        if self.n_null is None or self.n_null >= self.numel:
+            return None
+        movable = self.numel - self.n_null
+        return 1.0 - (self.n_updated - (self.n_null_updated or 0)) / movable
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (lists, not tuples)."""
@@ -76,8 +91,14 @@ class MaskMetadata:
     parents: tuple[str, ...] = ()
     operation: str | None = None
     notes: str | None = None
+    # Content identity (:mod:`maskhub.checkpoints.fingerprint`): "xxh3-128:<hex>" of the
+    # compared tensors of each side; None for masks made before, or not by a diff.
+    base_fingerprint: str | None = None
+    target_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: A patch: the store also holds the target's values at the set bits (``values/``).
+    has_values: bool = False
 
     @property
     def sparsity(self) -> float:
@@ -110,6 +131,7 @@ class MaskMetadata:
             kw[key] = tuple(kw.get(key) or ())
         kw["sweep"] = tuple(float(t) for t in kw.get("sweep") or ())
         kw["extra"] = dict(kw.get("extra") or {})
+        kw["has_values"] = bool(kw.get("has_values", False))
         return cls(**kw)
 
 

@@ -30,6 +30,8 @@ from maskhub.errors import (
     ReadOnlyRegistryError,
     RegistryBusyError,
     UsageError,
+    environment_errors,
+    environment_failure,
 )
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
@@ -47,6 +49,11 @@ MASK_COLUMNS = (
     "created_at", "hub_repo", "hub_revision", "tags", "n_tensors", "format_version",
     "operation", "parents", "notes",
 )
+
+#: The ``tensors`` columns :meth:`Index.insert_mask` writes, by name (later migrations add
+#: columns filled separately, e.g. :meth:`Index.insert_precision_null`).
+TENSOR_COLUMNS = ("mask_id", "tensor", "layer", "module", "shape", "numel", "n_updated",
+                  "sparsity", "base_dtype", "target_dtype", "param_kind")
 
 #: What ``maskhub sql`` (and ``ls --where``) may run: queries. To DuckDB ``SHOW``,
 #: ``DESCRIBE``, ``SUMMARIZE``, ``FROM ...``, ``VALUES`` and ``WITH ... SELECT`` are SELECTs;
@@ -186,8 +193,42 @@ class Index:
         :attr:`notice` naming it; then :class:`RegistryBusyError`. A new index is created in
         :data:`STORAGE_VERSION`, which every duckdb the package allows can open.
         """
-        config = {"storage_compatibility_version": STORAGE_VERSION} \
-            if write and not self.path.exists() else {}
+        if write and self._unborn():
+            self._discard_unborn()  # a creation cut short (a full disk, a kill): nothing in it
+        new = write and not self.path.exists()
+        config = {"storage_compatibility_version": STORAGE_VERSION} if new else {}
+        try:
+            return self._connect_waiting(write, config, sandbox)
+        except duckdb.Error as exc:
+            if new:
+                self._discard_unborn()
+            failure = environment_failure(exc, self.path)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _unborn(self) -> bool:
+        """Whether ``registry.duckdb`` is an empty file: its creation never wrote a header
+        (the disk was full, or the process was killed at that instant)."""
+        try:
+            return self.path.stat().st_size == 0
+        except OSError:
+            return False
+
+    def _discard_unborn(self) -> None:
+        """Delete an index file whose creation failed (and its WAL), so that the next open
+        creates it afresh instead of finding a file DuckDB cannot read. Called under the
+        exclusive lock, only for a file this open found absent or empty."""
+        for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _connect_waiting(self, write: bool, config: dict[str, str], sandbox: bool = False
+                         ) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, waiting for a foreign holder of DuckDB's lock (see
+        :meth:`_connect_db`)."""
         deadline: float | None = None
         while True:
             try:
@@ -253,7 +294,10 @@ class Index:
         Re-entrant: inside an open ``connect()`` block of this index, a nested one (a write
         inside a write, or a read inside either) reuses the same connection, so an operation
         made of several queries costs one DuckDB connection (~10 ms each). Checking for
-        pending migrations uses that connection too.
+        pending migrations uses that connection too. The disk refusing DuckDB (full at the
+        commit's WAL, read-only...) is an :class:`~maskhub.errors.EnvironmentFailure` naming
+        ``registry.duckdb``; the transaction is then rolled back or, for a failed commit,
+        left for DuckDB to discard at the next open.
         """
         if self._session is not None:
             con, con_writes = self._session
@@ -261,33 +305,40 @@ class Index:
                 raise RuntimeError("a registry write inside a read-only connection")
             yield con
             return
-        with ExitStack() as stack:
-            con = self._open(stack, write)
-            self._session = (con, write)
-            self._exit_hooks = []
-            try:
-                if write:
-                    con.execute("BEGIN TRANSACTION")
-                    try:
-                        yield con
-                    except BaseException:
-                        try:
-                            con.execute("ROLLBACK")
-                        finally:
-                            self._run_exit_hooks(False)
-                        raise
-                    try:
-                        con.execute("COMMIT")
-                    except BaseException:
-                        self._run_exit_hooks(None)
-                        raise
-                    self._run_exit_hooks(True)
-                else:
-                    yield con
-            finally:
-                self._session = None
+        try:
+            with ExitStack() as stack:
+                with environment_errors(self.path):
+                    con = self._open(stack, write)
+                self._session = (con, write)
                 self._exit_hooks = []
-                con.close()
+                try:
+                    if write:
+                        con.execute("BEGIN TRANSACTION")
+                        try:
+                            yield con
+                        except BaseException:
+                            try:
+                                con.execute("ROLLBACK")
+                            finally:
+                                self._run_exit_hooks(False)
+                            raise
+                        try:
+                            con.execute("COMMIT")
+                        except BaseException:
+                            self._run_exit_hooks(None)
+                            raise
+                        self._run_exit_hooks(True)
+                    else:
+                        yield con
+                finally:
+                    self._session = None
+                    self._exit_hooks = []
+                    con.close()
+        except duckdb.Error as exc:  # BEGIN, COMMIT (its WAL), or a query of the block
+            failure = environment_failure(exc, self.path)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def snapshot(self) -> duckdb.DuckDBPyConnection:
         """A read-only DuckDB connection to a copy of the index, for a notebook to keep open.
@@ -334,7 +385,7 @@ class Index:
               ) -> duckdb.DuckDBPyConnection:
         """A migrated connection, its lock held until ``stack`` closes (``sandbox``: a
         read-only one for user SQL, see :meth:`sandbox`)."""
-        if not self._migrated and not write and not self.path.is_file():
+        if not self._migrated and not write and (not self.path.is_file() or self._unborn()):
             self.migrate()  # a reader of a home without an index yet: create it first
         stack.enter_context(self._locked(exclusive=write))
         con = self._connect_db(write, sandbox)
@@ -397,7 +448,7 @@ class Index:
             raise ReadOnlyRegistryError(exc.home, exc.reason, detail) from None
 
     def _apply_migrations(self) -> list[int]:
-        with self._locked(exclusive=True):
+        with environment_errors(self.path), self._locked(exclusive=True):
             con = self._connect_db(write=True)
             try:
                 applied = _apply_pending(con, _applied(con))
@@ -427,6 +478,11 @@ class Index:
         cols = ", ".join(MASK_COLUMNS)
         marks = ", ".join("?" for _ in MASK_COLUMNS)
         con.execute(f"INSERT INTO masks ({cols}) VALUES ({marks})", [row[c] for c in MASK_COLUMNS])
+        if meta.has_values:  # migration 9; the column defaults to false
+            con.execute("UPDATE masks SET has_values = true WHERE id = ?", [meta.id])
+        # issue 26: content identity (migration 12)
+        con.execute("UPDATE masks SET base_fingerprint = ?, target_fingerprint = ? WHERE id = ?",
+                    [meta.base_fingerprint, meta.target_fingerprint, meta.id])
         if tensors:
             insert_columns(con, "tensors", [meta.id], [
                 [t.tensor for t in tensors], [t.layer for t in tensors],
@@ -434,10 +490,37 @@ class Index:
                 [t.numel for t in tensors], [t.n_updated for t in tensors],
                 [t.sparsity for t in tensors], [t.base_dtype or None for t in tensors],
                 [t.target_dtype or None for t in tensors],
-                [param_kind(t.tensor) for t in tensors]])
+                [param_kind(t.tensor) for t in tensors]], names=TENSOR_COLUMNS)
         if sweep:
             insert_columns(con, "tensor_sweep", [meta.id],
                            [list(c) for c in zip(*sweep, strict=True)])
+
+    @staticmethod
+    def insert_precision_null(con: duckdb.DuckDBPyConnection, meta: MaskMetadata,
+                              tensors: Sequence[TensorStats]) -> None:
+        """Fill the precision-null columns (migration 10) of a mask just inserted: the
+        mask's from ``meta.extra["precision_null"]``, each tensor's from its stats. Written
+        by name, after the positional row inserts."""
+        null = meta.extra.get("precision_null")
+        if null:
+            con.execute(
+                "UPDATE masks SET max_abs_update = ?, null_budget = ?, null_budget_source = ?, "
+                "n_null = ?, n_null_updated = ?, null_share = ?, sparsity_movable = ? "
+                "WHERE id = ?",
+                [null.get("max_abs_delta"), null.get("budget"), null.get("budget_source"),
+                 null.get("n_null"), null.get("n_null_updated"), null.get("null_share"),
+                 null.get("sparsity_movable"), meta.id])
+        rows = [t for t in tensors if t.max_abs_delta is not None or t.n_null is not None]
+        if not rows:
+            return
+        con.execute(
+            "UPDATE tensors SET max_abs_update = v.d, n_null = v.n, n_null_updated = v.u, "
+            "sparsity_movable = v.s FROM (SELECT unnest(?) AS tensor, unnest(?) AS d, "
+            "unnest(?) AS n, unnest(?) AS u, unnest(?) AS s) v "
+            "WHERE tensors.mask_id = ? AND tensors.tensor = v.tensor",
+            [[t.tensor for t in rows], [t.max_abs_delta for t in rows],
+             [t.n_null for t in rows], [t.n_null_updated for t in rows],
+             [t.sparsity_movable for t in rows], meta.id])
 
     @staticmethod
     def insert_analysis(con: duckdb.DuckDBPyConnection, mask_id: str,
@@ -559,9 +642,10 @@ def _apply_pending(con: duckdb.DuckDBPyConnection, done: set[int]) -> list[int]:
 
 
 def insert_columns(con: duckdb.DuckDBPyConnection, table: str, constants: Sequence[Any],
-                   columns: Sequence[list[Any]]) -> None:
-    """Insert rows given column-wise into ``table`` (its columns in order: the
+                   columns: Sequence[list[Any]], names: Sequence[str] | None = None) -> None:
+    """Insert rows given column-wise into ``table`` (its columns in order, or ``names``: the
     ``constants``, the same in every row, then ``columns``) in one statement: DuckDB's
     ``executemany`` costs ~0.1 ms per row, and a large model has thousands of rows."""
     marks = ", ".join(["?"] * len(constants) + ["unnest(?)"] * len(columns))
-    con.execute(f"INSERT INTO {table} SELECT {marks}", [*constants, *columns])
+    target = f"{table} ({', '.join(names)})" if names else table
+    con.execute(f"INSERT INTO {target} SELECT {marks}", [*constants, *columns])

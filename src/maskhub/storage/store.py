@@ -11,6 +11,11 @@ Layout (the contract in DESIGN.md and the README):
 A reader with only zarr and numpy rebuilds a mask with
 ``np.unpackbits(a[:], count=prod(shape), bitorder=a.attrs["bitorder"]).reshape(shape)``.
 
+Low-density tensors (below 10%, and up to 30% where it is smaller) are stored instead as a
+byte-gap code of their set bits, marked by the array attribute ``encoding: "gaps-u8"``
+(no ``bitorder``; layout and the numpy lines that decode it in :mod:`maskhub.storage.gapcode`
+and the README). Arrays without ``encoding`` are packed bits, as every store written before.
+
 Codec and chunks: ``bytes`` + ``zstd`` level 1, chunks of :data:`CHUNK_BYTES` packed bytes.
 Packed random bits at density p compress with zstd-1 to about 1.27x the entropy bound H(p) at
 p = 5%, 1.07x at 10%, 1.02x at 20% and 1.0x at 50%; higher levels gain little below 10% at a
@@ -28,22 +33,43 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numcodecs import Zstd
 
-from maskhub.errors import MaskStoreError, UsageError
+from maskhub.checkpoints.validate import (
+    ArrayFacts,
+    check_inside,
+    check_mask_counts,
+    chunk_file_limit,
+    count_problem,
+    present_chunks,
+    read_array_metadata,
+    read_chunk,
+    read_json_file,
+    short,
+)
+from maskhub.errors import MaskStoreError, UsageError, environment_errors
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
 
 if TYPE_CHECKING:
     import zarr
 from maskhub.kernels.bitcount import count_entries
-from maskhub.storage import remote
+from maskhub.storage import gapcode, remote
 from maskhub.storage.files import remove_tree
+from maskhub.storage.values import (
+    DTYPE_ATTR,
+    HAS_VALUES_ATTR,
+    VALUES_GROUP,
+    check_values,
+    group_document,
+    values_array_files,
+)
 
 #: Packed bytes per chunk: 4 MiB, i.e. 32 Mi parameters per chunk.
 CHUNK_BYTES = 4 << 20
@@ -56,6 +82,9 @@ _ZSTD = Zstd(level=ZSTD_LEVEL, checksum=False)
 def _array_attrs(stats: TensorStats) -> dict:
     d = stats.to_dict()
     d.pop("tensor")
+    for key in ("max_abs_delta", "n_null", "n_null_updated"):  # absent rather than null
+        if d.get(key) is None:
+            d.pop(key, None)
     d["bitorder"] = BITORDER
     return d
 
@@ -110,6 +139,34 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
                                   indent=2).encode()
 
 
+def tensor_array_files(packed: np.ndarray, stats: TensorStats) -> list[tuple[str, bytes]]:
+    """The files of one tensor's array in the smaller of its two layouts: packed bits, or
+    below :data:`~maskhub.storage.gapcode.TRY_MAX_DENSITY` the byte-gap code
+    (:mod:`maskhub.storage.gapcode`, attribute ``encoding: "gaps-u8"``).
+
+    Below :data:`~maskhub.storage.gapcode.GAPS_ONLY_DENSITY` the gap code is taken without
+    compressing the packed bits; in between both are compressed and the smaller kept.
+    """
+    attrs = _array_attrs(stats)
+    density = stats.n_updated / stats.numel if stats.numel else 0.0
+    if not (stats.n_updated and density < gapcode.TRY_MAX_DENSITY):
+        return list(packed_array_files(packed, attrs))
+    gap_attrs = {k: v for k, v in attrs.items() if k != "bitorder"}
+    gap_attrs[gapcode.ENCODING_ATTR] = gapcode.GAPS_U8
+    gaps = list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs))
+    if density < gapcode.GAPS_ONLY_DENSITY:
+        return gaps
+    bits = list(packed_array_files(packed, attrs))
+    return gaps if sum(len(d) for _, d in gaps) < sum(len(d) for _, d in bits) else bits
+
+
+def _write_files(directory: Path, files: list[tuple[str, bytes]]) -> None:
+    """Write one array's files (keys relative to ``directory``)."""
+    (directory / "c").mkdir(parents=True)
+    for key, data in files:
+        (directory / key).write_bytes(data)
+
+
 def _write_group(directory: Path, attributes: dict) -> None:
     """Write the ``zarr.json`` of a Zarr v3 group, as zarr-python 3 writes it."""
     doc = {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
@@ -132,16 +189,21 @@ class MaskWriter:
         self.path: Path | str = self.url or Path(path)
         self.attached = not create
         self._group: zarr.Group | None = None
-        if create and self.url is None:
-            # A local store is written without zarr (its import is most of a small diff's
-            # start-up): the same group document zarr-python writes.
-            Path(self.path).mkdir()
-            _write_group(Path(self.path), {})
-        elif create:
-            import zarr
-
-            self._group = zarr.open_group(store=self._zarr_store(), mode="w-", zarr_format=3)
         self.names: list[str] = []
+        with environment_errors(self.path):  # a full disk: one line naming the store
+            if create and self.url is None:
+                # A local store is written without zarr (its import is most of a small
+                # diff's start-up): the same group document zarr-python writes.
+                Path(self.path).mkdir()
+                _write_group(Path(self.path), {})
+            elif create:
+                import zarr
+
+                self._group = zarr.open_group(store=self._zarr_store(), mode="w-",
+                                              zarr_format=3)
+
+        #: Tensors given values (a patch: :mod:`maskhub.storage.values`).
+        self.valued: list[str] = []
 
     def _zarr_store(self) -> Any:
         return remote.zarr_store(self.url, read_only=False) if self.url else str(self.path)
@@ -155,21 +217,41 @@ class MaskWriter:
             self._group = zarr.open_group(store=self._zarr_store(), mode="r+", zarr_format=3)
         return self._group
 
-    def add(self, stats: TensorStats, packed: np.ndarray) -> None:
-        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats."""
+    def add(self, stats: TensorStats, packed: np.ndarray,
+            values: np.ndarray | None = None) -> None:
+        """Store one tensor's packed bits (``ceil(numel/8)`` uint8) with its stats (an
+        error of the disk: :class:`~maskhub.errors.EnvironmentFailure`).
+
+        ``values`` (a patch): the target's ``stats.n_updated`` entries at the set bits, in
+        flat C order, as :func:`~maskhub.storage.values.storage_dtype` of
+        ``stats.target_dtype`` (bf16: its uint16 bits); stored in ``values/<tensor>``. Give
+        values for every tensor of a store or for none.
+        """
         nbytes = (stats.numel + 7) // 8
         if packed.shape != (nbytes,) or packed.dtype != np.uint8:
             raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
+        if values is not None:
+            values = check_values(values, stats.target_dtype, stats.n_updated, stats.tensor)
+        with environment_errors(self.path):
+            self._add(stats, packed, nbytes, values)
+
+    def _add(self, stats: TensorStats, packed: np.ndarray, nbytes: int,
+             values: np.ndarray | None) -> None:
         plain = _PLAIN_NAME.match(stats.tensor)
         if plain and self.url:  # same bytes as below; a rewrite replaces the same keys
-            remote.put_files(self.url, {f"{stats.tensor}/{key}": data for key, data in
-                                        packed_array_files(packed, _array_attrs(stats))})
-            self.names.append(stats.tensor)
+            files = {f"{stats.tensor}/{key}": data for key, data in
+                     tensor_array_files(packed, stats)}
+            if values is not None:
+                files[f"{VALUES_GROUP}/zarr.json"] = group_document()
+                files.update((f"{VALUES_GROUP}/{stats.tensor}/{key}", data) for key, data in
+                             values_array_files(values, stats.target_dtype))
+            remote.put_files(self.url, files)
+            self._added(stats.tensor, values is not None)
             return
         if self.attached and isinstance(self.path, Path):
             remove_tree(self.path / stats.tensor)  # left by an earlier attempt
         if plain and isinstance(self.path, Path) and not (self.path / stats.tensor).exists():
-            write_packed_array(self.path / stats.tensor, packed, _array_attrs(stats))
+            _write_files(self.path / stats.tensor, tensor_array_files(packed, stats))
         else:
             from zarr.codecs import ZstdCodec
 
@@ -184,16 +266,57 @@ class MaskWriter:
             )
             if nbytes:
                 arr[:] = packed
-        self.names.append(stats.tensor)
+        if values is not None:
+            self._add_values(stats, values, bool(plain))
+        self._added(stats.tensor, values is not None)
+
+    def _added(self, name: str, valued: bool) -> None:
+        self.names.append(name)
+        if valued:
+            self.valued.append(name)
+
+    def _add_values(self, stats: TensorStats, values: np.ndarray, plain: bool) -> None:
+        if plain and isinstance(self.path, Path):
+            group = self.path / VALUES_GROUP
+            if not (group / "zarr.json").exists():
+                group.mkdir(exist_ok=True)
+                (group / "zarr.json").write_bytes(group_document())
+            directory = group / stats.tensor
+            if self.attached:
+                remove_tree(directory)
+            (directory / "c").mkdir(parents=True)
+            for key, data in values_array_files(values, stats.target_dtype):
+                (directory / key).write_bytes(data)
+            return
+        from zarr.codecs import BloscCodec
+
+        from maskhub.storage.values import BLOSC_CONFIG, VALUES_CHUNK, storage_dtype
+
+        n = values.shape[0]
+        arr = self.group.create_array(
+            name=f"{VALUES_GROUP}/{stats.tensor}", shape=(n,),
+            dtype=storage_dtype(stats.target_dtype), chunks=(max(1, min(n, VALUES_CHUNK)),),
+            compressors=[BloscCodec(**BLOSC_CONFIG)], fill_value=0,
+            attributes={DTYPE_ATTR: stats.target_dtype}, overwrite=True)
+        if n:
+            arr[:] = values
 
     def finish(self, meta: MaskMetadata) -> None:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
-        if self.url is None and self._group is None:
-            _write_group(Path(self.path), attrs)
-        else:
-            self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
+        if self.valued and len(set(self.valued)) != len(set(self.names)):
+            missing = next(n for n in self.names if n not in set(self.valued))
+            raise ValueError(f"{missing}: a patch needs values for every tensor")
+        if meta.has_values != bool(self.valued):
+            raise ValueError(f"metadata says has_values={meta.has_values}, the writer was "
+                             f"given values for {len(self.valued)} tensors")
+        attrs[HAS_VALUES_ATTR] = meta.has_values
+        with environment_errors(self.path):
+            if self.url is None and self._group is None:
+                _write_group(Path(self.path), attrs)
+            else:
+                self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
 
 
 def _chunk_dir(arr: zarr.Array) -> Path | None:
@@ -220,6 +343,11 @@ class MaskStore:
         import zarr
 
         self.path: Path | str = str(path) if remote.is_url(path) else Path(path)
+        self._facts: dict[str, ArrayFacts] = {}
+        if isinstance(self.path, Path) and (self.path / "zarr.json").exists():
+            # Untrusted metadata is checked before zarr parses it (issue 21: a regular file,
+            # bounded size and nesting).
+            read_json_file(self.path / "zarr.json", f"{self.path}/zarr.json")
         try:
             zstore = remote.zarr_store(str(path), read_only=True) \
                 if isinstance(self.path, str) else str(self.path)
@@ -238,6 +366,7 @@ class MaskStore:
             raise MaskStoreError(
                 f"{self.path} has mask format_version {version!r}; this maskhub reads up to "
                 f"{FORMAT_VERSION} (upgrade maskhub)", str(self.path))
+        check_mask_counts(attrs, str(self.path))
         try:
             self.metadata = MaskMetadata.from_dict(attrs)
         except (TypeError, ValueError) as exc:
@@ -248,6 +377,10 @@ class MaskStore:
         """Per-tensor stats as recorded in the array attributes."""
         arr = self._array(name)
         d = dict(arr.attrs)
+        bad = count_problem(d.get("numel"), d.get("n_updated"), d.get("shape"))
+        if bad:
+            raise MaskStoreError(f"{self.path}: array {short(name)} has bad metadata: {bad}",
+                                 str(self.path))
         d["tensor"] = name
         return TensorStats.from_dict(d)
 
@@ -259,6 +392,7 @@ class MaskStore:
     def _array(self, name: str) -> zarr.Array:
         import zarr
 
+        self._local_facts(name)  # the one validator reads zarr.json before zarr believes it
         try:
             arr = self.group[name]
         except KeyError as exc:
@@ -268,34 +402,143 @@ class MaskStore:
             raise MaskStoreError(f"{self.path}: {name!r} is not an array", str(self.path))
         return arr
 
-    def packed(self, name: str) -> np.ndarray:
-        """The packed bits of one tensor (uint8, little bit order).
+    def encoding(self, name: str) -> str | None:
+        """The layout of one tensor's array: ``None`` (packed bits) or ``"gaps-u8"``."""
+        return self._encoding(self._array(name))
 
-        A local array in the layout :class:`MaskWriter` writes (one dimension, ``bytes`` +
-        ``zstd``, fill value 0) is read chunk file by chunk file, each decoded straight into
-        the result: about twice as fast as zarr's generic read path, same bytes.
-        """
+    def _encoding(self, arr: zarr.Array) -> str | None:
+        enc = arr.attrs.get(gapcode.ENCODING_ATTR)
+        if enc not in gapcode.KNOWN_ENCODINGS:
+            raise MaskStoreError(f"{self.path}: array {arr.basename!r} has encoding {enc!r}; "
+                                 "this maskhub reads packed bits and 'gaps-u8' (upgrade "
+                                 "maskhub)", str(self.path))
+        return enc
+
+    def _local_facts(self, name: str) -> ArrayFacts | None:
+        """The validated ``zarr.json`` of a local store's array (None for a remote store)."""
+        if not isinstance(self.path, Path):
+            return None
+        facts = self._facts.get(name)
+        if facts is None:
+            directory = self.path / name
+            check_inside(self.path, directory, f"{self.path}/{short(name)}")
+            if not os.path.lexists(directory / "zarr.json"):
+                raise MaskStoreError(f"{self.path}: tensor {name!r} is missing from the store",
+                                     str(self.path))
+            facts = read_array_metadata(directory, name, str(self.path), self.path)
+            self._facts[name] = facts
+        return facts
+
+    def _regions(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, bytes)`` of each chunk of a local packed array that is present on disk,
+        in order, decoded one at a time into one reused buffer (a chunk that is absent holds
+        zeros). Memory follows the chunk size and the files present, never the declared
+        shape; chunk files that leave the store or are not regular files are refused."""
+        facts = self._local_facts(name)
+        assert facts is not None and isinstance(self.path, Path)
         arr = self._array(name)
-        directory = _chunk_dir(arr)
-        if directory is None:
-            return np.asarray(arr[:])
-        nbytes, chunk = int(arr.shape[0]), int(arr.chunks[0])
-        n_chunks = -(-nbytes // chunk)
-        out = np.empty(n_chunks * chunk, dtype=np.uint8)  # edge chunks are stored full size
+        if facts.data_type != "uint8" or len(facts.shape) != 1:
+            raise MaskStoreError(f"{self.path}: array {short(name)} is {facts.data_type} with "
+                                 f"{len(facts.shape)} dimension(s); a stored mask is packed "
+                                 "uint8 with one", str(self.path))
+        nbytes, chunk = facts.shape[0], facts.chunk_shape[0]
+        direct = _chunk_dir(arr) is not None
+        directory = self.path / name
+        buf = np.empty(chunk, dtype=np.uint8)
+        limit = chunk_file_limit(chunk)
         try:
-            for i in range(n_chunks):
-                part = out[i * chunk:(i + 1) * chunk]
-                try:
-                    with open(directory / arr.metadata.encode_chunk_key((i,)), "rb") as f:
-                        data = f.read()
-                except FileNotFoundError:  # an all-zero chunk is not written
-                    part[:] = 0
+            for (i,) in present_chunks(directory, facts):
+                start = i * chunk
+                stop = min(nbytes, start + chunk)
+                what = f"{self.path}: array {short(name)} chunk {facts.chunk_key((i,))}"
+                data = read_chunk(directory / facts.chunk_key((i,)), self.path, limit, what)
+                if data is None:
                     continue
-                _ZSTD.decode(data, out=part)
+                if direct:
+                    _ZSTD.decode(data, out=buf)
+                    yield start, buf[:stop - start]
+                else:  # other codecs: zarr decodes this one chunk
+                    yield start, np.asarray(arr[start:stop])
+        except MaskStoreError:
+            raise
         except (OSError, RuntimeError, ValueError) as exc:
-            raise MaskStoreError(f"{self.path}: cannot read tensor {name!r}: {exc}",
+            raise MaskStoreError(f"{self.path}: cannot read tensor {name!r}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else exc!r}",
                                  str(self.path)) from exc
-        return out[:nbytes]
+
+    def packed(self, name: str) -> np.ndarray:
+        """The packed bits of one tensor (uint8, little bit order), whatever its layout (a
+        gap-coded array is decoded, :mod:`maskhub.storage.gapcode`).
+
+        A local array is read chunk file by chunk file (:meth:`_regions`), each decoded
+        straight into the result, a zero-filled allocation whose pages stay untouched where
+        no chunk is stored: about twice as fast as zarr's generic read path, same bytes, and
+        resident memory follows the bytes present.
+        """
+        enc = self.encoding(name)
+        raw = self._stored(name)
+        if enc is None:
+            return raw
+        numel = int(self._array(name).attrs.get("numel", 0))
+        try:
+            return gapcode.decode(raw, numel)[0]
+        except gapcode.GapCodeError as exc:
+            raise MaskStoreError(f"{self.path}: array {name!r}: {exc}", str(self.path)) from exc
+
+    def _stored(self, name: str) -> np.ndarray:
+        """The stored bytes of one array (packed bits or a gap code)."""
+        if not isinstance(self.path, Path):
+            return np.asarray(self._array(name)[:])
+        nbytes = self._local_facts(name).shape[0]  # type: ignore[union-attr]
+        try:
+            out = np.zeros(nbytes, dtype=np.uint8)
+        except MemoryError as exc:
+            raise MaskStoreError(f"{self.path}: tensor {short(name)} needs {nbytes} bytes, "
+                                 "more than this process can allocate", str(self.path)) from exc
+        for start, data in self._regions(name):
+            out[start:start + data.shape[0]] = data
+        return out
+
+    def count(self, name: str, numel: int) -> int:
+        """Set bits among the ``numel`` entries of one tensor, counted chunk by chunk
+        (memory: one chunk, whatever the declared shape)."""
+        if not isinstance(self.path, Path) or self.encoding(name) is not None:
+            return count_entries(self.packed(name), numel)
+        total = 0
+        for start, data in self._regions(name):
+            valid = numel - start * 8  # entries from this chunk on
+            if valid >= data.shape[0] * 8:
+                total += count_entries(data, data.shape[0] * 8)
+            elif valid > 0:
+                total += count_entries(data[:(valid + 7) // 8], valid)
+        return total
+
+    @property
+    def has_values(self) -> bool:
+        """True for a patch: the store holds the target's values at the set bits."""
+        return bool(self.metadata.has_values)
+
+    def _values_array(self, name: str) -> zarr.Array:
+        if not self.has_values:
+            raise MaskStoreError(f"{self.path}: the mask holds no values (not a patch)",
+                                 str(self.path))
+        return self._array(f"{VALUES_GROUP}/{name}")
+
+    def values(self, name: str) -> np.ndarray:
+        """The target's values at the set bits of tensor ``name``, in flat C order of the set
+        bits: a 1-D array of :func:`~maskhub.storage.values.storage_dtype` of the target's
+        dtype (bf16: its raw uint16 bits; :meth:`values_dtype` names the dtype)."""
+        arr = self._values_array(name)
+        try:
+            return np.asarray(arr[:])
+        except Exception as exc:  # zarr and numcodecs raise their own types
+            raise MaskStoreError(f"{self.path}: cannot read the values of {name!r}: {exc}",
+                                 str(self.path)) from exc
+
+    def values_dtype(self, name: str) -> str:
+        """The target's dtype of tensor ``name`` (torch's name), as the values array records
+        it."""
+        return str(self._values_array(name).attrs.get(DTYPE_ATTR, ""))
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of one tensor, with the parameter's shape."""
@@ -305,19 +548,72 @@ class MaskStore:
 
     def validate(self) -> None:
         """Check every array against its recorded shape and count (popcount of the bits)."""
-        total = 0
+        total = updated = 0
         for name in self.names:
             st = self.stats(name)
             arr = self._array(name)
             expect = (st.numel + 7) // 8
+            if self._encoding(arr) is not None and len(arr.shape) == 1:
+                expect = int(arr.shape[0])  # a gap code's length is its own
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
-            count = count_entries(self.packed(name), st.numel)
+            count = self.count(name, st.numel)
             if count != st.n_updated:
                 raise MaskStoreError(f"{self.path}: array {name!r} has {count} set bits, its "
                                      f"metadata says {st.n_updated}", str(self.path))
+            if self.has_values:
+                self._validate_values(name, st)
             total += st.numel
+            updated += st.n_updated
+        if updated != self.metadata.n_updated:
+            raise MaskStoreError(f"{self.path}: tensors hold {updated} updated entries, the "
+                                 f"metadata says {self.metadata.n_updated}", str(self.path))
         if total != self.metadata.n_params:
             raise MaskStoreError(f"{self.path}: tensors hold {total} parameters, the metadata "
                                  f"says {self.metadata.n_params}", str(self.path))
+
+    def _validate_values(self, name: str, st: TensorStats) -> None:
+        from maskhub.storage.values import storage_dtype
+
+        arr = self._values_array(name)
+        dtype = str(arr.attrs.get(DTYPE_ATTR, ""))
+        try:
+            dt = storage_dtype(dtype)
+        except ValueError:
+            dt = None
+        if dtype != st.target_dtype or dt is None or arr.dtype != dt \
+                or arr.shape != (st.n_updated,):
+            raise MaskStoreError(
+                f"{self.path}: values of {name!r} are {arr.dtype}{list(arr.shape)} of dtype "
+                f"{dtype!r}; the mask has {st.n_updated} set bits of target dtype "
+                f"{st.target_dtype!r}", str(self.path))
+
+
+# -- issue 26: metadata edits (maskhub edit) -------------------------------------------------
+
+def replace_attributes(path: Path | str, attributes: dict) -> Callable[[], None]:
+    """Replace the group attributes of the store at ``path`` and return a function that puts
+    the old ones back. A local store's ``zarr.json`` is written aside and renamed over the
+    old one (a reader sees the old document or the new one, never half of one); a remote
+    store's group document is one object written by zarr."""
+    if not remote.is_url(path):
+        doc_path = Path(path) / "zarr.json"
+        old = doc_path.read_bytes()
+        doc = json.loads(old)
+        doc["attributes"] = attributes
+
+        def put(data: bytes) -> None:
+            aside = doc_path.with_name("zarr.json.edit")
+            aside.write_bytes(data)
+            os.replace(aside, doc_path)
+
+        put(json.dumps(doc, indent=2).encode())
+        return lambda: put(old)
+    import zarr
+
+    group = zarr.open_group(store=remote.zarr_store(str(path), read_only=False), mode="r+",
+                            zarr_format=3)
+    before = dict(group.attrs)
+    group.update_attributes(attributes)
+    return lambda: group.update_attributes(before)

@@ -27,11 +27,30 @@ def findings(report: StudyReport, names: StudyNames) -> list[str]:
                f"{t1[names.mask('dpo-s0')]['sparsity_pct']}% for the same DPO from θ_sft "
                f"(paper: out-of-distribution DPO is denser); its loss went "
                f"{nosft['loss_first']} -> {nosft['loss_last']} and its held-out accuracy "
-               f"{nosft['heldout_acc_before']} -> {nosft['heldout_acc_after']}.")
+               f"{nosft['heldout_acc_before']}% -> {nosft['heldout_acc_after']}%.")
     moves = ", ".join(f"{r['name'].removeprefix(names.prefix + '-')} "
-                      f"{r['heldout_acc_before']} -> {r['heldout_acc_after']}"
+                      f"{r['heldout_acc_before']}% -> {r['heldout_acc_after']}%"
                       for r in runs.values() if r["algorithm"] in ("dpo", "grpo"))
     out.append(f"Held-out accuracy before -> after each RL run: {moves}.")
+    stalled = [r for r in runs.values() if not r["learned"]]
+    if stalled:
+        out.append("**Runs that did not learn** (held-out accuracy not up, or loss not down): "
+                   + ", ".join(f"{r['name'].removeprefix(names.prefix + '-')} (accuracy "
+                               f"{r['heldout_acc_before']}% -> {r['heldout_acc_after']}%, loss "
+                               f"{r['loss_first']} -> {r['loss_last']})" for r in stalled)
+                   + ": their masks measure movement, not learning.")
+    sfteq = t1.get(names.mask("sfteq-s0"))
+    if sfteq is not None:
+        out.append(f"Equal-budget control: plain SFT at the DPO learning rate and steps is "
+                   f"{sfteq['sparsity_pct']}% sparse from θ_sft (DPO: "
+                   f"{t1[names.mask('dpo-s0')]['sparsity_pct']}%) and "
+                   f"{t1[names.mask('sfteq-nosft-s0')]['sparsity_pct']}% from θ_pre (DPO: "
+                   f"{t1[names.mask('dpo-nosft-s0')]['sparsity_pct']}%).")
+    dpo = t1[names.mask("dpo-s0")]
+    if dpo.get("null_share_pct") is not None:
+        out.append(f"Precision null of dpo-s0: {dpo['null_share_pct']}% of the entries could "
+                   f"not have moved at its largest |Δ| ({dpo['max_abs_update']:.3g}); among the "
+                   f"others the sparsity is {dpo['sparsity_movable_pct']}%.")
     for pair, label in (((names.mask("dpo-s0"), names.mask("dpo-s1")), "two DPO seeds"),
                         ((names.mask("dpo-s0"), names.mask("grpo-s0")), "DPO vs GRPO")):
         row = next((r for r in report.table("table4").records()
@@ -54,8 +73,8 @@ def findings(report: StudyReport, names: StudyNames) -> list[str]:
     for r in report.table("conjecture1").records():
         out.append(f"Conjecture 1, {r['masked_with']}: verify "
                    f"{'passes' if r['verify_ok'] else 'FAILS'} ({r['changed_outside_mask']} "
-                   f"entries changed outside the mask); {100 * r['equal tol=0']:.2f}% of all "
+                   f"entries changed outside the mask); {r['equal_pct tol=0']:.2f}% of all "
                    f"entries bit-identical to θ_full; held-out accuracy θ_sub "
-                   f"{r['sub_heldout_acc']} vs θ_full {r['full_heldout_acc']} (paper: θ_sub "
+                   f"{r['sub_heldout_acc']}% vs θ_full {r['full_heldout_acc']}% (paper: θ_sub "
                    "matches or beats θ_full; 94.0% of weights equal for DPO).")
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from maskhub.registry.api import Mask, Registry
-from maskhub.study.runs import MASKED_RUNS, RL_RUNS, TrainedStudy
+from maskhub.study.runs import CONTROL_RUNS, MASKED_RUNS, RANDOM_RUN, RL_RUNS, TrainedStudy
 from maskhub.study.sizes import StudySize
 
 #: The update tolerance of every mask (the paper's, and maskhub's default).
@@ -30,6 +30,8 @@ AGREEMENT_TOLS = (0.0, 1e-5, 1e-4, 1e-3)
 OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
 #: The runs whose per-layer x module sparsity is drawn (Figure 3: the paper's DPO and PRIME).
 FIGURE3_RUNS = ("dpo-s0", "grpo-s0")
+#: Every run with a mask, in report order.
+MASK_RUNS = ("sft", *RL_RUNS, *CONTROL_RUNS)
 #: The runs whose intermediate checkpoints are measured as trajectories.
 TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
 
@@ -57,9 +59,14 @@ class StudyNames:
         """The trajectory of ``run`` (it registers ``NAME-final`` and ``NAME-ever``)."""
         return f"{self.prefix}-traj-{run}"
 
+    @property
+    def random_mask(self) -> str:
+        """The random-placement control of dpo-s0's mask (``combine random``)."""
+        return self.mask("dpo-s0-random")
+
     def every_mask(self) -> list[str]:
         """Every mask name the study registers."""
-        names = [self.mask(r) for r in ("sft", *RL_RUNS)]
+        names = [self.mask(r) for r in MASK_RUNS] + [self.random_mask]
         for run in TRAJECTORY_RUNS:
             names += [f"{self.trajectory(run)}-final", f"{self.trajectory(run)}-ever"]
         return names
@@ -94,7 +101,7 @@ class Measurer:
         if run in self.out.masks:
             return self.out.masks[run]
         facts = trained.facts[run]
-        order = ("sft", *RL_RUNS).index(run)  # the report lists runs in this order
+        order = MASK_RUNS.index(run)  # the report lists runs in this order
         notes = {"study": self.names.prefix, "size": self.size.name, "order": order,
                  **facts.to_dict(), **(extra or {})}
         self.say(f"maskhub diff {run}")
@@ -107,15 +114,36 @@ class Measurer:
         self.out.masks[run] = mask
         return mask
 
+    def random_control(self, trained: TrainedStudy) -> Mask:
+        """``combine random --like dpo-s0 --per magnitude``: the mask the random-mask control
+        run trains with (same count per tensor and |θ0| exponent, random positions)."""
+        if RANDOM_RUN + ":mask" in self.out.masks:
+            return self.out.masks[RANDOM_RUN + ":mask"]
+        full = self.register(trained, "dpo-s0")
+        self.say(f"maskhub combine random --like {full.name} --per magnitude")
+        mask = self.registry.combine("random", like=full.name, per="magnitude", seed=0,
+                                     base=str(trained.start_of("dpo-s0")),
+                                     name=self.names.random_mask)
+        self.out.masks[RANDOM_RUN + ":mask"] = mask
+        return mask
+
+    def mask_for(self, trained: TrainedStudy, run: str) -> Mask:
+        """The mask masked run ``run`` trains with."""
+        if run == RANDOM_RUN:
+            return self.random_control(trained)
+        return self.register(trained, "dpo-s0")
+
     def conjecture1(self, trained: TrainedStudy, run: str) -> dict[str, Any]:
         """θ_sub (``run``) against θ_full (``dpo-s0``): ``compare`` inside/outside the full
-        run's mask at :data:`AGREEMENT_TOLS`, and ``verify`` that nothing outside it moved."""
+        run's mask at :data:`AGREEMENT_TOLS`, and ``verify`` that nothing outside the mask the
+        run trained with moved."""
         full = self.out.masks["dpo-s0"]
+        used = self.mask_for(trained, run)
         self.say(f"maskhub compare / verify {run}")
         report = self.registry.compare(trained.final_of(run), trained.final_of("dpo-s0"),
                                        mask=full, tols=AGREEMENT_TOLS)
-        check = self.registry.verify(full, trained.start_of(run), trained.final_of(run))
-        return {"full_run": "dpo-s0", "full_mask": full.name,
+        check = self.registry.verify(used, trained.start_of(run), trained.final_of(run))
+        return {"full_run": "dpo-s0", "full_mask": full.name, "trained_mask": used.name,
                 "verify_ok": check.ok, "verify_n_changed": check.n_changed,
                 "verify_n_outside": check.n_outside,
                 "agreement": [{"tol": g.tol, "frac_equal": g.frac_equal,
@@ -125,7 +153,7 @@ class Measurer:
 
     def measure_all(self, trained: TrainedStudy, figures: Path) -> Measurements:
         """Register every run's mask, the overlaps, trajectories and figures."""
-        for run in ("sft", *RL_RUNS):
+        for run in MASK_RUNS:
             extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
                 else None
             self.register(trained, run, extra)
@@ -154,7 +182,7 @@ class Measurer:
                 [self.names.mask(run)], path, kind="sparsity")
         self.out.figures["table4-overlap"] = self.registry.plot(
             [self.names.mask(r) for r in OVERLAP_RUNS], figures / "table4-overlap.png",
-            kind="overlap")
+            kind="overlap", baseline="magnitude")
         for run, result in self.out.trajectories.items():
             key = f"figure5-{run}"
             self.out.figures[key] = plot_trajectory(result.to_dict(), figures / f"{key}.png")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from maskhub.errors import NameTakenError, StudyInterruptedError, UsageError
+from maskhub.kernels.threads import torch_threads
 from maskhub.registry.api import Mask, Registry
 from maskhub.schemas.names import invalid_mask_name_message
 from maskhub.study.findings import findings
@@ -27,6 +28,12 @@ from maskhub.study.requirements import check_requirements
 from maskhub.study.runs import TrainedStudy, train_all
 from maskhub.study.sizes import DEFAULT, QUICK, StudySize
 from maskhub.study.tables import table_specs
+from maskhub.study.verdicts import verdicts
+
+#: Torch threads of every training step and evaluation, whatever the machine's core count:
+#: float reductions split across threads round differently, so the study's numbers would
+#: otherwise depend on the machine (1 vs 2 threads diverged at pretraining step 7).
+STUDY_THREADS = 1
 
 
 def prepare_output(output: Path) -> None:
@@ -107,7 +114,7 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     size = QUICK if quick else DEFAULT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        with quiet_libraries():
+        with quiet_libraries(), torch_threads(STUDY_THREADS):
             report = _run(output, size, names, registry, seed, quick, say, started)
     except KeyboardInterrupt:
         done = _registered(registry, names)
@@ -130,10 +137,10 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
     measurer = Measurer(registry, names, size, dataset, say)
     maskhub_seconds = 0.0
 
-    def timed_register(trained: TrainedStudy) -> Mask:
+    def timed_register(trained: TrainedStudy, run: str) -> Mask:
         nonlocal maskhub_seconds
         t = time.perf_counter()
-        mask = measurer.register(trained, "dpo-s0")
+        mask = measurer.mask_for(trained, run)
         maskhub_seconds += time.perf_counter() - t
         return mask
 
@@ -166,6 +173,7 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
                 **{f"train_{run}_seconds": round(f.train_seconds, 1)
                    for run, f in trained.facts.items()}},
         masks=[m.name for m in measured.masks.values()])
+    report.verdicts = verdicts(report, names)
     report.findings = findings(report, names)
     write_report(report, output, str(registry.home))
     return report

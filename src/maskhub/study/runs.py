@@ -27,10 +27,19 @@ RL_RUNS = {
     "dpo-nosft-s0": ("dpo", "pre", 0),
     "dpo-sub-s0": ("dpo", "sft", 0),
     "dpo-subcb-s0": ("dpo", "sft", 0),
+    "dpo-rand-s0": ("dpo", "sft", 0),
 }
-#: The two runs of Conjecture 1 (θ_sub) and how each applies dpo-s0's mask.
+#: The runs of Conjecture 1 (θ_sub) and how each applies its mask: dpo-s0's, or (the
+#: random-mask control) a random mask with dpo-s0's count per tensor and |θ0| exponent.
 MASKED_RUNS = {"dpo-sub-s0": "masked optimizer (MaskedAdamW)",
-               "dpo-subcb-s0": "Trainer callback (MaskCallback)"}
+               "dpo-subcb-s0": "Trainer callback (MaskCallback)",
+               "dpo-rand-s0": "random mask like dpo-s0 (per magnitude), MaskedAdamW"}
+#: The random-mask control run.
+RANDOM_RUN = "dpo-rand-s0"
+#: Equal-budget controls: plain SFT at the DPO runs' learning rate, steps and batch, from
+#: θ_sft and from θ_pre (name -> (algorithm, start, seed)). If their sparsity matches the RL
+#: runs', the movement budget and the start weights explain it, not the algorithm.
+CONTROL_RUNS = {"sfteq-s0": ("sft", "sft", 0), "sfteq-nosft-s0": ("sft", "pre", 0)}
 
 
 @dataclass
@@ -108,42 +117,50 @@ def _mean(values: list[float], head: bool) -> float | None:
 
 
 def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, seed: int,
-              mask_for: Callable[[TrainedStudy], Any],
+              mask_for: Callable[[TrainedStudy, str], Any],
               say: Callable[[str], None]) -> TrainedStudy:
-    """Train θ_pre, θ_sft and every run of :data:`RL_RUNS` under ``directory``.
+    """Train θ_pre, θ_sft, every run of :data:`RL_RUNS` and the controls of
+    :data:`CONTROL_RUNS` under ``directory``. Accuracy after a run is graded on its saved
+    bf16 checkpoint (the weights whose sparsity is measured), not the in-memory fp32 model.
 
-    ``mask_for(trained)``: called once ``dpo-s0`` is trained (its checkpoints and facts are in
-    ``trained``); returns the registered mask the masked runs train with."""
+    ``mask_for(trained, run)``: called before each masked run (``dpo-s0`` is trained by then:
+    its checkpoints and facts are in ``trained``); returns the registered mask it trains with."""
     out = TrainedStudy(directory)
     evaluate = _Evaluator(tokenizer, split)
+
+    def graded(path: Path) -> tuple[float, float]:
+        return evaluate(load_bf16(size, path))
 
     say(f"pretraining θ_pre ({size.pretrain_steps} steps)")
     t0 = time.perf_counter()
     model = new_model(size, seed)
     before = evaluate(model)
-    losses = pretrain(model, size, seed)
+    losses = pretrain(model, size, seed, say=say)
     pre = save_bf16(model, directory / "pre")
     out.checkpoints["pretrain"] = [pre]
+    evaluate.of_start["pre"] = graded(pre)
     out.facts["pretrain"] = RunFacts("pretrain", "pretrain", "init", seed, size.pretrain_steps,
                                      size.pretrain_lr, size.pretrain_batch, _mean(losses, True),
-                                     _mean(losses, False), *_pair(before, evaluate(model)),
+                                     _mean(losses, False), *_pair(before, evaluate.of_start["pre"]),
                                      time.perf_counter() - t0)
 
     say(f"SFT θ_sft ({size.sft_steps} steps)")
     t0 = time.perf_counter()
     model = load_bf16(size, pre)
-    before = evaluate(model)
-    losses = sft(model, tokenizer, size, split, seed)
+    before = evaluate.start("pre", model)
+    losses = sft(model, tokenizer, size, split, seed, say=say)
     sft_dir = save_bf16(model, directory / "sft")
     out.checkpoints["sft"] = [pre, sft_dir]
+    evaluate.of_start["sft"] = graded(sft_dir)
     out.facts["sft"] = RunFacts("sft", "sft", "pre", seed, size.sft_steps, size.sft_lr,
                                 size.sft_batch, _mean(losses, True), _mean(losses, False),
-                                *_pair(before, evaluate(model)), time.perf_counter() - t0)
+                                *_pair(before, evaluate.of_start["sft"]),
+                                time.perf_counter() - t0)
 
     starts = {"pre": pre, "sft": sft_dir}
     pairs: dict[int, list[dict[str, str]]] = {}
     for run, (algorithm, start, run_seed) in RL_RUNS.items():
-        mask = mask_for(out) if run in MASKED_RUNS else None  # maskhub's time, not training's
+        mask = mask_for(out, run) if run in MASKED_RUNS else None  # maskhub's time
         t0 = time.perf_counter()
         model = load_bf16(size, starts[start])
         before = evaluate.start(start, model)
@@ -168,15 +185,30 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
         out.checkpoints[run] = result.checkpoints
         out.facts[run] = RunFacts(run, algorithm, start, run_seed, steps, lr, batch,
                                   _mean(result.losses, True), _mean(result.losses, False),
-                                  *_pair(before, evaluate(model)), time.perf_counter() - t0,
-                                  extra)
+                                  *_pair(before, graded(result.checkpoints[-1])),
+                                  time.perf_counter() - t0, extra)
+
+    for run, (_, start, run_seed) in CONTROL_RUNS.items():
+        say(f"control {run}: SFT from θ_{start} at the DPO budget ({size.dpo_steps} steps, "
+            f"lr {size.dpo_lr:g})")
+        t0 = time.perf_counter()
+        model = load_bf16(size, starts[start])
+        before = evaluate.start(start, model)
+        losses = sft(model, tokenizer, size, split, run_seed, steps=size.dpo_steps,
+                     lr=size.dpo_lr, batch=size.dpo_batch)
+        final = save_bf16(model, directory / run)
+        out.checkpoints[run] = [starts[start], final]
+        out.facts[run] = RunFacts(run, "sft", start, run_seed, size.dpo_steps, size.dpo_lr,
+                                  size.dpo_batch, _mean(losses, True), _mean(losses, False),
+                                  *_pair(before, graded(final)), time.perf_counter() - t0,
+                                  {"control": "equal-budget SFT"})
     return out
 
 
 def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
          seed: int, directory: Path, mask: Any) -> RunOutput:
     """A DPO run; the masked runs apply ``mask`` as :data:`MASKED_RUNS` says."""
-    if run == "dpo-sub-s0":
+    if run in ("dpo-sub-s0", RANDOM_RUN):
         from maskhub.integrations.transformers import masked_optimizer
 
         return run_dpo(model, tokenizer, size, pairs, seed, directory,

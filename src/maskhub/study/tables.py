@@ -43,6 +43,19 @@ def _fact(path: str, alias: str, kind: str = "DOUBLE", digits: int | None = None
     return f"round({value}, {digits}) AS {alias}" if digits is not None else f"{value} AS {alias}"
 
 
+def _fact_pct(path: str, alias: str) -> str:
+    """A run fact that is a fraction, as a percentage with two decimals."""
+    return _pct(f"CAST(json_extract(notes, '$.{path}') AS DOUBLE)", alias)
+
+
+#: A run learned iff its held-out accuracy rose and its loss fell (from the mask's notes);
+#: GRPO's loss (β = 0: the policy-gradient surrogate, about 0) says nothing: accuracy only.
+LEARNED = ("(CAST(json_extract(notes, '$.accuracy_heldout_after') AS DOUBLE) > "
+           "CAST(json_extract(notes, '$.accuracy_heldout_before') AS DOUBLE)\n"
+           "        AND (algorithm = 'grpo' OR CAST(json_extract(notes, '$.loss_last') AS DOUBLE)"
+           " < CAST(json_extract(notes, '$.loss_first') AS DOUBLE))) AS learned")
+
+
 def _tol_label(tol: float) -> str:
     """``tol=1e-05``: a column name for a tolerance."""
     return f"tol={tol:g}"
@@ -71,11 +84,13 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                 f"ORDER BY {order}")
 
     agreement = ",\n       ".join(
-        _fact(f"conjecture1.agreement[{i}].{field}", f'"{short} {_tol_label(t)}"', digits=6)
+        _fact_pct(f"conjecture1.agreement[{i}].{field}", f'"{short}_pct {_tol_label(t)}"')
         for i, t in enumerate(AGREEMENT_TOLS)
         for field, short in (("frac_equal", "equal"), ("frac_equal_outside", "equal_outside")))
     return [
-        TableSpec("runs", "The runs: steps, learning rate, loss and task accuracy",
+        TableSpec("runs", "The runs: steps, learning rate, loss and task accuracy (%; "
+                  "accuracy graded on each run's saved bf16 checkpoint; learned: held-out "
+                  "accuracy up and loss down, GRPO: accuracy up)",
                   "Appendix B (hyperparameters) and Table 3 (accuracy)",
                   "SELECT name, algorithm, seed,\n"
                   "       json_extract_string(notes, '$.start') AS start,\n       "
@@ -85,16 +100,22 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                       _fact("batch_size", "batch", "INTEGER"),
                       _fact("loss_first", "loss_first", digits=4),
                       _fact("loss_last", "loss_last", digits=4),
-                      _fact("accuracy_heldout_before", "heldout_acc_before", digits=4),
-                      _fact("accuracy_heldout_after", "heldout_acc_after", digits=4),
-                      _fact("accuracy_train_before", "train_acc_before", digits=4),
-                      _fact("accuracy_train_after", "train_acc_after", digits=4),
+                      _fact_pct("accuracy_heldout_before", "heldout_acc_before"),
+                      _fact_pct("accuracy_heldout_after", "heldout_acc_after"),
+                      _fact_pct("accuracy_train_before", "train_acc_before"),
+                      _fact_pct("accuracy_train_after", "train_acc_after"),
+                      LEARNED,
                       _fact("train_seconds", "seconds", digits=1)])
                   + f"\nFROM masks\nWHERE {runs}\nORDER BY {ORDER}"),
-        TableSpec("table1", "Update sparsity (%) of every stage, tolerance 1e-5",
+        TableSpec("table1", "Update sparsity (%) of every stage, tolerance 1e-5, with the "
+                  "precision null (% of entries whose smallest bf16 step exceeds the largest "
+                  "|Δ| of the run) and the sparsity among the entries that could move",
                   "Table 1 (RL) and Figure 1 (SFT is dense)",
                   "SELECT name, algorithm, base_model, n_params, n_updated,\n       "
-                  + _pct("sparsity", "sparsity_pct")
+                  + _pct("sparsity", "sparsity_pct") + ",\n       "
+                  + "max_abs_update,\n       "
+                  + _pct("null_share", "null_share_pct") + ",\n       "
+                  + _pct("sparsity_movable", "sparsity_movable_pct")
                   + f"\nFROM masks\nWHERE {runs}\nORDER BY {ORDER}"),
         TableSpec("table6", "Update sparsity (%) under each tolerance of the sweep",
                   "Table 6",
@@ -157,17 +178,19 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   "JOIN masks f ON f.id = t.final_mask_id\n"
                   f"WHERE list_contains(f.tags, '{names.tag}') AND p.idx > 0\n"
                   "ORDER BY t.name, p.idx"),
-        TableSpec("conjecture1", "θ_sub (only dpo-s0's mask trained) against θ_full (dpo-s0): "
-                  "verify, share of equal entries, task accuracy",
+        TableSpec("conjecture1", "θ_sub (only dpo-s0's mask trained; the random-mask control "
+                  "trains a random mask of the same count per tensor and |θ0| exponent) "
+                  "against θ_full (dpo-s0): verify, % of equal entries, task accuracy (%)",
                   "Section 4 (Conjecture 1), Table 3 and Figure 4",
                   "SELECT name, json_extract_string(notes, '$.masked_with') AS masked_with,\n"
                   "       " + ",\n       ".join([
                       _fact("conjecture1.verify_ok", "verify_ok", "BOOLEAN"),
                       _fact("conjecture1.verify_n_outside", "changed_outside_mask", "BIGINT"),
                       agreement,
-                      _fact("accuracy_heldout_after", "sub_heldout_acc", digits=4),
-                      "(SELECT round(CAST(json_extract(f.notes, '$.accuracy_heldout_after') AS "
-                      f"DOUBLE), 4)\n        FROM masks f WHERE f.name = "
+                      _fact_pct("accuracy_heldout_after", "sub_heldout_acc"),
+                      "(SELECT round(100 * CAST(json_extract(f.notes, "
+                      "'$.accuracy_heldout_after') AS "
+                      f"DOUBLE), 2)\n        FROM masks f WHERE f.name = "
                       f"'{names.mask('dpo-s0')}') AS full_heldout_acc",
                       _fact("loss_last", "sub_loss_last", digits=4),
                       "(SELECT round(CAST(json_extract(f.notes, '$.loss_last') AS DOUBLE), 4)\n"

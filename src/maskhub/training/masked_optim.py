@@ -99,21 +99,37 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise UsageError("the mask leaves nothing to train in this model")
         torch.optim.Optimizer.__init__(self, trained, defaults)
         self.fused_backward = fused_backward
+        #: ``fused_backward``: the trainable entries' gradients gathered (and summed over the
+        #: backward passes since the last :meth:`step`), keyed by ``id(target)``.
+        self._compact_grads: dict[int, torch.Tensor] = {}
         self._hooks = []
         if fused_backward:
             for group in self.param_groups:
                 for target in group["params"]:
                     param = self._targets[id(target)][0]
                     self._hooks.append(param.register_post_accumulate_grad_hook(
-                        self._hook(group, target)))
+                        self._hook(target)))
 
-
-    def _hook(self, group: dict[str, Any], target: torch.Tensor) -> Callable[[Any], None]:
+    def _hook(self, target: torch.Tensor) -> Callable[[Any], None]:
         def on_grad(param: torch.Tensor) -> None:
             with torch.no_grad():
-                self._update(group, target)
-            param.grad = None  # the dense gradient is freed right after its update
+                self._gather(target)
+            param.grad = None  # the dense gradient is freed as soon as it is gathered
         return on_grad
+
+    def _gather(self, target: torch.Tensor) -> None:
+        """Add the trainable entries of ``target``'s parameter's gradient to its compact
+        gradient (the same dtype and the same elementwise add as autograd's accumulation of
+        the dense gradient, so the sums have the same bits)."""
+        param, idx = self._targets[id(target)]
+        if param.grad is None:
+            return
+        grad = _local(param.grad).reshape(-1).index_select(0, idx)
+        acc = self._compact_grads.get(id(target))
+        if acc is None:
+            self._compact_grads[id(target)] = grad
+        else:
+            acc.add_(grad)
 
     def remove_hooks(self) -> None:
         """Detach the ``fused_backward`` hooks from the model."""
@@ -128,8 +144,6 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.fused_backward:
-            return loss  # the updates ran during backward
         for group in self.param_groups:
             for target in group["params"]:
                 self._update(group, target)
@@ -138,10 +152,15 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict[str, Any], target: torch.Tensor) -> None:
         """One update of one parameter's trainable entries (no-op without a gradient)."""
         param, idx = self._targets[id(target)]
-        if param.grad is None:
+        if self.fused_backward:
+            grad = self._compact_grads.pop(id(target), None)
+        elif param.grad is not None:
+            grad = _local(param.grad).reshape(-1).index_select(0, idx)
+        else:
+            grad = None
+        if grad is None:
             return
         local = _local(param).detach()
-        grad = _local(param.grad).reshape(-1).index_select(0, idx)
         master = target is not param
         value = target if master else local.reshape(-1).index_select(0, idx)
         if master:
@@ -152,25 +171,28 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the trainable entries' gradients to a global L2 norm of ``max_norm`` (the
         frozen entries' gradients are never used, so they do not count); returns the norm
-        before clipping. Not available with ``fused_backward``."""
-        if self.fused_backward:
-            raise UsageError("clip_grad_norm_ needs every gradient at once: not available "
-                             "with fused_backward=True")
+        before clipping. With ``fused_backward``, call it between the last backward and
+        :meth:`step`: it clips the gathered compact gradients."""
         if DTensor is not None and any(isinstance(p, DTensor) for p, _ in
                                        self._targets.values()):
             raise UsageError("clip_grad_norm_ of MaskedAdamW does not reduce across FSDP2 "
                              "shards yet")
-        squares = []
-        for param, idx in self._targets.values():
-            if param.grad is not None:
-                squares.append(param.grad.reshape(-1).index_select(0, idx).float()
-                               .pow(2).sum())
+        if self.fused_backward:
+            grads = list(self._compact_grads.values())
+        else:
+            grads = [param.grad.reshape(-1).index_select(0, idx)
+                     for param, idx in self._targets.values() if param.grad is not None]
+        squares = [g.float().pow(2).sum() for g in grads]
         norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
         if norm > max_norm > 0:
             scale = max_norm / (norm + 1e-6)
-            for param, _ in self._targets.values():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            if self.fused_backward:
+                for g in grads:
+                    g.mul_(scale)
+            else:
+                for param, _ in self._targets.values():
+                    if param.grad is not None:
+                        param.grad.mul_(scale)
         return norm
 
     def _targets_in_order(self) -> list[torch.Tensor]:
@@ -196,7 +218,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 targets[int(i)].copy_(value)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the model's trained parameters."""
+        """Clear the gradients of the model's trained parameters (with ``fused_backward``,
+        the gathered compact gradients)."""
+        self._compact_grads.clear()
         for param, _ in self._targets.values():
             if set_to_none:
                 param.grad = None
@@ -255,11 +279,12 @@ class MaskedAdamW(_MaskedOptimizer):
                  fused_backward: bool = False) -> None:
         """Match ``mask`` onto ``model``'s parameters and set up the compact state.
 
-        ``fused_backward``: run each parameter's update in a post-accumulate-grad hook as
-        soon as its gradient is ready and drop the dense gradient right after, so that at
-        most one dense gradient exists at a time; :meth:`step` then does nothing. It cannot
-        be used with gradient accumulation over several backward passes, nor with clipping
-        by the global norm (no global norm exists before the last gradient).
+        ``fused_backward``: in a post-accumulate-grad hook, gather each parameter's
+        trainable gradient entries into a compact gradient as soon as its dense gradient is
+        ready, and drop the dense gradient right after, so that at most one dense gradient
+        exists at a time; :meth:`step` updates from the compact gradients (summed over every
+        backward since the last step: gradient accumulation works, bit for bit as without
+        it), and :meth:`clip_grad_norm_` clips them.
         """
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1
                 and 0 <= betas[1] < 1):

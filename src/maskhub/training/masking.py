@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from maskhub.errors import MaskMismatchError, UsageError
 from maskhub.schemas.metadata import BITORDER
+from maskhub.schemas.modelfit import another_model
 from maskhub.training.mask_sources import (  # noqa: F401  (re-exported: maskhub.torch)
     DictMask,
     MaskLike,
@@ -168,10 +169,20 @@ def match_parameters(model: nn.Module, mask: MaskLike, *, strip_prefix: str | No
             match.missing.append(n)
             match.missing_params.append(p)
     match.extra = unmapped
+    label = getattr(mask, "name", None)
+    model_shapes: dict[str, tuple[int, ...]] = {}
+    for mask_name in shapes:
+        target = _map_name(mask_name, strip_prefix, add_prefix, name_map)
+        if target is not None and target in by_name:
+            model_shapes[mask_name] = tuple(by_name[target].shape)
+    why = another_model(shapes, model_shapes)
+    if why is not None and not _prefix_hint(unmapped, match.missing, set(by_name)):
+        raise MaskMismatchError(
+            (f"mask {label!r}" if label else "the mask") + f" is a mask of another model: {why}",
+            unmapped, match.missing, bad_shapes)
     fail_extra = bool(unmapped) and extra == "error"
     fail_missing = bool(match.missing) and missing == "error"
     if fail_extra or fail_missing or bad_shapes:
-        label = getattr(mask, "name", None)
         parts = [f"mask {label!r} does not match the model" if label else
                  "the mask does not match the model"]
         if unmapped:

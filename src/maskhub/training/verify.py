@@ -24,6 +24,7 @@ from maskhub.errors import MaskMismatchError
 from maskhub.kernels.bitcount import count_entries
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.schemas.metadata import TensorStats
+from maskhub.schemas.modelfit import another_model
 from maskhub.schemas.progress import ProgressFn
 
 
@@ -107,6 +108,11 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
         # (a tensor in one checkpoint only is already in ``skipped``)
         not_in_ckpt = [n for n in mask.tensor_names() if n not in present and n not in skipped]
         label = getattr(mask, "name", None)
+        why = another_model({s.tensor: s.shape for s in stats.values()},
+                            {n: t.shape for n, t in base_ck.tensors.items()},
+                            "the mask", "the checkpoints")
+        if why is not None:  # a different architecture, not a few missing tensors
+            raise MaskMismatchError(f"mask {label!r} is a mask of another model: {why}")
         if (not_in_mask or not_in_ckpt) and not allow_missing:
             parts = [f"mask {label!r} and the checkpoints do not hold the same tensors"]
             if not_in_ckpt:

@@ -1,0 +1,293 @@
+"""``maskhub trajectory --patches BASE P1 ... Pn``: a trajectory from a chain of sparse patches.
+
+The same measurement as :mod:`maskhub.analytics.trajectory` (per-step counts against the
+base and the previous step, ever updated, Figure 6's ``n_not_in_final``, the never /
+cancelled / subnetwork split, the ``NAME-final`` and ``NAME-ever`` masks, the
+``trajectories`` and ``trajectory_points`` rows), for the weights ``base``, ``base + P1``,
+..., ``base + P1 + ... + Pn``, without building any of them densely
+(:mod:`maskhub.analytics.patch_replay`). The chain is checked before any count: every patch
+must be a readable patch file (:mod:`maskhub.checkpoints.patches`) whose tensors are the
+base's, with the base's dtypes and shapes and every index inside the tensor, and the steps
+its metadata gives must follow one another (``base_step`` of a patch = ``target_step`` of
+the one before; target steps increasing). A patch that fails is named in a one-line error,
+and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from maskhub.analytics.patch_replay import (
+    SparseState,
+    final_positions,
+    pack_positions,
+)
+from maskhub.analytics.trajectory import (
+    TrajectoryPoint,
+    TrajectoryResult,
+    _step_of,
+    record_trajectory,
+)
+from maskhub.checkpoints.mapped import MappedCheckpoint
+from maskhub.checkpoints.patches import PatchFile, open_patch
+from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.core.interrupts import critical_section
+from maskhub.core.provenance import model_name, timestamp
+from maskhub.errors import CheckpointError, UsageError
+from maskhub.kernels.kernel import DiffKernel, backend_for
+from maskhub.kernels.strata import BINS, strata_fn, strata_rows
+from maskhub.schemas.dtypes import itemsize
+from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.names import mask_name_from, parse_tensor_name
+from maskhub.storage.files import remove_tree
+from maskhub.storage.store import MaskWriter
+
+if TYPE_CHECKING:
+    from maskhub.core.home import Home
+
+#: Unsigned views of raw values by item size.
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def open_chain(base: Checkpoint, paths: Sequence[str]) -> list[PatchFile]:
+    """Open and check the patches of a chain against ``base``: names, dtypes and declared
+    shapes of every tensor, and the order of the steps their metadata gives. Indices are
+    checked when each tensor is read."""
+    patches: list[PatchFile] = []
+    try:
+        for p in paths:
+            patches.append(open_patch(p))
+        for pf in patches:
+            check_against_base(pf, base)
+        check_order(patches)
+    except BaseException:
+        for pf in patches:
+            pf.close()
+        raise
+    return patches
+
+
+def check_against_base(pf: PatchFile, base: Checkpoint) -> None:
+    """Every tensor of ``pf`` is one of ``base``'s, with its dtype and (where the patch
+    declares it) its shape."""
+    for name, (_, val_key) in pf.entries.items():
+        info = base.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"patch {pf.path}: tensor {name!r} is not in the base "
+                                  f"{base.ref}", str(pf.path))
+        stored = pf._arrays[val_key]
+        if stored.dtype != info.dtype:
+            raise CheckpointError(f"patch {pf.path}: tensor {name!r}: the patch's values are "
+                                  f"{stored.dtype}, the base tensor is {info.dtype}",
+                                  str(pf.path))
+        declared = pf._declared_shape(name)
+        if declared is not None and declared != info.shape:
+            raise CheckpointError(f"patch {pf.path}: tensor {name!r} has shape "
+                                  f"{list(declared)} in the patch, {list(info.shape)} in the "
+                                  "base", str(pf.path))
+
+
+def check_order(patches: Sequence[PatchFile]) -> None:
+    """The steps the patches' metadata gives follow one another: each ``base_step`` is the
+    previous patch's ``target_step``, and target steps increase."""
+    for prev, cur in zip(patches, patches[1:], strict=False):
+        if cur.base_step is not None and prev.target_step is not None \
+                and cur.base_step != prev.target_step:
+            raise CheckpointError(
+                f"patch {cur.path} is out of order: it starts from step {cur.base_step}, "
+                f"the patch before it ({prev.label}) leads to step {prev.target_step}",
+                str(cur.path))
+        if cur.target_step is not None and prev.target_step is not None \
+                and cur.target_step <= prev.target_step:
+            raise CheckpointError(
+                f"patch {cur.path} is out of order: it leads to step {cur.target_step}, "
+                f"not after step {prev.target_step} of the patch before it ({prev.label})",
+                str(cur.path))
+
+
+def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[str], *,
+                         name: str | None = None, tol: float = 1e-5,
+                         algorithm: str | None = None, seed: int | None = None,
+                         dataset: str | None = None, tags: Sequence[str] = (),
+                         progress: Callable[[int, int, int, int, str], None] | None = None
+                         ) -> TrajectoryResult:
+    """Measure the chain ``base_spec, patch_paths...`` like a dense trajectory and register
+    its final and ever-updated masks (``masks.operation``: ``trajectory-final`` /
+    ``trajectory-ever``; ``extra.patches`` lists the patch files)."""
+    if not patch_paths:
+        raise UsageError("a patch trajectory needs a base and at least one patch")
+    base = open_checkpoint(base_spec)
+    patches: list[PatchFile] = []
+    try:
+        patches = open_chain(base, patch_paths)
+        names = list(base.tensors)
+        labels = [model_name(base.ref)] + [str(pf.path.resolve()) for pf in patches]
+        points = [TrajectoryPoint(0, _step_of(base_spec, 0), labels[0], base.revision)]
+        for k, pf in enumerate(patches, start=1):
+            step = pf.target_step if pf.target_step is not None else _step_of(str(pf.path), k)
+            points.append(TrajectoryPoint(k, step, labels[k], None))
+        name = name or mask_name_from(Path(patch_paths[-1]).stem)
+        for suffix in ("-final", "-ever"):
+            registry.check_new_name(name + suffix)
+        final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
+        tmp_final = registry.new_store_location(final_id)
+        tmp_ever = registry.new_store_location(ever_id)
+        patch_bytes = sum(pf.nbytes for pf in patches)
+        kernel = DiffKernel(tol=tol, backend=backend_for(patch_bytes))
+        try:
+            w_final, w_ever = MaskWriter(tmp_final), MaskWriter(tmp_ever)
+            final_stats: list[TensorStats] = []
+            ever_stats: list[TensorStats] = []
+            final_strata: list[tuple[str, int, int, int]] = []
+            ever_strata: list[tuple[str, int, int, int]] = []
+            n_cancelled = 0
+            done = 0
+            with MappedCheckpoint(base) as mapped:
+                for group in _groups(base, names):
+                    views = [mapped.region(t).raw() for t in group]
+                    finals, evers = _replay_group(base, group, views, patches, points,
+                                                  kernel)
+                    for tname, raw, final_pos, ever_pos in zip(group, views, finals, evers,
+                                                               strict=True):
+                        info = base.tensors[tname]
+                        final = pack_positions(final_pos, info.numel)
+                        ever = pack_positions(ever_pos, info.numel)
+                        n_final, n_ever = int(final_pos.shape[0]), int(ever_pos.shape[0])
+                        n_cancelled += n_ever - n_final
+                        layer, module = parse_tensor_name(tname)
+                        common = dict(shape=info.shape, numel=info.numel, layer=layer,
+                                      module=module, base_dtype=info.dtype,
+                                      target_dtype=info.dtype)
+                        fs = TensorStats(tname, n_updated=n_final, **common)
+                        es = TensorStats(tname, n_updated=n_ever, **common)
+                        if info.numel:  # magnitude strata from the base's exponents
+                            sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba"
+                                            else "numpy")
+                            for bits, rows in ((final, final_strata), (ever, ever_strata)):
+                                counts = np.zeros((2, BINS), dtype=np.int64)
+                                sfn(raw, bits, info.numel, counts)
+                                rows.extend(strata_rows(tname, info.dtype, counts))
+                        w_final.add(fs, final)
+                        w_ever.add(es, ever)
+                        final_stats.append(fs)
+                        ever_stats.append(es)
+                        done += 1
+                        if progress:
+                            progress(done, len(names), done, len(names), tname)
+            n_params = sum(s.numel for s in final_stats)
+            n_sub = sum(s.n_updated for s in final_stats)
+            n_ever_total = sum(s.n_updated for s in ever_stats)
+            common_meta = dict(base_model=labels[0], base_revision=base.revision,
+                               target_model=labels[-1], target_revision=None,
+                               n_params=n_params, tol=float(tol), created_at=timestamp(),
+                               dtype=base.tensors[names[0]].dtype if names else "",
+                               algorithm=algorithm, seed=seed, dataset=dataset,
+                               tags=tuple(tags),
+                               extra={"patches": [pf.label for pf in patches],
+                                      "patch_layouts": sorted({pf.layout for pf in patches})})
+            meta_final = MaskMetadata(id=final_id, name=f"{name}-final", n_updated=n_sub,
+                                      operation="trajectory-final", **common_meta)
+            meta_ever = MaskMetadata(id=ever_id, name=f"{name}-ever", n_updated=n_ever_total,
+                                     operation="trajectory-ever", **common_meta)
+            w_final.finish(meta_final)
+            w_ever.finish(meta_ever)
+        except BaseException:
+            remove_tree(tmp_final)
+            remove_tree(tmp_ever)
+            raise
+    finally:
+        for pf in patches:
+            pf.close()
+        base.close()
+    try:  # one transaction: both masks and the trajectory rows commit, or none of them
+        with critical_section(), registry.index.connect():
+            final_mask = registry.register_store(tmp_final, meta_final, final_stats,
+                                                 strata=final_strata)
+            ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
+                                                strata=ever_strata)
+            result = TrajectoryResult(
+                id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
+                points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
+                n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
+            record_trajectory(registry, result)
+    except BaseException:
+        remove_tree(tmp_ever)
+        raise
+    return result
+
+
+#: Entries replayed together: consecutive tensors of one dtype are laid end to end up to
+#: this many entries (a 4-byte slot per entry: 256 MiB), so that a step costs a few numpy
+#: calls per group, not per tensor.
+GROUP_ENTRIES = 1 << 26
+
+
+def _groups(base: Checkpoint, names: Sequence[str]) -> list[list[str]]:
+    """Consecutive tensors of one dtype, at most :data:`GROUP_ENTRIES` entries together
+    (a larger tensor alone)."""
+    groups: list[list[str]] = []
+    size, dtype = 0, None
+    for n in names:
+        info = base.tensors[n]
+        if groups and info.dtype == dtype and size + info.numel <= GROUP_ENTRIES:
+            groups[-1].append(n)
+            size += info.numel
+        else:
+            groups.append([n])
+            size, dtype = info.numel, info.dtype
+    return groups
+
+
+def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.ndarray],
+                  patches: Sequence[PatchFile], points: list[TrajectoryPoint],
+                  kernel: DiffKernel) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Replay the chain over the tensors ``group`` (one dtype) laid end to end; add each
+    step's counts to ``points``; return each tensor's final and ever-updated positions."""
+    infos = [base.tensors[t] for t in group]
+    dtype = infos[0].dtype
+    raw_dt = _RAW[itemsize(dtype)]
+    typed = [v.view(raw_dt) for v in views]
+    offsets = np.zeros(len(group) + 1, dtype=np.int64)
+    np.cumsum([i.numel for i in infos], out=offsets[1:])
+
+    def gather(idx: np.ndarray) -> np.ndarray:  # sorted global positions -> base values
+        out = np.empty(idx.shape[0], dtype=raw_dt)
+        cuts = np.searchsorted(idx, offsets)
+        for j, t in enumerate(typed):
+            a, b = cuts[j], cuts[j + 1]
+            if b > a:
+                out[a:b] = t[idx[a:b] - offsets[j]]
+        return out
+
+    steps: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for pf in patches:
+        parts = [(pf.read(t, i.shape, i.dtype), off) for t, i, off in
+                 zip(group, infos, offsets[:-1], strict=True) if t in pf.entries]
+        parts = [(pt, off) for pt, off in parts if pt.nnz]
+        if not parts:
+            steps.append(None)
+        elif len(parts) == 1:
+            pt, off = parts[0]
+            steps.append((pt.indices + off, pt.values))
+        else:
+            steps.append((np.concatenate([pt.indices + off for pt, off in parts]),
+                          np.concatenate([pt.values for pt, _ in parts])))
+    numel = int(offsets[-1])
+    final = final_positions(steps, numel, raw_dt, gather, dtype, kernel)
+    touched_max = min(numel, sum(st[0].shape[0] for st in steps if st is not None))
+    state = SparseState(numel, dtype, raw_dt, gather, final=final, capacity=touched_max)
+    for k, entries in enumerate(steps, start=1):
+        c = state.step(entries, kernel)
+        points[k].n_updated_vs_first += c.vs_first
+        points[k].n_updated_vs_prev += c.vs_prev
+        points[k].n_ever += c.ever
+        points[k].n_not_in_final += c.not_in_final
+    ever = state.ever_positions()
+    fcuts, ecuts = np.searchsorted(final, offsets), np.searchsorted(ever, offsets)
+    return ([final[fcuts[j]:fcuts[j + 1]] - offsets[j] for j in range(len(group))],
+            [ever[ecuts[j]:ecuts[j + 1]] - offsets[j] for j in range(len(group))])

@@ -1,0 +1,141 @@
+"""The byte-gap layout of a low-density mask array (``encoding: "gaps-u8"``).
+
+A tensor whose mask is sparse is smaller stored as the gaps between its set bits than as
+packed bits: packed bits + zstd reach 1.6x the entropy bound at 2% density and 1.27x at 5%,
+the byte-gap code 1.01x (BENCHMARKS.md). The code, for the set positions ``i_0 < i_1 < ...``
+of the flattened mask, with gaps ``g_k = i_k - i_{k-1} - 1`` (``i_{-1} = -1``):
+
+* a gap below 255 is one byte, the gap itself;
+* a larger gap is ``g // 255`` bytes of 255 (each one "255 more zeros") then one byte
+  ``g % 255``.
+
+So every byte below 255 ends one set bit, and the position of that bit is the running sum of
+all bytes so far plus one per earlier set bit. With zarr and numpy only::
+
+    c = a[:].astype(np.int64)
+    idx = np.cumsum(c + (c < 255))[c < 255] - 1   # flat indices of the set bits
+    bits = np.zeros(math.prod(a.attrs["shape"]), bool); bits[idx] = True
+
+The array is ``uint8`` with the same codecs and chunking as a packed array (``bytes`` +
+``zstd`` level 1: on these codes level 1 compresses better than level 3, which spends bits on
+spurious matches); its length is the code's length, not ``ceil(numel / 8)``.
+
+Encoding and decoding go through the numba kernels of :mod:`maskhub.kernels.gapkernel` for
+large tensors (one pass, ~1 GB/s) and through numpy for small ones (no compile or cache load).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+#: The array attribute naming a non-default layout; absent means packed bits.
+ENCODING_ATTR = "encoding"
+#: The byte-gap layout described above.
+GAPS_U8 = "gaps-u8"
+#: Layouts this maskhub reads (``None``: packed bits).
+KNOWN_ENCODINGS = (None, GAPS_U8)
+#: Below this density the gap code is written without trying packed bits (it is smaller for
+#: i.i.d. masks by 6% or more there); from it up to :data:`TRY_MAX_DENSITY` both are
+#: compressed and the smaller kept; above, packed bits only.
+GAPS_ONLY_DENSITY = 0.1
+TRY_MAX_DENSITY = 0.3
+#: Packed bytes from which the numba kernels are used (below, numpy: no compile/cache load).
+KERNEL_MIN_BYTES = 1 << 20
+
+
+class GapCodeError(ValueError):
+    """A gap code that names a position outside its tensor (a damaged array)."""
+
+
+def encode(packed: np.ndarray, numel: int) -> np.ndarray:
+    """The byte-gap code (uint8) of the first ``numel`` bits of ``packed`` (little bit order);
+    padding bits of the last byte are ignored."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    if packed.size >= KERNEL_MIN_BYTES:
+        from maskhub.kernels.bitcount import count_entries
+        from maskhub.kernels.gapkernel import encode_gaps
+
+        out = np.empty(count_entries(packed, numel) + numel // 255 + 1, dtype=np.uint8)
+        return out[:encode_gaps(packed, numel, out)].copy()
+    return codes_of_indices(set_indices(packed, numel))
+
+
+def set_indices(packed: np.ndarray, numel: int) -> np.ndarray:
+    """Flat indices (int64, ascending) of the set bits among the first ``numel`` of ``packed``."""
+    nz = np.flatnonzero(packed)
+    bits = np.unpackbits(packed[nz][:, None], axis=1, bitorder="little")
+    row, col = np.nonzero(bits)
+    idx = nz[row].astype(np.int64) * 8 + col
+    return idx[idx < numel]
+
+
+def codes_of_indices(idx: np.ndarray) -> np.ndarray:
+    """The byte-gap code of ascending flat indices."""
+    gaps = np.diff(np.asarray(idx, dtype=np.int64), prepend=-1) - 1
+    extra = gaps // 255
+    if not extra.any():
+        return gaps.astype(np.uint8)
+    ends = np.cumsum(extra + 1) - 1
+    out = np.full(int(ends[-1]) + 1 if ends.size else 0, 255, dtype=np.uint8)
+    out[ends] = gaps % 255
+    return out
+
+
+def indices(codes: np.ndarray) -> np.ndarray:
+    """Flat indices of the set bits a byte-gap code names (the README's two numpy lines)."""
+    c = np.asarray(codes).astype(np.int64)
+    return np.cumsum(c + (c < 255))[c < 255] - 1
+
+
+def decode(codes: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
+    """``(packed bits, number of set bits)`` of a byte-gap code for a tensor of ``numel``
+    entries; raises :class:`GapCodeError` for a code that does not fit the tensor."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    nbytes = (numel + 7) // 8
+    out = np.zeros(nbytes, dtype=np.uint8)
+    if nbytes >= KERNEL_MIN_BYTES:
+        from maskhub.kernels.gapkernel import decode_gaps
+
+        count = int(decode_gaps(codes, numel, out))
+        if count < 0:
+            raise GapCodeError(f"its gap code does not fit {numel} entries")
+        return out, count
+    if codes.size and codes[-1] == 255:
+        raise GapCodeError("its gap code ends in an escape byte")
+    idx = indices(codes)
+    if idx.size and idx[-1] >= numel:
+        raise GapCodeError(f"its gap code names entry {int(idx[-1])} of {numel}")
+    if idx.size:
+        byte = idx >> 3
+        vals = np.left_shift(np.uint8(1), (idx & 7).astype(np.uint8))
+        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        out[byte[starts]] = np.bitwise_or.reduceat(vals, starts)
+    return out, int(idx.size)
+
+
+class LazyPacked:
+    """The packed bits of a gap-coded tensor behind the slicing interface of a 1-d zarr array
+    (``shape``, ``dtype``, ``chunks``, ``a[start:stop]``), decoded on the first read and
+    released once every byte has been read (range readers read each byte once)."""
+
+    def __init__(self, load: Callable[[], np.ndarray], nbytes: int, chunk: int) -> None:
+        """``load()`` returns the decoded packed bits, ``nbytes`` long."""
+        self._load = load
+        self.shape = (nbytes,)
+        self.dtype = np.dtype(np.uint8)
+        self.chunks = (max(1, min(nbytes, chunk)),)
+        self._data: np.ndarray | None = None
+        self._served = 0
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """A copy of bytes ``key`` (a slice)."""
+        with self._lock:
+            data = self._data if self._data is not None else self._load()
+            part = data[key].copy()
+            self._served += part.size
+            self._data = None if self._served >= self.shape[0] else data
+        return part
