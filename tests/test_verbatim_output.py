@@ -77,7 +77,8 @@ def test_show_ls_and_summarize_with_hostile_text(reg: Registry) -> None:
     assert len(out.splitlines()) == 5
     assert "grpo[beta=0.04] │ 2    │ :x: \\x1b]0;title\\x07" in out
     summary = ok("sql", "summarize masks").stdout
-    assert "\x1b" not in summary and len(summary.splitlines()) == 2 + 24
+    n_columns = reg.sql("select count(*) from (describe masks)")[1][0][0]
+    assert "\x1b" not in summary and len(summary.splitlines()) == 2 + n_columns
     # Machine output keeps the raw values.
     rows = {r["name"]: r for r in json.loads(ok("ls", "--json").stdout)}
     assert rows["marked"]["notes"] == ESC_NOTES and rows["long"]["notes"] == "n" * 100_000

@@ -107,7 +107,7 @@ class MaskhubGroup(click.Group):
             failure = environment_failure(exc)
             if failure is None:
                 raise
-            click.echo(f"Error: {failure}", err=True)
+            click.echo(visible(f"Error: {failure}"), err=True)
             sys.exit(1)
 
 

@@ -217,11 +217,11 @@ Part = str | tuple[str, str]
 _STYLES = {"bold": "1", "yellow": "33", "red": "31", "green": "32"}
 
 
-def say(*parts: Part, err: bool = False) -> None:
-    """Print one line made of ``parts`` (plain strings, or ``(text, style)`` pairs such as
+def line_of(*parts: Part, err: bool = False) -> str:
+    """One line made of ``parts`` (plain strings, or ``(text, style)`` pairs such as
     ``(name, "bold")``), each shown verbatim and harmless (:func:`maskhub.cli.text.visible`):
-    no markup, no emoji codes, no terminal escapes but the style's own (on a terminal only).
-    On stderr with ``err``."""
+    no markup, no emoji codes, no terminal escapes but the style's own (only when the line
+    goes to a terminal: stdout, or stderr with ``err``)."""
     tty = styled(sys.stderr if err else sys.stdout)
     out = []
     for part in parts:
@@ -230,7 +230,12 @@ def say(*parts: Part, err: bool = False) -> None:
             out.append(f"\x1b[{_STYLES[part[1]]}m{text}\x1b[0m" if tty and text else text)
         else:
             out.append(visible(part))
-    click.echo("".join(out), err=err)
+    return "".join(out)
+
+
+def say(*parts: Part, err: bool = False) -> None:
+    """Print the line :func:`line_of` makes of ``parts``, on stdout (stderr with ``err``)."""
+    click.echo(line_of(*parts, err=err), err=err)
 
 
 def echo(line: str, err: bool = False) -> None:

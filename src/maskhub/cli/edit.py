@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import echo_json, home_option, json_option, registry
+from maskhub.cli.common import echo, echo_json, home_option, json_option, registry
 
 
 @click.command()
@@ -50,7 +50,7 @@ def edit(mask: str, new_name: str | None, base_model: str | None, base_revision:
         echo_json({"id": row["id"], "name": row["name"], "edits": list(row["edits"] or [])})
         return
     for line in (row["edits"] or [])[-len(_changed(row)):]:
-        click.echo(f"{edited.name}: {line.split(' ', 1)[1]}")
+        echo(f"{edited.name}: {line.split(' ', 1)[1]}")
 
 
 def _changed(row: dict) -> list[str]:

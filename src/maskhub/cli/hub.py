@@ -13,6 +13,7 @@ from maskhub.cli.common import (
     echo_json,
     home_option,
     json_option,
+    line_of,
     pct,
     print_table,
     registry,
@@ -88,9 +89,10 @@ def push(mask: str, repo_id: str, private: bool, revision: str | None,
     if as_json:
         echo_json(res.to_dict())
     elif res.changed:
-        say("pushed ", (res.name, "bold"), f" to {res.repo_id}@{res.branch}: commit "
-            f"{res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)")
-        say(res.url)
+        # One write for both lines: `maskhub push ... | head -1` gets the first whole.
+        click.echo(line_of("pushed ", (res.name, "bold"), f" to {res.repo_id}@{res.branch}: "
+                           f"commit {res.commit[:12]} ({res.files} files, {res.bytes:,} bytes)")
+                   + "\n" + line_of(res.url))
     else:
         say(f"{res.name} is unchanged on {res.repo_id}@{res.branch}: no new commit "
             f"(at {res.commit[:12]})")
