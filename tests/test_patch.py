@@ -252,3 +252,24 @@ def test_mask_apply_to_torch_model(pair: tuple[Path, Path]) -> None:
     run_json("diff", str(base), str(target), "--name", "m")
     with pytest.raises(PatchError, match="holds no values"):
         Registry().get("m").apply_to(model)
+
+
+def test_a_patch_is_still_a_mask(pair: tuple[Path, Path], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskhub import Registry
+
+    base, target = pair
+    run_json("diff", str(base), str(target), "--patch", "--name", "p")
+    run_json("diff", str(base), str(target), "--tol", "0", "--name", "m")
+    assert run_json("fsck")["problems"] == []
+    assert run_json("overlap", "p", "m")["n_both"] == run_json("show", "m")["mask"]["n_updated"]
+    union = run_json("combine", "union", "p", "m", "--name", "u")
+    assert union["n_updated"] == run_json("show", "p")["mask"]["n_updated"]
+    assert run_json("show", "u")["mask"]["has_values"] is False
+    # importing a patch's store elsewhere registers its bits (not its values)
+    store = Registry().get("p").path
+    monkeypatch.setenv("MASKHUB_HOME", str(tmp_path / "other"))
+    run_json("import", str(store), "--name", "imported")
+    assert [(r["name"], r["has_values"]) for r in run_json("ls")] == [("imported", False)]
+    assert fail_line("apply", "imported", str(base), str(tmp_path / "out")).startswith(
+        "Error: mask 'imported' holds no values")
