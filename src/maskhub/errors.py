@@ -119,3 +119,14 @@ class ReadOnlyRegistryError(MaskhubError, PermissionError):
 class StudyInterruptedError(MaskhubError, RuntimeError):
     """``maskhub study`` was stopped (Ctrl-C) after registering some of its masks; the
     message names them (each one complete) and where the checkpoints are."""
+
+
+# -- patches (issue 22: a mask plus the target's values) -----------------------------------
+
+class PatchError(MaskhubError, ValueError):
+    """A patch cannot be applied: the mask holds no values, or its values disagree with its
+    bits (a wrong base is a :class:`MaskMismatchError`)."""
+
+    def __init__(self, message: str, mask: str | None = None) -> None:
+        super().__init__(message)
+        self.mask = mask

@@ -32,6 +32,7 @@ COMMAND_MODULES = {
     "push": "hub", "pull": "hub", "search": "hub",
     "verify": "verify", "trajectory": "analysis", "compare": "analysis",
     "fsck": "maintenance", "import": "ingest", "study": "study",
+    "apply": "patch",
 }
 
 

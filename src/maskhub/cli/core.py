@@ -54,8 +54,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--algorithm", help="RL algorithm of the run (dpo, grpo, ppo...).")
 @click.option("--seed", type=int, help="Seed of the run.")
 @click.option("--dataset", help="Training dataset of the run.")
-@click.option("--tol", type=float, default=1e-5, show_default=True,
-              help="Updated iff |target - base| > tol (0: any change).")
+@click.option("--tol", type=float, default=None,
+              help="Updated iff |target - base| > tol (0: any change).  [default: 1e-05; 0 "
+              "with --patch]")
 @click.option("--sweep", help="Comma-separated extra tolerances whose per-tensor counts are "
               "recorded in the same pass, e.g. 0,1e-8,1e-7,1e-6,1e-5.")
 @click.option("--device", default="auto", show_default=True,
@@ -70,6 +71,9 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
               help="Also record the numerical rank of every 2-D update (the paper's Table 2).")
 @click.option("--stats", is_flag=True,
               help="Also record sign flips, mean/max |delta| and |delta|/|base| per tensor.")
+@click.option("--patch", is_flag=True,
+              help="Also store the target's values at the updated entries, so that `maskhub "
+              "apply` rebuilds TARGET from BASE bit for bit (at --tol 0, the default then).")
 @ray_option
 @store_option
 @json_option
@@ -77,7 +81,7 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: int | None,
          dataset: str | None, tol: float, sweep: str | None, device: str, allow_missing: bool,
          base_model: str | None, target_model: str | None, tags: tuple[str, ...],
-         notes: str | None, rank: bool, stats: bool, ray_address: str | None,
+         notes: str | None, rank: bool, stats: bool, patch: bool, ray_address: str | None,
          store: str | None, as_json: bool, home: str | None) -> None:
     """Diff TARGET against BASE and register the mask of updated parameters.
 
@@ -89,6 +93,7 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
       maskhub diff ./tulu-sft ./tulu-dpo --algorithm dpo --seed 42 \\
           --dataset tulu-pref --name tulu-dpo --sweep 0,1e-8,1e-7,1e-6,1e-5
       maskhub diff /shared/sft /shared/rl --ray --store s3://bucket/maskhub
+      maskhub diff ./qwen-sft ./qwen-grpo --patch --name qwen-grpo-patch
     """
     reg = registry(home, store)
     with byte_progress("diff") as progress:
@@ -96,7 +101,8 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
                         dataset=dataset, tol=tol, sweep=_parse_sweep(sweep), device=device,
                         allow_missing=allow_missing, base_model=base_model,
                         target_model=target_model, tags=tags, notes=notes, rank=rank,
-                        stats=stats, ray=ray_address, progress=progress, warn=warn)
+                        stats=stats, ray=ray_address, progress=progress, warn=warn,
+                        patch=patch)
     if as_json:
         echo_json(_summary(mask))
     else:
@@ -122,9 +128,13 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
         click.echo("no masks registered yet (try `maskhub demo`)", err=True)
         return
     cols = ["name", "id", "algorithm", "seed", "dataset", "n_params", "sparsity", "created_at"]
-    print_table(cols, [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
-                        f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows],
-                formatters={"sparsity": pct})
+    table = [[r["name"], r["id"][:12], r["algorithm"], r["seed"], r["dataset"],
+              f"{r['n_params']:,}", r["sparsity"], r["created_at"]] for r in rows]
+    if any(r.get("has_values") for r in rows):  # a patch column only when there is one
+        cols.append("patch")
+        for line, r in zip(table, rows, strict=True):
+            line.append("values" if r.get("has_values") else "")
+    print_table(cols, table, formatters={"sparsity": pct})
 
 
 @click.command()
@@ -148,9 +158,12 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
               "algorithm", "seed", "dataset", "tol", "dtype", "n_params", "n_updated",
               "sparsity", "created_at", "hub_repo", "hub_revision", "tags", "operation",
               "parents", "notes"]
-    print_table(["field", "value"],
-                [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
-                 if m.get(f) not in (None, [], "")])
+    table = [[f, pct(m[f]) if f == "sparsity" else m[f]] for f in fields
+             if m.get(f) not in (None, [], "")]
+    if m.get("has_values"):
+        table.append(["patch", "holds the target's values at the updated entries "
+                               "(maskhub apply rebuilds the target from the base)"])
+    print_table(["field", "value"], table)
     if info["by_layer"]:
         stdout.print()
         print_table(["layer", "numel", "n_updated", "sparsity"],

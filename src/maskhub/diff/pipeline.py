@@ -31,6 +31,7 @@ from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
+from maskhub.kernels.patchbits import bits_view, patch_chunk
 from maskhub.kernels.strata import BINS, StrataCache, StrataFn, strata_fn, strata_rows
 from maskhub.kernels.strata import FORMATS as STRATA_FORMATS
 from maskhub.kernels.threads import available_cpus
@@ -101,6 +102,16 @@ class _Job:
     strata: np.ndarray  # int64 [2, BINS]: entries and updated entries per exponent of θ0
     known: np.ndarray | None = None  # the entries' histogram, from the strata cache
     remaining: int = 0
+    #: A patch: the target's values (raw bits) at the set bits, per chunk start.
+    values: dict[int, np.ndarray] | None = None
+
+    def patch_values(self) -> np.ndarray:
+        """The values of every chunk, in flat order."""
+        assert self.values is not None
+        parts = [self.values[s] for s in sorted(self.values)]
+        if not parts:
+            return bits_view(np.empty(0, dtype=np.uint8), self.b_info.dtype).copy()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class _Prefetcher(threading.Thread):
@@ -148,17 +159,19 @@ class _WriterThread(threading.Thread):
     def __init__(self, writer: MaskWriter) -> None:
         super().__init__(name="maskhub-writer", daemon=True)
         self.writer = writer
-        self.queue: queue.Queue[tuple[TensorStats, np.ndarray] | None] = queue.Queue(WRITE_QUEUE)
+        self.queue: queue.Queue[tuple[TensorStats, np.ndarray, np.ndarray | None] | None] = \
+            queue.Queue(WRITE_QUEUE)
         self.error: BaseException | None = None
         self.cancelled = False
 
-    def put(self, stats: TensorStats, packed: np.ndarray) -> None:
+    def put(self, stats: TensorStats, packed: np.ndarray,
+            values: np.ndarray | None = None) -> None:
         """Queue one tensor (blocks while the queue is full); re-raises a writer failure."""
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.queue.put((stats, packed), timeout=0.1)
+                self.queue.put((stats, packed, values), timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -183,12 +196,15 @@ class _WriterThread(threading.Thread):
 
 
 def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
-                counts: np.ndarray, strata: np.ndarray) -> None:
+                counts: np.ndarray, strata: np.ndarray, lossless: bool) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
     packed = job.packed[start // 8:(stop + 7) // 8]
     fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
+    if job.values is not None:  # a patch: widen the bits, keep the target's values
+        job.values[start] = patch_chunk(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1],
+                                        job.a_info.dtype, job.b_info.dtype, packed, lossless)
     sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
@@ -196,14 +212,17 @@ def _chunk_task(fn: ChunkFn, sfn: StrataFn, job: _Job, start: int, stop: int,
 
 def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel: DiffKernel,
              writer: MaskWriter, progress: ProgressFn | None = None,
-             strata_cache: StrataCache | None = None) -> DiffOutcome:
+             strata_cache: StrataCache | None = None, patch: bool = False) -> DiffOutcome:
     """Diff every named tensor pair with ``kernel`` and write its bits with ``writer``.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total, name)`` is called from
     this thread after each tensor, in order. ``strata_cache``: where the base tensors'
     exponent histograms are kept between diffs (see :class:`~maskhub.kernels.strata.
-    StrataCache`).
+    StrataCache`). ``patch``: also store the target's values at the set bits; at
+    ``kernel.tol == 0`` the mask is widened to every entry whose bits differ
+    (:mod:`maskhub.kernels.patchbits`), so that the patch rebuilds the target exactly.
     """
+    lossless = patch and kernel.tol == 0
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
@@ -218,14 +237,16 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
                            np.zeros((2, BINS), dtype=np.int64),
-                           strata_cache.load(a_info) if strata_cache else None)
+                           strata_cache.load(a_info) if strata_cache else None,
+                           values={} if patch else None)
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
             for r in (job.a, job.b):  # whatever large folios left mapped around it
                 r.file.release(r.begin - RELEASE_SLACK, r.end - r.begin + RELEASE_SLACK)
-            stats = _stats(job)
-            wthread.put(stats, job.packed)
+            values = job.patch_values() if patch else None
+            stats = _stats(job, None if values is None else values.shape[0])
+            wthread.put(stats, job.packed, values)
             outcome.tensors.append(stats)
             outcome.sweep.extend((job.name, t, int(c)) for t, c in
                                  zip(kernel.sweep, job.counts[1:], strict=True))
@@ -243,9 +264,9 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
         wthread.start()
         try:
             if kernel.on_cuda:
-                _run_cuda(jobs(), kernel, prefetch, finish_job)
+                _run_cuda(jobs(), kernel, prefetch, finish_job, lossless)
             else:
-                _run_cpu(jobs(), kernel, prefetch, finish_job)
+                _run_cpu(jobs(), kernel, prefetch, finish_job, lossless)
             wthread.finish()
         finally:
             prefetch.stop()
@@ -257,9 +278,10 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     return outcome
 
 
-def _stats(job: _Job) -> TensorStats:
+def _stats(job: _Job, n_updated: int | None = None) -> TensorStats:
     layer, module = parse_tensor_name(job.name)
-    return TensorStats(job.name, job.a_info.shape, job.a_info.numel, int(job.counts[0]), layer,
+    n = int(job.counts[0]) if n_updated is None else n_updated
+    return TensorStats(job.name, job.a_info.shape, job.a_info.numel, n, layer,
                        module, job.a_info.dtype, job.b_info.dtype)
 
 
@@ -268,7 +290,7 @@ def _strata_fn(kernel: DiffKernel, dtype: str, entries: bool = True) -> StrataFn
 
 
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
-             finish_job: Callable[[int, _Job], None]) -> None:
+             finish_job: Callable[[int, _Job], None], lossless: bool = False) -> None:
     threads = compute_threads()
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
@@ -302,7 +324,8 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                     stop = min(n, start + CHUNK)
                     counts = np.zeros(len(kernel.tols), dtype=np.int64)
                     strata = np.zeros((2, BINS), dtype=np.int64)
-                    fut = pool.submit(_chunk_task, fn, sfn, job, start, stop, counts, strata)
+                    fut = pool.submit(_chunk_task, fn, sfn, job, start, stop, counts, strata,
+                                      lossless)
                     inflight.append((i, job, fut, counts, strata))
                     prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
                     while len(inflight) > window:
@@ -317,7 +340,7 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
 
 
 def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
-              finish_job: Callable[[int, _Job], None]) -> None:
+              finish_job: Callable[[int, _Job], None], lossless: bool = False) -> None:
     from maskhub.kernels.gpukernel import CudaDiffer
 
     differ = CudaDiffer.for_kernel(kernel)
@@ -326,6 +349,14 @@ def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
         if n:
             job.counts += differ.diff(job.a.raw(), job.b.raw(), job.a_info.dtype,
                                       job.b_info.dtype, n, job.packed)
+            if job.values is not None:  # a patch: its values are gathered on the CPU
+                sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
+                for start in range(0, n, CHUNK):
+                    stop = min(n, start + CHUNK)
+                    job.values[start] = patch_chunk(
+                        job.a.raw()[start * sa:stop * sa], job.b.raw()[start * sb:stop * sb],
+                        job.a_info.dtype, job.b_info.dtype,
+                        job.packed[start // 8:(stop + 7) // 8], lossless)
             _strata_fn(kernel, job.a_info.dtype, job.known is None)(job.a.raw(), job.packed, n,
                                                                   job.strata)
         job.a.file.release(job.a.begin, job.a.end - job.a.begin)

@@ -24,11 +24,15 @@ from maskhub.diff.pipeline import run_diff
 from maskhub.errors import UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
+from maskhub.kernels.patchbits import can_convert
 from maskhub.kernels.strata import StrataCache
 from maskhub.schemas.metadata import MaskMetadata
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
+
+#: The tolerance of a diff without ``--patch`` (the paper's bf16 tolerance).
+DEFAULT_TOL = 1e-5
 
 
 def diff(
@@ -40,7 +44,7 @@ def diff(
     algorithm: str | None = None,
     seed: int | None = None,
     dataset: str | None = None,
-    tol: float = 1e-5,
+    tol: float | None = None,
     sweep: Sequence[float] = (),
     device: str = "auto",
     allow_missing: bool = False,
@@ -53,10 +57,19 @@ def diff(
     ray: str | None = None,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
+    patch: bool = False,
 ) -> MaskRecord:
     """Diff ``target`` against ``base`` and register the mask of updated parameters in
     ``home`` (the arguments: see :meth:`maskhub.Registry.diff`)."""
+    if tol is None:
+        tol = 0.0 if patch else DEFAULT_TOL
     check_tolerance(tol)
+    if patch and ray is not None:
+        raise UsageError("--patch does not run on Ray yet: drop --ray")
+    if patch and tol > 0 and warn is not None:
+        warn(f"a patch at --tol {tol:g} leaves out entries that moved by at most {tol:g}, so "
+             "`maskhub apply` will not rebuild the target exactly; --tol 0 (the default with "
+             "--patch) is lossless")
     if any(not (math.isfinite(t) and t >= 0) for t in sweep):
         raise UsageError("sweep tolerances must be finite numbers >= 0")
     if ray is not None:
@@ -72,6 +85,8 @@ def diff(
         base_ck = open_checkpoint(base)
         target_ck = open_checkpoint(target)
         names, skipped = match_tensors(base_ck, target_ck, allow_missing, warn)
+        if patch:
+            _check_patchable(base_ck, target_ck, names)
         base_name = base_model or model_name(base_ck.ref)
         target_name = target_model or model_name(target_ck.ref)
         name = name or home.default_name(target_name)
@@ -87,7 +102,8 @@ def diff(
             else:
                 cache = StrataCache(home.home / "cache" / "strata") if home.index.writable \
                     else None
-                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache)
+                outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache,
+                                   patch=patch)
             analysis = []
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
@@ -101,7 +117,7 @@ def diff(
                 algorithm=algorithm, seed=seed, dataset=dataset,
                 dtype=outcome.dtype_summary(), created_at=timestamp(), tags=tuple(tags),
                 sweep=tuple(kernel.sweep), notes=notes,
-                extra={"skipped_tensors": skipped} if skipped else {},
+                extra={"skipped_tensors": skipped} if skipped else {}, has_values=patch,
             )
             writer.finish(meta)
             check_interrupt()  # the last point where Ctrl-C stops the diff
@@ -113,6 +129,14 @@ def diff(
             target_ck.close()
         return home.register_store(tmp, meta, outcome.tensors, outcome.sweep, analysis,
                                    outcome.strata)
+
+
+def _check_patchable(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> None:
+    for n in names:
+        a, b = base.tensors[n].dtype, target.tensors[n].dtype
+        if not can_convert(a, b):
+            raise UsageError(f"--patch cannot rebuild tensor {n!r}: its base is {a} and its "
+                             f"target {b} (a patch converts between float dtypes only)")
 
 
 def _input_bytes(base: Checkpoint, target: Checkpoint, names: Sequence[str]) -> int:

@@ -96,13 +96,15 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
     base, target = public_name(meta.base_model), public_name(meta.target_model)
     dataset = public_name(meta.dataset)
     algorithm = (meta.algorithm or "").strip().lower() or None
-    tags = [*BASE_TAGS, *([algorithm] if algorithm else [])]
+    tags = [*BASE_TAGS, *([algorithm] if algorithm else []),
+            *(["patch"] if meta.has_values else [])]
     details = {"mask_id": meta.id, "name": name, "algorithm": meta.algorithm,
                "base_model": base, "base_revision": meta.base_revision,
                "target_model": target, "target_revision": meta.target_revision,
                "seed": meta.seed, "dataset": dataset, "tol": meta.tol,
                "n_params": meta.n_params, "n_updated": meta.n_updated,
-               "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version}
+               "sparsity": round(meta.sparsity, 6), "format_version": meta.format_version,
+        "has_values": meta.has_values or None}
     hub_base = base if is_hub_repo_id(base) else None
     relation = {"base_model_relation": "adapter"} if hub_base else {}
     card = ModelCardData(
@@ -150,15 +152,44 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "```", "",
         "or from the command line:", "",
         "```bash", f"pip install maskhub && maskhub pull {repo_id}{rt_cli}", "```", "",
+        *(_patch_lines(meta, base, target, repo_id, rt_cli) if meta.has_values else []),
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
         "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
         "bitorder=...)`).",
+        *([f"- `{STORE_DIR}/values/`: the fine-tuned model's values at the updated entries, "
+           "one 1-D array per tensor in flat C order of the set bits, in the tensor's dtype "
+           "(bf16 as its `uint16` bits; attribute `dtype`); `flat = base.ravel().copy(); "
+           "flat[np.flatnonzero(mask)] = values`."] if meta.has_values else []),
         f"- `{TENSORS_FILE}`: per-tensor counts.",
         f"- `{METADATA_FILE}`: metadata and the sha256 of every file; `maskhub pull` checks "
         "them all.", "",
     ]
     return "\n".join(lines)
+
+
+def _patch_lines(meta: MaskMetadata, base: str | None, target: str | None, repo_id: str,
+                 rt_cli: str) -> list[str]:
+    """The card's section on rebuilding the fine-tuned model from the base (a patch)."""
+    if is_hub_repo_id(base):
+        base_arg = f"{base}@{meta.base_revision}" if meta.base_revision else str(base)
+    else:
+        base_arg = "BASE"
+    out = "./" + (target.rstrip("/").rsplit("/", 1)[-1] if target else "rebuilt")
+    what = f"`{target}`" if target else "the fine-tuned model"
+    frm = f"`{base}`" if base else "its base"
+    exact = (" bit for bit" if meta.tol == 0 else
+             f" except for entries that moved by at most {meta.tol:g} (a lossy patch)")
+    lines = ["", "## Rebuild the fine-tuned model", "",
+             f"This repo is a patch: it also holds the values of {what} at the updated "
+             f"entries, so it rebuilds {what} from {frm}{exact}, one tensor at a time:", "",
+             "```bash", f"pip install maskhub && maskhub apply {repo_id}{rt_cli} "
+             f"{base_arg} {out}", "```", ""]
+    if base_arg == "BASE":
+        lines += ["(BASE: the base checkpoint, a directory of safetensors; `maskhub apply` "
+                  "checks that it holds the tensors, shapes and dtypes the patch was made "
+                  "from.)", ""]
+    return lines
 
 
 def _code(model: str | None, revision: str | None) -> str | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from maskhub.analytics.compare import CompareReport
     from maskhub.analytics.overlap import OverlapMatrix, OverlapResult
     from maskhub.analytics.trajectory import TrajectoryResult
+    from maskhub.diff.apply import ApplyResult
     from maskhub.hub.pull import PullResult
     from maskhub.hub.push import PushResult
     from maskhub.maintenance.fsck import FsckReport
@@ -42,6 +43,20 @@ class Mask(MaskRecord):
         import torch
 
         return torch.from_numpy(self[tensor]).to(device)
+
+    def apply_to(self, model: torch.nn.Module, *, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, name_map: Any = None,
+                 extra: str = "error") -> int:
+        """Write this patch's values into ``model`` (which holds the patch's base) in place,
+        on whatever device each parameter lives, and return the number of entries written:
+        the model then holds the target (bit for bit in the target's dtypes). Names map as in
+        :func:`maskhub.torch.apply_mask` (``strip_prefix``, ``add_prefix``, ``name_map``);
+        ``extra="ignore"`` skips patch tensors the model lacks. A mask without values raises
+        :class:`~maskhub.errors.PatchError`. See :mod:`maskhub.training.patching`."""
+        from maskhub.training.patching import apply_patch
+
+        return apply_patch(model, self, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                           name_map=name_map, extra=extra)
 
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
 
@@ -130,7 +145,7 @@ class Registry(Home):
         algorithm: str | None = None,
         seed: int | None = None,
         dataset: str | None = None,
-        tol: float = 1e-5,
+        tol: float | None = None,
         sweep: Sequence[float] = (),
         device: str = "auto",
         allow_missing: bool = False,
@@ -143,12 +158,18 @@ class Registry(Home):
         ray: str | None = None,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
+        patch: bool = False,
     ) -> Mask:
         """Diff ``target`` against ``base`` and register the mask of updated parameters.
 
         ``base``/``target``: a ``.safetensors`` file, a directory (single file or sharded with
         ``model.safetensors.index.json``) or a Hub repo id ``org/name[@revision]``.
-        ``tol``: a parameter is updated iff ``|target - base| > tol``. ``sweep``: extra
+        ``tol``: a parameter is updated iff ``|target - base| > tol`` (default ``1e-5``; ``0``
+        with ``patch``). ``patch``: also store the target's values at the set bits, so that
+        :meth:`apply` rebuilds the target from the base; at ``tol = 0`` (its default) the
+        mask then holds every entry whose bits differ (also +0 vs -0 and NaN payloads, which
+        ``tol = 0`` alone counts as unchanged) and the rebuild is bit for bit; at ``tol > 0``
+        it is not (``warn`` says so). ``sweep``: extra
         tolerances whose per-tensor counts are recorded too. ``base_model``/``target_model``
         override the recorded model names (default: the repo id or the absolute path).
         ``rank``: also record the numerical rank of every 2-D update (the paper's Table 2);
@@ -166,9 +187,32 @@ class Registry(Home):
                     dataset=dataset, tol=tol, sweep=sweep, device=device,
                     allow_missing=allow_missing, base_model=base_model,
                     target_model=target_model, tags=tags, notes=notes, rank=rank, stats=stats,
-                    ray=ray, progress=progress, warn=warn)
+                    ray=ray, progress=progress, warn=warn, patch=patch)
         assert isinstance(mask, Mask)
         return mask
+
+    # -- patches: a mask with the target's values (maskhub.diff.apply) ----------------------
+
+    def apply(self, mask: str | Mask, base: str | os.PathLike[str],
+              out: str | os.PathLike[str], *, progress: ProgressFn | None = None,
+              warn: Callable[[str], None] | None = None,
+              notice: Callable[[str], None] | None = None) -> ApplyResult:
+        """Rebuild the target of patch ``mask`` (a name, id prefix, :class:`Mask`, or a Hub
+        repo id ``org/name[@rev]``, pulled first) from ``base`` into the new directory
+        ``out``: safetensors laid out like ``base`` (same shard names and index), in the
+        target's dtypes, bit for bit the target for a patch made at ``tol = 0``. ``base``
+        must be the patch's base (same tensor names, shapes and dtypes), else
+        :class:`~maskhub.errors.MaskMismatchError`; a mask without values raises
+        :class:`~maskhub.errors.PatchError`. Streams one tensor at a time; no torch."""
+        from maskhub.diff.apply import apply
+
+        if isinstance(mask, str) and "/" in mask:
+            from maskhub.checkpoints.sources import split_revision
+
+            repo, rev = split_revision(mask)
+            mask = self.pull(repo, rev, notice=notice, progress=False).mask  # type: ignore[assignment]
+        record = mask if isinstance(mask, MaskRecord) else self.get(mask)
+        return apply(record, base, out, progress=progress, warn=warn)
 
     # -- masks made elsewhere (maskhub.ingest) ---------------------------------------------
 
