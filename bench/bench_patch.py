@@ -233,13 +233,16 @@ def bench_chain(work: Path, n_params: int, steps: int) -> dict:
                 state[name].reshape(-1)[back] = first[name].reshape(-1)[back]
         dirs.append(_write_model(state, work / "chain" / f"ckpt-{k}"))
         patches.append(_write_patch(state, moved, work / "chain" / f"step-{k}.safetensors", k))
-    reg_p, reg_d = Registry(work / "home-chain-p"), Registry(work / "home-chain-d")
-    t = time.perf_counter()
-    rp = reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
-    t_patch = time.perf_counter() - t
-    t = time.perf_counter()
-    rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
-    t_dense = time.perf_counter() - t
+    t_patch = t_dense = math.inf
+    for rep in range(2):  # best of two, interleaved (the machine is shared)
+        reg_p, reg_d = Registry(work / f"home-chain-p{rep}"), Registry(work / f"home-chain-d{rep}")
+        reg_p.ls(), reg_d.ls()  # both homes created and migrated before the clock starts
+        t = time.perf_counter()
+        rp = reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
+        t_patch = min(t_patch, time.perf_counter() - t)
+        t = time.perf_counter()
+        rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
+        t_dense = min(t_dense, time.perf_counter() - t)
     cols = ("step", "n_updated_vs_first", "n_updated_vs_prev", "n_ever", "n_not_in_final")
     same = [[getattr(p, c) for c in cols] for p in rp.points] == \
         [[getattr(p, c) for c in cols] for p in rd.points] and \
@@ -310,7 +313,8 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
         f"{chain['t_dense']:.2f} s ({chain['dense_bytes'] / mb:.0f} MB): "
         f"**{chain['t_dense'] / chain['t_patch']:.1f}x**; same rows: {chain['same']} (final "
         f"subnetwork {chain['final']:,}, cancelled {chain['cancelled']:,}). Both in one "
-        "process, CPU, warm cache."]
+        "process, CPU, warm cache, best of two interleaved runs, each into a home created "
+        "beforehand."]
     return "\n".join(lines)
 
 
