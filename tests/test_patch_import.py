@@ -254,6 +254,18 @@ def test_bad_patches_refused_naming_the_file(tmp_path: Path) -> None:
         f"Error: patch {nv}: index encoding 'nvcomp_cascaded' is not supported (maskhub "
         "reads raw, gap_delta; nvCOMP bitstreams need a GPU decoder: re-encode with "
         "encoding=raw)")
+    stranger = tmp_path / "stranger.safetensors"
+    save_file({"model.layers.9.mlp.up_proj.weight.indices": torch.tensor([1]),
+               "model.layers.9.mlp.up_proj.weight.values": torch.zeros(1, dtype=torch.bfloat16)},
+              str(stranger))
+    assert fail_line("trajectory", "--patches", base, str(stranger)) == (
+        f"Error: patch {stranger}: tensor 'model.layers.9.mlp.up_proj.weight' is not in the "
+        f"base {base}")
+    pickled = tmp_path / "step.pt"
+    pickled.write_bytes(b"not opened")
+    assert fail_line("trajectory", "--patches", base, str(pickled)) == (
+        f"Error: patch {pickled} is not a .safetensors file (maskhub reads sparse patches "
+        "from safetensors only, never pickles)")
     assert Registry().sql("select count(*) from masks")[1] == [(0,)]
     res = CliRunner().invoke(main, ["trajectory", "--help"])
     assert "--patches" in res.output
