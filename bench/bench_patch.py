@@ -5,15 +5,15 @@ rebuilding against ``cp``; a chain of 50 patches against the dense trajectory.
 
 One synthetic bf16 model (N(0, 0.02) weights, ``--params`` entries in 16 tensors). For each
 density d in 0.2, 0.05, 0.01, 0.002 the target changes a random d of the entries (bits
-that differ); the trainer's patch (TRL #5417 layout: int32 flat indices + bf16 values) is
-imported with ``maskhub import PATCH --base BASE`` (lossless, values stored in the patch
-format of issue 22) and its store is measured against: the full bf16 target, the target
-through zstd -3 (numcodecs), the target through zipnn (PyPI) when it installs, and the
-target's bound 16·d + 1.1·H(d) bits per parameter. Rebuilding the target from the base and
-the stored patch (numpy + zarr, the README's two lines) is timed against ``cp`` of the
-target on a warm cache. The chain: ``--steps`` patches of 1% each on a ``--chain-params``
-model, ``maskhub trajectory --patches`` against ``maskhub trajectory`` of the dense
-checkpoints (same rows checked). Not a test: it writes its section of BENCHMARKS.md.
+that differ); ``maskhub diff --patch BASE TARGET`` makes the patch (lossless) and the
+trainer's own patch of the same step (TRL #5417 layout: int32 flat indices + bf16 values) is
+imported with ``maskhub import PATCH --base BASE`` (the same bits and values). The patch is
+measured against: the full bf16 target, the target through zstd -3 (numcodecs), the
+target through zipnn (PyPI) when it installs, and the bound 16·d + 1.1·H(d) bits per
+parameter. ``maskhub apply`` is timed against ``cp`` of the target on a warm cache. The
+chain: ``--steps`` patches of 1% each on a ``--chain-params`` model, ``maskhub trajectory
+--patches`` against ``maskhub trajectory`` of the dense checkpoints (same rows
+checked). Not a test: it writes its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -136,22 +136,6 @@ def _zipnn(data: bytes) -> tuple[int | None, str]:
         return None, f"zipnn failed: {type(exc).__name__}: {exc}"
 
 
-def _rebuild(base_file: Path, store_mask, out: Path) -> None:
-    """The target from the base and the stored patch: numpy + zarr, one tensor at a time."""
-    from maskhub.checkpoints.header import read_header
-
-    infos = read_header(base_file)
-    base = np.memmap(base_file, dtype=np.uint8, mode="r")
-    tensors = {}
-    for info in infos:
-        flat = base[info.offset:info.end].view(np.uint16).copy()
-        bits = np.unpackbits(store_mask.store.packed(info.name), count=info.numel,
-                             bitorder="little")
-        flat[np.flatnonzero(bits)] = store_mask.store.values(info.name)
-        tensors[info.name] = flat.reshape(info.shape)
-    _save(tensors, out, dict.fromkeys(tensors, "BF16"))
-
-
 def _timed(fn, repeat: int = 3) -> float:
     best = math.inf
     for _ in range(repeat):
@@ -162,7 +146,7 @@ def _timed(fn, repeat: int = 3) -> float:
 
 
 def bench_sizes(work: Path, n_params: int) -> tuple[list[dict], dict]:
-    """Bytes per density, and rebuild vs cp at the last density."""
+    """Bytes per density, and `maskhub apply` against cp at d = 0.01."""
     from numcodecs import Zstd
 
     from maskhub import Registry
@@ -179,11 +163,16 @@ def bench_sizes(work: Path, n_params: int) -> tuple[list[dict], dict]:
         patch = _write_patch(target, moved, work / f"patch-{d}.safetensors", 1)
         reg = Registry(work / f"home-{d}")
         t = time.perf_counter()
-        mask = reg.add(patch, base=base_dir, name=f"p{d}")
+        imported = reg.add(patch, base=base_dir, name=f"p{d}")
         t_import = time.perf_counter() - t
+        t = time.perf_counter()
+        mask = reg.diff(base_dir, tdir, name=f"d{d}", patch=True, device="cpu")
+        t_diff = time.perf_counter() - t
         n = mask.n_params
-        assert mask.n_updated == sum(i.size for i in moved.values())
+        assert mask.n_updated == imported.n_updated == sum(i.size for i in moved.values())
         store_bytes = _dir_bytes(Path(mask.store.path))
+        values_bytes = _dir_bytes(Path(mask.store.path) / "values")
+        import_bytes = _dir_bytes(Path(imported.store.path))
         data = tfile.read_bytes()
         t = time.perf_counter()
         zstd_bytes = len(Zstd(level=3).encode(data))
@@ -193,21 +182,28 @@ def bench_sizes(work: Path, n_params: int) -> tuple[list[dict], dict]:
         t_zipnn = time.perf_counter() - t
         bound = (16 * d + 1.1 * _entropy(d)) * n / 8
         rows.append({"d": d, "n": n, "target": len(data), "trl": patch.stat().st_size,
-                     "store": store_bytes, "zstd": zstd_bytes, "zipnn": zipnn_bytes,
+                     "store": store_bytes, "values": values_bytes, "zstd": zstd_bytes,
+                     "zipnn": zipnn_bytes, "import": import_bytes, "t_diff": t_diff,
                      "bound": bound, "t_import": t_import, "t_zstd": t_zstd,
                      "t_zipnn": t_zipnn})
         if d == 0.01:
-            out = work / "rebuilt.safetensors"
-            t_rebuild = _timed(lambda m=mask, o=out: _rebuild(base_dir / "model.safetensors",
-                                                              m, o))
+            outs = iter(work / f"applied-{i}" for i in range(10))
+
+            def apply_once(r=reg, m=mask, o=outs) -> None:
+                r.apply(m, base_dir, next(o))
+
+            t_apply = _timed(apply_once)
+            rebuilt = work / "applied-0" / "model.safetensors"
             tensors_equal = all(
-                np.array_equal(target[name].reshape(-1), _read_tensor(out, name))
+                np.array_equal(target[name].reshape(-1), _read_tensor(rebuilt, name))
                 for name in target)
             cp_out = work / "copied.safetensors"
             t_cp = _timed(lambda f=tfile, o=cp_out: subprocess.run(["cp", str(f), str(o)],
                                                                   check=True))
-            rebuild = {"d": d, "bytes": len(data), "t_rebuild": t_rebuild, "t_cp": t_cp,
+            rebuild = {"d": d, "bytes": len(data), "t_rebuild": t_apply, "t_cp": t_cp,
                        "equal": tensors_equal}
+            for i in range(3):
+                shutil.rmtree(work / f"applied-{i}", ignore_errors=True)
         shutil.rmtree(tdir)
     return rows, {**rebuild, "zipnn_note": zipnn_note}
 
@@ -237,13 +233,16 @@ def bench_chain(work: Path, n_params: int, steps: int) -> dict:
                 state[name].reshape(-1)[back] = first[name].reshape(-1)[back]
         dirs.append(_write_model(state, work / "chain" / f"ckpt-{k}"))
         patches.append(_write_patch(state, moved, work / "chain" / f"step-{k}.safetensors", k))
-    reg_p, reg_d = Registry(work / "home-chain-p"), Registry(work / "home-chain-d")
-    t = time.perf_counter()
-    rp = reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
-    t_patch = time.perf_counter() - t
-    t = time.perf_counter()
-    rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
-    t_dense = time.perf_counter() - t
+    t_patch = t_dense = math.inf
+    for rep in range(2):  # best of two, interleaved (the machine is shared)
+        reg_p, reg_d = Registry(work / f"home-chain-p{rep}"), Registry(work / f"home-chain-d{rep}")
+        reg_p.ls(), reg_d.ls()  # both homes created and migrated before the clock starts
+        t = time.perf_counter()
+        rp = reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
+        t_patch = min(t_patch, time.perf_counter() - t)
+        t = time.perf_counter()
+        rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
+        t_dense = min(t_dense, time.perf_counter() - t)
     cols = ("step", "n_updated_vs_first", "n_updated_vs_prev", "n_ever", "n_not_in_final")
     same = [[getattr(p, c) for c in cols] for p in rp.points] == \
         [[getattr(p, c) for c in cols] for p in rd.points] and \
@@ -265,16 +264,17 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
         f"One run of `.venv/bin/python bench/bench_patch.py`: a synthetic bf16 model of "
         f"{n / 1e6:.1f} M parameters ({rows[0]['target'] / mb:.0f} MB), N(0, 0.02) weights; "
         "each density changes a random d of the entries by 1-8 bf16 steps. *patch* is the "
-        "store `maskhub import PATCH --base BASE` registers from the trainer's patch (TRL "
-        "#5417 layout, whose size is *TRL file*): packed bits + values in issue 22's values "
-        "format (blosc zstd-1, byte shuffle), lossless. `maskhub diff --patch` (issue 22, "
-        "items 1-3, another branch) writes the same format; it was not merged into this "
-        "branch when this ran, so the import path made the stores. *bound* = "
-        "(16·d + 1.1·H(d)) bits per parameter. Load average at start "
+        "store `maskhub diff --patch BASE TARGET` writes (packed bits + the target's values, "
+        "blosc zstd-1 with byte shuffle; lossless); *TRL file* the trainer's own patch of "
+        "the same step (TRL #5417 layout: int32 indices + bf16 values, uncompressed); "
+        "*import* the store `maskhub import TRL-FILE --base BASE` registers from it (the "
+        "same bits and values as *patch*). *bound* = (16·d + 1.1·H(d)) bits per parameter. "
+        "Load average at start "
         f"{load[0]:.2f} (2 cores shared with other work: times are noisy, sizes are not).", "",
         "| density | target MB | TRL file MB | **patch MB** | patch bits/param | bound "
-        "bits/param | within bound | zstd -3 MB | zipnn MB | zipnn / patch | import s |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        "bits/param | within bound | mask bits / H(d) | bits per value | zstd -3 MB | "
+        "zipnn MB | zipnn / patch | import MB | diff --patch s | import s |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         bpp, bound_bpp = 8 * r["store"] / r["n"], 8 * r["bound"] / r["n"]
         z = "n/a" if r["zipnn"] is None else f"{r['zipnn'] / mb:.1f}"
@@ -282,20 +282,28 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
         lines.append(f"| {r['d']:g} | {r['target'] / mb:.1f} | {r['trl'] / mb:.2f} | "
                      f"**{r['store'] / mb:.2f}** | {bpp:.3f} | {bound_bpp:.3f} | "
                      f"{'yes' if r['store'] <= r['bound'] else 'no'} | "
-                     f"{r['zstd'] / mb:.1f} | {z} | {zr} | {r['t_import']:.2f} |")
+                     f"{8 * (r['store'] - r['values']) / r['n'] / _entropy(r['d']):.2f} | "
+                     f"{8 * r['values'] / (r['d'] * r['n']):.2f} | "
+                     f"{r['zstd'] / mb:.1f} | {z} | {zr} | {r['import'] / mb:.2f} | "
+                     f"{r['t_diff']:.2f} | {r['t_import']:.2f} |")
     lines += ["", f"zipnn: {rebuild['zipnn_note']}. Targets of issue 22: patch ≤ bound at "
-              "every density; ≥ 2.5x smaller than zipnn at d = 0.2 and ≥ 10x at d ≤ 0.02.", ""]
+              "every density; ≥ 2.5x smaller than zipnn at d = 0.2 and ≥ 10x at d ≤ 0.02. "
+              "*mask bits / H(d)*: the packed bitmask arrays (and every zarr.json) against "
+              "the mask's entropy bound; *bits per value*: the values arrays per stored value "
+              "(16 raw). Where the patch misses the bound, the mask part is the reason: "
+              "packed bits + zstd-1 (the mask store's codec since issue 1) sit well above "
+              "H(d) at low density, as DESIGN.md measured (1.61x at 2%); a byte-gap code "
+              "of the positions (1.01x there) would fit the bound.", ""]
     if rebuild:
         gbps = rebuild["bytes"] / 1e9
         lines += [
-            f"Rebuilding the target at d = {rebuild['d']:g} from the base and the stored "
-            "patch (numpy + zarr: the README's two lines per tensor, then writing "
-            f"safetensors), best of 3, warm cache: {rebuild['t_rebuild']:.3f} s "
-            f"({gbps / rebuild['t_rebuild']:.2f} GB/s of target) against `cp` of the target "
-            f"{rebuild['t_cp']:.3f} s ({gbps / rebuild['t_cp']:.2f} GB/s): "
-            f"{rebuild['t_cp'] / rebuild['t_rebuild']:.2f}x the throughput of cp; rebuilt == "
-            f"target bit for bit: {rebuild['equal']}. This is the reference reader, not "
-            "`maskhub apply` (other branch, not merged here).", ""]
+            f"`maskhub apply` of the d = {rebuild['d']:g} patch onto the base (a new "
+            "directory of safetensors; in process, best of 3, warm cache): "
+            f"{rebuild['t_rebuild']:.3f} s ({gbps / rebuild['t_rebuild']:.2f} GB/s of "
+            f"target) against `cp` of the target {rebuild['t_cp']:.3f} s "
+            f"({gbps / rebuild['t_cp']:.2f} GB/s): "
+            f"{rebuild['t_cp'] / rebuild['t_rebuild']:.2f}x the throughput of cp (target "
+            f"≥ 0.7x); rebuilt == target bit for bit: {rebuild['equal']}.", ""]
     lines += [
         f"Chain: {chain['steps']} patches of 1% each (every 10th step sends a quarter of "
         f"its entries back to the base) on a {chain['n'] / 1e6:.1f} M-parameter bf16 model: "
@@ -305,7 +313,8 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
         f"{chain['t_dense']:.2f} s ({chain['dense_bytes'] / mb:.0f} MB): "
         f"**{chain['t_dense'] / chain['t_patch']:.1f}x**; same rows: {chain['same']} (final "
         f"subnetwork {chain['final']:,}, cancelled {chain['cancelled']:,}). Both in one "
-        "process, CPU, warm cache."]
+        "process, CPU, warm cache, best of two interleaved runs, each into a home created "
+        "beforehand."]
     return "\n".join(lines)
 
 

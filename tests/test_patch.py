@@ -122,7 +122,12 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     return make_pair(tmp_path)
 
 
-def test_patch_rebuilds_target_bit_for_bit(pair: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "pwrite"])
+def test_patch_rebuilds_target_bit_for_bit(pair: tuple[Path, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           kernel_copy: bool) -> None:
+    if not kernel_copy:  # a platform without copy_file_range: every chunk written by hand
+        monkeypatch.delattr("os.copy_file_range", raising=False)
     base, target = pair
     res = run_json("diff", str(base), str(target), "--patch", "--name", "p")
     assert res["tol"] == 0.0
@@ -252,3 +257,24 @@ def test_mask_apply_to_torch_model(pair: tuple[Path, Path]) -> None:
     run_json("diff", str(base), str(target), "--name", "m")
     with pytest.raises(PatchError, match="holds no values"):
         Registry().get("m").apply_to(model)
+
+
+def test_a_patch_is_still_a_mask(pair: tuple[Path, Path], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskhub import Registry
+
+    base, target = pair
+    run_json("diff", str(base), str(target), "--patch", "--name", "p")
+    run_json("diff", str(base), str(target), "--tol", "0", "--name", "m")
+    assert run_json("fsck")["problems"] == []
+    assert run_json("overlap", "p", "m")["n_both"] == run_json("show", "m")["mask"]["n_updated"]
+    union = run_json("combine", "union", "p", "m", "--name", "u")
+    assert union["n_updated"] == run_json("show", "p")["mask"]["n_updated"]
+    assert run_json("show", "u")["mask"]["has_values"] is False
+    # importing a patch's store elsewhere registers its bits (not its values)
+    store = Registry().get("p").path
+    monkeypatch.setenv("MASKHUB_HOME", str(tmp_path / "other"))
+    run_json("import", str(store), "--name", "imported")
+    assert [(r["name"], r["has_values"]) for r in run_json("ls")] == [("imported", False)]
+    assert fail_line("apply", "imported", str(base), str(tmp_path / "out")).startswith(
+        "Error: mask 'imported' holds no values")

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from clitools import fail_line, run_json
 from factory import llama_shapes, random_state, save
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from maskhub import Registry
 from maskhub.cli import main
@@ -161,6 +161,20 @@ def test_import_patch_rebuilds_target_and_is_the_diff_mask(tmp_path: Path) -> No
         assert out["n_updated"] == n > 0 and out["tol"] == 0
     q = reg.get("p1")["model.layers.0.self_attn.q_proj.weight"].reshape(-1)
     assert (bool(q[0]), bool(q[2])) == (True, True)  # NaN -> 1, +0 -> -0: carried
+    # the imported TRL patch is the patch `diff --patch` makes: same bits, same values
+    run_json("diff", str(dense[1]), str(dense[2]), "--patch", "--name", "dp2",
+             "--device", "cpu")
+    a, b = reg.get("p2"), reg.get("dp2")
+    assert a.n_updated == b.n_updated
+    for name in b.tensor_names():
+        assert np.array_equal(a.packed(name), b.packed(name)), name
+        assert np.array_equal(a.store.values(name), b.store.values(name)), name
+    # and `maskhub apply` rebuilds the patched weights from the base, bit for bit
+    applied = run_json("apply", "p2", str(dense[1]), str(tmp_path / "rebuilt"))
+    assert applied["exact"] is True
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    for name, t in states[2].items():
+        assert torch.equal(rebuilt[name].view(torch.int16), t.view(torch.int16)), name
     # at the diff's tolerance, the mask is the diff's, strata included
     res = CliRunner().invoke(main, ["import", str(patches[0]), "--base", str(dense[0]),
                                     "--name", "step1", "--tol", "1e-5", "--json"])
@@ -240,6 +254,18 @@ def test_bad_patches_refused_naming_the_file(tmp_path: Path) -> None:
         f"Error: patch {nv}: index encoding 'nvcomp_cascaded' is not supported (maskhub "
         "reads raw, gap_delta; nvCOMP bitstreams need a GPU decoder: re-encode with "
         "encoding=raw)")
+    stranger = tmp_path / "stranger.safetensors"
+    save_file({"model.layers.9.mlp.up_proj.weight.indices": torch.tensor([1]),
+               "model.layers.9.mlp.up_proj.weight.values": torch.zeros(1, dtype=torch.bfloat16)},
+              str(stranger))
+    assert fail_line("trajectory", "--patches", base, str(stranger)) == (
+        f"Error: patch {stranger}: tensor 'model.layers.9.mlp.up_proj.weight' is not in the "
+        f"base {base}")
+    pickled = tmp_path / "step.pt"
+    pickled.write_bytes(b"not opened")
+    assert fail_line("trajectory", "--patches", base, str(pickled)) == (
+        f"Error: patch {pickled} is not a .safetensors file (maskhub reads sparse patches "
+        "from safetensors only, never pickles)")
     assert Registry().sql("select count(*) from masks")[1] == [(0,)]
     res = CliRunner().invoke(main, ["trajectory", "--help"])
     assert "--patches" in res.output

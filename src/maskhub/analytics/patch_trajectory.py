@@ -75,17 +75,16 @@ def open_chain(base: Checkpoint, paths: Sequence[str]) -> list[PatchFile]:
 def check_against_base(pf: PatchFile, base: Checkpoint) -> None:
     """Every tensor of ``pf`` is one of ``base``'s, with its dtype and (where the patch
     declares it) its shape."""
-    for name, (_, val_key) in pf.entries.items():
+    for name in pf.entries:
         info = base.tensors.get(name)
         if info is None:
             raise CheckpointError(f"patch {pf.path}: tensor {name!r} is not in the base "
                                   f"{base.ref}", str(pf.path))
-        stored = pf._arrays[val_key]
-        if stored.dtype != info.dtype:
+        dtype = pf.values_dtype(name)
+        if dtype != info.dtype:
             raise CheckpointError(f"patch {pf.path}: tensor {name!r}: the patch's values are "
-                                  f"{stored.dtype}, the base tensor is {info.dtype}",
-                                  str(pf.path))
-        declared = pf._declared_shape(name)
+                                  f"{dtype}, the base tensor is {info.dtype}", str(pf.path))
+        declared = pf.declared_shape(name)
         if declared is not None and declared != info.shape:
             raise CheckpointError(f"patch {pf.path}: tensor {name!r} has shape "
                                   f"{list(declared)} in the patch, {list(info.shape)} in the "

@@ -138,7 +138,7 @@ class PatchFile:
         numel = 1
         for s in shape:
             numel *= s
-        declared = self._declared_shape(name)
+        declared = self.declared_shape(name)
         if declared is not None and declared != tuple(shape):
             raise self._fail(f"tensor {name!r} has shape {list(declared)} in the patch, "
                              f"{list(shape)} in the base")
@@ -168,7 +168,12 @@ class PatchFile:
                                  "twice")
         return PatchTensor(name, tuple(shape), dtype, idx, np.asarray(raw))
 
-    def _declared_shape(self, name: str) -> tuple[int, ...] | None:
+    def values_dtype(self, name: str) -> str:
+        """The dtype of tensor ``name``'s values in the patch."""
+        return self._arrays[self.entries[name][1]].dtype
+
+    def declared_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape the patch's metadata gives tensor ``name`` (``shapes``), if any."""
         shapes = self.metadata.get("shapes")
         if shapes is None:
             return None

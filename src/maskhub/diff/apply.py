@@ -17,10 +17,15 @@ copied as they are. The output is written beside OUT and renamed into place when
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+import sys
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,9 @@ from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.sources import INDEX_NAME, Checkpoint, open_checkpoint
 from maskhub.core.record import MaskRecord
 from maskhub.errors import MaskMismatchError, PatchError, UsageError
+from maskhub.kernels.bitcount import count_entries
 from maskhub.kernels.patchbits import bits_view, convert_bits, scatter_chunk
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import SAFETENSORS_DTYPES, itemsize
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.progress import ProgressFn
@@ -127,9 +134,121 @@ def _header(infos: list[TensorInfo], stats: dict[str, TensorStats],
     return len(text).to_bytes(8, "little") + text, offset
 
 
-def _write_tensor(f: Any, mask: MaskRecord, st: TensorStats, raw: np.ndarray,
-                  buf: dict[str, np.ndarray], release: Callable[[int, int], None]) -> int:
-    """Stream one tensor into ``f``; return the values used."""
+class _ChunkWriter:
+    """Writes chunks of tensors into one open file from a thread pool: each task copies (or
+    converts) its slice of the base into its own buffer, scatters its values in (compiled,
+    GIL released) and ``pwrite``s the buffer at its offset. At most ``window`` chunks are in
+    flight, each with its own buffer."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="maskhub-apply")
+        self.window = 2 * threads
+        self.inflight: deque[Future[None]] = deque()
+        self.free: list[dict[str, np.ndarray]] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(buffers, *args)`` in the pool (blocks while the window is full)."""
+        while len(self.inflight) >= self.window:
+            self.inflight.popleft().result()
+        bufs = self.free.pop() if self.free else {}
+        fut = self.pool.submit(fn, bufs, *args)
+        fut.add_done_callback(lambda _f: self.free.append(bufs))
+        self.inflight.append(fut)
+
+    def drain(self) -> None:
+        """Wait for every chunk submitted (re-raises a task's error)."""
+        while self.inflight:
+            self.inflight.popleft().result()
+
+    def drain_quietly(self) -> None:
+        """Wait for every chunk submitted, ignoring their errors (on the way out of an
+        error: nothing may still write into a file about to be closed)."""
+        while self.inflight:
+            try:
+                self.inflight.popleft().result()
+            except BaseException:
+                pass
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for the rest."""
+        for fut in self.inflight:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _chunk_task(bufs: dict[str, np.ndarray], fd: int, offset: int, a: np.ndarray,
+                a_dtype: str, b_dtype: str, packed: np.ndarray, values: np.ndarray,
+                release: Callable[[], None]) -> None:
+    n = a.shape[0]
+    out = bufs.get(b_dtype)
+    if out is None:
+        out = bufs[b_dtype] = np.empty(APPLY_CHUNK, dtype=f"<u{itemsize(b_dtype)}")
+    part = out[:n]
+    if a_dtype == b_dtype:
+        np.copyto(part, a)
+    else:
+        part[:] = convert_bits(a, a_dtype, b_dtype)
+    used = scatter_chunk(part, packed, values)
+    if used != values.shape[0]:
+        raise ValueError(f"{used} set bits for {values.shape[0]} values")
+    data = memoryview(part).cast("B")
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(fd, data[pos:], offset + pos)
+    release()
+
+
+def _scatter_task(bufs: dict[str, np.ndarray], dst: np.ndarray, packed: np.ndarray,
+                  values: np.ndarray) -> None:
+    used = scatter_chunk(dst, packed, values)
+    if used != values.shape[0]:
+        raise ValueError(f"{used} set bits for {values.shape[0]} values")
+
+
+#: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14): fault a range in for writing in one call.
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
+
+
+def _prefault(mm: mmap.mmap | None, start: int, length: int) -> None:
+    """Fault ``[start, start+length)`` of the output mapping in for writing in one call
+    instead of one page fault per page (advice: skipped where the kernel lacks it)."""
+    if mm is None or _POPULATE_WRITE is None or length <= 0:
+        return
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        mm.madvise(_POPULATE_WRITE, lo, start + length - lo)
+    except (OSError, ValueError):
+        pass
+
+
+def _copy_range(src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> bool:
+    """Copy ``n`` bytes in the kernel (``copy_file_range``, what ``cp`` does); False when the
+    platform or file system cannot (nothing is then left half done that matters: the
+    caller writes the whole range itself)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    done = 0
+    try:
+        while done < n:
+            step = os.copy_file_range(src_fd, dst_fd, n - done, src + done, dst + done)
+            if step <= 0:
+                return False
+            done += step
+    except OSError:
+        return False
+    return True
+
+
+def _write_tensor(writer: _ChunkWriter, fd: int, offset: int, mask: MaskRecord,
+                  st: TensorStats, raw: np.ndarray,
+                  release: Callable[[int, int], None],
+                  copied: tuple[np.ndarray, Callable[[], bool], Callable[[int, int], None]]
+                  | None = None) -> int:
+    """Queue one tensor's chunks, its data starting at ``offset`` of ``fd``; return the
+    values it holds. ``copied``: the output file mapped writable, a function that copies
+    the base's bytes of this tensor into place in the kernel and one that prefaults a range
+    of the mapping for writing; when the copy succeeds (same dtype on both sides), only the
+    values are scattered, into the mapping."""
     a_dtype = st.base_dtype or st.target_dtype
     b_dtype = st.target_dtype or a_dtype
     store = mask.store
@@ -138,33 +257,34 @@ def _write_tensor(f: Any, mask: MaskRecord, st: TensorStats, raw: np.ndarray,
                          f"{store.values_dtype(st.tensor)!r}, its target dtype is {b_dtype!r}",
                          mask.name)
     values = np.ascontiguousarray(store.values(st.tensor)).view(f"<u{itemsize(b_dtype)}")
-    if values.shape[0] != st.n_updated:
-        raise PatchError(f"mask {mask.name!r}: {st.tensor!r} has {values.shape[0]} values for "
-                         f"{st.n_updated} set bits", mask.name)
     packed = store.packed(st.tensor)
     a = bits_view(raw, a_dtype)
-    out = buf.get(b_dtype)
-    if out is None:
-        out = buf[b_dtype] = np.empty(APPLY_CHUNK, dtype=f"<u{itemsize(b_dtype)}")
-    used = 0
-    for start in range(0, st.numel, APPLY_CHUNK):
+    starts = list(range(0, st.numel, APPLY_CHUNK))
+    first = [0]
+    for start in starts:  # where each chunk's values begin
         stop = min(st.numel, start + APPLY_CHUNK)
-        part = out[:stop - start]
-        if a_dtype == b_dtype:
-            np.copyto(part, a[start:stop])
-        else:
-            part[:] = convert_bits(a[start:stop], a_dtype, b_dtype)
-        try:
-            used += scatter_chunk(part, packed[start // 8:(stop + 7) // 8], values[used:])
-        except ValueError:
-            raise PatchError(f"mask {mask.name!r}: {st.tensor!r} has more set bits than its "
-                             f"{values.shape[0]} values", mask.name) from None
-        f.write(memoryview(part).cast("B"))
-        release(start * itemsize(a_dtype), (stop - start) * itemsize(a_dtype))
-    if used != values.shape[0]:
+        first.append(first[-1] + count_entries(packed[start // 8:(stop + 7) // 8], stop - start))
+    if first[-1] != values.shape[0] or values.shape[0] != st.n_updated:
         raise PatchError(f"mask {mask.name!r}: {st.tensor!r} has {values.shape[0]} values for "
-                         f"{used} set bits", mask.name)
-    return used
+                         f"{first[-1]} set bits", mask.name)
+    sa, sb = itemsize(a_dtype), itemsize(b_dtype)
+    if copied is not None and a_dtype == b_dtype and copied[1]():
+        if not values.shape[0]:
+            return 0
+        copied[2](offset, st.numel * sb)
+        dst = copied[0][offset:offset + st.numel * sb].view(f"<u{sb}")
+        for i, start in enumerate(starts):
+            if first[i + 1] > first[i]:
+                stop = min(st.numel, start + APPLY_CHUNK)
+                writer.submit(_scatter_task, dst[start:stop], packed[start // 8:(stop + 7) // 8],
+                              values[first[i]:first[i + 1]])
+        return int(values.shape[0])
+    for i, start in enumerate(starts):
+        stop = min(st.numel, start + APPLY_CHUNK)
+        writer.submit(_chunk_task, fd, offset + start * sb, a[start:stop], a_dtype, b_dtype,
+                      packed[start // 8:(stop + 7) // 8], values[first[i]:first[i + 1]],
+                      lambda s0=start * sa, n0=(stop - start) * sa: release(s0, n0))
+    return int(values.shape[0])
 
 
 def _base_files(base: Checkpoint) -> list[Path]:
@@ -231,32 +351,61 @@ def _write(mask: MaskRecord, base_ck: Checkpoint, stats: dict[str, TensorStats],
     total = sum(s.numel * itemsize(s.target_dtype or s.base_dtype) for s in stats.values())
     done = 0
     k = 0
-    buf: dict[str, np.ndarray] = {}
     by_file: dict[Path, list[TensorInfo]] = {}
     for info in base_ck.tensors.values():
         by_file.setdefault(info.file, []).append(info)
     sizes: dict[str, int] = {}
-    with MappedCheckpoint(base_ck) as mapped:
-        for path in _base_files(base_ck):
-            infos = sorted(by_file[path], key=lambda i: i.offset)
-            header, data_size = _header(infos, stats, _file_metadata(path))
-            files.append(path.name)
-            with open(staging / path.name, "wb", buffering=0) as f:
-                f.write(header)
-                for info in infos:
-                    region = mapped.region(info.name)
+    writer = _ChunkWriter(available_cpus())
+    try:
+        with MappedCheckpoint(base_ck) as mapped:
+            for path in _base_files(base_ck):
+                infos = sorted(by_file[path], key=lambda i: i.offset)
+                header, data_size = _header(infos, stats, _file_metadata(path))
+                files.append(path.name)
+                fd = os.open(staging / path.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                mm = None
+                try:
+                    os.write(fd, header)
+                    os.ftruncate(fd, len(header) + data_size)
+                    mm = mmap.mmap(fd, len(header) + data_size) if data_size else None
+                    out_view = np.frombuffer(mm, dtype=np.uint8) if mm is not None else None
+                    offset = len(header)
+                    for info in infos:
+                        region = mapped.region(info.name)
 
-                    def release(offset: int, length: int, region: Any = region) -> None:
-                        region.file.release(region.begin + offset, length)
+                        def release(start: int, length: int, region: Any = region) -> None:
+                            region.file.release(region.begin + start, length)
 
-                    n_values += _write_tensor(f, mask, stats[info.name], region.raw(), buf,
-                                              release)
-                    st = stats[info.name]
-                    done += st.numel * itemsize(st.target_dtype or st.base_dtype)
-                    k += 1
-                    if progress:
-                        progress(k, len(stats), done, total, info.name)
-            sizes[path.name] = data_size
+                        def copy(region: Any = region, offset: int = offset, fd: int = fd) -> bool:
+                            return _copy_range(region.file.fd, fd, region.begin, offset,
+                                               region.end - region.begin)
+
+                        st = stats[info.name]
+                        n_values += _write_tensor(
+                            writer, fd, offset, mask, st, region.raw(), release,
+                            (out_view, copy, partial(_prefault, mm))
+                            if out_view is not None else None)
+                        nbytes = st.numel * itemsize(st.target_dtype or st.base_dtype)
+                        offset += nbytes
+                        done += nbytes
+                        k += 1
+                        if progress:
+                            progress(k, len(stats), done, total, info.name)
+                    writer.drain()
+                except ValueError as exc:  # a chunk's values disagree with its bits
+                    raise PatchError(f"mask {mask.name!r}: {exc}", mask.name) from exc
+                finally:
+                    writer.drain_quietly()
+                    out_view = None
+                    if mm is not None:
+                        try:
+                            mm.close()
+                        except BufferError:  # a view still referenced: unmapped when freed
+                            pass
+                    os.close(fd)
+                sizes[path.name] = data_size
+    finally:
+        writer.close()
     index = directory / INDEX_NAME if directory is not None else None
     if index is not None and index.is_file():
         doc = json.loads(index.read_text())

@@ -155,6 +155,8 @@ def from_zarr(path: Path) -> MaskSource:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise MaskStoreError(f"{where} has mask format_version {version!r}; this maskhub reads "
                              f"up to {FORMAT_VERSION} (upgrade maskhub)", where)
+    if attrs.get("has_values") is True:  # a patch: its bits are imported, not its values
+        subgroups = [n for n in subgroups if n != "values"]
     if subgroups:
         raise MaskStoreError(f"{where}: nested group {subgroups[0]!r}; a mask store holds one "
                              "array per tensor at its top level", where)
