@@ -215,6 +215,10 @@ def test_wrong_base_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert fail_line("apply", "p", str(other), str(tmp_path / "out")) == (
         f"Error: {other} is not the base of mask 'p': it lacks tensor 'big.weight' (and 4 more)")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    assert fail_line("apply", "p", str(base), str(tmp_path / "taken")) == (
+        f"Error: {tmp_path / 'taken'} already exists: give a new directory for the rebuilt "
+        "model")
 
 
 def test_patch_at_positive_tol_warns(pair: tuple[Path, Path]) -> None:
