@@ -214,3 +214,13 @@ def test_show_beside_the_fp32_control(tmp_path: Path) -> None:
     assert fail_line("show", "dpo", "--control", "other") == \
         "Error: dpo and other cover different tensors (first: 'model.layers.0.mlp.up_proj." \
         "weight'): not a control of one another"
+
+
+def test_plot_of_the_update_rate_per_exponent(pair: tuple[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run("diff", *pair, "--name", "obs")
+    out = run_json("plot", "obs", "--kind", "exponents", "-o", str(tmp_path / "e.png"), "--json")
+    assert out["kind"] == "exponents" and out["path"] == str(tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fail_line("plot", "obs", "obs", "--kind", "exponents") == \
+        "Error: an exponents plot shows exactly one mask"
