@@ -107,7 +107,11 @@ def test_observed_budget(pair: tuple[str, str]) -> None:
 
 
 def test_given_budgets(pair: tuple[str, str]) -> None:
-    run("diff", *pair, "--name", "wide", "--budget", "1e-3")
+    out = run_json("diff", *pair, "--name", "wide", "--budget", "1e-3", "--json")
+    assert {k: out[k] for k in ("null_budget", "null_budget_source", "n_null", "null_share",
+                                "sparsity_movable")} == {
+        "null_budget": 1e-3, "null_budget_source": "given", "n_null": 8, "null_share": 0.5,
+        "sparsity_movable": 0.75}
     run("diff", *pair, "--name", "narrow", "--budget", "1e-6")
     narrow, wide = _masks()
     # 1e-3: only the 2^0 binade (step 3.9e-3) is null: 8; movable 8, 2 updated.
