@@ -255,8 +255,9 @@ def test_sql_read_only_statement_kinds(one_mask: None, query: str, head: str) ->
      "Error: Invalid value for '--format': 'yaml' is not one of 'table', 'csv', 'json'. "
      "(see 'maskhub sql --help')"),
     (("combine", "xor", "a", "b"),
-     "Error: Invalid value for '{intersect|union|difference|consensus}': 'xor' is not one of "
-     "'intersect', 'union', 'difference', 'consensus'. (see 'maskhub combine --help')"),
+     "Error: Invalid value for '{intersect|union|difference|consensus|random}': 'xor' is not "
+     "one of 'intersect', 'union', 'difference', 'consensus', 'random'. (see 'maskhub "
+     "combine --help')"),
     (("diff",), "Error: Missing argument 'BASE'. (see 'maskhub diff --help')"),
     (("ls", "--wher", "x"),
      "Error: No such option '--wher'. (Did you mean one of: '--help', '--home', '--where'?) "

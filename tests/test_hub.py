@@ -189,6 +189,10 @@ def test_push_pull_roundtrip_identical_bits_stats_metadata(
     strata = "select tensor, stratum, numel, n_updated from tensor_strata order by 1, 2"
     here, there = Registry().sql(strata)[1], Registry(maskhub_home).sql(strata)[1]
     assert here == there and len(here) > len(mask.tensor_names())  # magnitude strata travel
+    null = "select tensor, max_abs_update, n_null, n_null_updated, sparsity_movable from tensors"
+    null_here, null_there = Registry().sql(null + " order by 1")[1], Registry(maskhub_home).sql(
+        null + " order by 1")[1]
+    assert null_here == null_there and all(r[2] is not None for r in null_here)  # and the null
     assert rows[0]["strata"] == [{"stratum": s, "numel": n, "n_updated": u}
                                  for t, s, n, u in there if t == rows[0]["tensor"]]
 

@@ -107,7 +107,11 @@ def test_observed_budget(pair: tuple[str, str]) -> None:
 
 
 def test_given_budgets(pair: tuple[str, str]) -> None:
-    run("diff", *pair, "--name", "wide", "--budget", "1e-3")
+    out = run_json("diff", *pair, "--name", "wide", "--budget", "1e-3", "--json")
+    assert {k: out[k] for k in ("null_budget", "null_budget_source", "n_null", "null_share",
+                                "sparsity_movable")} == {
+        "null_budget": 1e-3, "null_budget_source": "given", "n_null": 8, "null_share": 0.5,
+        "sparsity_movable": 0.75}
     run("diff", *pair, "--name", "narrow", "--budget", "1e-6")
     narrow, wide = _masks()
     # 1e-3: only the 2^0 binade (step 3.9e-3) is null: 8; movable 8, 2 updated.
@@ -214,3 +218,13 @@ def test_show_beside_the_fp32_control(tmp_path: Path) -> None:
     assert fail_line("show", "dpo", "--control", "other") == \
         "Error: dpo and other cover different tensors (first: 'model.layers.0.mlp.up_proj." \
         "weight'): not a control of one another"
+
+
+def test_plot_of_the_update_rate_per_exponent(pair: tuple[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run("diff", *pair, "--name", "obs")
+    out = run_json("plot", "obs", "--kind", "exponents", "-o", str(tmp_path / "e.png"), "--json")
+    assert out["kind"] == "exponents" and out["path"] == str(tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fail_line("plot", "obs", "obs", "--kind", "exponents") == \
+        "Error: an exponents plot shows exactly one mask"

@@ -1,4 +1,5 @@
-"""Figures of masks: a layer x module sparsity heatmap, and an overlap matrix heatmap.
+"""Figures of masks: a layer x module sparsity heatmap, an overlap matrix heatmap, and the
+update rate per exponent of |θ0| with the precision null.
 
 matplotlib is an optional extra (``pip install 'maskhub[plot]'``), imported only here and only
 when a figure is drawn. Figures are drawn with the object-oriented API (no pyplot, no global
@@ -170,4 +171,38 @@ def plot_overlap(matrix: OverlapMatrix, output: str | os.PathLike[str],
                     color="white" if o is None or o < 0.6 else "black")
     ax.set_title(f"subnetwork overlap; in brackets: {baseline} random baseline",
                  fontsize=10, loc="left")
+    return _save(fig, output)
+
+
+def plot_exponents(registry: Home, mask: MaskRecord, output: str | os.PathLike[str],
+                   size: tuple[int, int] | None = None) -> Path:
+    """Update rate per exponent of |θ0| of one mask (``show``'s table as bars): one bar per
+    binade, shaded where the binade is in the precision null (its smallest step exceeds the
+    budget), with the entries per binade on a second axis. Needs the mask's strata."""
+    from maskhub.analytics.summary import mask_summary
+
+    rows = [r for r in mask_summary(registry, mask.id)["by_exponent"]
+            if r["exponent"] is not None or r["stratum"] == 0]
+    if not rows:
+        raise UsageError(f"{mask.name} has no magnitude strata (an imported or combined mask): "
+                         "nothing to plot per exponent")
+    fig = _figure(size or (1000, 500))
+    ax = fig.add_subplot()
+    labels = ["0/sub" if r["stratum"] == 0 else f"2^{r['exponent']}" for r in rows]
+    x = list(range(len(rows)))
+    for i, r in enumerate(rows):
+        if r["null"]:
+            ax.axvspan(i - 0.5, i + 0.5, color="#e0e0e0", zorder=0)
+    ax.bar(x, [100 * r["rate"] for r in rows], color="#1f77b4", zorder=2)
+    ax.set_xticks(x, labels, rotation=90, fontsize=7)
+    ax.set_ylabel("updated (%)")
+    ax.set_xlabel("|θ0| binade (shaded: precision null, could not have changed)")
+    ax.set_ylim(0, 100)
+    twin = ax.twinx()
+    twin.plot(x, [r["numel"] for r in rows], color="#d62728", marker=".", linewidth=1)
+    twin.set_yscale("log")
+    twin.set_ylabel("entries", color="#d62728")
+    budget = mask.row.get("null_budget")
+    ax.set_title(f"{mask.name}: update rate per exponent of |θ0|"
+                 + ("" if budget is None else f" (budget {budget:.3g})"), fontsize=10)
     return _save(fig, output)

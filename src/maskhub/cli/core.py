@@ -40,7 +40,9 @@ def _summary(mask: Mask) -> dict[str, Any]:
     r = mask.row
     return {"id": r["id"], "name": r["name"], "base_model": r["base_model"],
             "target_model": r["target_model"], "n_params": r["n_params"],
-            "n_updated": r["n_updated"], "sparsity": r["sparsity"], "tol": r["tol"]}
+            "n_updated": r["n_updated"], "sparsity": r["sparsity"], "tol": r["tol"],
+            **{k: r.get(k) for k in ("null_budget", "null_budget_source", "n_null",
+                                     "null_share", "sparsity_movable")}}
 
 
 def _print_mask_line(mask: Mask, verb: str) -> None:

@@ -250,9 +250,10 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, like:
 
 @click.command()
 @click.argument("masks", nargs=-1)
-@click.option("--kind", type=click.Choice(["sparsity", "overlap"]),
-              help="sparsity: layer x module heatmap of one mask; overlap: overlap matrix. "
-                   "Default: sparsity for one mask, overlap for several.")
+@click.option("--kind", type=click.Choice(["sparsity", "overlap", "exponents"]),
+              help="sparsity: layer x module heatmap of one mask; overlap: overlap matrix; "
+                   "exponents: one mask's update rate per |theta0| exponent with its "
+                   "precision null. Default: sparsity for one mask, overlap for several.")
 @click.option("--base-model", help="Overlap plot of every mask of this base model.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Image file (.png, .svg, .pdf). Default: <mask>-sparsity.png or "
@@ -273,6 +274,7 @@ def plot(masks: tuple[str, ...], kind: str | None, base_model: str | None,
     \b
     Example:
       maskhub plot tulu-dpo -o tulu-dpo.png
+      maskhub plot tulu-dpo --kind exponents -o tulu-dpo-exponents.png
       maskhub plot dpo-s42 dpo-s123 prime -o overlap.png --baseline uniform
       maskhub plot --base-model allenai/Llama-3.1-Tulu-3-8B-SFT -o overlap.png
     """
@@ -281,7 +283,7 @@ def plot(masks: tuple[str, ...], kind: str | None, base_model: str | None,
         raise UsageError("name a mask to plot, several masks, or --base-model")
     effective = kind or ("sparsity" if len(masks) == 1 and not base_model else "overlap")
     if output is None:
-        output = f"{masks[0]}-sparsity.png" if effective == "sparsity" else "overlap.png"
+        output = f"{masks[0]}-{effective}.png" if effective != "overlap" else "overlap.png"
     dims = parse_size(size) if size else None
     with byte_progress("overlap --all") as progress:
         path = reg.plot(masks, output, kind=effective, base_model=base_model,

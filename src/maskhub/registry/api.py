@@ -420,16 +420,21 @@ class Registry(Home):
              refresh: bool = False, progress: ProgressFn | None = None) -> Path:
         """Draw a figure into ``output`` and return its path. ``kind="sparsity"``: the layer x
         module heatmap of one mask; ``kind="overlap"``: the overlap matrix of several masks
-        with a random baseline. Default: sparsity for one mask, overlap otherwise."""
-        from maskhub.analytics.plot import plot_overlap, plot_sparsity
+        with a random baseline; ``kind="exponents"``: one mask's update rate per exponent of
+        |θ0| with its precision null. Default: sparsity for one mask, overlap otherwise."""
+        from maskhub.analytics.plot import plot_exponents, plot_overlap, plot_sparsity
 
         kind = kind or ("sparsity" if len(refs) == 1 and base_model is None else "overlap")
+        if kind == "exponents":
+            if len(refs) != 1:
+                raise UsageError("an exponents plot shows exactly one mask")
+            return plot_exponents(self, self.get(refs[0]), output, size)
         if kind == "sparsity":
             if len(refs) != 1:
                 raise UsageError("a sparsity plot shows exactly one mask")
             return plot_sparsity(self, self.get(refs[0]), output, size)
         if kind != "overlap":
-            raise UsageError(f"unknown plot kind {kind!r}; choose sparsity or overlap")
+            raise UsageError(f"unknown plot kind {kind!r}; choose sparsity, overlap or exponents")
         matrix = self.overlap_all(refs, base_model=base_model, refresh=refresh,
                                   progress=progress)
         return plot_overlap(matrix, output, baseline, size)
