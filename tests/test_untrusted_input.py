@@ -195,6 +195,18 @@ def test_fifo_chunk_never_blocks(tmp_path: Path, maskhub_home: Path) -> None:
     assert_nothing_registered(maskhub_home)
 
 
+def test_decompression_bomb_chunk_is_refused_before_decoding(tmp_path: Path,
+                                                             maskhub_home: Path) -> None:
+    from numcodecs import Zstd
+
+    store = packed_store(tmp_path / "m.zarr")
+    (store / W / "c" / "0").write_bytes(Zstd(level=1).encode(np.zeros(64 << 20, np.uint8)))
+    assert fail_line("import", str(store)) == (
+        f"Error: m.zarr: array {W!r} chunk c/0 is a zstd frame that declares 67108864 bytes; "
+        "a chunk of this array decodes to 1")
+    assert_nothing_registered(maskhub_home)
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d.__setitem__("shape", [2 ** 40]),
      "has a bad zarr.json: its shape [1099511627776] has 1099511627776 entries (at most "
