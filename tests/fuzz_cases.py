@@ -10,6 +10,7 @@ cap.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -234,51 +235,73 @@ GROUP_FIELDS: dict[str, list[Any]] = {
 }
 
 
-def _edit_json(path: Path, fn) -> None:
-    doc = json.loads(path.read_text())
-    doc = fn(doc)
-    path.write_bytes(dumps(doc))
+@functools.cache
+def _bomb() -> bytes:
+    """A zstd frame of 64 MiB of zeros (a few KB): decompresses to far more than a chunk."""
+    from numcodecs import Zstd
+
+    return bytes(Zstd(level=1).encode(np.zeros(64 << 20, np.uint8)))
 
 
-def mutate_store(rng: random.Random, store: Path, outside: Path) -> str:
-    """One mutation of a copied template store; returns its label."""
+def _own(store: Path, p: Path, *, link_ok: bool = False) -> Path:
+    """``p`` if it lies in ``store`` (its directory resolved) and is not a symlink (unless
+    ``link_ok``, for removing the link itself): the mutations never write through a link
+    that an earlier mutation planted, so nothing outside the case directory is touched."""
+    root = os.path.realpath(store)
+    parent = os.path.realpath(p.parent)
+    if not (parent == root or parent.startswith(root + os.sep)):
+        raise ValueError(f"{p} is outside the store")
+    if p.is_symlink() and not link_ok:
+        raise ValueError(f"{p} is a symlink")
+    return p
+
+
+def _edit_json(store: Path, path: Path, fn) -> None:
+    doc = json.loads(_own(store, path).read_text())
+    _own(store, path).write_bytes(dumps(fn(doc)))
+
+
+def mutate_store(rng: random.Random, store: Path, outside: Path, last: bool) -> str:
+    """One mutation of a copied template store; returns its label. Links and FIFOs are only
+    planted by the ``last`` mutation of a case, and every write goes through :func:`_own`."""
     arr = rng.choice([W, B])
-    adir = store / arr
-    op = rng.randrange(12)
-    if op == 11:  # benign: counts left for maskhub to compute, an unknown attribute
-        _edit_json(adir / "zarr.json", lambda d: {**d, "attributes": {
+    adir = _own(store, store / arr)
+    op = rng.randrange(12 if last else 7)
+    if op == 11 or (op == 10 and not last):
+        _edit_json(store, adir / "zarr.json", lambda d: {**d, "attributes": {
             **{k: v for k, v in d.get("attributes", {}).items() if k != "n_updated"},
-            "origin": "elsewhere"}})
+            "origin": "elsewhere"}})  # benign: counts left for maskhub to compute
         return "benign"
     if op == 0:
         key = rng.choice(list(ARRAY_FIELDS))
         value = rng.choice(ARRAY_FIELDS[key])
-        _edit_json(adir / "zarr.json", lambda d: {**d, key: value})
+        _edit_json(store, adir / "zarr.json", lambda d: {**d, key: value})
         return f"array.{key}"
     if op == 1:
         value = rng.choice(CHUNK_SHAPES)
-        _edit_json(adir / "zarr.json", lambda d: {**d, "chunk_grid": {
+        _edit_json(store, adir / "zarr.json", lambda d: {**d, "chunk_grid": {
             "name": "regular", "configuration": {"chunk_shape": value}}})
         return "array.chunk_shape"
     if op == 2:
         key = rng.choice(list(ATTR_FIELDS))
         value = rng.choice(ATTR_FIELDS[key])
-        _edit_json(adir / "zarr.json",
+        _edit_json(store, adir / "zarr.json",
                    lambda d: {**d, "attributes": {**d.get("attributes", {}), key: value}})
         return f"array.attrs.{key}"
     if op == 3:
         key = rng.choice(list(GROUP_FIELDS))
         value = rng.choice(GROUP_FIELDS[key])
-        _edit_json(store / "zarr.json",
+        _edit_json(store, store / "zarr.json",
                    lambda d: {**d, "attributes": {**d["attributes"], key: value}})
         return f"group.{key}"
     if op == 4:
-        target = rng.choice([store / "zarr.json", adir / "zarr.json"])
+        target = _own(store, rng.choice([store / "zarr.json", adir / "zarr.json"]))
         target.write_bytes(rng.choice([b"", b"{", b"[]", b"null", b"\xff\xfe",
                                        b'{"a": ' * 3000 + b"1" + b"}" * 3000]))
         return "json-garbage"
-    chunks = sorted(p for p in adir.rglob("*") if p.is_file() and p.name != "zarr.json")
-    chunk = rng.choice(chunks) if chunks else adir / "c" / "0"
+    chunks = sorted(p for p in adir.rglob("*") if p.is_file() and not p.is_symlink()
+                    and p.name != "zarr.json")
+    chunk = _own(store, rng.choice(chunks) if chunks else adir / "c" / "0")
     chunk.parent.mkdir(parents=True, exist_ok=True)
     if op == 5:
         from numcodecs import Zstd
@@ -291,7 +314,7 @@ def mutate_store(rng: random.Random, store: Path, outside: Path) -> str:
         elif choice == 2:
             chunk.write_bytes(b"")
         elif choice == 3:  # decompresses to far more than a chunk
-            chunk.write_bytes(Zstd(level=1).encode(np.zeros(64 << 20, np.uint8)))
+            chunk.write_bytes(_bomb())
         else:
             chunk.write_bytes(Zstd(level=1).encode(np.full(3, 255, np.uint8)))
         return "chunk-bytes"
@@ -306,7 +329,7 @@ def mutate_store(rng: random.Random, store: Path, outside: Path) -> str:
         shown = target if target in ("/etc/passwd", "/dev/zero") else "other"
         return f"chunk-symlink:{shown}"
     if op == 8:
-        victim = rng.choice([chunk, adir / "zarr.json", store / "zarr.json"])
+        victim = _own(store, rng.choice([chunk, adir / "zarr.json", store / "zarr.json"]))
         victim.unlink(missing_ok=True)
         os.mkfifo(victim)
         return f"fifo:{victim.name}"
@@ -315,7 +338,7 @@ def mutate_store(rng: random.Random, store: Path, outside: Path) -> str:
         chunk.mkdir()
         return "chunk-is-dir"
     shutil.rmtree(adir)
-    adir.symlink_to(outside.parent if rng.random() < 0.5 else "/etc")
+    adir.symlink_to(outside.parent / "decoy")  # a copy of an array, outside the store
     return "array-dir-symlink"
 
 
@@ -323,10 +346,11 @@ def zarr_case(rng: random.Random, root: Path, i: int, template: Path, outside: P
     store = root / f"z{i}.zarr"
     shutil.copytree(template, store, symlinks=True)
     labels = []
-    for _ in range(rng.choice([1, 1, 2])):
+    n = rng.choice([1, 1, 2])
+    for k in range(n):
         try:
-            labels.append(mutate_store(rng, store, outside))
-        except (OSError, ValueError, KeyError, TypeError):  # an earlier mutation removed it
+            labels.append(mutate_store(rng, store, outside, last=k == n - 1))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # broken before
             labels.append("(skipped)")
     return Case(f"zarr: {'+'.join(labels)}", ["import", str(store), "--name", f"z{i}"])
 
@@ -341,6 +365,7 @@ def build(root: Path, seed: int, n_safetensors: int, n_zarr: int) -> list[Case]:
     outside = root / "outside.bin"
     outside.write_bytes(b"\x01" * 64)
     template = template_store(root / "template.zarr")
+    shutil.copytree(template / W, root / "decoy")
     cases = [safetensors_case(rng, root, i, rng.choice(["diff", "import"]), base)
              for i in range(n_safetensors)]
     cases += [zarr_case(rng, root, i, template, outside) for i in range(n_zarr)]

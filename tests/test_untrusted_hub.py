@@ -70,6 +70,7 @@ def _declare(exponent: int):
         def big(d: dict) -> None:
             old.update(d["attributes"])
             d["shape"] = [1 << exponent]
+            d["attributes"].pop("encoding", None)  # packed bits, whatever layout was pushed
             d["attributes"].update({"shape": [numel], "numel": numel, "n_updated": 0})
         edit_json(files, f"mask.zarr/{T}/zarr.json", big)
         for key, delta in (("n_params", numel - old["numel"]), ("n_updated", -old["n_updated"])):

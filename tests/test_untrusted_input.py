@@ -20,7 +20,7 @@ import pytest
 import zarr
 from clitools import fail_line
 
-from maskhub import Registry
+from maskhub import MaskStoreError, Registry
 
 W = "model.layers.0.mlp.up_proj.weight"
 DATA = np.arange(4, dtype=np.float32).tobytes()
@@ -193,6 +193,42 @@ def test_fifo_chunk_never_blocks(tmp_path: Path, maskhub_home: Path) -> None:
     code, err, _ = run_maskhub(["import", str(store)], maskhub_home)
     assert (code, err) == (1, f"Error: m.zarr/{W}/c/0 is a FIFO, not a regular file")
     assert_nothing_registered(maskhub_home)
+
+
+def test_decompression_bomb_chunk_is_refused_before_decoding(tmp_path: Path,
+                                                             maskhub_home: Path) -> None:
+    from numcodecs import Zstd
+
+    store = packed_store(tmp_path / "m.zarr")
+    (store / W / "c" / "0").write_bytes(Zstd(level=1).encode(np.zeros(64 << 20, np.uint8)))
+    assert fail_line("import", str(store)) == (
+        f"Error: m.zarr: array {W!r} chunk c/0 is a zstd frame that declares 67108864 bytes; "
+        "a chunk of this array decodes to 1")
+    assert_nothing_registered(maskhub_home)
+
+
+def test_fifo_or_link_in_a_registered_store_never_blocks(tmp_path: Path,
+                                                         maskhub_home: Path) -> None:
+    """A store edited after registration: its readers (overlap, training, show...) refuse a
+    chunk that became a FIFO or a link out of the store, in one line."""
+    Registry().add(packed_store(tmp_path / "m.zarr"), name="m")
+    chunk = Registry().get("m").path / W / "c" / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)
+    probe = ("from maskhub import Registry, MaskhubError\n"
+             f"try:\n    Registry().get('m').packed({W!r})\n"
+             "except MaskhubError as e:\n    print(e)\n")
+    env = {**os.environ, "MASKHUB_HOME": str(maskhub_home)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, text=True,
+                         capture_output=True, timeout=120)
+    store = Registry().get("m").path
+    assert out.stdout.strip() == f"{store}: array {W!r} chunk c/0 is a FIFO, not a regular file"
+    chunk.unlink()
+    chunk.symlink_to("/dev/zero")
+    with pytest.raises(MaskStoreError) as err:
+        Registry().get("m").packed(W)
+    assert str(err.value) == (f"{store}: array {W!r} chunk c/0 is a symlink that leaves the "
+                              "store (to '/dev/zero'); refusing it")
 
 
 @pytest.mark.parametrize(("edit", "message"), [

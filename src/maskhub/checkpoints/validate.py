@@ -388,6 +388,7 @@ class ArrayFacts:
     separator: str
     prefixed: bool
     attributes: dict[str, Any]
+    codecs: tuple[str, ...] = ()
 
     @property
     def encoded(self) -> bool:
@@ -466,7 +467,8 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
     attrs = doc.get("attributes", {})
     if not isinstance(attrs, dict):
         raise fail("has attributes that are not an object")
-    facts = ArrayFacts(tuple(shape), dtype, tuple(chunks), sep, enc_name == "default", attrs)
+    facts = ArrayFacts(tuple(shape), dtype, tuple(chunks), sep, enc_name == "default", attrs,
+                       tuple(c["name"] for c in codecs))
     if "shape" in attrs:
         bad = shape_problem(attrs["shape"])
         if bad:
@@ -563,3 +565,41 @@ def present_chunks(directory: Path, facts: ArrayFacts) -> list[tuple[int, ...]]:
         if all(i < g for i, g in zip(index, grid, strict=True)):
             found.append(index)
     return sorted(found)
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_content_size(data: bytes) -> int | None:
+    """The content size a zstd frame declares in its header (None: the frame does not
+    declare one, or ``data`` is not a zstd frame)."""
+    if len(data) < 6 or data[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = data[4]
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(data) < pos + size:
+        return None
+    value = int.from_bytes(data[pos:pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def check_chunk_files(directory: Path, root: Path, facts: ArrayFacts, what: str) -> None:
+    """Before a library decodes them: every chunk file present of a local array is a regular
+    file inside ``root`` of bounded size, and a zstd-coded chunk declares a decoded size no
+    larger than a chunk (a decompression bomb is refused, never inflated)."""
+    itemsize_ = 1  # bool and uint8
+    chunk_bytes = math.prod(facts.chunk_shape) * itemsize_
+    limit = chunk_file_limit(chunk_bytes)
+    zstd = "zstd" in facts.codecs
+    for index in present_chunks(directory, facts):
+        key = facts.chunk_key(index)
+        data = read_chunk(directory / key, root, limit, f"{what} chunk {key}")
+        if not zstd or data is None:
+            continue
+        declared = zstd_content_size(data)
+        if declared is None or declared > chunk_bytes:
+            size = "no size" if declared is None else f"{declared} bytes"
+            raise MaskStoreError(f"{what} chunk {key} is a zstd frame that declares {size}; a "
+                                 f"chunk of this array decodes to {chunk_bytes}", what)

@@ -23,6 +23,7 @@ from maskhub.checkpoints.validate import (
     MAX_CHUNK_BYTES,
     ArrayFacts,
     check_array_document,
+    check_chunk_files,
     check_tree,
     present_chunks,
     read_array_metadata,
@@ -183,6 +184,7 @@ def from_zarr(path: Path) -> MaskSource:
         arr = arrays[name]
         facts = read_array_metadata(path / name, name, where, path)
         a = facts.attributes
+        check_chunk_files(path / name, path, facts, f"{where}: array {short(name)}")
         try:
             if facts.encoded:
                 got = _ungap(name, arr, dict(a), where)

@@ -44,6 +44,7 @@ from numcodecs import Zstd
 
 from maskhub.checkpoints.validate import (
     ArrayFacts,
+    check_chunk_files,
     check_inside,
     check_mask_counts,
     chunk_file_limit,
@@ -446,6 +447,8 @@ class MaskStore:
         directory = self.path / name
         buf = np.empty(chunk, dtype=np.uint8)
         limit = chunk_file_limit(chunk)
+        if not direct:  # a library decodes: no decompression bomb reaches it
+            check_chunk_files(directory, self.path, facts, f"{self.path}: array {short(name)}")
         try:
             for (i,) in present_chunks(directory, facts):
                 start = i * chunk
@@ -457,7 +460,7 @@ class MaskStore:
                 if direct:
                     _ZSTD.decode(data, out=buf)
                     yield start, buf[:stop - start]
-                else:  # other codecs: zarr decodes this one chunk
+                else:  # other codecs: zarr decodes this one chunk (frames checked above)
                     yield start, np.asarray(arr[start:stop])
         except MaskStoreError:
             raise
