@@ -103,6 +103,10 @@ class _Job:
     remaining: int = 0
 
 
+#: The read stage (the name the compute loops know it by).
+_Prefetcher = StreamReader
+
+
 def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str]) -> StreamReader:
     """One read-ahead stream per file of both checkpoints, in the order the jobs consume
     them (:mod:`maskhub.checkpoints.reader`)."""
@@ -240,7 +244,7 @@ def _strata_fn(kernel: DiffKernel, dtype: str, entries: bool = True) -> StrataFn
     return strata_fn(dtype, "numba" if kernel.backend == "numba" else "numpy", entries)
 
 
-def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: StreamReader,
+def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
              finish_job: Callable[[int, _Job], None]) -> None:
     threads = compute_threads()
     window = 4 * threads
@@ -289,7 +293,7 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: StreamReader,
             raise
 
 
-def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: StreamReader,
+def _run_cuda(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
               finish_job: Callable[[int, _Job], None]) -> None:
     from maskhub.kernels.gpukernel import CudaDiffer
 
