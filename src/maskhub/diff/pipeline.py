@@ -2,9 +2,10 @@
 
 Three stages run at once, so the slowest one (the disk on a cold cache) sets the pace:
 
-* **read**: both checkpoints are memory-mapped (:mod:`maskhub.checkpoints.mapped`); a prefetch
-  thread asks the kernel to read ahead (``posix_fadvise(WILLNEED)``) up to
-  :data:`READ_AHEAD` bytes beyond the chunks being computed;
+* **read**: both checkpoints are memory-mapped (:mod:`maskhub.checkpoints.mapped`); one
+  reader thread per file streams it into the page cache with large sequential reads up to
+  :data:`READ_AHEAD` bytes beyond the chunks being computed, skipping what is cached
+  already (:mod:`maskhub.checkpoints.reader`);
 * **compute**: a thread pool runs the kernel on fixed-size chunks straight from the mapping
   (the kernel releases the GIL), each chunk writing its slice of the tensor's packed bits;
   pages a chunk has finished with are dropped from the process (they stay in the page cache);
@@ -30,6 +31,7 @@ import numpy as np
 from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
+from maskhub.checkpoints.reader import Stream, StreamReader
 from maskhub.checkpoints.sources import Checkpoint
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
 from maskhub.kernels.patchbits import bits_view, patch_chunk
@@ -43,10 +45,8 @@ from maskhub.schemas.names import parse_tensor_name
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.store import MaskWriter
 
-#: Bytes the prefetcher may read ahead of the chunks handed to the kernel.
+#: Bytes the readers may read ahead of the chunks handed to the kernel (all files together).
 READ_AHEAD = 256 << 20
-#: Bytes per read-ahead request (larger requests are only partly honoured by Linux).
-READ_STEP = 4 << 20
 #: Finished tensors that may wait for the writer.
 WRITE_QUEUE = 8
 
@@ -139,43 +139,21 @@ class _Job:
                 fp.tensor_digest(self.name, self.b_info.dtype, self.b_info.shape, self.b_chunks))
 
 
-class _Prefetcher(threading.Thread):
-    """Issues read-ahead for the byte ranges of the jobs, staying ``READ_AHEAD`` ahead."""
+#: The read stage (the name the compute loops know it by).
+_Prefetcher = StreamReader
 
-    def __init__(self, regions: list[Region]) -> None:
-        super().__init__(name="maskhub-prefetch", daemon=True)
-        self.regions = regions
-        self.consumed = 0
-        self.cond = threading.Condition()
-        self.stopped = False
 
-    def advance(self, nbytes: int) -> None:
-        """The compute stage took ``nbytes`` more bytes."""
-        with self.cond:
-            self.consumed += nbytes
-            self.cond.notify()
-
-    def stop(self) -> None:
-        """End the thread at its next step."""
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-
-    def run(self) -> None:
-        issued = 0
-        for r in self.regions:
-            for start in range(r.begin, r.end, READ_STEP):
-                length = min(READ_STEP, r.end - start)
-                with self.cond:
-                    while not self.stopped and issued - self.consumed > READ_AHEAD:
-                        self.cond.wait()
-                    if self.stopped:
-                        return
-                try:
-                    r.file.willneed(start, length)
-                except OSError:  # read-ahead is advice; the mapping still reads on demand
-                    pass
-                issued += length
+def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str]) -> StreamReader:
+    """One read-ahead stream per file of both checkpoints, in the order the jobs consume
+    them (:mod:`maskhub.checkpoints.reader`)."""
+    streams: dict[int, Stream] = {}
+    position = 0
+    for name in names:
+        ra, rb = mb.region(name), mt.region(name)
+        for r in (ra, rb):  # both sides of a tensor are consumed together
+            streams.setdefault(id(r.file), Stream(r.file.fd)).add(position, r.begin, r.end)
+        position += (ra.end - ra.begin) + (rb.end - rb.begin)
+    return StreamReader(list(streams.values()), READ_AHEAD)
 
 
 class _WriterThread(threading.Thread):
@@ -264,7 +242,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
-        prefetch = _Prefetcher([r for n in names for r in (mb.region(n), mt.region(n))])
+        prefetch = _reader(mb, mt, names)
         wthread = _WriterThread(writer)
         done_bytes = 0
 
@@ -312,8 +290,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
                 _run_cpu(jobs(), kernel, prefetch, finish_job, lossless)
             wthread.finish()
         finally:
-            prefetch.stop()
-            prefetch.join()  # before the files it advises on are closed
+            prefetch.stop()  # joins, before the files it reads are closed
             if wthread.is_alive():  # an error elsewhere: drop what is still queued
                 wthread.cancelled = True
                 wthread.queue.put(None)

@@ -161,7 +161,7 @@ def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
     ``diff --rank/--stats`` rows and its magnitude strata (none for repos pushed without
     them; strata must add up to each tensor's counts)."""
     try:
-        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        rows = pq.ParquetFile(pa.BufferReader(data)).read().to_pylist()  # no pandas import
     except (pa.ArrowException, OSError) as exc:
         raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is unreadable: {exc}",
                              where) from exc

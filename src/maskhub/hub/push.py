@@ -113,9 +113,15 @@ def _no_xet(text: str, repo_id: str) -> HubError:
 
 
 def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
-                     repo_type: str = "model", license: str | None = None) -> dict[str, Path]:
+                     repo_type: str = "model", license: str | None = None,
+                     digests: Callable[[dict[str, Path]], dict[str, str]] | None = None
+                     ) -> dict[str, Path]:
     """Write ``maskhub.json``, ``tensors.parquet`` and ``README.md`` into ``dest``; return every
-    file of the repo as ``{path in repo: local path}`` (the store files stay where they are)."""
+    file of the repo as ``{path in repo: local path}`` (the store files stay where they are).
+
+    ``digests({path in repo: local path})``: the hex sha256 of those files for
+    ``maskhub.json`` (default: read and hashed here; a push passes the hashes huggingface_hub
+    computes anyway for its upload, so that every file is hashed once)."""
     dest.mkdir(parents=True, exist_ok=True)
     store = mask.store
     stats = list(store.iter_stats())
@@ -142,12 +148,13 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
     card = render_card(store.metadata, mask.name, stats, repo_id, repo_type, license)
     (dest / CARD_FILE).write_text(card, encoding="utf-8")
     files[CARD_FILE] = dest / CARD_FILE
+    sha = digests(files) if digests else {p: sha256_file(f) for p, f in files.items()}
     doc = {
         "kind": HUB_KIND,
         "schema_version": HUB_SCHEMA_VERSION,
         "store": STORE_DIR,
         "mask": group["attributes"],
-        "files": {p: {"sha256": sha256_file(f), "size": f.stat().st_size}
+        "files": {p: {"sha256": sha[p], "size": f.stat().st_size}
                   for p, f in sorted(files.items())},
     }
     (dest / METADATA_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n",
@@ -201,11 +208,27 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
         # A license set by an earlier push (or on the Hub) stays unless a new one is given.
         card = info.card_data.to_dict() if getattr(info, "card_data", None) else {}
         license = license or as_str(card.get("license"))
-        files = write_repo_files(registry, mask, stage, repo_id, repo_type, license)
+        adds: dict[str, Any] = {}
+
+        def digests(files: dict[str, Path]) -> dict[str, str]:
+            # The operations huggingface_hub uploads, hashed here (in parallel, as it would):
+            # their hashes go into maskhub.json and the upload does not hash them again.
+            from concurrent.futures import ThreadPoolExecutor
+
+            from maskhub.kernels.threads import available_cpus
+
+            for p, f in files.items():
+                adds[p] = CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+            with ThreadPoolExecutor(max(2, available_cpus())) as pool:
+                hexes = pool.map(lambda op: op.upload_info.sha256.hex(), adds.values())
+                return dict(zip(adds, hexes, strict=True))
+
+        files = write_repo_files(registry, mask, stage, repo_id, repo_type, license, digests)
         n_bytes = sum(f.stat().st_size for f in files.values())
         remote = {s.rfilename for s in info.siblings or []}
         stale = sorted(p for p in remote if p.startswith(STORE_DIR + "/") and p not in files)
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+        ops: list[Any] = [adds.get(p) or CommitOperationAdd(path_in_repo=p,
+                                                            path_or_fileobj=str(f))
                           for p, f in sorted(files.items())]
         ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
         message = commit_message or f"Upload update mask {mask.name} with maskhub"

@@ -21,7 +21,8 @@ The array is ``uint8`` with the same codecs and chunking as a packed array (``by
 spurious matches); its length is the code's length, not ``ceil(numel / 8)``.
 
 Encoding and decoding go through the numba kernels of :mod:`maskhub.kernels.gapkernel` for
-large tensors (one pass, ~1 GB/s) and through numpy for small ones (no compile or cache load).
+large tensors (one pass, ~1 GB/s) when numba is loaded already or the tensor is very large,
+else through numpy, in blocks (loading numba costs ~110 MB of resident memory and its start-up).
 """
 
 from __future__ import annotations
@@ -38,12 +39,25 @@ GAPS_U8 = "gaps-u8"
 #: Layouts this maskhub reads (``None``: packed bits).
 KNOWN_ENCODINGS = (None, GAPS_U8)
 #: Below this density the gap code is written without trying packed bits (it is smaller for
-#: i.i.d. masks by 6% or more there); from it up to :data:`TRY_MAX_DENSITY` both are
-#: compressed and the smaller kept; above, packed bits only.
-GAPS_ONLY_DENSITY = 0.1
-TRY_MAX_DENSITY = 0.3
-#: Packed bytes from which the numba kernels are used (below, numpy: no compile/cache load).
+#: i.i.d. masks by 3% or more there); from it up to :data:`TRY_MAX_DENSITY` both are
+#: compressed and the smaller kept; above, packed bits only (within 1.02x of the entropy
+#: bound for i.i.d. masks from 20%).
+GAPS_ONLY_DENSITY = 0.12
+TRY_MAX_DENSITY = 0.2
+#: Packed bytes from which the numba kernels are used when numba is already loaded (a diff on
+#: the numba backend); below, or without numba loaded, numpy in blocks.
 KERNEL_MIN_BYTES = 1 << 20
+#: Packed bytes from which the numba kernels are used even when that loads numba (~110 MB of
+#: resident LLVM/JIT state on first use: more than numpy's block buffers cost up to here).
+KERNEL_LOAD_BYTES = 64 << 20
+#: Packed bytes per block of the numpy encoder (bounds its temporaries to ~12x this).
+NUMPY_BLOCK = 256 << 10
+
+
+def _use_kernel(nbytes: int) -> bool:
+    import sys
+
+    return nbytes >= KERNEL_LOAD_BYTES or (nbytes >= KERNEL_MIN_BYTES and "numba" in sys.modules)
 
 
 class GapCodeError(ValueError):
@@ -54,27 +68,45 @@ def encode(packed: np.ndarray, numel: int) -> np.ndarray:
     """The byte-gap code (uint8) of the first ``numel`` bits of ``packed`` (little bit order);
     padding bits of the last byte are ignored."""
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
-    if packed.size >= KERNEL_MIN_BYTES:
+    if _use_kernel(packed.size):
         from maskhub.kernels.bitcount import count_entries
         from maskhub.kernels.gapkernel import encode_gaps
 
         out = np.empty(count_entries(packed, numel) + numel // 255 + 1, dtype=np.uint8)
         return out[:encode_gaps(packed, numel, out)].copy()
-    return codes_of_indices(set_indices(packed, numel))
+    parts, last = [], -1
+    for start in range(0, packed.size, NUMPY_BLOCK):
+        idx = set_indices(packed[start:start + NUMPY_BLOCK], numel - 8 * start) + 8 * start
+        if idx.size:
+            parts.append(codes_of_indices(idx, last))
+            last = int(idx[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+#: Set bits of each byte value, and their positions (little bit order), left-aligned.
+_POP = np.array([bin(v).count("1") for v in range(256)], dtype=np.int32)
+_POS = np.array([[j for j in range(8) if v >> j & 1] + [0] * (8 - bin(v).count("1"))
+                 for v in range(256)], dtype=np.int32)
 
 
 def set_indices(packed: np.ndarray, numel: int) -> np.ndarray:
-    """Flat indices (int64, ascending) of the set bits among the first ``numel`` of ``packed``."""
+    """Flat indices (int64, ascending) of the set bits among the first ``numel`` of ``packed``
+    (a table lookup per nonzero byte; int32 arithmetic below 2**28 bytes)."""
     nz = np.flatnonzero(packed)
-    bits = np.unpackbits(packed[nz][:, None], axis=1, bitorder="little")
-    row, col = np.nonzero(bits)
-    idx = nz[row].astype(np.int64) * 8 + col
+    if packed.size < (1 << 28):
+        nz = nz.astype(np.int32)
+    vals = packed[nz]
+    cnt = _POP[vals]
+    rep = np.repeat(np.arange(nz.size, dtype=nz.dtype), cnt)
+    first = np.cumsum(cnt, dtype=nz.dtype) - cnt
+    within = np.arange(rep.size, dtype=nz.dtype) - first[rep]
+    idx = nz[rep].astype(np.int64) * 8 + _POS[vals[rep], within]
     return idx[idx < numel]
 
 
-def codes_of_indices(idx: np.ndarray) -> np.ndarray:
-    """The byte-gap code of ascending flat indices."""
-    gaps = np.diff(np.asarray(idx, dtype=np.int64), prepend=-1) - 1
+def codes_of_indices(idx: np.ndarray, last: int = -1) -> np.ndarray:
+    """The byte-gap code of ascending flat indices (following a set bit at ``last``)."""
+    gaps = np.diff(np.asarray(idx, dtype=np.int64), prepend=last) - 1
     extra = gaps // 255
     if not extra.any():
         return gaps.astype(np.uint8)
@@ -96,7 +128,7 @@ def decode(codes: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     nbytes = (numel + 7) // 8
     out = np.zeros(nbytes, dtype=np.uint8)
-    if nbytes >= KERNEL_MIN_BYTES:
+    if _use_kernel(nbytes):
         from maskhub.kernels.gapkernel import decode_gaps
 
         count = int(decode_gaps(codes, numel, out))

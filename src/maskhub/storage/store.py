@@ -11,7 +11,7 @@ Layout (the contract in DESIGN.md and the README):
 A reader with only zarr and numpy rebuilds a mask with
 ``np.unpackbits(a[:], count=prod(shape), bitorder=a.attrs["bitorder"]).reshape(shape)``.
 
-Low-density tensors (below 10%, and up to 30% where it is smaller) are stored instead as a
+Low-density tensors (below 12%, and up to 20% where it is smaller) are stored instead as a
 byte-gap code of their set bits, marked by the array attribute ``encoding: "gaps-u8"``
 (no ``bitorder``; layout and the numpy lines that decode it in :mod:`maskhub.storage.gapcode`
 and the README). Arrays without ``encoding`` are packed bits, as every store written before.
