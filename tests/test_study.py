@@ -17,6 +17,7 @@ from clitools import fail_line, run_json
 from safetensors.torch import load_file
 
 from maskhub import Registry
+from maskhub.study.measure import TRAJECTORY_RUNS
 
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
@@ -127,6 +128,31 @@ def test_masked_runs_pass_verify_and_freeze_every_masked_out_entry(quick_study: 
     assert row == [{"ok": "true"}]
 
 
+def test_trajectories_are_recorded_live_without_intermediate_checkpoints(quick_study: tuple
+                                                                        ) -> None:
+    home, out, _ = quick_study
+    registry = Registry(home)
+    for run in TRAJECTORY_RUNS:
+        # only the start and the final checkpoint (grading, diff) are written
+        assert sorted(p.name for p in (out / "checkpoints" / run).iterdir()) == [
+            "step-0000", "step-0020"]
+        points = _sql(home, "SELECT p.step, p.checkpoint, p.n_updated_vs_first, "
+                            "p.n_updated_vs_prev FROM trajectory_points p JOIN trajectories t "
+                            f"ON t.id = p.trajectory_id WHERE t.name = 'study-traj-{run}' "
+                            "ORDER BY p.idx")
+        assert [p["step"] for p in points] == [0, 5, 10, 15, 20]
+        assert all(p["n_updated_vs_prev"] is not None for p in points[1:])
+        # the last point (the bf16 view of the fp32 weights) is the run's own mask, the diff
+        # of its saved bf16 checkpoints, bit for bit
+        final, mask = registry.get(f"study-traj-{run}-step-20"), registry.get(f"study-{run}")
+        assert points[-1]["n_updated_vs_first"] == final.n_updated == mask.n_updated
+        for name in mask.tensor_names():
+            assert (final[name] == mask[name]).all(), f"{run}: {name}"
+        assert final.row["dtype"] == mask.row["dtype"] == "bfloat16"
+    md = (out / "report.md").read_text()
+    assert "**Trajectories recorded live.**" in md and "no intermediate checkpoint" in md
+
+
 def test_same_command_gives_the_same_measurements(quick_study: tuple) -> None:
     home, _, _ = quick_study
     query = ("SELECT replace(m.name, split_part(m.name, '-', 1), '') AS run, m.n_updated, "
@@ -181,8 +207,11 @@ def test_ctrl_c_names_the_masks_already_registered(tmp_path: Path, maskhub_home:
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 130
+    # dpo-s0's mask, and the four trajectories recorded live before the masked runs
+    done = ["study-dpo-s0", *(f"study-traj-{r}-ever" for r in TRAJECTORY_RUNS),
+            *(f"study-traj-{r}-step-{s}" for r in sorted(TRAJECTORY_RUNS) for s in (5, 10, 15, 20))]
     assert rest.strip().splitlines() == [
-        "Error: interrupted: the study registered 1 complete mask(s) before it stopped "
-        f"(study-dpo-s0); checkpoints so far are in {tmp_path / 's'}. Rerun with another "
-        "--out and --name, or 'maskhub rm' them"]
-    assert [m["name"] for m in Registry(maskhub_home).ls()] == ["study-dpo-s0"]
+        f"Error: interrupted: the study registered {len(done)} complete mask(s) before it "
+        f"stopped ({', '.join(done)}); checkpoints so far are in {tmp_path / 's'}. Rerun "
+        "with another --out and --name, or 'maskhub rm' them"]
+    assert sorted(m["name"] for m in Registry(maskhub_home).ls()) == sorted(done)

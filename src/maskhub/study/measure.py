@@ -6,6 +6,10 @@ mask's ``notes`` as JSON, so ``json_extract(notes, '$.accuracy_heldout_after')``
 Then: overlaps between seeds and algorithms with every baseline (Table 4), trajectories of
 the intermediate checkpoints (Figures 2, 5-7), and for the masked runs ``compare`` against
 the full run and ``verify`` (Conjecture 1), recorded in the masked run's notes.
+
+The trajectories (Figures 2, 5-7) are recorded live while their runs train
+(:class:`~maskhub.study.rl.LiveTrajectory`, :meth:`Measurer.record_for`): no intermediate
+checkpoint is written, the recorder registers ``NAME-step-N`` at each point and ``NAME-ever``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
 FIGURE3_RUNS = ("dpo-s0", "grpo-s0")
 #: Every run with a mask, in report order.
 MASK_RUNS = ("sft", *RL_RUNS, *CONTROL_RUNS)
-#: The runs whose intermediate checkpoints are measured as trajectories.
+#: The runs whose trajectories are recorded live (no intermediate checkpoint written).
 TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
 
 
@@ -56,7 +60,8 @@ class StudyNames:
         return f"maskhub-study/{self.prefix}-{checkpoint}"
 
     def trajectory(self, run: str) -> str:
-        """The trajectory of ``run`` (it registers ``NAME-final`` and ``NAME-ever``)."""
+        """The trajectory of ``run``, recorded live: it registers ``NAME-step-N`` at each
+        point (the last one is the final subnetwork) and ``NAME-ever``."""
         return f"{self.prefix}-traj-{run}"
 
     @property
@@ -65,11 +70,16 @@ class StudyNames:
         return self.mask("dpo-s0-random")
 
     def every_mask(self) -> list[str]:
-        """Every mask name the study registers."""
+        """Every mask name the study registers, but the trajectories' ``NAME-step-N`` (see
+        :meth:`is_point`)."""
         names = [self.mask(r) for r in MASK_RUNS] + [self.random_mask]
         for run in TRAJECTORY_RUNS:
-            names += [f"{self.trajectory(run)}-final", f"{self.trajectory(run)}-ever"]
+            names.append(f"{self.trajectory(run)}-ever")
         return names
+
+    def is_point(self, mask: str) -> bool:
+        """Whether ``mask`` is a live trajectory point ``NAME-step-N`` of this study."""
+        return any(mask.startswith(f"{self.trajectory(run)}-step-") for run in TRAJECTORY_RUNS)
 
 
 @dataclass
@@ -151,8 +161,20 @@ class Measurer:
                                "frac_equal_outside": g.frac_equal_outside}
                               for g in report.agreements]}
 
+    def record_for(self, run: str) -> dict[str, Any] | None:
+        """The live-recording arguments of ``run`` if it is one of :data:`TRAJECTORY_RUNS`
+        (its masks carry the study's tags, tolerance and run facts), else ``None``."""
+        if run not in TRAJECTORY_RUNS:
+            return None
+        algorithm, start, seed = RL_RUNS[run]
+        return {"run": self.names.trajectory(run), "home": self.registry, "tol": TOL,
+                "algorithm": algorithm, "seed": seed, "dataset": self.dataset,
+                "tags": ("maskhub-study", self.names.tag),
+                "base_model": self.names.model(start)}
+
     def measure_all(self, trained: TrainedStudy, figures: Path) -> Measurements:
-        """Register every run's mask, the overlaps, trajectories and figures."""
+        """Register every run's mask and the overlaps, take the trajectories recorded while
+        the runs trained, draw the figures."""
         for run in MASK_RUNS:
             extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
                 else None
@@ -160,12 +182,7 @@ class Measurer:
         self.say("maskhub overlap " + " ".join(self.names.mask(r) for r in OVERLAP_RUNS))
         self.registry.overlap_all([self.names.mask(r) for r in OVERLAP_RUNS])
         for run in TRAJECTORY_RUNS:
-            facts = trained.facts[run]
-            self.say(f"maskhub trajectory {run} ({len(trained.checkpoints[run])} checkpoints)")
-            self.out.trajectories[run] = self.registry.trajectory(
-                [str(p) for p in trained.checkpoints[run]], name=self.names.trajectory(run),
-                tol=TOL, algorithm=facts.algorithm, seed=facts.seed, dataset=self.dataset,
-                tags=("maskhub-study", self.names.tag))
+            self.out.trajectories[run] = trained.trajectories[run]
         self.draw(figures)
         return self.out
 

@@ -124,6 +124,14 @@ DIFFERENCES = """\
 - **Pretraining corpus.** θ_pre is trained on a stream of noisy sums over all operand pairs;
   SFT and RL see only the train problems, accuracy is reported on held-out problems and on up
   to 200 train problems.
+- **Trajectories recorded live.** The trajectories of Figures 2 and 5-7 were recorded while
+  their runs trained (`maskhub.torch.Recorder` in a Trainer callback, every {record_every}
+  steps and at the last step): no intermediate checkpoint was written; each run saved only
+  its start and final bf16 checkpoints (graded, diffed, verified). The recorder watched a bf16
+  view of the fp32 master weights (the same cast as the checkpoints), so each point is the
+  mask the bf16 checkpoint of that step would give, bit for bit, and "vs previous" counts the
+  entries changed since the previous point. Recording took {record_seconds:.1f} s in all
+  (counted as maskhub time).
 - **Masked runs.** θ_sub repeats dpo-s0 (same seed, pairs, order and hyperparameters) with
   dpo-s0's own mask, once through the masked optimizer and once through the Trainer callback.
 """
@@ -173,7 +181,9 @@ def write_report(report: StudyReport, output: Path, home: str) -> dict[str, Path
               DIFFERENCES.format(n_params=h["n_params"], rates_sentence=_rates(h["size"]),
                                  longest=max(v for k, v in report.timing.items()
                                              if k.startswith("train_")),
-                                 grpo_generations=h["size"]["grpo_generations"])]
+                                 grpo_generations=h["size"]["grpo_generations"],
+                                 record_every=h["size"]["record_every"],
+                                 record_seconds=report.timing["record_seconds"])]
     for table in report.tables:
         lines += [f"## {table.spec.title}", "", f"Paper: {table.spec.paper}.", ""]
         lines += _markdown_table(table)

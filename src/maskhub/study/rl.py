@@ -2,7 +2,9 @@
 samples, GRPO with a correctness reward, and the masked DPO run of Conjecture 1.
 
 Every run starts from a bf16 checkpoint loaded into fp32 (:func:`~maskhub.study.model.load_bf16`)
-and writes a bf16 checkpoint every ``save_every`` steps (``step-0000`` is the start).
+and writes two bf16 checkpoints, ``step-0000`` (the start) and its last step (accuracy is graded
+on it, ``diff``/``verify`` read both). A run given ``record=`` also records its trajectory live
+(:class:`LiveTrajectory`): no intermediate checkpoint is written.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import copy
 import random
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from maskhub.study.model import save_bf16
@@ -29,16 +33,19 @@ class RunOutput:
     directory: Path
     checkpoints: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    #: The live trajectory (a :class:`~maskhub.analytics.trajectory.TrajectoryResult`),
+    #: for a run given ``record=``; and the seconds spent recording it.
+    trajectory: Any = None
+    record_seconds: float = 0.0
 
 
 class Bf16Checkpoints(TrainerCallback):
-    """Save the model as a bf16 checkpoint ``step-NNNN`` every ``every`` steps and at the
-    last step, and collect the logged losses."""
+    """Save the model as a bf16 checkpoint ``step-0000`` at train begin and ``step-NNNN``
+    at the last step, and collect the logged losses."""
 
-    def __init__(self, output: RunOutput, every: int) -> None:
+    def __init__(self, output: RunOutput) -> None:
         """Write under ``output.directory``."""
         self.output = output
-        self.every = every
 
     def _save(self, model: Any, step: int) -> None:
         """Write checkpoint ``step-NNNN``."""
@@ -51,8 +58,8 @@ class Bf16Checkpoints(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
                     **kwargs: Any) -> None:
-        """Save every ``every`` steps and at the last one."""
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+        """Save the last step."""
+        if state.global_step == state.max_steps:
             self._save(model, state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
@@ -60,6 +67,75 @@ class Bf16Checkpoints(TrainerCallback):
         """Keep the training loss of every logged step."""
         if logs and "loss" in logs:
             self.output.losses.append(float(logs["loss"]))
+
+
+class LiveTrajectory(TrainerCallback):
+    """Record the run's trajectory while it trains, with :class:`maskhub.torch.Recorder`:
+    masks ``RUN-step-N`` every ``every`` steps and at the last step, then ``RUN-ever`` and
+    the trajectory rows (``output.trajectory``). No checkpoint is written.
+
+    The trainers keep fp32 master weights and the study's checkpoints are their bf16 casts,
+    so the recorder watches a bf16 view of the model (one bf16 copy, 2 bytes per parameter,
+    refreshed from the fp32 weights by the same round-to-nearest cast as ``save_bf16`` before
+    each record): every recorded mask is, bit for bit, the diff of the bf16 checkpoint the
+    run would have written at that step against the bf16 start. ``recorder_kwargs`` go to
+    the Recorder (``home``, ``tol``, ``tags``, ``algorithm``...); ``per_step=True`` so the
+    "vs previous" counts are filled."""
+
+    def __init__(self, output: RunOutput, run: str, every: int, **recorder_kwargs: Any
+                 ) -> None:
+        """Record ``run`` every ``every`` optimizer steps into ``output``."""
+        self.output = output
+        self.run = run
+        self.every = every
+        self.recorder_kwargs = recorder_kwargs
+        self.recorder: Any = None
+        self.model: Any = None
+        self.view: Any = None
+        self.params: dict[str, Any] = {}
+
+    def _sync(self) -> None:
+        """Refresh the bf16 view from the trained (fp32) weights."""
+        with torch.no_grad():
+            for name, p in self.view.named_parameters():
+                p.copy_(self.params[name])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        """Keep θ0: the bf16 view of the model as training starts (its exact bf16 start)."""
+        from maskhub.torch import Recorder, unwrap_model
+
+        t0 = time.perf_counter()
+        self.model = unwrap_model(model)
+        self.params = dict(self.model.named_parameters())
+        self.view = copy.deepcopy(self.model).to(torch.bfloat16).requires_grad_(False)
+        self._sync()
+        self.recorder = Recorder(self.view, self.run, step=state.global_step, per_step=True,
+                                 **self.recorder_kwargs)
+        self.output.record_seconds += time.perf_counter() - t0
+
+    def _record(self, step: int) -> None:
+        t0 = time.perf_counter()
+        self._sync()
+        self.recorder.record(step)
+        self.output.record_seconds += time.perf_counter() - t0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record every ``every`` steps and at the last one."""
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the last step (if not yet), register the trajectory, free the copies."""
+        if self.recorder is None:
+            return
+        if state.global_step > self.recorder.last_step:
+            self._record(state.global_step)
+        t0 = time.perf_counter()
+        self.output.trajectory = self.recorder.finish()
+        self.output.record_seconds += time.perf_counter() - t0
+        self.recorder = self.view = self.model = None
+        self.params = {}
 
 
 def _common_args(size_steps: int, lr: float, batch: int, seed: int, directory: Path
@@ -91,10 +167,12 @@ def preference_pairs(model: Any, tokenizer: Any, size: StudySize, split: Split,
 
 def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
             seed: int, directory: Path, *, callbacks: Sequence[Any] = (),
-            optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> RunOutput:
+            optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+            record: dict[str, Any] | None = None) -> RunOutput:
     """DPO (sigmoid loss plus the NLL of the chosen answer, as in RPO) from ``model`` with
     a frozen copy of it as the reference. ``optimizers(model, args)``: a builder for
-    ``Trainer(optimizers=...)`` (the masked run's masked optimizer)."""
+    ``Trainer(optimizers=...)`` (the masked run's masked optimizer). ``record``: the
+    :class:`LiveTrajectory` arguments (``run``, ``home``, ...) to record the trajectory live."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -106,7 +184,8 @@ def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, s
     extra = {"optimizers": optimizers(model, args)} if optimizers else {}
     trainer = DPOTrainer(model=model, ref_model=reference, args=args,
                          train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                         callbacks=[*callbacks, Bf16Checkpoints(output, size.save_every)],
+                         callbacks=[*callbacks, *_recording(output, size, record),
+                                    Bf16Checkpoints(output)],
                          **extra)
     _train(trainer)
     return output
@@ -119,9 +198,10 @@ def correctness_reward(prompts: list[str], completions: list[str], answer: list[
 
 
 def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: int,
-             directory: Path) -> RunOutput:
+             directory: Path, *, record: dict[str, Any] | None = None) -> RunOutput:
     """GRPO with :func:`correctness_reward` over the train prompts (no KL term, as in
-    DAPO-style recipes; ``grpo_generations`` completions per prompt at temperature 1)."""
+    DAPO-style recipes; ``grpo_generations`` completions per prompt at temperature 1).
+    ``record``: as for :func:`run_dpo`."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -133,9 +213,18 @@ def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: in
     output = RunOutput(directory)
     trainer = GRPOTrainer(model=model, reward_funcs=correctness_reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[Bf16Checkpoints(output, size.save_every)])
+                          callbacks=[*_recording(output, size, record),
+                                     Bf16Checkpoints(output)])
     _train(trainer)
     return output
+
+
+def _recording(output: RunOutput, size: StudySize, record: dict[str, Any] | None
+               ) -> list[LiveTrajectory]:
+    """The live trajectory callback of a run given ``record=`` (none otherwise)."""
+    if record is None:
+        return []
+    return [LiveTrajectory(output, every=size.record_every, **record)]
 
 
 def _shuffled(problems: tuple[Problem, ...], seed: int) -> list[Problem]:

@@ -3,8 +3,9 @@
 Offline and on the CPU: a small Qwen2 is pretrained on a synthetic addition task (θ_pre),
 SFT'd on its answer format (θ_sft), then trained with TRL's DPO (two seeds, and once from
 θ_pre) and GRPO, and again with DPO restricted to the first DPO run's mask (Conjecture 1).
-Every checkpoint is bf16 under ``OUT/checkpoints``; every measurement is registered; the
-report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
+Every checkpoint is bf16 under ``OUT/checkpoints`` (each RL run's start and end: the
+trajectories are recorded live, with no intermediate checkpoint); every measurement is
+registered; the report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ def choose_names(registry: Registry, name: str | None) -> StudyNames:
 
 
 def _registered(registry: Registry, names: StudyNames) -> list[str]:
-    """The masks of study ``names`` that are registered."""
-    existing = {r["name"] for r in registry.ls(None)}
-    return [n for n in names.every_mask() if n in existing]
+    """The masks of study ``names`` that are registered (the live trajectories' points
+    ``NAME-step-N`` included)."""
+    existing = [r["name"] for r in registry.ls(None)]
+    points = sorted((n for n in existing if names.is_point(n)),
+                    key=lambda n: (n.rsplit("-step-", 1)[0], int(n.rsplit("-step-", 1)[1])))
+    return [n for n in names.every_mask() if n in existing] + points
 
 
 @contextmanager
@@ -147,7 +151,8 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
     say(f"study {names.prefix!r} ({size.name} size) into {output}")
     t_train = time.perf_counter()
     trained = train_all(output / "checkpoints", size, split, tokenizer, seed, timed_register,
-                        say)
+                        say, record_for=measurer.record_for)
+    maskhub_seconds += trained.record_seconds  # the live trajectories, inside the loops
     training_seconds = time.perf_counter() - t_train - maskhub_seconds
 
     t = time.perf_counter()
@@ -169,6 +174,7 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
         tables=tables, figures=measured.figures,
         timing={"total_seconds": round(total, 1), "training_seconds": round(training_seconds, 1),
                 "maskhub_seconds": round(maskhub_seconds, 1),
+                "record_seconds": round(trained.record_seconds, 1),
                 "other_seconds": round(total - training_seconds - maskhub_seconds, 1),
                 **{f"train_{run}_seconds": round(f.train_seconds, 1)
                    for run, f in trained.facts.items()}},
@@ -196,8 +202,9 @@ def _commands(registry: Registry, names: StudyNames, trained: TrainedStudy, outp
         f"{mh} overlap {full} {names.mask('dpo-s1')}",
         f"{mh} overlap {full} {grpo} --per module",
         f"{mh} plot {full} --kind sparsity -o figures/figure3-dpo-s0.png",
-        f"{mh} trajectory checkpoints/dpo-s0 --name {names.prefix}-again-traj "
-        "--plot figures/again.png",
+        f"{mh} sql \"SELECT p.step, p.n_updated_vs_first, p.n_updated_vs_prev, "
+        "p.n_not_in_final FROM trajectory_points p JOIN trajectories t ON t.id = "
+        f"p.trajectory_id WHERE t.name = '{names.trajectory('dpo-s0')}' ORDER BY p.idx\"",
         f"{mh} verify {full} {rel('dpo-sub-s0', False)} {rel('dpo-sub-s0')}",
         f"{mh} compare {rel('dpo-sub-s0')} {rel('dpo-s0')} --mask {full} --tol 0 --tol 1e-5",
     ]

@@ -78,6 +78,10 @@ class TrainedStudy:
     checkpoints: dict[str, list[Path]] = field(default_factory=dict)
     facts: dict[str, RunFacts] = field(default_factory=dict)
     pairs: dict[int, int] = field(default_factory=dict)
+    #: The live-recorded trajectories (``TrajectoryResult``), by run, and the seconds
+    #: spent recording them (maskhub's time, inside the training loops).
+    trajectories: dict[str, Any] = field(default_factory=dict)
+    record_seconds: float = 0.0
 
     def start_of(self, run: str) -> Path:
         """The checkpoint a run started from."""
@@ -118,13 +122,17 @@ def _mean(values: list[float], head: bool) -> float | None:
 
 def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, seed: int,
               mask_for: Callable[[TrainedStudy, str], Any],
-              say: Callable[[str], None]) -> TrainedStudy:
+              say: Callable[[str], None],
+              record_for: Callable[[str], dict[str, Any] | None] = lambda run: None
+              ) -> TrainedStudy:
     """Train θ_pre, θ_sft, every run of :data:`RL_RUNS` and the controls of
     :data:`CONTROL_RUNS` under ``directory``. Accuracy after a run is graded on its saved
     bf16 checkpoint (the weights whose sparsity is measured), not the in-memory fp32 model.
 
     ``mask_for(trained, run)``: called before each masked run (``dpo-s0`` is trained by then:
-    its checkpoints and facts are in ``trained``); returns the registered mask it trains with."""
+    its checkpoints and facts are in ``trained``); returns the registered mask it trains with.
+    ``record_for(run)``: the :class:`~maskhub.study.rl.LiveTrajectory` arguments of a run
+    whose trajectory is recorded live (``None`` for the others)."""
     out = TrainedStudy(directory)
     evaluate = _Evaluator(tokenizer, split)
 
@@ -164,10 +172,12 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
         t0 = time.perf_counter()
         model = load_bf16(size, starts[start])
         before = evaluate.start(start, model)
+        record = record_for(run)
         if algorithm == "grpo":
             steps, lr, batch = size.grpo_steps, size.grpo_lr, size.grpo_batch
             say(f"GRPO {run} from θ_{start} ({steps} steps)")
-            result = run_grpo(model, tokenizer, size, split, run_seed, directory / run)
+            result = run_grpo(model, tokenizer, size, split, run_seed, directory / run,
+                              record=record)
             extra: dict[str, Any] = {"num_generations": size.grpo_generations, "beta": 0.0}
         else:
             steps, lr, batch = size.dpo_steps, size.dpo_lr, size.dpo_batch
@@ -177,12 +187,15 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
                 out.pairs[run_seed] = len(pairs[run_seed])
             say(f"DPO {run} from θ_{start} ({steps} steps, {len(pairs[run_seed])} pairs)")
             result = _dpo(run, model, tokenizer, size, pairs[run_seed], run_seed,
-                          directory / run, mask)
+                          directory / run, mask, record)
             extra = {"beta": size.dpo_beta, "loss_type": "sigmoid+sft",
                      "n_pairs": len(pairs[run_seed])}
             if run in MASKED_RUNS:
                 extra["masked_with"] = MASKED_RUNS[run]
         out.checkpoints[run] = result.checkpoints
+        if result.trajectory is not None:
+            out.trajectories[run] = result.trajectory
+        out.record_seconds += result.record_seconds
         out.facts[run] = RunFacts(run, algorithm, start, run_seed, steps, lr, batch,
                                   _mean(result.losses, True), _mean(result.losses, False),
                                   *_pair(before, graded(result.checkpoints[-1])),
@@ -206,8 +219,10 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
 
 
 def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
-         seed: int, directory: Path, mask: Any) -> RunOutput:
-    """A DPO run; the masked runs apply ``mask`` as :data:`MASKED_RUNS` says."""
+         seed: int, directory: Path, mask: Any, record: dict[str, Any] | None = None
+         ) -> RunOutput:
+    """A DPO run; the masked runs apply ``mask`` as :data:`MASKED_RUNS` says; ``record``:
+    record its trajectory live."""
     if run in ("dpo-sub-s0", RANDOM_RUN):
         from maskhub.integrations.transformers import masked_optimizer
 
@@ -218,7 +233,7 @@ def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict
 
         return run_dpo(model, tokenizer, size, pairs, seed, directory,
                        callbacks=[MaskCallback(mask)])
-    return run_dpo(model, tokenizer, size, pairs, seed, directory)
+    return run_dpo(model, tokenizer, size, pairs, seed, directory, record=record)
 
 
 def _pair(before: tuple[float, float], after: tuple[float, float]

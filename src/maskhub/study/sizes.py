@@ -42,7 +42,8 @@ class StudySize:
     grpo_lr: float
     grpo_batch: int
     grpo_generations: int
-    save_every: int
+    #: Steps between two points of a trajectory run's live recording (and its last step).
+    record_every: int
 
     def to_dict(self) -> dict[str, Any]:
         """The size as a JSON-ready dict."""
@@ -56,7 +57,7 @@ DEFAULT = StudySize(
     sft_steps=400, sft_lr=1e-3, sft_batch=32,
     dpo_prompts=256, dpo_steps=60, dpo_lr=2e-6, dpo_batch=16, dpo_beta=0.1,
     grpo_steps=80, grpo_lr=2e-6, grpo_batch=32, grpo_generations=8,
-    save_every=10,
+    record_every=10,
 )
 
 QUICK = StudySize(
@@ -66,7 +67,7 @@ QUICK = StudySize(
     sft_steps=100, sft_lr=1e-3, sft_batch=32,
     dpo_prompts=128, dpo_steps=20, dpo_lr=5e-6, dpo_batch=16, dpo_beta=0.1,
     grpo_steps=20, grpo_lr=5e-6, grpo_batch=32, grpo_generations=8,
-    save_every=5,
+    record_every=5,
 )
 
 SIZES = {s.name: s for s in (DEFAULT, QUICK)}

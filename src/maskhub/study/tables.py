@@ -165,9 +165,9 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   + "\nFROM trajectories t JOIN masks f ON f.id = t.final_mask_id\n"
                   f"WHERE list_contains(f.tags, '{names.tag}')\n"
                   "ORDER BY t.name"),
-        TableSpec("figure5", "Sparsity (%) of each intermediate checkpoint against the start "
-                  "and the previous one, and % of parameters updated but not in the final "
-                  "subnetwork", "Figures 5, 6 and 7",
+        TableSpec("figure5", "Sparsity (%) of each point of the trajectory (recorded live, "
+                  "no checkpoint written) against the start and the previous point, and % of "
+                  "parameters updated but not in the final subnetwork", "Figures 5, 6 and 7",
                   "SELECT t.name, p.step,\n       "
                   + ",\n       ".join([
                       _pct("1 - p.n_updated_vs_first / t.n_params", "sparsity_vs_start_pct"),
