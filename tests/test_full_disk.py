@@ -111,13 +111,20 @@ def test_duckdb_on_a_full_disk_at_a_commit_and_at_creation(
     assert run_json("overlap", "a", "b")["n_a"] == run_json("show", "a")["mask"]["n_updated"] == 526
 
 
-def test_a_pull_into_a_full_hugging_face_cache(disk: Path, hub_server: object,
-                                               tmp_path: Path, pair: tuple[str, str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pull_into_a_full_or_read_only_hugging_face_cache(
+        disk: Path, hub_server: object, tmp_path: Path, pair: tuple[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     run_json("diff", *pair, "--name", "m", "--device", "cpu")
     run_json("push", "m", "alice/m")
     point_client_at(hub_server, monkeypatch, disk / "hf_home")  # the cache on the small disk
     monkeypatch.setenv("MASKHUB_HOME", str(tmp_path / "elsewhere"))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    try:
+        line = fail_line("pull", "alice/m")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+    assert line == (f"Error: read-only file system writing {disk}/hf_home/hub: make it "
+                    "writable or set HF_HUB_CACHE to a directory you can write")
     filler = fill(disk)
     assert fail_line("pull", "alice/m") == "Error: " + FULL.format(
         disk / "hf_home" / "hub", "HF_HUB_CACHE")  # not "network error"
@@ -153,7 +160,7 @@ def test_a_file_size_limit_is_one_line_too(tmp_path: Path, pair: tuple[str, str]
     assert done.returncode == 1 and re.fullmatch(
         "Error: file too large for a file-size limit writing " + re.escape(f"{home}/tmp/")
         + r"[0-9a-f]{32}\.\d+\.partial: " + re.escape(advice) + "\n", done.stderr), done.stderr
-    assert [m["name"] for m in run_json("ls")] == ["b", "a"]
+    assert sorted(m["name"] for m in run_json("ls")) == ["a", "b"]
     assert list((home / "tmp").iterdir()) == []
     clean_fsck()
     assert run_json("overlap", "a", "b")["n_a"] == run_json("show", "a")["mask"]["n_updated"] == 526
@@ -181,3 +188,4 @@ def test_the_translation_itself() -> None:
             "too many open files reading /d: raise the limit (ulimit -n) and retry")
     assert environment_failure(FileNotFoundError(2, "No such file or directory")) is None
     assert environment_failure(ValueError("bad value")) is None
+
