@@ -7,6 +7,7 @@ is registered, and once space is freed the next command works and ``fsck`` is cl
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import resource
 import subprocess
@@ -172,6 +173,8 @@ def test_the_translation_itself() -> None:
     full = environment_failure(OSError(28, "No space left on device", "/x/y"))
     assert isinstance(full, DiskFullError) and isinstance(full, OSError)
     assert str(full) == FULL.format("/x/y", "MASKHUB_HOME") and full.code == 28
+    back = pickle.loads(pickle.dumps(full))  # crosses processes (Ray tasks) intact
+    assert (type(back), str(back), back.path, back.code) == (DiskFullError, str(full), "/x/y", 28)
     duck = RuntimeError('Failed to commit: Could not write file "/h/registry.duckdb.wal": '
                         "Read-only file system")
     ro = environment_failure(duck, doing="committing to", setting="X")

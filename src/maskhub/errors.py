@@ -140,7 +140,8 @@ class EnvironmentFailure(MaskhubError, OSError):
     ``"no space left on device"``), ``path`` (what was being read or written), the original
     ``errno``; the message says what to do."""
 
-    def __init__(self, message: str, *, cause: str, path: str | None, code: int | None) -> None:
+    def __init__(self, message: str, *, cause: str = "", path: str | None = None,
+                 code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.cause = cause
