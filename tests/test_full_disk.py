@@ -189,6 +189,10 @@ def test_the_translation_itself() -> None:
     except ValueError as wrapped:
         assert str(environment_failure(wrapped, "/d", "reading")) == (
             "too many open files reading /d: raise the limit (ulimit -n) and retry")
+    denied = environment_failure(PermissionError(13, "Permission denied", "/h/tmp"))
+    assert isinstance(denied, PermissionError) and str(denied) == (
+        "permission denied writing /h/tmp: fix its permissions or set MASKHUB_HOME to a "
+        "directory you can write")
     assert environment_failure(FileNotFoundError(2, "No such file or directory")) is None
     assert environment_failure(ValueError("bad value")) is None
 
