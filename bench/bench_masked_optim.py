@@ -13,7 +13,8 @@ For fp32 parameters and for bf16 parameters with fp32 master weights, at densiti
 
 Memory is counted from the tensors themselves (CPU has no allocator high-water mark):
 parameters, the gradients alive at their peak (all of them after backward; for the fused
-mode, the most alive at once inside the backward hooks), and optimizer state (moments,
+mode, the most alive at once inside the backward hooks, dense plus the compact gradients
+gathered so far, which live until the step), and optimizer state (moments,
 masters, indices, mask bits, snapshot). Step time: median over ``--steps`` steps after one
 warm-up step.
 """
@@ -61,9 +62,11 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
     masks = masks_for(model, density)
     low = dtype != torch.float32
     peak_grads = [0]
+    fused: list[MaskedAdamW] = []
 
     def watch(_p: torch.Tensor) -> None:  # alive gradients, seen from inside backward
-        peak_grads[0] = max(peak_grads[0], nbytes(
+        compact = fused[0].compact_grad_bytes() if fused else 0  # gathered so far
+        peak_grads[0] = max(peak_grads[0], compact + nbytes(
             q.grad for q in model.parameters() if q.grad is not None))
 
     for p in model.parameters():
@@ -74,6 +77,8 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
     if mode in ("masked", "masked-fused"):
         opt = MaskedAdamW(model, masks, lr=1e-4, weight_decay=0.1,
                           fused_backward=mode == "masked-fused")
+        if mode == "masked-fused":
+            fused.append(opt)
     else:
         handle = apply_mask(model, DictMask(masks)) if mode == "apply_mask" else None
         if low:
@@ -91,6 +96,8 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
         model.loss(ids).backward()
         peak_grads[0] = max(peak_grads[0], nbytes(
             p.grad for p in model.parameters() if p.grad is not None))
+        if mode == "masked-fused":  # the compact gradients, alive until the step
+            peak_grads[0] = max(peak_grads[0], opt.compact_grad_bytes())
         if masters:
             for p, m in zip(model.parameters(), masters, strict=True):
                 m.grad = p.grad.float() if p.grad is not None else None

@@ -7,6 +7,7 @@ is registered, and once space is freed the next command works and ``fsck`` is cl
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import resource
 import subprocess
@@ -111,13 +112,20 @@ def test_duckdb_on_a_full_disk_at_a_commit_and_at_creation(
     assert run_json("overlap", "a", "b")["n_a"] == run_json("show", "a")["mask"]["n_updated"] == 526
 
 
-def test_a_pull_into_a_full_hugging_face_cache(disk: Path, hub_server: object,
-                                               tmp_path: Path, pair: tuple[str, str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pull_into_a_full_or_read_only_hugging_face_cache(
+        disk: Path, hub_server: object, tmp_path: Path, pair: tuple[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     run_json("diff", *pair, "--name", "m", "--device", "cpu")
     run_json("push", "m", "alice/m")
     point_client_at(hub_server, monkeypatch, disk / "hf_home")  # the cache on the small disk
     monkeypatch.setenv("MASKHUB_HOME", str(tmp_path / "elsewhere"))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    try:
+        line = fail_line("pull", "alice/m")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+    assert line == (f"Error: read-only file system writing {disk}/hf_home/hub: make it "
+                    "writable or set HF_HUB_CACHE to a directory you can write")
     filler = fill(disk)
     assert fail_line("pull", "alice/m") == "Error: " + FULL.format(
         disk / "hf_home" / "hub", "HF_HUB_CACHE")  # not "network error"
@@ -153,7 +161,7 @@ def test_a_file_size_limit_is_one_line_too(tmp_path: Path, pair: tuple[str, str]
     assert done.returncode == 1 and re.fullmatch(
         "Error: file too large for a file-size limit writing " + re.escape(f"{home}/tmp/")
         + r"[0-9a-f]{32}\.\d+\.partial: " + re.escape(advice) + "\n", done.stderr), done.stderr
-    assert [m["name"] for m in run_json("ls")] == ["b", "a"]
+    assert sorted(m["name"] for m in run_json("ls")) == ["a", "b"]
     assert list((home / "tmp").iterdir()) == []
     clean_fsck()
     assert run_json("overlap", "a", "b")["n_a"] == run_json("show", "a")["mask"]["n_updated"] == 526
@@ -165,6 +173,8 @@ def test_the_translation_itself() -> None:
     full = environment_failure(OSError(28, "No space left on device", "/x/y"))
     assert isinstance(full, DiskFullError) and isinstance(full, OSError)
     assert str(full) == FULL.format("/x/y", "MASKHUB_HOME") and full.code == 28
+    back = pickle.loads(pickle.dumps(full))  # crosses processes (Ray tasks) intact
+    assert (type(back), str(back), back.path, back.code) == (DiskFullError, str(full), "/x/y", 28)
     duck = RuntimeError('Failed to commit: Could not write file "/h/registry.duckdb.wal": '
                         "Read-only file system")
     ro = environment_failure(duck, doing="committing to", setting="X")
@@ -179,5 +189,10 @@ def test_the_translation_itself() -> None:
     except ValueError as wrapped:
         assert str(environment_failure(wrapped, "/d", "reading")) == (
             "too many open files reading /d: raise the limit (ulimit -n) and retry")
+    denied = environment_failure(PermissionError(13, "Permission denied", "/h/tmp"))
+    assert isinstance(denied, PermissionError) and str(denied) == (
+        "permission denied writing /h/tmp: fix its permissions or set MASKHUB_HOME to a "
+        "directory you can write")
     assert environment_failure(FileNotFoundError(2, "No such file or directory")) is None
     assert environment_failure(ValueError("bad value")) is None
+

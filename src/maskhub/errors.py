@@ -140,7 +140,8 @@ class EnvironmentFailure(MaskhubError, OSError):
     ``"no space left on device"``), ``path`` (what was being read or written), the original
     ``errno``; the message says what to do."""
 
-    def __init__(self, message: str, *, cause: str, path: str | None, code: int | None) -> None:
+    def __init__(self, message: str, *, cause: str = "", path: str | None = None,
+                 code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.cause = cause
@@ -172,7 +173,8 @@ def _register_errnos() -> None:
     import errno
 
     space = "free space there or set {setting} to a disk with room"
-    access = "make it writable or set {setting} to a directory you can write"
+    access = "fix its permissions or set {setting} to a directory you can write"
+    read_only = "make it writable or set {setting} to a directory you can write"
     table = {
         "ENOSPC": (DiskFullError, "no space left on device", space),
         "EDQUOT": (DiskFullError, "disk quota exceeded", space),
@@ -180,7 +182,7 @@ def _register_errnos() -> None:
                   "raise the limit (ulimit -f) or set {setting} elsewhere"),
         "EACCES": (AccessDeniedError, "permission denied", access),
         "EPERM": (AccessDeniedError, "operation not permitted", access),
-        "EROFS": (AccessDeniedError, "read-only file system", access),
+        "EROFS": (AccessDeniedError, "read-only file system", read_only),
         "EMFILE": (TooManyOpenFilesError, "too many open files",
                    "raise the limit (ulimit -n) and retry"),
         "ENFILE": (TooManyOpenFilesError, "too many open files in the system",

@@ -104,7 +104,7 @@ class MaskhubGroup(click.Group):
         except Exception as exc:
             # The disk (or the system) refusing an operation that no boundary translated:
             # still one line naming the path and the cause (errors.environment_failure).
-            failure = environment_failure(exc)
+            failure = environment_failure(exc, doing="at")  # reading or writing: unknown
             if failure is None:
                 raise
             click.echo(visible(f"Error: {failure}"), err=True)

@@ -14,7 +14,8 @@ from maskhub.registry.api import Registry
 @click.option("--repair", is_flag=True,
               help="Fix what is found: delete stale staging, tombstones and orphan stores, "
                    "settle interrupted writes, unregister masks whose store is missing or "
-                   "incomplete, delete dangling rows, apply pending migrations.")
+                   "incomplete, delete dangling rows, apply pending migrations, and delete "
+                   "what recovery left in tmp/trash.")
 @click.option("--store", default=None, envvar="MASKHUB_STORE", show_envvar=True,
               metavar="URL",
               help="Also look for orphan mask stores under this store root (s3://bucket/"

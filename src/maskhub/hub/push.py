@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from maskhub.checkpoints.hubio import hub_errors, hub_messages
-from maskhub.errors import HubError
+from maskhub.errors import HubError, environment_errors
 from maskhub.hub.card import (
     ANALYSIS_FIELDS,
     render_card,
@@ -223,7 +223,9 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
                 hexes = pool.map(lambda op: op.upload_info.sha256.hex(), adds.values())
                 return dict(zip(adds, hexes, strict=True))
 
-        files = write_repo_files(registry, mask, stage, repo_id, repo_type, license, digests)
+        with environment_errors(stage):  # the repo's files are staged in the home's tmp/
+            files = write_repo_files(registry, mask, stage, repo_id, repo_type, license,
+                                     digests)
         n_bytes = sum(f.stat().st_size for f in files.values())
         remote = {s.rfilename for s in info.siblings or []}
         stale = sorted(p for p in remote if p.startswith(STORE_DIR + "/") and p not in files)

@@ -121,13 +121,16 @@ class StrataCache:
         path = self._path(info)
         if path is None:
             return
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, np.ascontiguousarray(counts, dtype=np.int64), allow_pickle=False)
             os.replace(tmp, path)
-        except OSError:
-            pass
+        except OSError:  # a cache: a full disk only costs the next diff the histogram
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def strata_rows(tensor: str, dtype: str, counts: np.ndarray) -> list[tuple[str, int, int, int]]:

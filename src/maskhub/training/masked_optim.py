@@ -245,6 +245,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                     total += t.numel() * t.element_size()
         return total
 
+    def compact_grad_bytes(self) -> int:
+        """Bytes of the compact gradients gathered since the last :meth:`step` (with
+        ``fused_backward``: one value per trainable entry, in the parameter's dtype, alive
+        from the first backward to the step)."""
+        return sum(g.numel() * g.element_size() for g in self._compact_grads.values())
+
     def parameters_iter(self) -> Iterable[nn.Parameter]:
         """The model parameters this optimizer trains."""
         return (param for param, _ in self._targets.values())
