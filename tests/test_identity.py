@@ -156,3 +156,23 @@ def test_apply_mask_refuses_a_mask_of_another_model(pair):
     with pytest.raises(MaskMismatchError) as info:
         MaskedAdamW(model, wide)
     assert str(info.value) == expected
+
+
+def test_verify_and_check_base_know_the_base_by_its_bytes(pair):
+    from maskhub.core.identity import check_base
+    from maskhub.errors import MaskMismatchError
+
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    # the same base from a sharded copy elsewhere: verified (the diff's own target: ok)
+    res = run_json("verify", "a", pair["sharded"], pair["t1"], "--tol", "mask")
+    assert res["ok"] is True
+    assert check_base(mask, pair["sharded"]) == mask.row["base_fingerprint"]
+    # same architecture, other bytes: one line, not a count of "changes outside the mask"
+    other = save(random_state(llama_shapes() | {"model.big.weight": (CHUNK + 1000,)},
+                              torch.bfloat16, seed=9), pair["tmp"] / "other-sft")
+    line = fail_line("verify", "a", str(other), str(pair["t1"]))
+    assert line.startswith(f"Error: mask 'a' is a mask of another model: the base {other} is "
+                           "not the base it was made from (its tensors hash to xxh3-128:")
+    with pytest.raises(MaskMismatchError, match="is not the base it was made from"):
+        check_base(mask, other)
