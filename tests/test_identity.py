@@ -176,3 +176,36 @@ def test_verify_and_check_base_know_the_base_by_its_bytes(pair):
                            "not the base it was made from (its tensors hash to xxh3-128:")
     with pytest.raises(MaskMismatchError, match="is not the base it was made from"):
         check_base(mask, other)
+
+
+def test_export_bool_and_packed(pair):
+    """`maskhub export`: a bool file that safetensors loads and `maskhub import` reads back
+    bit for bit, and a packed one that numpy unpacks with the file's own metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    out = pair["tmp"] / "a.safetensors"
+    res = cli("export", "a", out)
+    assert res.exit_code == 0 and res.stdout.startswith(f"wrote {out} (")
+    arrays = load_file(str(out))
+    assert sorted(arrays) == sorted(mask.tensor_names())
+    for name, arr in arrays.items():
+        assert arr.dtype == np.bool_ and (arr == mask[name]).all(), name
+    with safe_open(str(out), framework="numpy") as f:
+        meta = f.metadata()
+    assert (meta["format"], meta["layout"], meta["name"]) == ("maskhub.mask", "bool", "a")
+    assert meta["base_fingerprint"] == mask.row["base_fingerprint"]
+    back = run_json("import", out, "--name", "back", "--base-model", "org/sft")
+    assert back["n_updated"] == mask.n_updated
+    packed = pair["tmp"] / "p.safetensors"
+    assert cli("export", "a", packed, "--packed").exit_code == 0
+    with safe_open(str(packed), framework="numpy") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        for name in f.keys():
+            bits = np.unpackbits(f.get_tensor(name), count=int(np.prod(shapes[name])),
+                                 bitorder=f.metadata()["bitorder"]).reshape(shapes[name])
+            assert (bits.astype(bool) == mask[name]).all(), name
+    assert fail_line("export", "a", str(pair["tmp"] / "x.bin")) == (
+        f"Error: {pair['tmp'] / 'x.bin'} must end in .safetensors")

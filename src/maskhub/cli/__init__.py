@@ -32,7 +32,7 @@ COMMAND_MODULES = {
     "push": "hub", "pull": "hub", "search": "hub",
     "verify": "verify", "trajectory": "analysis", "compare": "analysis",
     "fsck": "maintenance", "import": "ingest", "study": "study",
-    "edit": "edit",  # issue 26
+    "edit": "edit", "export": "export",  # issue 26
 }
 
 

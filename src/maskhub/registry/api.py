@@ -132,6 +132,15 @@ class Registry(Home):
         assert isinstance(mask, Mask)
         return mask
 
+    def export(self, ref: str, out: str | os.PathLike[str], *, layout: str = "bool") -> Path:
+        """Write a mask as one ``.safetensors`` file (the library call of ``maskhub export``):
+        ``layout="bool"``, one boolean tensor per parameter (``maskhub import`` reads it
+        back), or ``"packed"``, the packed bits as ``uint8``; see
+        :mod:`maskhub.ingest.export`."""
+        from maskhub.ingest.export import export
+
+        return export(self.get(ref), out, layout)
+
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check that the index and the stores agree (rows and stores, arrays, interrupted
         writes, staging, lineage, overlap cache, migrations); with ``repair``, fix what can
