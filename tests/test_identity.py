@@ -209,3 +209,21 @@ def test_export_bool_and_packed(pair):
             assert (bits.astype(bool) == mask[name]).all(), name
     assert fail_line("export", "a", str(pair["tmp"] / "x.bin")) == (
         f"Error: {pair['tmp'] / 'x.bin'} must end in .safetensors")
+
+
+def test_show_tensor_density_map(pair):
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    name = "model.norm.weight"  # 16 entries, never updated: one row of blanks
+    res = cli("show", "a", "--tensor", name)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        f"{name} [16]: 0 of 16 entries updated; each character 1 x 1 entries, "
+        "' .:-=+*#%@' = 0% .. 100%", "|" + " " * 16 + "|"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    d = run_json("show", "a", "--tensor", q)
+    bits = mask[q]
+    assert d["shape"] == list(bits.shape) and d["n_updated"] == int(bits.sum())
+    assert len(d["grid"]) == min(16, bits.shape[0])
+    assert abs(np.mean(d["grid"]) - bits.mean()) < 1e-9  # equal cells: the mean is exact
+    assert fail_line("show", "a", "--tensor", "nope") == "Error: mask 'a' has no tensor 'nope'"

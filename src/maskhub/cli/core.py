@@ -112,6 +112,24 @@ def diff(base: str, target: str, name: str | None, algorithm: str | None, seed: 
         _print_mask_line(mask, "registered")
 
 
+#: Density map characters, from no entry updated to all (issue 26).
+DENSITY_CHARS = " .:-=+*#%@"
+
+
+def _show_tensor(d: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json(d)
+        return
+    click.echo(f"{d['tensor']} {d['shape']}: {d['n_updated']:,} of {d['numel']:,} entries "
+               f"updated; each character {d['cell_rows']} x {d['cell_cols']} entries, "
+               f"'{DENSITY_CHARS}' = 0% .. 100%")
+    top = len(DENSITY_CHARS) - 1
+    for row in d["grid"]:
+        line = "".join(DENSITY_CHARS[0 if v == 0 else max(1, min(top, round(v * top)))]
+                       for v in row)
+        click.echo(f"|{line}|")
+
+
 @click.command()
 @click.option("--where", help="SQL filter on the masks table, e.g. \"algorithm = 'dpo'\".")
 @json_option
@@ -139,9 +157,12 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
 
 @click.command()
 @click.argument("mask")
+@click.option("--tensor", metavar="NAME",
+              help="Instead: a text density map of this tensor's mask (each cell a block of "
+                   "entries: ' ' none updated, then . : - = + * # % @ up to all).")
 @json_option
 @home_option
-def show(mask: str, as_json: bool, home: str | None) -> None:
+def show(mask: str, tensor: str | None, as_json: bool, home: str | None) -> None:
     """Show one mask: totals, then sparsity per layer and per module (like the paper's
     Figure 3), and the tolerance sweep when one was recorded.
 
@@ -149,6 +170,9 @@ def show(mask: str, as_json: bool, home: str | None) -> None:
     Example:
       maskhub show tulu-dpo
     """
+    if tensor is not None:
+        _show_tensor(registry(home, reading=True).tensor_density(mask, tensor), as_json)
+        return
     info = registry(home, reading=True).show(mask)
     if as_json:
         echo_json(info)

@@ -112,6 +112,14 @@ class Registry(Home):
 
         return mask_summary(self, ref)
 
+    def tensor_density(self, ref: str, tensor: str, rows: int = 16,
+                       cols: int = 64) -> dict[str, Any]:
+        """One tensor's mask as a grid of densities (``maskhub show MASK --tensor NAME``);
+        see :func:`maskhub.analytics.summary.tensor_density`."""
+        from maskhub.analytics.summary import tensor_density
+
+        return tensor_density(self, ref, tensor, rows, cols)
+
     def rm(self, ref: str) -> Mask:
         """Unregister a mask and delete its store; returns the removed mask. Masks derived
         from it (:meth:`derived_from`) stay, their lineage still naming its id."""
