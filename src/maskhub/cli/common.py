@@ -228,3 +228,28 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, st
     finally:
         if "progress" in state:
             state["progress"].stop()
+
+
+# -- issue 26: shell completion of mask names --------------------------------------------
+
+def complete_masks(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Mask names starting with ``incomplete``, for click's shell completion (the home of
+    ``--home``/``$MASKHUB_HOME``; nothing when there is no registry there yet)."""
+    from click.core import ParameterSource
+    from click.shell_completion import CompletionItem
+
+    from maskhub.config import home_dir
+
+    root = ctx.find_root()
+    home = ctx.params.get("home")  # the command's own, or $MASKHUB_HOME
+    if ctx.get_parameter_source("home") != ParameterSource.COMMANDLINE and \
+            root is not ctx and root.params.get("home"):
+        home = root.params["home"]  # `maskhub --home DIR cmd`
+    path = home_dir(home)
+    if not (path / "registry.duckdb").is_file():
+        return []
+    try:
+        names = [r["name"] for r in Registry(home).ls()]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]

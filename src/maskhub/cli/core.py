@@ -9,6 +9,7 @@ import click
 
 from maskhub.cli.common import (
     byte_progress,
+    complete_masks,
     echo_json,
     home_option,
     json_option,
@@ -156,7 +157,7 @@ def ls(where: str | None, as_json: bool, home: str | None) -> None:
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.option("--tensor", metavar="NAME",
               help="Instead: a text density map of this tensor's mask (each cell a block of "
                    "entries: ' ' none updated, then . : - = + * # % @ up to all).")
@@ -245,7 +246,7 @@ def sql(query: str, fmt_: str, as_json: bool, home: str | None) -> None:
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @json_option
 @home_option
 def rm(mask: str, as_json: bool, home: str | None) -> None:

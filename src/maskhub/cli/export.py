@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import echo_json, home_option, json_option, registry
+from maskhub.cli.common import complete_masks, echo_json, home_option, json_option, registry
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--packed", is_flag=True,
               help="Write the packed bits (uint8, ceil(numel/8) bytes per tensor, little bit "
