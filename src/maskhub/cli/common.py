@@ -110,7 +110,8 @@ def registry(home: str | None, store: str | None = None, *, reading: bool = Fals
         from maskhub.config import home_dir
 
         path = home_dir(chosen)
-        if not path.exists():
+        blocked = any(p.exists() and not p.is_dir() for p in path.parents)  # said by Home
+        if not path.exists() and not blocked:
             raise UsageError(f"no registry at {path}: no such directory (`maskhub diff` or "
                              "`maskhub demo` creates one)")
     return Registry(chosen, store=store)
