@@ -47,6 +47,8 @@ def check_base(mask: Any, checkpoint: str | os.PathLike[str],
     if recorded_base_fingerprint(mask) is None:
         return None
     wanted = list(names) if names is not None else list(mask.tensor_names())
+    if not same_dtypes(mask, checkpoint, wanted):
+        return None  # the same values stored in another dtype are other bytes: not compared
     try:
         fingerprint = checkpoint_fingerprint(checkpoint, wanted)
     except KeyError as exc:
@@ -57,3 +59,22 @@ def check_base(mask: Any, checkpoint: str | os.PathLike[str],
     if line is not None:
         raise MaskMismatchError(line)
     return fingerprint
+
+
+def same_dtypes(mask: Any, checkpoint: str | os.PathLike[str], names: Sequence[str]) -> bool:
+    """Whether ``checkpoint`` stores ``names`` in the dtypes the mask's base had (headers
+    only; a tensor it lacks is a :class:`MaskMismatchError`). Fingerprints are of bytes: an fp32 copy of a bf16 base has other bytes and the
+    same values, so it is compared by names and shapes only."""
+    from maskhub.checkpoints.sources import open_checkpoint
+
+    recorded = {s.tensor: s.base_dtype for s in mask.tensor_stats()}
+    ck = open_checkpoint(checkpoint)
+    try:
+        missing = next((n for n in names if n not in ck.tensors), None)
+        if missing is not None:
+            label = getattr(mask, "name", None) or "the mask"
+            raise MaskMismatchError(f"mask {label!r} is a mask of another model: {checkpoint} "
+                                    f"has no tensor {missing!r}")
+        return all(ck.tensors[n].dtype == recorded.get(n) for n in names)
+    finally:
+        ck.close()

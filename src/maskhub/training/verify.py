@@ -143,8 +143,11 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
             sum(base_ck.tensors[n].nbytes + trained_ck.tensors[n].nbytes for n in names)))
         # content identity: is BASE the base the mask was made from? (its recorded
         # fingerprint covers all of the mask's tensors: comparable when none was skipped)
+        # and same dtypes: the same values stored wider (an fp32 copy of a bf16 base) are
+        # other bytes, not another model, and are not compared)
         hash_base = (recorded_base_fingerprint(mask) is not None
-                     and set(names) == set(stats) and len(names) == len(stats))
+                     and set(names) == set(stats) and len(names) == len(stats)
+                     and all(base_ck.tensors[n].dtype == stats[n].base_dtype for n in names))
         digests: dict[str, bytes] = {}
         with MappedCheckpoint(base_ck) as mb, MappedCheckpoint(trained_ck) as mt:
             checks = _check_tensors(mask, names, stats, base_ck, trained_ck, mb, mt, kernel,
