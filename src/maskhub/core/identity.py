@@ -63,8 +63,9 @@ def check_base(mask: Any, checkpoint: str | os.PathLike[str],
 
 def same_dtypes(mask: Any, checkpoint: str | os.PathLike[str], names: Sequence[str]) -> bool:
     """Whether ``checkpoint`` stores ``names`` in the dtypes the mask's base had (headers
-    only; a tensor it lacks is a :class:`MaskMismatchError`). Fingerprints are of bytes: an fp32 copy of a bf16 base has other bytes and the
-    same values, so it is compared by names and shapes only."""
+    only; a tensor it lacks is a :class:`MaskMismatchError`). Fingerprints are of bytes:
+    an fp32 copy of a bf16 base has other bytes and the same values, so it is compared by
+    names and shapes only."""
     from maskhub.checkpoints.sources import open_checkpoint
 
     recorded = {s.tensor: s.base_dtype for s in mask.tensor_stats()}
