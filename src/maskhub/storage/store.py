@@ -191,6 +191,7 @@ class MaskWriter:
         """Write the group metadata; the store is complete after this."""
         attrs = meta.to_dict()
         attrs["tensors"] = list(self.names)
+        attrs["description"] = STORE_DESCRIPTION  # issue 26: the store says what it holds
         if self.url is None and self._group is None:
             _write_group(Path(self.path), attrs)
         else:
@@ -325,6 +326,18 @@ class MaskStore:
 
 
 # -- issue 26: metadata edits (maskhub edit) -------------------------------------------------
+
+#: What a reader without maskhub needs to know, in the group attributes of every store
+#: written since (``description``; readers ignore it).
+STORE_DESCRIPTION = {
+    "bit": "1: that parameter entry was updated (|target - base| > tol, tol in the "
+           "attributes), 0: it was not",
+    "arrays": "one uint8 array per parameter tensor, named as the parameter: the flattened "
+              "(C-order) mask packed 8 entries per byte; rebuild with np.unpackbits(a[:], "
+              "count=prod(a.attrs['shape']), bitorder=a.attrs['bitorder'])"
+              ".reshape(a.attrs['shape']) (a bool array, if any, is the mask itself)",
+    "documentation": "maskhub README.md, section 'Mask store layout (Zarr v3)'",
+}
 
 def replace_attributes(path: Path | str, attributes: dict) -> Callable[[], None]:
     """Replace the group attributes of the store at ``path`` and return a function that puts
