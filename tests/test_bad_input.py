@@ -136,9 +136,12 @@ def test_name_already_taken(tmp_path: Path, maskhub_home: Path) -> None:
     code, out = run_cli("diff", str(base), str(target), "--name", "run1")
     assert_user_error(code, out, "'run1' already exists")
     assert len(Registry().ls()) == 1
-    # Without --name the default name gets a suffix instead of failing.
+    # Without --name the same diff is the mask already registered (issue 26): nothing new
     assert run_cli("diff", str(base), str(target))[0] == 0
-    assert run_cli("diff", str(base), str(target))[0] == 0
+    assert len(Registry().ls()) == 1
+    # ... unless forced: then the default name gets a suffix instead of failing.
+    assert run_cli("diff", str(base), str(target), "--force")[0] == 0
+    assert run_cli("diff", str(base), str(target), "--force")[0] == 0
     assert sorted(r["name"] for r in Registry().ls()) == ["run1", "target", "target-2"]
 
 

@@ -176,8 +176,12 @@ def test_home_that_cannot_be_created(open_home: Path, monkeypatch: pytest.Monkey
     _set_writable(open_home, False)
     monkeypatch.setenv("MASKHUB_HOME", str(open_home / "sub"))
     with unprivileged():
-        assert error_line("ls") == (
+        assert error_line("rm", "x") == (
             f"Error: cannot use {open_home / 'sub'} as the maskhub home: permission denied")
+        # a reading command creates no home: it says there is none (issue 26)
+        assert error_line("ls") == (
+            f"Error: no registry at {open_home / 'sub'}: no such directory (`maskhub diff` "
+            "or `maskhub demo` creates one)")
 
 
 # -- SQL from the user ---------------------------------------------------------------------

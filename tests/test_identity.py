@@ -156,3 +156,74 @@ def test_apply_mask_refuses_a_mask_of_another_model(pair):
     with pytest.raises(MaskMismatchError) as info:
         MaskedAdamW(model, wide)
     assert str(info.value) == expected
+
+
+def test_verify_and_check_base_know_the_base_by_its_bytes(pair):
+    from maskhub.core.identity import check_base
+    from maskhub.errors import MaskMismatchError
+
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    # the same base from a sharded copy elsewhere: verified (the diff's own target: ok)
+    res = run_json("verify", "a", pair["sharded"], pair["t1"], "--tol", "mask")
+    assert res["ok"] is True
+    assert check_base(mask, pair["sharded"]) == mask.row["base_fingerprint"]
+    # same architecture, other bytes: one line, not a count of "changes outside the mask"
+    other = save(random_state(llama_shapes() | {"model.big.weight": (CHUNK + 1000,)},
+                              torch.bfloat16, seed=9), pair["tmp"] / "other-sft")
+    line = fail_line("verify", "a", str(other), str(pair["t1"]))
+    assert line.startswith(f"Error: mask 'a' is a mask of another model: the base {other} is "
+                           "not the base it was made from (its tensors hash to xxh3-128:")
+    with pytest.raises(MaskMismatchError, match="is not the base it was made from"):
+        check_base(mask, other)
+
+
+def test_export_bool_and_packed(pair):
+    """`maskhub export`: a bool file that safetensors loads and `maskhub import` reads back
+    bit for bit, and a packed one that numpy unpacks with the file's own metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    out = pair["tmp"] / "a.safetensors"
+    res = cli("export", "a", out)
+    assert res.exit_code == 0 and res.stdout.startswith(f"wrote {out} (")
+    arrays = load_file(str(out))
+    assert sorted(arrays) == sorted(mask.tensor_names())
+    for name, arr in arrays.items():
+        assert arr.dtype == np.bool_ and (arr == mask[name]).all(), name
+    with safe_open(str(out), framework="numpy") as f:
+        meta = f.metadata()
+    assert (meta["format"], meta["layout"], meta["name"]) == ("maskhub.mask", "bool", "a")
+    assert meta["base_fingerprint"] == mask.row["base_fingerprint"]
+    back = run_json("import", out, "--name", "back", "--base-model", "org/sft")
+    assert back["n_updated"] == mask.n_updated
+    packed = pair["tmp"] / "p.safetensors"
+    assert cli("export", "a", packed, "--packed").exit_code == 0
+    with safe_open(str(packed), framework="numpy") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        for name in f.keys():
+            bits = np.unpackbits(f.get_tensor(name), count=int(np.prod(shapes[name])),
+                                 bitorder=f.metadata()["bitorder"]).reshape(shapes[name])
+            assert (bits.astype(bool) == mask[name]).all(), name
+    assert fail_line("export", "a", str(pair["tmp"] / "x.bin")) == (
+        f"Error: {pair['tmp'] / 'x.bin'} must end in .safetensors")
+
+
+def test_show_tensor_density_map(pair):
+    reg = Registry()
+    mask = reg.diff(pair["base"], pair["t1"], name="a")
+    name = "model.norm.weight"  # 16 entries, never updated: one row of blanks
+    res = cli("show", "a", "--tensor", name)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        f"{name} [16]: 0 of 16 entries updated; each character 1 x 1 entries, "
+        "' .:-=+*#%@' = 0% .. 100%", "|" + " " * 16 + "|"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    d = run_json("show", "a", "--tensor", q)
+    bits = mask[q]
+    assert d["shape"] == list(bits.shape) and d["n_updated"] == int(bits.sum())
+    assert len(d["grid"]) == min(16, bits.shape[0])
+    assert abs(np.mean(d["grid"]) - bits.mean()) < 1e-9  # equal cells: the mean is exact
+    assert fail_line("show", "a", "--tensor", "nope") == "Error: mask 'a' has no tensor 'nope'"

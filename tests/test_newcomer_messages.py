@@ -113,3 +113,18 @@ def test_offline_hub_is_one_line_at_once(monkeypatch) -> None:
         assert proc.returncode == 1
         assert proc.stderr.splitlines() == [line], proc.stderr
         assert took < 20  # start-up included; five retries took 26 s more
+
+
+def test_shell_completion_of_mask_names(tmp_path: Path) -> None:
+    from click.shell_completion import BashComplete
+
+    base = save(random_state(llama_shapes(), seed=0), tmp_path / "b")
+    Registry().diff(base, base, name="dpo-one")
+    Registry().diff(base, base, name="grpo-one", force=True)
+    complete = BashComplete(main, {}, "maskhub", "_MASKHUB_COMPLETE")
+    for args in (["show"], ["rm"], ["edit"], ["export"], ["overlap", "grpo-one"]):
+        got = [c.value for c in complete.get_completions(args, "dp")]
+        assert got == ["dpo-one"], args
+    got = [c.value for c in complete.get_completions(["--home", str(tmp_path / "none"),
+                                                      "show"], "")]
+    assert got == [] and not (tmp_path / "none").exists()

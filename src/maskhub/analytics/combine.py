@@ -168,7 +168,7 @@ def combine(registry: Home, operation: str, masks: Sequence[MaskRecord], *,
             tol=max(tols), algorithm=_common(rows, "algorithm"), seed=_common(rows, "seed"),
             dataset=_common(rows, "dataset"), dtype=_common(rows, "dtype") or "",
             created_at=timestamp(), parents=tuple(m.id for m in masks), operation=operation,
-            notes=notes,
+            notes=notes, base_fingerprint=_common(rows, "base_fingerprint"),
             extra={"parent_names": [m.name for m in masks], "parent_tols": tols,
                    **({"min_count": k} if operation == "consensus" else {})},
         )

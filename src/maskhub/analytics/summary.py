@@ -135,3 +135,39 @@ def control_summary(home: Home, ref: str, control: str) -> dict[str, Any]:
             "figures": [{"figure": f, "mask": m.row.get(f), "control": c.row.get(f)}
                         for f in CONTROL_FIGURES],
             "by_module": by_module}
+
+
+# -- issue 26: one tensor's mask as a density map (maskhub show MASK --tensor NAME) ---------
+
+def tensor_density(home: Home, ref: str, tensor: str, rows: int = 16,
+                   cols: int = 64) -> dict[str, Any]:
+    """The density of updated entries of one tensor of mask ``ref`` over a grid of at most
+    ``rows`` x ``cols`` cells (a 2-D tensor: blocks of its rows and columns; any other: its
+    flattened entries, row-major, as one 2-D view of ``ceil(numel / cols)`` rows). Returns
+    ``{"tensor", "shape", "n_updated", "numel", "cell_rows", "cell_cols", "grid"}`` where
+    ``grid`` is a list of rows of fractions in [0, 1]. Reads that tensor's bits (zarr)."""
+    import numpy as np
+
+    from maskhub.errors import UsageError
+
+    mask = home.get(ref)
+    if tensor not in mask.store.names:
+        close = [n for n in mask.store.names if tensor in n][:3]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"mask {mask.name!r} has no tensor {tensor!r}{hint}")
+    bits = mask[tensor]
+    if bits.ndim != 2:
+        flat = bits.reshape(-1)
+        width = min(cols, max(1, flat.size))
+        pad = -flat.size % width
+        bits = np.concatenate([flat, np.zeros(pad, bool)]).reshape(-1, width)
+    h, w = bits.shape
+    r_edges = np.linspace(0, h, min(rows, h) + 1).astype(int)
+    c_edges = np.linspace(0, w, min(cols, w) + 1).astype(int)
+    grid = [[float(bits[r0:r1, c0:c1].mean()) if r1 > r0 and c1 > c0 else 0.0
+             for c0, c1 in zip(c_edges[:-1], c_edges[1:], strict=True)]
+            for r0, r1 in zip(r_edges[:-1], r_edges[1:], strict=True)]
+    st = mask.store.stats(tensor)
+    return {"tensor": tensor, "shape": list(st.shape), "n_updated": st.n_updated,
+            "numel": st.numel, "cell_rows": -(-h // (len(r_edges) - 1)),
+            "cell_cols": -(-w // (len(c_edges) - 1)), "grid": grid}

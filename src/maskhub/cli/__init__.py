@@ -35,7 +35,7 @@ COMMAND_MODULES = {
     "verify": "verify", "trajectory": "analysis", "compare": "analysis",
     "fsck": "maintenance", "import": "ingest", "study": "study",
     "apply": "patch",
-    "edit": "edit",  # issue 26
+    "edit": "edit", "export": "export",  # issue 26
 }
 
 

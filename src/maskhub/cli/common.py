@@ -114,7 +114,8 @@ def registry(home: str | None, store: str | None = None, *, reading: bool = Fals
         from maskhub.config import home_dir
 
         path = home_dir(chosen)
-        if not path.exists():
+        blocked = any(p.exists() and not p.is_dir() for p in path.parents)  # said by Home
+        if not path.exists() and not blocked:
             raise UsageError(f"no registry at {path}: no such directory (`maskhub diff` or "
                              "`maskhub demo` creates one)")
     return Registry(chosen, store=store)
@@ -318,3 +319,28 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int, int, int, st
     finally:
         if "progress" in state:
             state["progress"].stop()
+
+
+# -- issue 26: shell completion of mask names --------------------------------------------
+
+def complete_masks(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Mask names starting with ``incomplete``, for click's shell completion (the home of
+    ``--home``/``$MASKHUB_HOME``; nothing when there is no registry there yet)."""
+    from click.core import ParameterSource
+    from click.shell_completion import CompletionItem
+
+    from maskhub.config import home_dir
+
+    root = ctx.find_root()
+    home = ctx.params.get("home")  # the command's own, or $MASKHUB_HOME
+    if ctx.get_parameter_source("home") != ParameterSource.COMMANDLINE and \
+            root is not ctx and root.params.get("home"):
+        home = root.params["home"]  # `maskhub --home DIR cmd`
+    path = home_dir(home)
+    if not (path / "registry.duckdb").is_file():
+        return []
+    try:
+        names = [r["name"] for r in Registry(home).ls()]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]

@@ -9,6 +9,7 @@ import click
 
 from maskhub.cli.common import (
     byte_progress,
+    complete_masks,
     echo,
     echo_json,
     home_option,
@@ -148,6 +149,24 @@ def timeout_option(f: Any) -> Any:
                         help="Stop the query after this many seconds (0: no limit).")(f)
 
 
+#: Density map characters, from no entry updated to all (issue 26).
+DENSITY_CHARS = " .:-=+*#%@"
+
+
+def _show_tensor(d: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json(d)
+        return
+    click.echo(f"{d['tensor']} {d['shape']}: {d['n_updated']:,} of {d['numel']:,} entries "
+               f"updated; each character {d['cell_rows']} x {d['cell_cols']} entries, "
+               f"'{DENSITY_CHARS}' = 0% .. 100%")
+    top = len(DENSITY_CHARS) - 1
+    for row in d["grid"]:
+        line = "".join(DENSITY_CHARS[0 if v == 0 else max(1, min(top, round(v * top)))]
+                       for v in row)
+        click.echo(f"|{line}|")
+
+
 @click.command()
 @click.option("--where", help="SQL filter on the masks table, e.g. \"algorithm = 'dpo'\" "
               "(runs in the SQL sandbox, like maskhub sql).")
@@ -197,12 +216,16 @@ def ls(where: str | None, sort: str | None, desc: bool, limit: int | None, timeo
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.option("--control", help="A second mask to set beside it, e.g. the diff of the same "
               "run's fp32 master weights.")
+@click.option("--tensor", metavar="NAME",
+              help="Instead: a text density map of this tensor's mask (each cell a block of "
+                   "entries: ' ' none updated, then . : - = + * # % @ up to all).")
 @json_option
 @home_option
-def show(mask: str, control: str | None, as_json: bool, home: str | None) -> None:
+def show(mask: str, control: str | None, tensor: str | None, as_json: bool,
+         home: str | None) -> None:
     """Show one mask: totals, then sparsity per layer and per module (like the paper's
     Figure 3), the precision null, and the tolerance sweep when one was recorded.
 
@@ -211,6 +234,9 @@ def show(mask: str, control: str | None, as_json: bool, home: str | None) -> Non
       maskhub show tulu-dpo
       maskhub show tulu-dpo --control tulu-dpo-fp32
     """
+    if tensor is not None:
+        _show_tensor(registry(home, reading=True).tensor_density(mask, tensor), as_json)
+        return
     info = registry(home, reading=True).show(mask, control=control)
     if as_json:
         echo_json(info)
@@ -350,7 +376,7 @@ def sql(query: str, fmt_: str, as_json: bool, timeout: float, home: str | None) 
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @json_option
 @home_option
 def rm(mask: str, as_json: bool, home: str | None) -> None:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import click
 
-from maskhub.cli.common import echo, echo_json, home_option, json_option, registry
+from maskhub.cli.common import (
+    complete_masks,
+    echo,
+    echo_json,
+    home_option,
+    json_option,
+    registry,
+)
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.option("--name", "new_name", help="A new name for the mask.")
 @click.option("--base-model", help="The base model's name (e.g. the Hub repo id it came from).")
 @click.option("--base-revision", help="The base model's revision.")

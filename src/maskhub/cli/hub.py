@@ -10,6 +10,7 @@ import click
 from maskhub.checkpoints.sources import split_revision
 from maskhub.cli.common import (
     F,
+    complete_masks,
     echo_json,
     home_option,
     json_option,
@@ -60,7 +61,7 @@ def repo_type_option(f: F) -> F:
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (when it is new).")
 @click.option("--revision", metavar="BRANCH",

@@ -11,6 +11,7 @@ from maskhub.analytics.overlap_results import OverlapMatrix, OverlapResult, Tens
 from maskhub.analytics.plot import BASELINES, parse_size
 from maskhub.cli.common import (
     byte_progress,
+    complete_masks,
     echo,
     echo_json,
     home_option,
@@ -122,7 +123,7 @@ def _print_matrix(m: OverlapMatrix, metric: str) -> None:
 
 
 @click.command()
-@click.argument("masks", nargs=-1)
+@click.argument("masks", nargs=-1, shell_complete=complete_masks)
 @click.option("--all", "all_pairs", is_flag=True,
               help="Every pair among MASKS (or the masks of --base-model, or all masks).")
 @click.option("--base-model", help="With --all: the masks of this base model.")
@@ -188,7 +189,7 @@ def overlap(masks: tuple[str, ...], all_pairs: bool, base_model: str | None, per
 
 @click.command()
 @click.argument("operation", type=click.Choice([*OPERATIONS, "random"]))
-@click.argument("masks", nargs=-1)
+@click.argument("masks", nargs=-1, shell_complete=complete_masks)
 @click.option("--min-count", type=int,
               help="consensus: keep parameters updated in at least K masks "
                    "(default: a strict majority).")
@@ -249,7 +250,7 @@ def combine(operation: str, masks: tuple[str, ...], min_count: int | None, like:
 
 
 @click.command()
-@click.argument("masks", nargs=-1)
+@click.argument("masks", nargs=-1, shell_complete=complete_masks)
 @click.option("--kind", type=click.Choice(["sparsity", "overlap", "exponents"]),
               help="sparsity: layer x module heatmap of one mask; overlap: overlap matrix; "
                    "exponents: one mask's update rate per |theta0| exponent with its "

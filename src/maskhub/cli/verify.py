@@ -8,6 +8,7 @@ import click
 
 from maskhub.cli.common import (
     byte_progress,
+    complete_masks,
     echo_json,
     home_option,
     json_option,
@@ -20,7 +21,7 @@ from maskhub.errors import UsageError
 
 
 @click.command()
-@click.argument("mask")
+@click.argument("mask", shell_complete=complete_masks)
 @click.argument("base")
 @click.argument("trained")
 @click.option("--tol", "tol_text", default="0", show_default=True, metavar="TOL|mask",

@@ -89,7 +89,6 @@ def diff(
         dev = resolve_device(device)
     if name is not None:
         home.check_new_name(name)
-    explicit_name = name is not None
     checked = interruptible(progress)
     with safe_interrupts():  # Ctrl-C acts between tensors, never mid-commit
         base_ck = open_checkpoint(base)
@@ -99,7 +98,6 @@ def diff(
             _check_patchable(base_ck, target_ck, names)
         base_name = base_model or model_name(base_ck.ref)
         target_name = target_model or model_name(target_ck.ref)
-        name = name or home.default_name(target_name)
         mask_id = uuid.uuid4().hex
         tmp = home.new_store_location(mask_id)
         try:
@@ -114,9 +112,14 @@ def diff(
                     else None
                 outcome = run_diff(base_ck, target_ck, names, kernel, writer, checked, cache,
                                    patch=patch)
-            same = None if (force or explicit_name or patch) else _same_diff(
-                home, outcome.base_fingerprint, outcome.target_fingerprint, float(tol),
-                kernel.sweep, rank or stats)
+            same = None
+            if name is None:
+                with home.index.connect(write=False):  # one connection for both questions
+                    if not (force or patch):  # a patch is never a rerun of a plain mask
+                        same = _same_diff(home, outcome.base_fingerprint,
+                                          outcome.target_fingerprint, float(tol), kernel.sweep,
+                                          rank or stats)
+                    name = home.default_name(target_name)
             if same is not None:
                 remove_tree(tmp)
                 mask = home.get(same)

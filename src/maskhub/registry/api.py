@@ -178,6 +178,14 @@ class Registry(Home):
             info["control"] = control_summary(self, ref, control)
         return info
 
+    def tensor_density(self, ref: str, tensor: str, rows: int = 16,
+                       cols: int = 64) -> dict[str, Any]:
+        """One tensor's mask as a grid of densities (``maskhub show MASK --tensor NAME``);
+        see :func:`maskhub.analytics.summary.tensor_density`."""
+        from maskhub.analytics.summary import tensor_density
+
+        return tensor_density(self, ref, tensor, rows, cols)
+
     def rm(self, ref: str) -> Mask:
         """Unregister a mask and delete its store; returns the removed mask. Masks derived
         from it (:meth:`derived_from`) stay, their lineage still naming its id."""
@@ -197,6 +205,15 @@ class Registry(Home):
         mask = edit(self, self.get(ref), changes)
         assert isinstance(mask, Mask)
         return mask
+
+    def export(self, ref: str, out: str | os.PathLike[str], *, layout: str = "bool") -> Path:
+        """Write a mask as one ``.safetensors`` file (the library call of ``maskhub export``):
+        ``layout="bool"``, one boolean tensor per parameter (``maskhub import`` reads it
+        back), or ``"packed"``, the packed bits as ``uint8``; see
+        :mod:`maskhub.ingest.export`."""
+        from maskhub.ingest.export import export
+
+        return export(self.get(ref), out, layout)
 
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check that the index and the stores agree (rows and stores, arrays, interrupted

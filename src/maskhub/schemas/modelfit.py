@@ -31,6 +31,6 @@ def another_model(one: Shapes, other: Shapes, one_label: str = "the mask",
         example = (f"e.g. {differing!r} is {list(one[differing])} in {one_label} and "
                    f"{list(other[differing])} in {other_label}")
     else:
-        example = f"e.g. {other_label} has no {next(iter(one))!r}"
+        example = f"e.g. {other_label} has no {next(n for n in one if n not in other)!r}"
     return (f"only {len(same)} of the {len(one)} tensors of {one_label} are in {other_label} "
             f"with the same name and shape ({example})")

@@ -313,6 +313,7 @@ class MaskWriter:
             raise ValueError(f"metadata says has_values={meta.has_values}, the writer was "
                              f"given values for {len(self.valued)} tensors")
         attrs[HAS_VALUES_ATTR] = meta.has_values
+        attrs["description"] = STORE_DESCRIPTION  # issue 26: the store says what it holds
         with environment_errors(self.path):
             if self.url is None and self._group is None:
                 _write_group(Path(self.path), attrs)
@@ -594,6 +595,18 @@ class MaskStore:
 
 
 # -- issue 26: metadata edits (maskhub edit) -------------------------------------------------
+
+#: What a reader without maskhub needs to know, in the group attributes of every store
+#: written since (``description``; readers ignore it).
+STORE_DESCRIPTION = {
+    "bit": "1: that parameter entry was updated (|target - base| > tol, tol in the "
+           "attributes), 0: it was not",
+    "arrays": "one uint8 array per parameter tensor, named as the parameter: the flattened "
+              "(C-order) mask packed 8 entries per byte; rebuild with np.unpackbits(a[:], "
+              "count=prod(a.attrs['shape']), bitorder=a.attrs['bitorder'])"
+              ".reshape(a.attrs['shape']) (a bool array, if any, is the mask itself)",
+    "documentation": "maskhub README.md, section 'Mask store layout (Zarr v3)'",
+}
 
 def replace_attributes(path: Path | str, attributes: dict) -> Callable[[], None]:
     """Replace the group attributes of the store at ``path`` and return a function that puts

@@ -170,12 +170,21 @@ def match_parameters(model: nn.Module, mask: MaskLike, *, strip_prefix: str | No
             match.missing_params.append(p)
     match.extra = unmapped
     label = getattr(mask, "name", None)
+    # (tensors the name mapping skips do not count; buffers count as the model's tensors)
+    buffer_shapes = {canonical_name(n): tuple(b.shape)
+                     for n, b in root.named_buffers(remove_duplicate=False)}
+    considered: dict[str, tuple[int, ...]] = {}
     model_shapes: dict[str, tuple[int, ...]] = {}
-    for mask_name in shapes:
+    for mask_name, shape in shapes.items():
         target = _map_name(mask_name, strip_prefix, add_prefix, name_map)
-        if target is not None and target in by_name:
+        if target is None:
+            continue
+        considered[mask_name] = shape
+        if target in by_name:
             model_shapes[mask_name] = tuple(by_name[target].shape)
-    why = another_model(shapes, model_shapes)
+        elif target in buffer_shapes:
+            model_shapes[mask_name] = buffer_shapes[target]
+    why = another_model(considered, model_shapes)
     if why is not None and not _prefix_hint(unmapped, match.missing, set(by_name)):
         raise MaskMismatchError(
             (f"mask {label!r}" if label else "the mask") + f" is a mask of another model: {why}",

@@ -16,13 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
+from maskhub.core.identity import base_mismatch, recorded_base_fingerprint
 from maskhub.core.masklike import MaskLike, listing
 from maskhub.errors import MaskMismatchError
 from maskhub.kernels.bitcount import count_entries
 from maskhub.kernels.kernel import DiffKernel, backend_for
+from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.modelfit import another_model
 from maskhub.schemas.progress import ProgressFn
@@ -138,9 +141,21 @@ def verify_mask(mask: MaskLike, base: str | PathLike[str], trained: str | PathLi
                                     shape_mismatches=bad)
         kernel = DiffKernel(tol=tol, device=device, backend=backend_for(
             sum(base_ck.tensors[n].nbytes + trained_ck.tensors[n].nbytes for n in names)))
+        # content identity: is BASE the base the mask was made from? (its recorded
+        # fingerprint covers all of the mask's tensors: comparable when none was skipped)
+        # and same dtypes: the same values stored wider (an fp32 copy of a bf16 base) are
+        # other bytes, not another model, and are not compared)
+        hash_base = (recorded_base_fingerprint(mask) is not None
+                     and set(names) == set(stats) and len(names) == len(stats)
+                     and all(base_ck.tensors[n].dtype == stats[n].base_dtype for n in names))
+        digests: dict[str, bytes] = {}
         with MappedCheckpoint(base_ck) as mb, MappedCheckpoint(trained_ck) as mt:
             checks = _check_tensors(mask, names, stats, base_ck, trained_ck, mb, mt, kernel,
-                                    progress)
+                                    progress, digests if hash_base else None)
+        if hash_base:
+            line = base_mismatch(mask, fp.combine(digests), f"the base {base}")
+            if line is not None:
+                raise MaskMismatchError(line)
     finally:
         base_ck.close()
         trained_ck.close()
@@ -157,9 +172,10 @@ def mask_tolerance(mask: MaskLike) -> float | None:
 
 def _check_tensors(mask: MaskLike, names: list[str], stats: dict[str, TensorStats],
                    base_ck: Checkpoint, trained_ck: Checkpoint, mb: MappedCheckpoint,
-                   mt: MappedCheckpoint, kernel: DiffKernel, progress: ProgressFn | None
-                   ) -> list[TensorCheck]:
-    """One :class:`TensorCheck` per tensor, read from the mapped files one pair at a time."""
+                   mt: MappedCheckpoint, kernel: DiffKernel, progress: ProgressFn | None,
+                   digests: dict[str, bytes] | None = None) -> list[TensorCheck]:
+    """One :class:`TensorCheck` per tensor, read from the mapped files one pair at a time;
+    ``digests``: also the base tensors' content digests, filled in."""
     checks = []
     total = sum(base_ck.tensors[n].nbytes + trained_ck.tensors[n].nbytes for n in names)
     done = 0
@@ -167,6 +183,10 @@ def _check_tensors(mask: MaskLike, names: list[str], stats: dict[str, TensorStat
         a, b = base_ck.tensors[name], trained_ck.tensors[name]
         result = kernel.run_raw(mb.region(name).raw(), mt.region(name).raw(), a.dtype, b.dtype,
                                 a.numel)
+        if digests is not None:  # the base's bytes, still in cache
+            raw, step = mb.region(name).raw(), fp.CHUNK * itemsize(a.dtype)
+            digests[name] = fp.tensor_digest(name, a.dtype, a.shape, [
+                fp.chunk_digest(raw[i:i + step]) for i in range(0, len(raw), step)])
         frozen = np.invert(mask.packed(name))
         checks.append(TensorCheck(name, stats[name].numel, stats[name].n_updated,
                                   result.n_updated,
