@@ -167,7 +167,7 @@ def test_sweep_counts_per_tolerance(tmp_path: Path) -> None:
     )
     assert res.output.splitlines() == [
         "tol,n_updated",
-        "0,5",
+        "0.0,5",
         "1e-08,4",
         "1e-07,3",
         "1e-06,2",

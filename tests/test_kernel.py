@@ -291,10 +291,10 @@ def test_pipeline_surfaces_a_writer_failure(tmp_path) -> None:
     from maskhub.storage.store import MaskWriter
 
     class FailingWriter(MaskWriter):
-        def add(self, stats, packed):  # noqa: ANN001
+        def add(self, stats, packed, values=None):  # noqa: ANN001
             if len(self.names) == 2:
                 raise OSError(28, "No space left on device")
-            super().add(stats, packed)
+            super().add(stats, packed, values)
 
     _pipeline_pair(tmp_path)
     b_ck, t_ck = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "target")

@@ -215,6 +215,19 @@ def test_wrong_base_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert fail_line("apply", "p", str(other), str(tmp_path / "out")) == (
         f"Error: {other} is not the base of mask 'p': it lacks tensor 'big.weight' (and 4 more)")
     assert not (tmp_path / "out").exists()
+    # the same names, shapes and dtypes, other bytes: refused by the content fingerprint
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(base, twin) if base.is_dir() else shutil.copy(base, twin)
+    victim = next(twin.glob("*.safetensors")) if twin.is_dir() else twin
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0x01  # the last byte of the last tensor
+    victim.write_bytes(bytes(raw))
+    line = fail_line("apply", "p", str(twin), str(tmp_path / "out"))
+    assert line.startswith(f"Error: mask 'p' is a mask of another model: {twin} is not the "
+                           "base it was made from (its tensors hash to xxh3-128:"), line
+    assert not (tmp_path / "out").exists()
     (tmp_path / "taken").mkdir()
     assert fail_line("apply", "p", str(base), str(tmp_path / "taken")) == (
         f"Error: {tmp_path / 'taken'} already exists: give a new directory for the rebuilt "

@@ -107,6 +107,14 @@ def check_base(mask: MaskRecord, base: Checkpoint, label: str) -> list[TensorSta
                 f"mask's base had {s.base_dtype or '?'} {list(s.shape)}",
                 shape_mismatches=[s.tensor])
     check_base_identity(mask.metadata, base, label)
+    # Content identity (issue 26): a base with the same names, shapes and dtypes but other
+    # bytes (another fine-tune of the architecture) is refused before anything is written.
+    # Costs one read of the base, hashed at memory speed (XXH3); skipped when the mask
+    # recorded no fingerprint.
+    from maskhub.core.identity import check_base as check_fingerprint
+
+    check_fingerprint(mask, base.ref if base.revision is None else f"{base.ref}@{base.revision}",
+                      [s.tensor for s in stats])
     return stats
 
 
