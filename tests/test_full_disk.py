@@ -101,7 +101,10 @@ def test_duckdb_on_a_full_disk_at_a_commit_and_at_creation(
     # overlap writes only its cache rows: the commit's WAL meets the full disk
     assert fail_line("overlap", "a", "b") == "Error: " + FULL.format(
         home / "registry.duckdb", "MASKHUB_HOME")
-    monkeypatch.setenv("MASKHUB_HOME", str(fresh))  # a new home: DuckDB cannot create its file
+    # A new home whose directory exists (a reading command creates no directory): ls
+    # creates the index there, and DuckDB cannot create its file.
+    monkeypatch.setenv("MASKHUB_HOME", str(fresh))
+    fresh.mkdir()
     assert fail_line("ls") == "Error: " + FULL.format(fresh / "registry.duckdb", "MASKHUB_HOME")
     assert not (fresh / "registry.duckdb").exists()  # no empty file that DuckDB cannot open
     filler.unlink()
