@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from maskhub.cli import main
 
@@ -24,3 +24,15 @@ def fail_line(*args: str) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0]
+
+
+def cli(*args: str) -> Result:
+    """Run ``maskhub ARGS`` through click's runner; return the result unchecked."""
+    return CliRunner().invoke(main, list(args))
+
+
+def ok(*args: str) -> str:
+    """Run ``maskhub ARGS``; it must succeed; return its stdout."""
+    res = cli(*args)
+    assert res.exit_code == 0 and res.exception is None, res.output
+    return res.stdout

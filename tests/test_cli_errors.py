@@ -15,26 +15,15 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from clitools import cli, ok
 from factory import llama_shapes, make_pair, random_state, save
 
 from maskhub import Registry
-from maskhub.cli import main
 from maskhub.errors import HomeError, ReadOnlyRegistryError, UsageError
 from maskhub.kernels.device import resolve_device
 from maskhub.schemas.ddl import MIGRATIONS
 
 NOBODY = 65534
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def ok(*args: str) -> str:
-    res = cli(*args)
-    assert res.exit_code == 0 and res.exception is None, res.output
-    return res.stdout
 
 
 def error_line(*args: str) -> str:

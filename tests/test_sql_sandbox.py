@@ -10,10 +10,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clitools import cli, ok
 
 from maskhub import Registry
-from maskhub.cli import main
 
 REACH = ("(maskhub sql reads the registry only: no other file, no network, no extension, "
          "no setting)")
@@ -25,16 +24,6 @@ def refused(path: str) -> str:
     """The line for a file or URL the sandbox refuses."""
     return (f'Error: SQL error: Permission Error: Cannot access file "{path}" - file system '
             f"operations are disabled by configuration {REACH}")
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def ok(*args: str) -> str:
-    res = cli(*args)
-    assert res.exit_code == 0 and res.exception is None, res.output
-    return res.stdout
 
 
 def error_line(*args: str) -> str:

@@ -31,12 +31,11 @@ from maskhub.analytics.trajectory import (
     TrajectoryPoint,
     TrajectoryResult,
     _step_of,
-    record_trajectory,
+    register_trajectory,
 )
 from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.patches import PatchFile, open_patch
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
-from maskhub.core.interrupts import critical_section
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import CheckpointError, UsageError
 from maskhub.kernels.kernel import DiffKernel, backend_for
@@ -203,21 +202,9 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
         for pf in patches:
             pf.close()
         base.close()
-    try:  # one transaction: both masks and the trajectory rows commit, or none of them
-        with critical_section(), registry.index.connect():
-            final_mask = registry.register_store(tmp_final, meta_final, final_stats,
-                                                 strata=final_strata)
-            ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
-                                                strata=ever_strata)
-            result = TrajectoryResult(
-                id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
-                points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
-                n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
-            record_trajectory(registry, result)
-    except BaseException:
-        remove_tree(tmp_ever)
-        raise
-    return result
+    return register_trajectory(registry, name, float(tol), points,
+                               (tmp_final, meta_final, final_stats, final_strata),
+                               (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
 
 
 #: Entries replayed together: consecutive tensors of one dtype are laid end to end up to

@@ -227,14 +227,33 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
     finally:
         for ck in ckpts:
             ck.close()
-    try:  # one transaction: both masks and the trajectory rows commit, or none of them
+    return register_trajectory(registry, name, float(tol), points,
+                               (tmp_final, meta_final, final_stats, final_strata),
+                               (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
+
+
+#: A written, not yet registered store: ``(staging path, metadata, tensor stats, strata)``.
+StagedMask = tuple[Any, MaskMetadata, list[TensorStats], list[tuple[str, int, int, int]]]
+
+
+def register_trajectory(registry: Home, name: str, tol: float,
+                        points: list[TrajectoryPoint], final: StagedMask, ever: StagedMask,
+                        n_cancelled: int) -> TrajectoryResult:
+    """Register a trajectory's final and ever-updated masks (written to staging) and its
+    rows in one transaction: all of them commit, or none."""
+    tmp_final, meta_final, final_stats, final_strata = final
+    tmp_ever, meta_ever, ever_stats, ever_strata = ever
+    n_params = sum(s.numel for s in final_stats)
+    n_sub = sum(s.n_updated for s in final_stats)
+    n_ever_total = sum(s.n_updated for s in ever_stats)
+    try:
         with critical_section(), registry.index.connect():
             final_mask = registry.register_store(tmp_final, meta_final, final_stats,
                                                  strata=final_strata)
             ever_mask = registry.register_store(tmp_ever, meta_ever, ever_stats,
                                                 strata=ever_strata)
             result = TrajectoryResult(
-                id=uuid.uuid4().hex, name=name, tol=float(tol), n_params=n_params,
+                id=uuid.uuid4().hex, name=name, tol=tol, n_params=n_params,
                 points=points, n_never=n_params - n_ever_total, n_cancelled=n_cancelled,
                 n_subnetwork=n_sub, final=final_mask, ever=ever_mask)
             record_trajectory(registry, result)
