@@ -321,22 +321,6 @@ class MaskWriter:
                 self.group.update_attributes(attrs)  # one write (attrs.update: once per key)
 
 
-def _chunk_dir(arr: zarr.Array) -> Path | None:
-    """The directory of a local array's chunk files when they can be read without zarr (the
-    layout :class:`MaskWriter` writes), else ``None``."""
-    from zarr.codecs import BytesCodec, ZstdCodec
-    from zarr.storage import LocalStore
-
-    meta = arr.metadata
-    codecs = getattr(meta, "codecs", ())
-    if not (isinstance(arr.store, LocalStore) and getattr(meta, "zarr_format", 0) == 3
-            and len(arr.shape) == 1 and arr.shape[0] > 0 and len(codecs) == 2
-            and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec)
-            and arr.dtype == np.uint8 and int(meta.fill_value) == 0):
-        return None
-    return Path(arr.store.root) / arr.path
-
-
 class MaskStore:
     """Read access to one mask store."""
 
@@ -406,15 +390,20 @@ class MaskStore:
 
     def encoding(self, name: str) -> str | None:
         """The layout of one tensor's array: ``None`` (packed bits) or ``"gaps-u8"``."""
-        return self._encoding(self._array(name))
-
-    def _encoding(self, arr: zarr.Array) -> str | None:
-        enc = arr.attrs.get(gapcode.ENCODING_ATTR)
+        enc = self._attributes(name).get(gapcode.ENCODING_ATTR)
         if enc not in gapcode.KNOWN_ENCODINGS:
-            raise MaskStoreError(f"{self.path}: array {arr.basename!r} has encoding {enc!r}; "
+            raise MaskStoreError(f"{self.path}: array {name!r} has encoding {enc!r}; "
                                  "this maskhub reads packed bits and 'gaps-u8' (upgrade "
                                  "maskhub)", str(self.path))
         return enc
+
+    def _attributes(self, name: str) -> dict[str, Any]:
+        """One array's attributes: from its validated ``zarr.json`` for a local store (read
+        once, no zarr lookup), through zarr for a remote one."""
+        facts = self._local_facts(name)
+        if facts is not None:
+            return facts.attributes
+        return dict(self._array(name).attrs)
 
     def _local_facts(self, name: str) -> ArrayFacts | None:
         """The validated ``zarr.json`` of a local store's array (None for a remote store)."""
@@ -438,13 +427,16 @@ class MaskStore:
         shape; chunk files that leave the store or are not regular files are refused."""
         facts = self._local_facts(name)
         assert facts is not None and isinstance(self.path, Path)
-        arr = self._array(name)
         if facts.data_type != "uint8" or len(facts.shape) != 1:
             raise MaskStoreError(f"{self.path}: array {short(name)} is {facts.data_type} with "
                                  f"{len(facts.shape)} dimension(s); a stored mask is packed "
                                  "uint8 with one", str(self.path))
         nbytes, chunk = facts.shape[0], facts.chunk_shape[0]
-        direct = _chunk_dir(arr) is not None
+        # The layout MaskWriter writes (checked by the validator: 1-D uint8, fill value 0)
+        # with bytes + zstd is decoded here; anything else goes through zarr, one chunk at a
+        # time.
+        direct = facts.codecs == ("bytes", "zstd") and nbytes > 0
+        arr = None if direct else self._array(name)
         directory = self.path / name
         buf = np.empty(chunk, dtype=np.uint8)
         limit = chunk_file_limit(chunk)
@@ -462,7 +454,7 @@ class MaskStore:
                     _ZSTD.decode(data, out=buf)
                     yield start, buf[:stop - start]
                 else:  # other codecs: zarr decodes this one chunk (frames checked above)
-                    yield start, np.asarray(arr[start:stop])
+                    yield start, np.asarray(arr[start:stop])  # type: ignore[index]
         except MaskStoreError:
             raise
         except (OSError, RuntimeError, ValueError) as exc:
@@ -483,7 +475,7 @@ class MaskStore:
         raw = self._stored(name)
         if enc is None:
             return raw
-        numel = int(self._array(name).attrs.get("numel", 0))
+        numel = int(self._attributes(name).get("numel", 0))
         try:
             return gapcode.decode(raw, numel)[0]
         except gapcode.GapCodeError as exc:
@@ -557,7 +549,7 @@ class MaskStore:
             st = self.stats(name)
             arr = self._array(name)
             expect = (st.numel + 7) // 8
-            if self._encoding(arr) is not None and len(arr.shape) == 1:
+            if self.encoding(name) is not None and len(arr.shape) == 1:
                 expect = int(arr.shape[0])  # a gap code's length is its own
             if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
                 raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
