@@ -31,6 +31,7 @@ from maskhub.analytics.trajectory import (
     TrajectoryPoint,
     TrajectoryResult,
     _step_of,
+    finish_stores,
     register_trajectory,
 )
 from maskhub.checkpoints.mapped import MappedCheckpoint
@@ -41,7 +42,7 @@ from maskhub.errors import CheckpointError, UsageError
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.kernels.strata import BINS, strata_fn, strata_rows
 from maskhub.schemas.dtypes import itemsize
-from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
@@ -188,12 +189,8 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                                tags=tuple(tags),
                                extra={"patches": [pf.label for pf in patches],
                                       "patch_layouts": sorted({pf.layout for pf in patches})})
-            meta_final = MaskMetadata(id=final_id, name=f"{name}-final", n_updated=n_sub,
-                                      operation="trajectory-final", **common_meta)
-            meta_ever = MaskMetadata(id=ever_id, name=f"{name}-ever", n_updated=n_ever_total,
-                                     operation="trajectory-ever", **common_meta)
-            w_final.finish(meta_final)
-            w_ever.finish(meta_ever)
+            meta_final, meta_ever = finish_stores(w_final, w_ever, (final_id, ever_id), name,
+                                                  n_sub, n_ever_total, common_meta)
         except BaseException:
             remove_tree(tmp_final)
             remove_tree(tmp_ever)

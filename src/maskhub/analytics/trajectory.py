@@ -214,12 +214,8 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
                                n_params=n_params, tol=float(tol), created_at=timestamp(),
                                dtype=ckpts[0].tensors[names[0]].dtype, algorithm=algorithm,
                                seed=seed, dataset=dataset, tags=tuple(tags))
-            meta_final = MaskMetadata(id=final_id, name=f"{name}-final", n_updated=n_sub,
-                                      operation="trajectory-final", **common_meta)
-            meta_ever = MaskMetadata(id=ever_id, name=f"{name}-ever", n_updated=n_ever_total,
-                                     operation="trajectory-ever", **common_meta)
-            w_final.finish(meta_final)
-            w_ever.finish(meta_ever)
+            meta_final, meta_ever = finish_stores(w_final, w_ever, (final_id, ever_id), name,
+                                                  n_sub, n_ever_total, common_meta)
         except BaseException:
             remove_tree(tmp_final)
             remove_tree(tmp_ever)
@@ -230,6 +226,20 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
     return register_trajectory(registry, name, float(tol), points,
                                (tmp_final, meta_final, final_stats, final_strata),
                                (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
+
+
+def finish_stores(w_final: MaskWriter, w_ever: MaskWriter, ids: tuple[str, str], name: str,
+                  n_final: int, n_ever: int, common: dict[str, Any]
+                  ) -> tuple[MaskMetadata, MaskMetadata]:
+    """Write the metadata of a trajectory's ``NAME-final`` and ``NAME-ever`` stores (``ids``
+    in that order; ``common``: the fields both share) and return it."""
+    meta_final = MaskMetadata(id=ids[0], name=f"{name}-final", n_updated=n_final,
+                              operation="trajectory-final", **common)
+    meta_ever = MaskMetadata(id=ids[1], name=f"{name}-ever", n_updated=n_ever,
+                             operation="trajectory-ever", **common)
+    w_final.finish(meta_final)
+    w_ever.finish(meta_ever)
+    return meta_final, meta_ever
 
 
 #: A written, not yet registered store: ``(staging path, metadata, tensor stats, strata)``.
