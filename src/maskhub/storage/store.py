@@ -141,24 +141,16 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
 
 
 def tensor_array_files(packed: np.ndarray, stats: TensorStats) -> list[tuple[str, bytes]]:
-    """The files of one tensor's array in the smaller of its two layouts: packed bits, or
-    below :data:`~maskhub.storage.gapcode.TRY_MAX_DENSITY` the byte-gap code
-    (:mod:`maskhub.storage.gapcode`, attribute ``encoding: "gaps-u8"``).
-
-    Below :data:`~maskhub.storage.gapcode.GAPS_ONLY_DENSITY` the gap code is taken without
-    compressing the packed bits; in between both are compressed and the smaller kept.
-    """
+    """The files of one tensor's array: below :data:`~maskhub.storage.gapcode.GAPS_DENSITY`
+    the byte-gap code (:mod:`maskhub.storage.gapcode`, attribute ``encoding: "gaps-u8"``),
+    else packed bits."""
     attrs = _array_attrs(stats)
     density = stats.n_updated / stats.numel if stats.numel else 0.0
-    if not (stats.n_updated and density < gapcode.TRY_MAX_DENSITY):
+    if not (stats.n_updated and density < gapcode.GAPS_DENSITY):
         return list(packed_array_files(packed, attrs))
     gap_attrs = {k: v for k, v in attrs.items() if k != "bitorder"}
     gap_attrs[gapcode.ENCODING_ATTR] = gapcode.GAPS_U8
-    gaps = list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs))
-    if density < gapcode.GAPS_ONLY_DENSITY:
-        return gaps
-    bits = list(packed_array_files(packed, attrs))
-    return gaps if sum(len(d) for _, d in gaps) < sum(len(d) for _, d in bits) else bits
+    return list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs))
 
 
 def _write_files(directory: Path, files: list[tuple[str, bytes]]) -> None:
