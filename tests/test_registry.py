@@ -126,8 +126,9 @@ def test_demo_runs_offline_and_registers(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "base" / "model.safetensors.index.json").exists()
 
 
-def test_store_readable_with_plain_zarr_and_numpy(pair) -> None:
-    base, target, planted = pair
+def test_store_readable_with_plain_zarr_and_numpy(tmp_path: Path) -> None:
+    # 10% density: the matrices below the gap-code threshold (12%), the untouched norms packed
+    base, target, planted = make_pair(tmp_path, density=0.1)
     mask = Registry().diff(base, target, name="plain")
     script = textwrap.dedent(f"""
         import sys, json, math
