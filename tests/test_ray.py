@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from clitools import fail_line, run_json
 from factory import llama_shapes, make_pair, plant_updates, random_state, save
+from test_patch import make_pair as special_pair
+from test_patch import tensor_bits
 
 from maskhub import Registry
 from maskhub.analytics import ray_overlap as rayoverlap
@@ -83,6 +85,23 @@ def test_ray_diff_is_bit_identical_and_survives_a_failed_task(
         assert np.array_equal(mask[name], bits), name
     assert mask.row["store_url"] is None  # a local store, moved into HOME/masks
     assert Path(mask.path).is_dir() and not list((reg.home / "tmp").iterdir())
+
+
+def test_ray_patch_equals_the_local_patch_and_rebuilds_the_target(
+        tmp_path: Path, ray_local: object) -> None:
+    # NaN payloads, +-0, inf, subnormals and a bf16 base with an fp32 target, in two shards
+    base, target = special_pair(tmp_path)
+    local = run("diff", str(base), str(target), "--patch", "--name", "local", "--sweep", SWEEP)
+    remote = run("diff", str(base), str(target), "--patch", "--name", "on-ray", "--ray",
+                 "--sweep", SWEEP)
+    assert remote["n_updated"] == local["n_updated"] and remote["tol"] == 0.0
+    reg = Registry()
+    assert_same_mask(reg, "local", "on-ray")
+    assert reg.get("on-ray").row["has_values"] is True
+    out = tmp_path / "out"
+    applied = run("apply", "on-ray", str(base), str(out))
+    assert applied["n_values"] == local["n_updated"] and applied["exact"] is True
+    assert tensor_bits(out) == tensor_bits(target / "model.safetensors")
 
 
 def test_ray_diff_failure_registers_nothing(

@@ -78,12 +78,14 @@ def _fail_once(marker: str) -> None:
 
 
 def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store: str,
-               tol: float, sweep: Sequence[float], device: str, fail_once: str | None = None
-               ) -> tuple[list[TensorStats], list[tuple[str, float, int]],
-                          list[tuple[str, int, int, int]], dict[str, bytes], dict[str, bytes]]:
+               tol: float, sweep: Sequence[float], device: str, fail_once: str | None = None,
+               patch: bool = False) -> tuple[list[TensorStats], list[tuple[str, float, int]],
+                          list[tuple[str, int, int, int]], dict[str, bytes], dict[str, bytes],
+                          list[str]]:
     """The body of one Ray task: diff the tensors of ``expect`` (``{name: (shape, base dtype,
     target dtype)}``, in checkpoint order) and write their arrays into ``store``; return their
-    stats, sweep counts, magnitude strata and both sides' tensor digests. Runs anywhere,
+    stats, sweep counts, magnitude strata, both sides' tensor digests and the names whose
+    values were written (with ``patch``: the target's values at the set bits). Runs anywhere,
     with or without Ray."""
     base_ck = open_checkpoint(base_spec)
     target_ck = open_checkpoint(target_spec)
@@ -98,22 +100,23 @@ def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store
         dev = resolve_device("cuda" if device.startswith("cuda") else device)
         kernel = DiffKernel(tol=tol, sweep=sweep, device=dev)
         writer = MaskWriter(store, create=False)
-        outcome = run_diff(base_ck, target_ck, list(expect), kernel, writer)
+        outcome = run_diff(base_ck, target_ck, list(expect), kernel, writer, patch=patch)
     finally:
         base_ck.close()
         target_ck.close()
     if fail_once:
         _fail_once(fail_once)
     return (outcome.tensors, outcome.sweep, outcome.strata, outcome.base_digests,
-            outcome.target_digests)
+            outcome.target_digests, writer.valued)
 
 
 def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: Sequence[str],
              writer: MaskWriter, *, tol: float, sweep: Sequence[float], device: str = "auto",
-             progress: ProgressFn | None = None) -> DiffOutcome:
+             progress: ProgressFn | None = None, patch: bool = False) -> DiffOutcome:
     """Diff ``names`` as Ray tasks writing into ``writer``'s store (created, empty); return
     the outcome in checkpoint order and set ``writer.names`` so that ``writer.finish`` can
-    write the metadata. Bits and counts are those of :func:`~maskhub.diff.pipeline.run_diff`.
+    write the metadata. Bits, counts and (with ``patch``) values are those of
+    :func:`~maskhub.diff.pipeline.run_diff`.
     """
     ray = connect(address)
     resources = ray.cluster_resources()
@@ -135,7 +138,7 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
         expect = {n: (base.tensors[n].shape, base.tensors[n].dtype, target.tensors[n].dtype)
                   for n in names[start:stop]}
         refs.append(task.remote(base_spec, target_spec, expect, store, float(tol),
-                                tuple(sweep), device, fail_once))
+                                tuple(sweep), device, fail_once, patch))
     results: dict[int, tuple] = {}
     total_bytes, done = sum(sizes), [0, 0]
 
@@ -150,7 +153,8 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
     gather(ray, refs, collect)
     outcome = DiffOutcome()
     for k in range(len(groups)):
-        stats, sweep_rows, strata_rows, base_digests, target_digests = results[k]
+        stats, sweep_rows, strata_rows, base_digests, target_digests, valued = results[k]
+        writer.valued.extend(valued)
         outcome.base_digests.update(base_digests)
         outcome.target_digests.update(target_digests)
         outcome.tensors.extend(stats)

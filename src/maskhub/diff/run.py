@@ -72,8 +72,6 @@ def diff(
     if tol is None:
         tol = 0.0 if patch else DEFAULT_TOL
     check_tolerance(tol)
-    if patch and ray is not None:
-        raise UsageError("--patch does not run on Ray yet: drop --ray")
     if patch and tol > 0 and warn is not None:
         warn(f"a patch at --tol {tol:g} leaves out entries that moved by at most {tol:g}, so "
              "`maskhub apply` will not rebuild the target exactly; --tol 0 (the default with "
@@ -106,7 +104,8 @@ def diff(
                                 backend=backend_for(_input_bytes(base_ck, target_ck, names)))
             if ray is not None:
                 outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
-                                   sweep=kernel.sweep, device=device, progress=checked)
+                                   sweep=kernel.sweep, device=device, progress=checked,
+                                   patch=patch)
             else:
                 cache = StrataCache(home.home / "cache" / "strata") if home.index.writable \
                     else None
