@@ -50,9 +50,10 @@ from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
 
-#: Entries per chunk written (8 MiB of bf16); a multiple of the fingerprint's chunk, so that
-#: each chunk read is hashed in the fingerprint's own pieces.
-APPLY_CHUNK = 4 << 20
+#: Entries per chunk (2 MiB of bf16: read, hashed, patched and written while in cache); a
+#: multiple of the fingerprint's chunk, so that each chunk is hashed in the fingerprint's
+#: own pieces.
+APPLY_CHUNK = 1 << 20
 assert APPLY_CHUNK % fp.CHUNK == 0
 #: Other files of a BASE directory larger than this are not copied.
 COPY_LIMIT = 64 << 20

@@ -65,6 +65,7 @@ def gap_bounds(codes, numel, chunk, ks, ps, vs):  # pragma: no cover - compiled
     the code names a position at or beyond ``numel`` or ends in an escape byte."""
     last = ks.shape[0] - 1
     c = 0
+    nxt = 0  # the first entry of chunk c
     pos = 0
     v = 0
     n = codes.shape[0]
@@ -74,13 +75,15 @@ def gap_bounds(codes, numel, chunk, ks, ps, vs):  # pragma: no cover - compiled
             pos += 255
             continue
         p = pos + b
-        if p >= numel:
-            return -1
-        while c <= last and c * chunk <= p:
-            ks[c] = k
-            ps[c] = pos
-            vs[c] = v
-            c += 1
+        if p >= nxt:
+            if p >= numel:
+                return -1
+            while c <= last and nxt <= p:
+                ks[c] = k
+                ps[c] = pos
+                vs[c] = v
+                c += 1
+                nxt += chunk
         pos = p + 1
         v += 1
     if n and codes[n - 1] == 255:
