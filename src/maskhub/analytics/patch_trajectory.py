@@ -40,7 +40,7 @@ from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import CheckpointError, UsageError
 from maskhub.kernels.kernel import DiffKernel, backend_for
-from maskhub.kernels.strata import BINS, strata_fn, strata_rows
+from maskhub.kernels.strata import BINS, FORMATS, strata_rows
 from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
@@ -165,11 +165,9 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                         fs = TensorStats(tname, n_updated=n_final, **common)
                         es = TensorStats(tname, n_updated=n_ever, **common)
                         if info.numel:  # magnitude strata from the base's exponents
-                            sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba"
-                                            else "numpy")
-                            for bits, rows in ((final, final_strata), (ever, ever_strata)):
-                                counts = np.zeros((2, BINS), dtype=np.int64)
-                                sfn(raw, bits, info.numel, counts)
+                            for counts, rows in zip(
+                                    _strata(raw, info.dtype, info.numel, final_pos, ever_pos),
+                                    (final_strata, ever_strata), strict=True):
                                 rows.extend(strata_rows(tname, info.dtype, counts))
                         w_final.add(fs, final)
                         w_ever.add(es, ever)
@@ -208,6 +206,26 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
 #: this many entries (a 4-byte slot per entry: 256 MiB), so that a step costs a few numpy
 #: calls per group, not per tensor.
 GROUP_ENTRIES = 1 << 26
+
+
+def _strata(raw: np.ndarray, dtype: str, numel: int, *positions: np.ndarray
+            ) -> list[np.ndarray]:
+    """Magnitude strata (:mod:`maskhub.kernels.strata`) of the masks whose set entries are
+    each of ``positions``, over the base tensor ``raw``: the histogram of the base's
+    exponents is computed once, each mask's counts from its positions alone."""
+    out = [np.zeros((2, BINS), dtype=np.int64) for _ in positions]
+    fmt = FORMATS.get(dtype)
+    if fmt is None:  # one stratum: the whole tensor
+        for counts, pos in zip(out, positions, strict=True):
+            counts[0, 0], counts[1, 0] = numel, pos.shape[0]
+        return out
+    view, shift, emask = fmt
+    bits = raw.view(view)
+    entries = np.bincount((bits >> view(shift)) & view(emask), minlength=BINS)
+    for counts, pos in zip(out, positions, strict=True):
+        counts[0] = entries
+        counts[1] = np.bincount((bits[pos] >> view(shift)) & view(emask), minlength=BINS)
+    return out
 
 
 def _groups(base: Checkpoint, names: Sequence[str]) -> list[list[str]]:
@@ -262,8 +280,7 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
                           np.concatenate([pt.values for pt, _ in parts])))
     numel = int(offsets[-1])
     final = final_positions(steps, numel, raw_dt, gather, dtype, kernel)
-    touched_max = min(numel, sum(st[0].shape[0] for st in steps if st is not None))
-    state = SparseState(numel, dtype, raw_dt, gather, final=final, capacity=touched_max)
+    state = SparseState(numel, dtype, typed, gather, final=final)
     for k, entries in enumerate(steps, start=1):
         c = state.step(entries, kernel)
         points[k].n_updated_vs_first += c.vs_first

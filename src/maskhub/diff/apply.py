@@ -3,49 +3,58 @@
 The output has BASE's file layout (the same shard file names, and
 ``model.safetensors.index.json`` when BASE has one, its ``total_size`` recomputed), the
 target's dtypes, and tensors bit for bit equal to the target the patch was made from (for a
-patch made at ``tol = 0``). Work is one tensor at a time and one chunk at a time: each
-shard's header is written first, then every tensor's bytes stream from BASE's memory map
-through a reused buffer, the patch's values scattered in at the set bits. Memory: one
-tensor's packed bits and values plus one chunk. No torch.
+patch made at ``tol = 0``). No torch.
+
+One pass, one chunk of :data:`APPLY_CHUNK` entries at a time, on a thread per CPU: each
+chunk of BASE is read (``pread`` into a reused buffer), hashed for BASE's content fingerprint
+(XXH3, while it is in cache), converted to the target's dtype where the two differ, the
+chunk's values scattered in at its set bits (compiled; straight from the byte-gap code of a
+low-density mask, never through packed bits) and written at its place in the output
+(``pwrite``). The main thread meanwhile reads the next tensor's mask and values. Memory:
+one tensor's stored mask and values (two while one ends and the next begins) plus one
+buffer per chunk in flight. On a warm cache this runs at about the speed of ``cp`` of the
+target (BENCHMARKS.md, ``bench/bench_patch.py``).
 
 BASE must be the patch's base: the same tensor names, shapes and dtypes (and the same
-revision when both are known). :func:`check_base_identity` is the place for a content
-fingerprint once diffs record one. Other files of a BASE directory (config, tokenizer) are
-copied as they are. The output is written beside OUT and renamed into place when complete.
+revision when both are known), refused before anything is written; and, when the diff
+recorded one, the same content fingerprint, computed from the bytes the pass read and
+compared before the output is renamed into place (a base with other bytes costs one pass
+and leaves nothing behind). Other files of a BASE directory (config, tokenizer) are copied
+as they are. The output is written beside OUT and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
-import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from maskhub.checkpoints import fingerprint as fp
 from maskhub.checkpoints.header import PICKLE_SUFFIXES, TensorInfo
-from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.sources import INDEX_NAME, Checkpoint, open_checkpoint
+from maskhub.core.identity import base_mismatch, recorded_base_fingerprint
 from maskhub.core.record import MaskRecord
-from maskhub.errors import MaskMismatchError, PatchError, UsageError
-from maskhub.kernels.bitcount import count_entries
-from maskhub.kernels.patchbits import bits_view, convert_bits, scatter_chunk
+from maskhub.errors import CheckpointError, MaskMismatchError, PatchError, UsageError
+from maskhub.kernels.patchbits import GapScatter, PackedScatter, bits_view, convert_bits
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import SAFETENSORS_DTYPES, itemsize
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.progress import ProgressFn
 from maskhub.storage.files import remove_tree
 
-#: Entries per chunk written (8 MiB of bf16).
-APPLY_CHUNK = 4 << 20
+#: Entries per chunk (2 MiB of bf16: read, hashed, patched and written while in cache); a
+#: multiple of the fingerprint's chunk, so that each chunk is hashed in the fingerprint's
+#: own pieces.
+APPLY_CHUNK = 1 << 20
+assert APPLY_CHUNK % fp.CHUNK == 0
 #: Other files of a BASE directory larger than this are not copied.
 COPY_LIMIT = 64 << 20
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -107,15 +116,16 @@ def check_base(mask: MaskRecord, base: Checkpoint, label: str) -> list[TensorSta
                 f"mask's base had {s.base_dtype or '?'} {list(s.shape)}",
                 shape_mismatches=[s.tensor])
     check_base_identity(mask.metadata, base, label)
-    # Content identity (issue 26): a base with the same names, shapes and dtypes but other
-    # bytes (another fine-tune of the architecture) is refused before anything is written.
-    # Costs one read of the base, hashed at memory speed (XXH3); skipped when the mask
-    # recorded no fingerprint.
-    from maskhub.core.identity import check_base as check_fingerprint
-
-    check_fingerprint(mask, base.ref if base.revision is None else f"{base.ref}@{base.revision}",
-                      [s.tensor for s in stats])
     return stats
+
+
+def hashes_base(mask: MaskRecord, base: Checkpoint, stats: list[TensorStats]) -> bool:
+    """Whether ``apply`` checks BASE's content fingerprint: when the patch recorded one and
+    BASE stores every tensor in the dtype the patch's base had (the fingerprint is of
+    bytes: an fp32 copy of a bf16 base holds the same values in other bytes, and is
+    compared by names, shapes and dtypes only, as ``verify`` does)."""
+    return recorded_base_fingerprint(mask) is not None and all(
+        s.base_dtype and base.tensors[s.tensor].dtype == s.base_dtype for s in stats)
 
 
 def _file_metadata(path: Path) -> dict[str, str] | None:
@@ -143,18 +153,17 @@ def _header(infos: list[TensorInfo], stats: dict[str, TensorStats],
 
 
 class _ChunkWriter:
-    """Writes chunks of tensors into one open file from a thread pool: each task copies (or
-    converts) its slice of the base into its own buffer, scatters its values in (compiled,
-    GIL released) and ``pwrite``s the buffer at its offset. At most ``window`` chunks are in
-    flight, each with its own buffer."""
+    """Runs the chunk tasks of one output file in a thread pool, each with its own reused
+    buffers (a task's work, reads, hashing, the scatter and the write, releases the GIL).
+    At most ``window`` chunks are in flight."""
 
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="maskhub-apply")
         self.window = 2 * threads
-        self.inflight: deque[Future[None]] = deque()
+        self.inflight: deque[Future[Any]] = deque()
         self.free: list[dict[str, np.ndarray]] = []
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(buffers, *args)`` in the pool (blocks while the window is full)."""
         while len(self.inflight) >= self.window:
             self.inflight.popleft().result()
@@ -162,6 +171,7 @@ class _ChunkWriter:
         fut = self.pool.submit(fn, bufs, *args)
         fut.add_done_callback(lambda _f: self.free.append(bufs))
         self.inflight.append(fut)
+        return fut
 
     def drain(self) -> None:
         """Wait for every chunk submitted (re-raises a task's error)."""
@@ -184,115 +194,90 @@ class _ChunkWriter:
         self.pool.shutdown(wait=True)
 
 
-def _chunk_task(bufs: dict[str, np.ndarray], fd: int, offset: int, a: np.ndarray,
-                a_dtype: str, b_dtype: str, packed: np.ndarray, values: np.ndarray,
-                release: Callable[[], None]) -> None:
-    n = a.shape[0]
-    out = bufs.get(b_dtype)
-    if out is None:
-        out = bufs[b_dtype] = np.empty(APPLY_CHUNK, dtype=f"<u{itemsize(b_dtype)}")
-    part = out[:n]
-    if a_dtype == b_dtype:
-        np.copyto(part, a)
-    else:
-        part[:] = convert_bits(a, a_dtype, b_dtype)
-    used = scatter_chunk(part, packed, values)
-    if used != values.shape[0]:
-        raise ValueError(f"{used} set bits for {values.shape[0]} values")
-    data = memoryview(part).cast("B")
-    pos = 0
-    while pos < len(data):
-        pos += os.pwrite(fd, data[pos:], offset + pos)
-    release()
+def _buffer(bufs: dict[str, np.ndarray], role: str, nbytes: int) -> np.ndarray:
+    """A reused uint8 buffer of at least ``nbytes`` (one per role and task slot)."""
+    buf = bufs.get(role)
+    if buf is None or buf.shape[0] < nbytes:
+        buf = bufs[role] = np.empty(max(nbytes, APPLY_CHUNK * 2), dtype=np.uint8)
+    return buf[:nbytes]
 
 
-def _scatter_task(bufs: dict[str, np.ndarray], dst: np.ndarray, packed: np.ndarray,
-                  values: np.ndarray) -> None:
-    used = scatter_chunk(dst, packed, values)
-    if used != values.shape[0]:
-        raise ValueError(f"{used} set bits for {values.shape[0]} values")
-
-
-#: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14): fault a range in for writing in one call.
-_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
-
-
-def _prefault(mm: mmap.mmap | None, start: int, length: int) -> None:
-    """Fault ``[start, start+length)`` of the output mapping in for writing in one call
-    instead of one page fault per page (advice: skipped where the kernel lacks it)."""
-    if mm is None or _POPULATE_WRITE is None or length <= 0:
-        return
-    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        mm.madvise(_POPULATE_WRITE, lo, start + length - lo)
-    except (OSError, ValueError):
-        pass
-
-
-def _copy_range(src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> bool:
-    """Copy ``n`` bytes in the kernel (``copy_file_range``, what ``cp`` does); False when the
-    platform or file system cannot (nothing is then left half done that matters: the
-    caller writes the whole range itself)."""
-    if not hasattr(os, "copy_file_range"):
-        return False
+def _read_at(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     done = 0
-    try:
-        while done < n:
-            step = os.copy_file_range(src_fd, dst_fd, n - done, src + done, dst + done)
-            if step <= 0:
-                return False
-            done += step
-    except OSError:
-        return False
-    return True
+    view = memoryview(buf)
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path} ends before its tensors do (it was cut short or "
+                                  "changed while being read)", str(path))
+        done += n
 
 
-def _write_tensor(writer: _ChunkWriter, fd: int, offset: int, mask: MaskRecord,
-                  st: TensorStats, raw: np.ndarray,
-                  release: Callable[[int, int], None],
-                  copied: tuple[np.ndarray, Callable[[], bool], Callable[[int, int], None]]
-                  | None = None) -> int:
-    """Queue one tensor's chunks, its data starting at ``offset`` of ``fd``; return the
-    values it holds. ``copied``: the output file mapped writable, a function that copies
-    the base's bytes of this tensor into place in the kernel and one that prefaults a range
-    of the mapping for writing; when the copy succeeds (same dtype on both sides), only the
-    values are scattered, into the mapping."""
-    a_dtype = st.base_dtype or st.target_dtype
-    b_dtype = st.target_dtype or a_dtype
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk of one tensor: where its bytes lie in BASE and in the output."""
+
+    src_fd: int
+    src_path: Path
+    src_offset: int
+    dst_fd: int
+    dst_offset: int
+    n: int
+    a_dtype: str
+    b_dtype: str
+    index: int
+    hashed: bool
+
+
+def _chunk_task(bufs: dict[str, np.ndarray], ch: _Chunk, plan: PackedScatter | GapScatter,
+                values: np.ndarray) -> list[bytes]:
+    """Read one chunk of BASE (``pread``: no page faults of a mapping), hash it for the
+    base's fingerprint, convert it to the target's dtype if needed, scatter the chunk's
+    values into it and ``pwrite`` it; return its fingerprint chunk digests."""
+    sa, sb = itemsize(ch.a_dtype), itemsize(ch.b_dtype)
+    raw = _buffer(bufs, "a", ch.n * sa)
+    _read_at(ch.src_fd, raw, ch.src_offset, ch.src_path)
+    digests = []
+    if ch.hashed:
+        step = fp.CHUNK * sa
+        digests = [fp.chunk_digest(raw[i:i + step]) for i in range(0, raw.shape[0], step)]
+    if ch.a_dtype == ch.b_dtype:
+        out = raw.view(f"<u{sb}")
+    else:
+        out = _buffer(bufs, "b", ch.n * sb).view(f"<u{sb}")
+        out[:] = convert_bits(bits_view(raw, ch.a_dtype), ch.a_dtype, ch.b_dtype)
+    plan.scatter(ch.index, out, values)
+    _write_at(ch.dst_fd, memoryview(out).cast("B"), ch.dst_offset)
+    return digests
+
+
+def _plan(mask: MaskRecord, st: TensorStats, b_dtype: str
+          ) -> tuple[PackedScatter | GapScatter, np.ndarray]:
+    """How one tensor's values are scattered, and the values (raw bits): both checked
+    against the tensor's count (one :class:`PatchError` line naming the patch)."""
     store = mask.store
     if store.values_dtype(st.tensor) != b_dtype:
         raise PatchError(f"mask {mask.name!r}: the values of {st.tensor!r} are "
                          f"{store.values_dtype(st.tensor)!r}, its target dtype is {b_dtype!r}",
                          mask.name)
     values = np.ascontiguousarray(store.values(st.tensor)).view(f"<u{itemsize(b_dtype)}")
-    packed = store.packed(st.tensor)
-    a = bits_view(raw, a_dtype)
-    starts = list(range(0, st.numel, APPLY_CHUNK))
-    first = [0]
-    for start in starts:  # where each chunk's values begin
-        stop = min(st.numel, start + APPLY_CHUNK)
-        first.append(first[-1] + count_entries(packed[start // 8:(stop + 7) // 8], stop - start))
-    if first[-1] != values.shape[0] or values.shape[0] != st.n_updated:
+    encoding, stored = store.stored_bits(st.tensor)
+    try:
+        plan: PackedScatter | GapScatter = (
+            PackedScatter(stored, st.numel, APPLY_CHUNK) if encoding is None
+            else GapScatter(stored, st.numel, APPLY_CHUNK))
+    except ValueError as exc:
+        raise PatchError(f"mask {mask.name!r}: tensor {st.tensor!r}: {exc}", mask.name) from exc
+    if plan.total != values.shape[0] or values.shape[0] != st.n_updated:
         raise PatchError(f"mask {mask.name!r}: {st.tensor!r} has {values.shape[0]} values for "
-                         f"{first[-1]} set bits", mask.name)
-    sa, sb = itemsize(a_dtype), itemsize(b_dtype)
-    if copied is not None and a_dtype == b_dtype and copied[1]():
-        if not values.shape[0]:
-            return 0
-        copied[2](offset, st.numel * sb)
-        dst = copied[0][offset:offset + st.numel * sb].view(f"<u{sb}")
-        for i, start in enumerate(starts):
-            if first[i + 1] > first[i]:
-                stop = min(st.numel, start + APPLY_CHUNK)
-                writer.submit(_scatter_task, dst[start:stop], packed[start // 8:(stop + 7) // 8],
-                              values[first[i]:first[i + 1]])
-        return int(values.shape[0])
-    for i, start in enumerate(starts):
-        stop = min(st.numel, start + APPLY_CHUNK)
-        writer.submit(_chunk_task, fd, offset + start * sb, a[start:stop], a_dtype, b_dtype,
-                      packed[start // 8:(stop + 7) // 8], values[first[i]:first[i + 1]],
-                      lambda s0=start * sa, n0=(stop - start) * sa: release(s0, n0))
-    return int(values.shape[0])
+                         f"{plan.total} set bits", mask.name)
+    return plan, values
 
 
 def _base_files(base: Checkpoint) -> list[Path]:
@@ -317,14 +302,25 @@ def apply(mask: MaskRecord, base: str | os.PathLike[str], out: str | os.PathLike
     base_ck = open_checkpoint(base)
     label = str(base)
     try:
-        stats = {s.tensor: s for s in check_base(mask, base_ck, label)}
+        checked = check_base(mask, base_ck, label)
+        stats = {s.tensor: s for s in checked}
+        hashed = hashes_base(mask, base_ck, checked)
+        where = base_ck.ref if base_ck.revision is None else f"{base_ck.ref}@{base_ck.revision}"
         staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
         try:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             remove_tree(staging)
             staging.mkdir()
             directory = _base_dir(base, base_ck)
-            result = _write(mask, base_ck, stats, staging, directory, progress)
+            result, digests = _write(mask, base_ck, stats, staging, directory, progress,
+                                     hashed)
+            if hashed:
+                # Content identity (issue 26), from the bytes the pass read: a base with the
+                # same names, shapes and dtypes but other bytes is refused, and nothing it
+                # made reaches OUT.
+                line = base_mismatch(mask, fp.combine(digests), where)
+                if line is not None:
+                    raise MaskMismatchError(line)
             if directory is not None:
                 _copy_other_files(directory, staging)
             os.rename(staging, out_path)
@@ -352,8 +348,11 @@ def _base_dir(base: str | os.PathLike[str], base_ck: Checkpoint) -> Path | None:
 
 
 def _write(mask: MaskRecord, base_ck: Checkpoint, stats: dict[str, TensorStats],
-           staging: Path, directory: Path | None,
-           progress: ProgressFn | None) -> tuple[list[str], int, int]:
+           staging: Path, directory: Path | None, progress: ProgressFn | None,
+           hashed: bool) -> tuple[tuple[list[str], int, int], dict[str, bytes]]:
+    """Write every shard of the output into ``staging``; return (file names, values
+    written, bytes of tensor data) and, when ``hashed``, the digest of each BASE tensor
+    (:mod:`maskhub.checkpoints.fingerprint`) from the bytes read."""
     files: list[str] = []
     n_values = 0
     total = sum(s.numel * itemsize(s.target_dtype or s.base_dtype) for s in stats.values())
@@ -363,55 +362,52 @@ def _write(mask: MaskRecord, base_ck: Checkpoint, stats: dict[str, TensorStats],
     for info in base_ck.tensors.values():
         by_file.setdefault(info.file, []).append(info)
     sizes: dict[str, int] = {}
+    digests: dict[str, bytes] = {}
     writer = _ChunkWriter(available_cpus())
     try:
-        with MappedCheckpoint(base_ck) as mapped:
-            for path in _base_files(base_ck):
-                infos = sorted(by_file[path], key=lambda i: i.offset)
-                header, data_size = _header(infos, stats, _file_metadata(path))
-                files.append(path.name)
-                fd = os.open(staging / path.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                mm = None
-                try:
-                    os.write(fd, header)
-                    os.ftruncate(fd, len(header) + data_size)
-                    mm = mmap.mmap(fd, len(header) + data_size) if data_size else None
-                    out_view = np.frombuffer(mm, dtype=np.uint8) if mm is not None else None
-                    offset = len(header)
-                    for info in infos:
-                        region = mapped.region(info.name)
-
-                        def release(start: int, length: int, region: Any = region) -> None:
-                            region.file.release(region.begin + start, length)
-
-                        def copy(region: Any = region, offset: int = offset, fd: int = fd) -> bool:
-                            return _copy_range(region.file.fd, fd, region.begin, offset,
-                                               region.end - region.begin)
-
-                        st = stats[info.name]
-                        n_values += _write_tensor(
-                            writer, fd, offset, mask, st, region.raw(), release,
-                            (out_view, copy, partial(_prefault, mm))
-                            if out_view is not None else None)
-                        nbytes = st.numel * itemsize(st.target_dtype or st.base_dtype)
-                        offset += nbytes
-                        done += nbytes
-                        k += 1
-                        if progress:
-                            progress(k, len(stats), done, total, info.name)
-                    writer.drain()
-                except ValueError as exc:  # a chunk's values disagree with its bits
-                    raise PatchError(f"mask {mask.name!r}: {exc}", mask.name) from exc
-                finally:
-                    writer.drain_quietly()
-                    out_view = None
-                    if mm is not None:
-                        try:
-                            mm.close()
-                        except BufferError:  # a view still referenced: unmapped when freed
-                            pass
-                    os.close(fd)
-                sizes[path.name] = data_size
+        for path in _base_files(base_ck):
+            infos = sorted(by_file[path], key=lambda i: i.offset)
+            header, data_size = _header(infos, stats, _file_metadata(path))
+            files.append(path.name)
+            src = os.open(path, os.O_RDONLY)
+            dst = os.open(staging / path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            pending: list[tuple[TensorInfo, list[Future[list[bytes]]]]] = []
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                _write_at(dst, memoryview(header), 0)
+                os.ftruncate(dst, len(header) + data_size)
+                offset = len(header)
+                for info in infos:
+                    st = stats[info.name]
+                    a_dtype = st.base_dtype or st.target_dtype
+                    b_dtype = st.target_dtype or a_dtype
+                    plan, values = _plan(mask, st, b_dtype)
+                    sa, sb = itemsize(a_dtype), itemsize(b_dtype)
+                    futures = [writer.submit(_chunk_task, _Chunk(
+                        src, path, info.offset + lo * sa, dst, offset + lo * sb,
+                        min(st.numel, lo + APPLY_CHUNK) - lo, a_dtype, b_dtype, i, hashed),
+                        plan, values) for i, lo in enumerate(range(0, st.numel, APPLY_CHUNK))]
+                    pending.append((info, futures))
+                    n_values += plan.total
+                    offset += st.numel * sb
+                    done += st.numel * sb
+                    k += 1
+                    if progress:
+                        progress(k, len(stats), done, total, info.name)
+                writer.drain()
+                for info, futures in pending:
+                    if hashed:
+                        digests[info.name] = fp.tensor_digest(
+                            info.name, info.dtype, info.shape,
+                            [d for f in futures for d in f.result()])
+            except ValueError as exc:  # a chunk's values disagree with its bits
+                raise PatchError(f"mask {mask.name!r}: {exc}", mask.name) from exc
+            finally:
+                writer.drain_quietly()
+                os.close(src)
+                os.close(dst)
+            sizes[path.name] = data_size
     finally:
         writer.close()
     index = directory / INDEX_NAME if directory is not None else None
@@ -420,7 +416,7 @@ def _write(mask: MaskRecord, base_ck: Checkpoint, stats: dict[str, TensorStats],
         doc["metadata"] = {**(doc.get("metadata") or {}), "total_size": sum(sizes.values())}
         (staging / INDEX_NAME).write_text(json.dumps(doc, indent=2) + "\n")
         files.append(INDEX_NAME)
-    return files, n_values, total
+    return (files, n_values, total), digests
 
 
 def _copy_other_files(base: Path, staging: Path) -> None:

@@ -126,3 +126,97 @@ def scatter_chunk(out_bits: np.ndarray, packed: np.ndarray, values: np.ndarray) 
         raise ValueError("more set bits than values")
     out_bits[idx] = values[:idx.shape[0]]
     return int(idx.shape[0])
+
+
+class PackedScatter:
+    """Scatters a tensor's values into its chunks of ``chunk`` entries at the set bits of
+    packed bits (little bit order): :meth:`scatter` of different chunks may run at once
+    (the object is read-only once built)."""
+
+    def __init__(self, packed: np.ndarray, numel: int, chunk: int) -> None:
+        """Count the set bits of each chunk (``chunk``: a multiple of 8)."""
+        from maskhub.kernels.bitcount import count_entries
+
+        self.packed, self.numel, self.chunk = packed, numel, chunk
+        first = [0]
+        for lo in range(0, numel, chunk):
+            hi = min(numel, lo + chunk)
+            first.append(first[-1] + count_entries(packed[lo // 8:(hi + 7) // 8], hi - lo))
+        self.first = first
+
+    @property
+    def total(self) -> int:
+        """Set bits in the tensor."""
+        return self.first[-1]
+
+    def count(self, c: int) -> int:
+        """Set bits in chunk ``c``."""
+        return self.first[c + 1] - self.first[c]
+
+    def scatter(self, c: int, out_bits: np.ndarray, values: np.ndarray) -> None:
+        """Write chunk ``c``'s values (``values``: the tensor's, raw bits) into ``out_bits``
+        (the chunk's entries)."""
+        lo = c * self.chunk
+        hi = lo + out_bits.shape[0]
+        v0, v1 = self.first[c], self.first[c + 1]
+        if v1 > v0:
+            used = scatter_chunk(out_bits, self.packed[lo // 8:(hi + 7) // 8], values[v0:v1])
+            if used != v1 - v0:
+                raise ValueError(f"{used} set bits for {v1 - v0} values")
+
+
+class GapScatter:
+    """:class:`PackedScatter` for a byte-gap code (:mod:`maskhub.storage.gapcode`): the
+    values go straight to the positions the code names, never through packed bits. One
+    pass over the code finds where each chunk starts in it (compiled); each chunk then
+    decodes its own part. Without numba (or for small tensors): the positions, in numpy."""
+
+    def __init__(self, codes: np.ndarray, numel: int, chunk: int) -> None:
+        """Check the code against the tensor (``ValueError`` naming the fault) and find the
+        chunks' starts."""
+        self.codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        self.numel, self.chunk = numel, chunk
+        n_chunks = -(-numel // chunk)
+        nb = _numba() if numel >= NUMBA_MIN else None
+        self._nb = nb
+        if nb is not None:
+            self.ks = np.zeros(n_chunks + 1, np.int64)
+            self.ps = np.zeros(n_chunks + 1, np.int64)
+            vs = np.zeros(n_chunks + 1, np.int64)
+            total = int(nb.gap_bounds(self.codes, numel, chunk, self.ks, self.ps, vs))
+            if total < 0:
+                raise ValueError(f"its gap code does not fit {numel} entries")
+        else:
+            if self.codes.size and self.codes[-1] == 255:
+                raise ValueError("its gap code ends in an escape byte")
+            c = self.codes.astype(np.int64)
+            self.positions = np.cumsum(c + (c < 255))[c < 255] - 1
+            if self.positions.size and self.positions[-1] >= numel:
+                raise ValueError(f"its gap code names entry {int(self.positions[-1])} of "
+                                 f"{numel}")
+            vs = np.searchsorted(self.positions, np.arange(n_chunks + 1) * chunk)
+            total = int(self.positions.size)
+        self.first = [int(v) for v in vs]
+        self.first[-1] = total
+
+    @property
+    def total(self) -> int:
+        """Set bits in the tensor."""
+        return self.first[-1]
+
+    def count(self, c: int) -> int:
+        """Set bits in chunk ``c``."""
+        return self.first[c + 1] - self.first[c]
+
+    def scatter(self, c: int, out_bits: np.ndarray, values: np.ndarray) -> None:
+        """Write chunk ``c``'s values (``values``: the tensor's, raw bits) into ``out_bits``
+        (the chunk's entries)."""
+        v0, v1 = self.first[c], self.first[c + 1]
+        if v1 == v0:
+            return
+        lo = c * self.chunk
+        if self._nb is not None:
+            self._nb.scatter_gaps(out_bits, lo, self.codes, int(self.ks[c]),
+                                  int(self.ks[c + 1]), int(self.ps[c]), values[v0:v1])
+        else:
+            out_bits[self.positions[v0:v1] - lo] = values[v0:v1]

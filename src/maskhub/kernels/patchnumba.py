@@ -54,3 +54,61 @@ def gather(src, packed, out):  # pragma: no cover - compiled
                 out[k] = src[i]
                 k += 1
     return k
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def gap_bounds(codes, numel, chunk, ks, ps, vs):  # pragma: no cover - compiled
+    """Where each chunk of ``chunk`` entries starts in a byte-gap code (:mod:`maskhub.storage.
+    gapcode`): for chunk c, ``ks[c]`` the code byte that ends its first set bit, ``ps[c]``
+    the decoder's position before that byte and ``vs[c]`` the set bits before the chunk;
+    entry ``len(ks) - 1`` is the end of the code. Returns the number of set bits, or -1 when
+    the code names a position at or beyond ``numel`` or ends in an escape byte."""
+    last = ks.shape[0] - 1
+    c = 0
+    nxt = 0  # the first entry of chunk c
+    pos = 0
+    v = 0
+    n = codes.shape[0]
+    for k in range(n):
+        b = codes[k]
+        if b == 255:
+            pos += 255
+            continue
+        p = pos + b
+        if p >= nxt:
+            if p >= numel:
+                return -1
+            while c <= last and nxt <= p:
+                ks[c] = k
+                ps[c] = pos
+                vs[c] = v
+                c += 1
+                nxt += chunk
+        pos = p + 1
+        v += 1
+    if n and codes[n - 1] == 255:
+        return -1
+    while c <= last:
+        ks[c] = n
+        ps[c] = pos
+        vs[c] = v
+        c += 1
+    return v
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def scatter_gaps(out, lo, codes, k0, k1, pos, values):  # pragma: no cover - compiled
+    """``out[i - lo] = values[j]`` for the j-th set bit i named by code bytes ``k0:k1``,
+    decoding from position ``pos`` (bounds found by :func:`gap_bounds`: every position
+    lies in ``[lo, lo + len(out))`` and ``values`` holds one entry per set bit)."""
+    v = 0
+    for k in range(k0, k1):
+        b = codes[k]
+        if b == 255:
+            pos += 255
+            continue
+        pos += b
+        out[pos - lo] = values[v]
+        v += 1
+        pos += 1
+    return v

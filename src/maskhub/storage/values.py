@@ -124,3 +124,37 @@ def group_document() -> bytes:
     return json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"},
                       indent=2).encode()
 
+
+
+#: Bytes of a blosc frame's header (version, flags, typesize, nbytes, blocksize, cbytes).
+BLOSC_HEADER = 16
+
+
+def direct_codecs(doc: dict, dtype: np.dtype) -> bool:
+    """Whether a values array's ``zarr.json`` document ``doc`` has the codecs
+    :func:`values_array_files` writes (``bytes`` little endian, then ``blosc``), so that its
+    chunks may be decoded here without zarr (:func:`decode_chunk`)."""
+    codecs = doc.get("codecs")
+    if not (isinstance(codecs, list) and len(codecs) == 2
+            and all(isinstance(c, dict) for c in codecs)):
+        return False
+    first, second = codecs
+    endian = (first.get("configuration") or {}).get("endian")
+    return (first.get("name") == "bytes" and second.get("name") == "blosc"
+            and (endian == "little" or (endian is None and dtype.itemsize == 1)))
+
+
+def decode_chunk(data: bytes, out: np.ndarray, what: str) -> None:
+    """Decode one blosc frame into ``out`` (one whole chunk, contiguous): ``ValueError``
+    naming ``what`` unless the frame's header declares exactly ``out``'s bytes and the
+    frame's own length (nothing larger than a chunk is ever inflated)."""
+    from numcodecs import blosc
+
+    if len(data) < BLOSC_HEADER:
+        raise ValueError(f"{what} is {len(data)} bytes, shorter than a blosc header")
+    nbytes = int.from_bytes(data[4:8], "little")
+    cbytes = int.from_bytes(data[12:16], "little")
+    if nbytes != out.nbytes or cbytes != len(data):
+        raise ValueError(f"{what} is a blosc frame of {cbytes} bytes declaring {nbytes}; "
+                         f"the file holds {len(data)} and a chunk decodes to {out.nbytes}")
+    blosc.decompress(data, out)
