@@ -137,10 +137,13 @@ DIFFERENCES = """\
 """
 
 
-def _rates(size: dict[str, Any]) -> str:
+def _rates(size: dict[str, Any], flags: list[str]) -> str:
     """The sentence on the RL learning rates: only the default size's were chosen by a
-    sweep (the quick size's are not tuned)."""
+    sweep (the quick size's are not tuned; ``--lr`` sets them)."""
     rates = f"{size['dpo_lr']:g} for DPO, {size['grpo_lr']:g} for GRPO"
+    if "--lr" in flags:
+        return (f"the RL rates here ({rates}) were set with --lr (the {size['name']} size's "
+                "own were not used).")
     if size["name"] == "default":
         return (f"the RL rates here ({rates}) were chosen on this size as the sparsest that "
                 "still raised the held-out accuracy by over 5 points when chosen.")
@@ -178,7 +181,8 @@ def write_report(report: StudyReport, output: Path, home: str) -> dict[str, Path
              "seed and the machine.", ""]
     lines += [f"- {f}" for f in report.findings]
     lines += ["", "## Where the miniature differs from the paper", "",
-              DIFFERENCES.format(n_params=h["n_params"], rates_sentence=_rates(h["size"]),
+              DIFFERENCES.format(n_params=h["n_params"],
+                                 rates_sentence=_rates(h["size"], h.get("flags", [])),
                                  longest=max(v for k, v in report.timing.items()
                                              if k.startswith("train_")),
                                  grpo_generations=h["size"]["grpo_generations"],

@@ -27,7 +27,7 @@ from maskhub.study.measure import Measurer, StudyNames
 from maskhub.study.report import StudyReport, query_tables, write_report
 from maskhub.study.requirements import check_requirements
 from maskhub.study.runs import TrainedStudy, train_all
-from maskhub.study.sizes import DEFAULT, QUICK, StudySize
+from maskhub.study.sizes import DEFAULT, QUICK, StudySize, resolve_size
 from maskhub.study.tables import table_specs
 from maskhub.study.verdicts import verdicts
 
@@ -102,24 +102,29 @@ def quiet_libraries() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | None = None,
+def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | None = None,
+          lr: float | None = None, steps: int | None = None, name: str | None = None,
           home: str | os.PathLike[str] | None = None, seed: int = 0,
           say: Callable[[str], None] = print) -> StudyReport:
     """Run the whole study into directory ``output`` (new or empty) and register its masks
-    in ``home``'s registry; ``quick``: the small size CI runs. ``say``: progress lines.
-    Returns the report (also written to ``output/report.md`` and ``report.json``)."""
+    in ``home``'s registry. ``size``: ``default`` or ``quick`` (``quick=True``: the small
+    size CI runs); ``lr`` / ``steps``: the RL learning rate and steps (DPO, GRPO and the
+    equal-budget SFT controls), overriding the size's. ``say``: progress lines. Returns the
+    report (also written to ``output/report.md`` and ``report.json``). Bad values are
+    one-line :class:`~maskhub.errors.UsageError` errors, raised before anything is written."""
     started = time.perf_counter()
     check_requirements()
+    chosen = _choose_size(quick, size, lr, steps)
     output = Path(output).resolve()
     registry = Registry(home)
     registry.check_writable()
     names = choose_names(registry, name)
     prepare_output(output)
-    size = QUICK if quick else DEFAULT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with quiet_libraries(), torch_threads(STUDY_THREADS):
-            report = _run(output, size, names, registry, seed, quick, say, started)
+            report = _run(output, chosen, names, registry, seed, _flags(quick, size, lr, steps),
+                          say, started)
     except KeyboardInterrupt:
         done = _registered(registry, names)
         raise StudyInterruptedError(
@@ -130,8 +135,24 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     return report
 
 
+def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | None
+                 ) -> StudySize:
+    """The size ``--quick`` / ``--size`` name, with ``--lr`` / ``--steps`` applied."""
+    if quick and size not in (None, QUICK.name):
+        raise UsageError(f"--quick is --size quick; it cannot go with --size {size}")
+    return resolve_size(QUICK.name if quick else size or DEFAULT.name, lr=lr, steps=steps)
+
+
+def _flags(quick: bool, size: str | None, lr: float | None, steps: int | None) -> list[str]:
+    """The size flags as the command line gave them (for the report's command)."""
+    out = ["--quick"] if quick else ["--size", size] if size else []
+    out += ["--lr", f"{lr:g}"] if lr is not None else []
+    out += ["--steps", str(steps)] if steps is not None else []
+    return out
+
+
 def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, seed: int,
-         quick: bool, say: Callable[[str], None], started: float) -> StudyReport:
+         flags: list[str], say: Callable[[str], None], started: float) -> StudyReport:
     """Train, measure, write the report (the body of :func:`study`)."""
     from maskhub.study.task import make_tokenizer, split_problems
 
@@ -165,9 +186,10 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
     report = StudyReport(
         prefix=names.prefix,
         header={"command": shlex.join(["maskhub", "--home", str(registry.home), "study",
-                                       *(["--quick"] if quick else []), "--name",
+                                       *flags, "--name",
                                        names.prefix, "--out", str(output)]),
-                "size": size.to_dict(), "n_params": n_params, "n_train": len(split.train),
+                "size": size.to_dict(), "flags": flags, "n_params": n_params,
+                "n_train": len(split.train),
                 "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
                 "dataset": dataset, "n_pairs": trained.pairs,
                 "commands": _commands(registry, names, trained, output)},
