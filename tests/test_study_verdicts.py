@@ -16,6 +16,7 @@ def figures(**changes: object) -> Figures:
     base = Figures(
         learned=dict(LEARNED), rl_sparsity={"dpo-s0": 80.0, "dpo-s1": 78.0, "grpo-s0": 85.0},
         sparsity_movable=75.0, null_share=20.0, sft_sparsity=10.0, sfteq_sparsity=50.0,
+        fp32_sparsity=70.0,
         nosft_sparsity=60.0, sfteq_nosft_sparsity=48.0,
         overlaps={"two DPO seeds": (70.0, 20.0, 40.0, SEEDS),
                   "DPO and GRPO": (60.0, 15.0, 30.0, ALGOS)},
@@ -40,7 +41,8 @@ def test_every_claim_reproduced() -> None:
         "Training only the subnetwork matches full training (Conjecture 1)"]
     assert verdicts(figures()) == ["reproduced"] * 8
     assert rows[0].this_run == "78.0-85.0% (75.0% among movable entries, 20.0% could not move)"
-    assert rows[0].control == "equal-budget SFT 50.0%"
+    assert rows[0].control == "equal-budget SFT 50.0%; fp32 masters 70.0%"
+    assert judge(figures(fp32_sparsity=None))[0].control == "equal-budget SFT 50.0%"
     assert rows[3].this_run == "o1 70.0%"
     assert rows[3].control == "magnitude baseline 40.0% (uniform 20.0%)"
     assert rows[3].why == "30.0 points above the magnitude baseline"
@@ -53,6 +55,12 @@ def test_precision_explains_the_sparsity() -> None:
     assert verdicts(figures(sfteq_sparsity=74.9))[:2] == ["reproduced", "reproduced"]
     # sparse only because entries could not move
     assert verdicts(figures(sparsity_movable=60.0))[0] == "explained by precision"
+    # the fp32 masters of the same run moved densely: the bf16 cast made it sparse
+    fp32 = judge(figures(fp32_sparsity=68.4))[0]
+    assert (fp32.verdict, fp32.why) == (
+        "explained by precision", "the fp32 masters moved densely: the bf16 cast hides their "
+        "moves")
+    assert verdicts(figures(fp32_sparsity=68.5))[0] == "reproduced"
 
 
 def test_sparsity_not_reproduced_and_runs_that_did_not_learn() -> None:

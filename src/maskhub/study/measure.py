@@ -15,13 +15,21 @@ checkpoint is written, the recorder registers ``NAME-step-N`` at each point and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maskhub.registry.api import Mask, Registry
-from maskhub.study.runs import CONTROL_RUNS, MASKED_RUNS, RANDOM_RUN, RL_RUNS, TrainedStudy
+from maskhub.study.runs import (
+    CONTROL_RUNS,
+    FP32_RUNS,
+    MASKED_RUNS,
+    RANDOM_RUN,
+    RL_RUNS,
+    TrainedStudy,
+)
 from maskhub.study.sizes import StudySize
 
 #: The update tolerance of every mask (the paper's, and maskhub's default).
@@ -64,6 +72,10 @@ class StudyNames:
         point (the last one is the final subnetwork) and ``NAME-ever``."""
         return f"{self.prefix}-traj-{run}"
 
+    def fp32(self, run: str) -> str:
+        """The fp32 control of ``run``'s mask: the diff of its fp32 master weights."""
+        return f"{self.mask(run)}-fp32"
+
     @property
     def random_mask(self) -> str:
         """The random-placement control of dpo-s0's mask (``combine random``)."""
@@ -73,6 +85,7 @@ class StudyNames:
         """Every mask name the study registers, but the trajectories' ``NAME-step-N`` (see
         :meth:`is_point`)."""
         names = [self.mask(r) for r in MASK_RUNS] + [self.random_mask]
+        names += [self.fp32(r) for r in FP32_RUNS]
         for run in TRAJECTORY_RUNS:
             names.append(f"{self.trajectory(run)}-ever")
         return names
@@ -103,6 +116,8 @@ class Measurer:
         self.dataset = dataset
         self.say = say
         self.out = Measurements()
+        #: Seconds spent diffing the fp32 controls (part of the maskhub time).
+        self.fp32_seconds = 0.0
 
     def register(self, trained: TrainedStudy, run: str, extra: dict[str, Any] | None = None
                  ) -> Mask:
@@ -122,6 +137,24 @@ class Measurer:
             target_model=self.names.model(run), tags=("maskhub-study", self.names.tag),
             notes=json.dumps(notes, sort_keys=True), rank=True, stats=True)
         self.out.masks[run] = mask
+        return mask
+
+    def register_fp32(self, trained: TrainedStudy, run: str) -> Mask:
+        """The fp32 control of ``run``: diff its fp32 master weights (start, final) at the
+        same tolerance (and at 0), registered as ``PREFIX-RUN-fp32`` with no notes (the runs'
+        tables list masks with notes)."""
+        facts = trained.facts[run]
+        start, final = trained.fp32[run]
+        self.say(f"maskhub diff {run} (fp32 masters)")
+        t0 = time.perf_counter()
+        mask = self.registry.diff(
+            start, final, name=self.names.fp32(run), algorithm=facts.algorithm,
+            seed=facts.seed, dataset=self.dataset, tol=TOL, sweep=(0.0,),
+            base_model=self.names.model(facts.start) + "-fp32",
+            target_model=self.names.model(run) + "-fp32",
+            tags=("maskhub-study", self.names.tag, "fp32-control"))
+        self.out.masks[run + ":fp32"] = mask
+        self.fp32_seconds += time.perf_counter() - t0
         return mask
 
     def random_control(self, trained: TrainedStudy) -> Mask:
@@ -179,16 +212,19 @@ class Measurer:
             extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
                 else None
             self.register(trained, run, extra)
+        for run in FP32_RUNS:
+            self.register_fp32(trained, run)
         self.say("maskhub overlap " + " ".join(self.names.mask(r) for r in OVERLAP_RUNS))
         self.registry.overlap_all([self.names.mask(r) for r in OVERLAP_RUNS])
         for run in TRAJECTORY_RUNS:
             self.out.trajectories[run] = trained.trajectories[run]
-        self.draw(figures)
+        self.draw(figures, trained)
         return self.out
 
-    def draw(self, figures: Path) -> None:
+    def draw(self, figures: Path, trained: TrainedStudy) -> None:
         """The PNG figures: Figure 3 (per layer x module sparsity) of the DPO and GRPO
-        masks, Table 4's overlap matrix, and Figures 2/5-7 for each trajectory."""
+        masks, Table 4's overlap matrix, Figures 2/5-7 for each trajectory, and the
+        trajectory runs' held-out loss/accuracy curves."""
         from maskhub.analytics.trajectory_plot import plot_trajectory
 
         figures.mkdir(parents=True, exist_ok=True)
@@ -203,3 +239,9 @@ class Measurer:
         for run, result in self.out.trajectories.items():
             key = f"figure5-{run}"
             self.out.figures[key] = plot_trajectory(result.to_dict(), figures / f"{key}.png")
+        curves = {run: trained.facts[run].extra["curve"] for run in TRAJECTORY_RUNS
+                  if "curve" in trained.facts[run].extra}
+        if curves:
+            from maskhub.study.curves import plot_curves
+
+            self.out.figures["curves"] = plot_curves(curves, figures / "curves.png")

@@ -197,6 +197,8 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
         timing={"total_seconds": round(total, 1), "training_seconds": round(training_seconds, 1),
                 "maskhub_seconds": round(maskhub_seconds, 1),
                 "record_seconds": round(trained.record_seconds, 1),
+                "curve_seconds": round(trained.curve_seconds, 1),
+                "fp32_seconds": round(measurer.fp32_seconds, 1),
                 "other_seconds": round(total - training_seconds - maskhub_seconds, 1),
                 **{f"train_{run}_seconds": round(f.train_seconds, 1)
                    for run, f in trained.facts.items()}},
@@ -219,6 +221,7 @@ def _commands(registry: Registry, names: StudyNames, trained: TrainedStudy, outp
     return [
         f"{mh} ls --where \"list_contains(tags, '{names.tag}')\"",
         f"{mh} show {full}",
+        f"{mh} show {full} --control {names.fp32('dpo-s0')}",
         f"{mh} diff {rel('dpo-s0', False)} {rel('dpo-s0')} --sweep 0,1e-8,1e-7,1e-6,1e-5,1e-4"
         f",1e-3 --rank --stats --name {names.prefix}-again-dpo-s0",
         f"{mh} overlap {full} {names.mask('dpo-s1')}",

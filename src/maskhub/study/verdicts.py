@@ -11,8 +11,10 @@ The rules (constants below):
   accuracy not above its start's, or loss not below its first steps'; GRPO: accuracy only);
 * sparsity: ``not reproduced`` below the paper's lowest RL sparsity (68.5%); ``explained by
   precision`` when the equal-budget SFT control (plain SFT at the RL learning rate and steps)
-  is within :data:`MARGIN` points of the RL run's sparsity, or when the sparsity among the
-  entries that could move (outside the precision null) is below 68.5%; else ``reproduced``;
+  is within :data:`MARGIN` points of the RL run's sparsity, when the run's fp32 master
+  weights (its fp32 control) are below 68.5% sparse (the bf16 cast made the run look sparse),
+  or when the sparsity among the entries that could move (outside the precision null) is
+  below 68.5%; else ``reproduced``;
 * overlap: ``not reproduced`` when o1 is within :data:`MARGIN` points of the uniform
   baseline; ``explained by precision`` when within :data:`MARGIN` of the magnitude baseline
   (random placement keeping each tensor's count per |θ0| exponent); else ``reproduced``;
@@ -48,6 +50,7 @@ class Figures:
     null_share: float | None  # dpo-s0
     sft_sparsity: float
     sfteq_sparsity: float | None  # equal-budget SFT from θ_sft
+    fp32_sparsity: float | None  # dpo-s0's fp32 master weights (its fp32 control)
     nosft_sparsity: float | None  # DPO from θ_pre
     sfteq_nosft_sparsity: float | None  # equal-budget SFT from θ_pre
     #: label -> (o1, uniform baseline, magnitude baseline, the two runs)
@@ -91,13 +94,16 @@ def judge(f: Figures) -> list[Verdict]:
     this = f"{lo:.1f}-{hi:.1f}%" + ("" if f.sparsity_movable is None else
                                     f" ({f.sparsity_movable:.1f}% among movable entries, "
                                     f"{_p(f.null_share)} could not move)")
-    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}"
+    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}" + (
+        "" if f.fp32_sparsity is None else f"; fp32 masters {_p(f.fp32_sparsity)}")
     if not_learned:
         v, why = CANNOT_TELL, f"did not learn: {', '.join(not_learned)}"
     elif lo < PAPER_RL_SPARSITY:
         v, why = NOT_REPRODUCED, f"below the paper's {PAPER_RL_SPARSITY}%"
     elif f.sfteq_sparsity is not None and f.sfteq_sparsity >= dpo - MARGIN:
         v, why = PRECISION, "plain SFT at the same budget is as sparse"
+    elif f.fp32_sparsity is not None and f.fp32_sparsity < PAPER_RL_SPARSITY:
+        v, why = PRECISION, "the fp32 masters moved densely: the bf16 cast hides their moves"
     elif f.sparsity_movable is not None and f.sparsity_movable < PAPER_RL_SPARSITY:
         v, why = PRECISION, "the sparsity comes from entries that could not move"
     else:
@@ -202,6 +208,7 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
              {names.mask(x) for x in ("dpo-s0", "dpo-s1", "grpo-s0")}]
     traj = rows("figure2").get(names.trajectory("dpo-s0"))
     dpo = t1[names.mask("dpo-s0")]
+    fp32 = rows("fp32").get(names.mask("dpo-s0"))
 
     def acc(run: str) -> float | None:
         row = runs.get(names.mask(run))
@@ -212,6 +219,7 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
         rl_sparsity={r: sparsity(r) for r in ("dpo-s0", "dpo-s1", "grpo-s0")},
         sparsity_movable=dpo.get("sparsity_movable_pct"), null_share=dpo.get("null_share_pct"),
         sft_sparsity=sparsity("sft"), sfteq_sparsity=sparsity("sfteq-s0"),
+        fp32_sparsity=None if fp32 is None else fp32["fp32_sparsity_pct"],
         nosft_sparsity=sparsity("dpo-nosft-s0"), sfteq_nosft_sparsity=sparsity("sfteq-nosft-s0"),
         overlaps=overlaps, min_rank=min(ranks) if ranks else None,
         cancelled=None if traj is None else traj["cancelled_pct"],
