@@ -101,3 +101,24 @@ def test_rank_cancelled_and_conjecture1() -> None:
     assert verdicts(figures(random_acc=69.0))[7] == "explained by precision"
     assert judge(figures(random_acc=69.0))[7].why == \
         "a random mask of the same size and magnitudes does as well"
+
+
+def test_seeds_intervals_and_every_seed_must_learn() -> None:
+    seeds = {"dpo": {"sparsity": (79.0, 78.0, 80.0, 3), "acc": (70.5, 70.0, 71.0, 3)},
+             "sfteq": {"sparsity": (50.5, 50.0, 51.0, 2)}}
+    rows = judge(figures(seeds=seeds))
+    assert [r.verdict for r in rows] == ["reproduced"] * 8
+    assert rows[0].this_run == ("78.0-85.0% (75.0% among movable entries, 20.0% could not "
+                                "move); DPO (seeds: mean 79.0%, 78.0-80.0%, n=3)")
+    assert rows[0].control == ("equal-budget SFT 50.0% (seeds: mean 50.5%, 50.0-51.0%, n=2); "
+                               "fp32 masters 70.0%")
+    assert rows[1].this_run == "SFT 10.0%, DPO 80.0% (seeds: mean 79.0%, 78.0-80.0%, n=3)"
+    assert rows[7].this_run == ("θ_sub 70.0% vs θ_full 71.0% (seeds: mean 70.5%, "
+                                "70.0-71.0%, n=3)")
+    # a third seed that did not learn makes the sparsity claim untellable; its lower
+    # sparsity widens the range
+    more = figures(rl_sparsity={"dpo-s0": 80.0, "dpo-s1": 78.0, "grpo-s0": 85.0,
+                                "dpo-s2": 76.0}, learned={**LEARNED, "dpo-s2": False})
+    first = judge(more)[0]
+    assert (first.verdict, first.why) == ("cannot tell", "did not learn: dpo-s2")
+    assert first.this_run.startswith("76.0-85.0%")

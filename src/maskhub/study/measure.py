@@ -24,10 +24,10 @@ from typing import Any
 from maskhub.registry.api import Mask, Registry
 from maskhub.study.runs import (
     CONTROL_RUNS,
-    FP32_RUNS,
     MASKED_RUNS,
     RANDOM_RUN,
     RL_RUNS,
+    StudyRuns,
     TrainedStudy,
 )
 from maskhub.study.sizes import StudySize
@@ -42,7 +42,7 @@ AGREEMENT_TOLS = (0.0, 1e-5, 1e-4, 1e-3)
 OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
 #: The runs whose per-layer x module sparsity is drawn (Figure 3: the paper's DPO and PRIME).
 FIGURE3_RUNS = ("dpo-s0", "grpo-s0")
-#: Every run with a mask, in report order.
+#: Every run with a mask, in report order (of one seed: see :class:`StudyRuns`).
 MASK_RUNS = ("sft", *RL_RUNS, *CONTROL_RUNS)
 #: The runs whose trajectories are recorded live (no intermediate checkpoint written).
 TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
@@ -50,9 +50,16 @@ TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
 
 @dataclass(frozen=True)
 class StudyNames:
-    """How the study names its masks, models and trajectories, from one ``prefix``."""
+    """How the study names its masks, models and trajectories, from one ``prefix``; and
+    which runs it has (``seeds``: see :class:`~maskhub.study.runs.StudyRuns`)."""
 
     prefix: str
+    seeds: int = 1
+
+    @property
+    def runs(self) -> StudyRuns:
+        """The study's runs."""
+        return StudyRuns(self.seeds)
 
     @property
     def tag(self) -> str:
@@ -84,8 +91,8 @@ class StudyNames:
     def every_mask(self) -> list[str]:
         """Every mask name the study registers, but the trajectories' ``NAME-step-N`` (see
         :meth:`is_point`)."""
-        names = [self.mask(r) for r in MASK_RUNS] + [self.random_mask]
-        names += [self.fp32(r) for r in FP32_RUNS]
+        names = [self.mask(r) for r in self.runs.masks] + [self.random_mask]
+        names += [self.fp32(r) for r in self.runs.fp32]
         for run in TRAJECTORY_RUNS:
             names.append(f"{self.trajectory(run)}-ever")
         return names
@@ -126,7 +133,7 @@ class Measurer:
         if run in self.out.masks:
             return self.out.masks[run]
         facts = trained.facts[run]
-        order = MASK_RUNS.index(run)  # the report lists runs in this order
+        order = self.names.runs.masks.index(run)  # the report lists runs in this order
         notes = {"study": self.names.prefix, "size": self.size.name, "order": order,
                  **facts.to_dict(), **(extra or {})}
         self.say(f"maskhub diff {run}")
@@ -208,11 +215,11 @@ class Measurer:
     def measure_all(self, trained: TrainedStudy, figures: Path) -> Measurements:
         """Register every run's mask and the overlaps, take the trajectories recorded while
         the runs trained, draw the figures."""
-        for run in MASK_RUNS:
+        for run in self.names.runs.masks:
             extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
                 else None
             self.register(trained, run, extra)
-        for run in FP32_RUNS:
+        for run in self.names.runs.fp32:
             self.register_fp32(trained, run)
         self.say("maskhub overlap " + " ".join(self.names.mask(r) for r in OVERLAP_RUNS))
         self.registry.overlap_all([self.names.mask(r) for r in OVERLAP_RUNS])

@@ -56,6 +56,10 @@ LEARNED = ("(CAST(json_extract(notes, '$.accuracy_heldout_after') AS DOUBLE) > "
            " < CAST(json_extract(notes, '$.loss_first') AS DOUBLE))) AS learned")
 
 
+#: The seeds table's aggregates across seeds (SQL function, column label).
+AGGREGATES = (("avg", "mean"), ("min", "min"), ("max", "max"), ("stddev_samp", "sd"))
+
+
 def _tol_label(tol: float) -> str:
     """``tol=1e-05``: a column name for a tolerance."""
     return f"tol={tol:g}"
@@ -134,6 +138,26 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   + "\nFROM masks b JOIN masks c ON c.name = b.name || '-fp32'\n"
                   f"WHERE list_contains(b.tags, '{names.tag}') AND b.notes IS NOT NULL\n"
                   "ORDER BY CAST(json_extract(b.notes, '$.order') AS INTEGER)"),
+        TableSpec("seeds", "The runs from θ_sft repeated over seeds (--seeds; DPO always has "
+                  "two): mean, min and max (and sample standard deviation) across seeds of the "
+                  "bf16 sparsity, the fp32 control's sparsity and the held-out accuracy (%)",
+                  "Table 1 and Table 3 (the paper reports single runs)",
+                  "SELECT regexp_replace(m.name, '-s[0-9]+$', '') AS runs, "
+                  "count(*) AS n_seeds,\n       "
+                  + ",\n       ".join([
+                      *(_pct(f"{agg}(m.sparsity)", f"sparsity_{label}_pct")
+                        for agg, label in AGGREGATES),
+                      *(_pct(f"{agg}(c.sparsity)", f"fp32_sparsity_{label}_pct")
+                        for agg, label in AGGREGATES[:3]),
+                      *(_pct(f"{agg}(CAST(json_extract(m.notes, '$.accuracy_heldout_after') "
+                             "AS DOUBLE))", f"heldout_acc_{label}_pct")
+                        for agg, label in AGGREGATES)])
+                  + "\nFROM masks m LEFT JOIN masks c ON c.name = m.name || '-fp32'\n"
+                  f"WHERE list_contains(m.tags, '{names.tag}') AND m.notes IS NOT NULL\n"
+                  "  AND json_extract_string(m.notes, '$.start') = 'sft'\n"
+                  "  AND NOT json_exists(m.notes, '$.conjecture1')\n"
+                  "GROUP BY 1 HAVING count(*) >= 2\n"
+                  "ORDER BY min(CAST(json_extract(m.notes, '$.order') AS INTEGER))"),
         TableSpec("table6", "Update sparsity (%) under each tolerance of the sweep",
                   "Table 6",
                   f"SELECT m.name,\n       {sweep_cols}\n"

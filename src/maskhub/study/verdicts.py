@@ -26,7 +26,7 @@ The rules (constants below):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Percentage points within which two sparsities or overlaps count as the same.
@@ -45,7 +45,7 @@ class Figures:
     """What the verdicts rest on (percent; None: not measured)."""
 
     learned: dict[str, bool]
-    rl_sparsity: dict[str, float]  # dpo-s0, dpo-s1, grpo-s0 (from θ_sft)
+    rl_sparsity: dict[str, float]  # every RL run from θ_sft: dpo-s0, dpo-s1, grpo-s0, seeds
     sparsity_movable: float | None  # dpo-s0, outside the precision null
     null_share: float | None  # dpo-s0
     sft_sparsity: float
@@ -60,6 +60,9 @@ class Figures:
     sub_acc: float | None
     full_acc: float | None
     random_acc: float | None
+    #: Across seeds (the seeds table): kind (``dpo``, ``grpo``, ``sfteq``) -> figure
+    #: (``sparsity``, ``acc``) -> (mean, min, max, number of seeds), for kinds of 2+ seeds.
+    seeds: dict[str, dict[str, tuple[float, float, float, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,19 @@ def _p(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
+def _across(f: Figures, kind: str, figure: str) -> str:
+    """`` (seeds: mean M%, min-max L-H%, n=N)`` for ``kind``'s ``figure``, or ``""``."""
+    t = f.seeds.get(kind, {}).get(figure)
+    if t is None:
+        return ""
+    mean, lo, hi, n = t
+    return f" (seeds: mean {mean:.1f}%, {lo:.1f}-{hi:.1f}%, n={n})"
+
+
 def judge(f: Figures) -> list[Verdict]:
     """The verdict of every claim (see the module docstring for the rules)."""
     out = []
-    rl_runs = ("dpo-s0", "dpo-s1", "grpo-s0")
-    not_learned = [r for r in rl_runs if not f.learned.get(r, False)]
+    not_learned = [r for r in f.rl_sparsity if not f.learned.get(r, False)]
     dpo = f.rl_sparsity["dpo-s0"]
     lo, hi = min(f.rl_sparsity.values()), max(f.rl_sparsity.values())
 
@@ -94,7 +105,9 @@ def judge(f: Figures) -> list[Verdict]:
     this = f"{lo:.1f}-{hi:.1f}%" + ("" if f.sparsity_movable is None else
                                     f" ({f.sparsity_movable:.1f}% among movable entries, "
                                     f"{_p(f.null_share)} could not move)")
-    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}" + (
+    this += "".join(f"; {kind.upper()}{_across(f, kind, 'sparsity')}"
+                    for kind in ("dpo", "grpo") if _across(f, kind, "sparsity"))
+    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}" + _across(f, "sfteq", "sparsity") + (
         "" if f.fp32_sparsity is None else f"; fp32 masters {_p(f.fp32_sparsity)}")
     if not_learned:
         v, why = CANNOT_TELL, f"did not learn: {', '.join(not_learned)}"
@@ -119,7 +132,8 @@ def judge(f: Figures) -> list[Verdict]:
     else:
         v, why = REPRODUCED, "SFT at the RL budget stays denser than RL"
     out.append(Verdict("SFT updates densely, RL sparsely (Figure 1)", "SFT 6-15%",
-                       f"SFT {_p(f.sft_sparsity)}, DPO {_p(dpo)}", control, v, why))
+                       f"SFT {_p(f.sft_sparsity)}, DPO {_p(dpo)}"
+                       + _across(f, "dpo", "sparsity"), control, v, why))
 
     # 3. Out-of-distribution DPO (no SFT) is denser.
     if f.nosft_sparsity is not None:
@@ -179,8 +193,8 @@ def judge(f: Figures) -> list[Verdict]:
             v, why = REPRODUCED, "θ_sub matches θ_full and the random mask does not"
         out.append(Verdict("Training only the subnetwork matches full training "
                            "(Conjecture 1)", "θ_sub ≥ θ_full",
-                           f"θ_sub {_p(f.sub_acc)} vs θ_full {_p(f.full_acc)}", control, v,
-                           why))
+                           f"θ_sub {_p(f.sub_acc)} vs θ_full {_p(f.full_acc)}"
+                           + _across(f, "dpo", "acc"), control, v, why))
     return out
 
 
@@ -207,6 +221,13 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
              if r["mean_rank_pct"] is not None and n in
              {names.mask(x) for x in ("dpo-s0", "dpo-s1", "grpo-s0")}]
     traj = rows("figure2").get(names.trajectory("dpo-s0"))
+    seeds = {}
+    for r in report.table("seeds").records():
+        kind = r["runs"].removeprefix(names.prefix + "-")
+        seeds[kind] = {fig: (r[f"{col}_mean_pct"], r[f"{col}_min_pct"], r[f"{col}_max_pct"],
+                             r["n_seeds"])
+                       for fig, col in (("sparsity", "sparsity"), ("acc", "heldout_acc"))}
+    from_sft = names.runs.from_sft
     dpo = t1[names.mask("dpo-s0")]
     fp32 = rows("fp32").get(names.mask("dpo-s0"))
 
@@ -216,11 +237,12 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
 
     return judge(Figures(
         learned=learned,
-        rl_sparsity={r: sparsity(r) for r in ("dpo-s0", "dpo-s1", "grpo-s0")},
+        rl_sparsity={r: sparsity(r) for r in from_sft},
         sparsity_movable=dpo.get("sparsity_movable_pct"), null_share=dpo.get("null_share_pct"),
         sft_sparsity=sparsity("sft"), sfteq_sparsity=sparsity("sfteq-s0"),
         fp32_sparsity=None if fp32 is None else fp32["fp32_sparsity_pct"],
         nosft_sparsity=sparsity("dpo-nosft-s0"), sfteq_nosft_sparsity=sparsity("sfteq-nosft-s0"),
         overlaps=overlaps, min_rank=min(ranks) if ranks else None,
         cancelled=None if traj is None else traj["cancelled_pct"],
-        sub_acc=acc("dpo-sub-s0"), full_acc=acc("dpo-s0"), random_acc=acc("dpo-rand-s0")))
+        sub_acc=acc("dpo-sub-s0"), full_acc=acc("dpo-s0"), random_acc=acc("dpo-rand-s0"),
+        seeds=seeds))
