@@ -4,6 +4,7 @@ report is complete and true to the registry, and that the masked runs froze what
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,15 +18,21 @@ from clitools import fail_line, run_json
 from safetensors.torch import load_file
 
 from maskhub import Registry
+from maskhub.kernels.threads import torch_threads
 from maskhub.study.measure import TRAJECTORY_RUNS
+from maskhub.study.model import load_bf16
+from maskhub.study.run import STUDY_THREADS
+from maskhub.study.runs import FP32_RUNS
+from maskhub.study.sizes import QUICK, resolve_size
+from maskhub.study.task import answer_loss, make_tokenizer, split_problems
 
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
 
-TABLES = ("runs", "table1", "table6", "figure3_layers", "figure3_modules", "table2", "table4",
-          "figure2", "figure5", "conjecture1")
+TABLES = ("runs", "table1", "fp32", "table6", "figure3_layers", "figure3_modules", "table2",
+          "table4", "figure2", "figure5", "curve", "conjecture1")
 FIGURES = ("figure3-dpo-s0", "figure3-grpo-s0", "table4-overlap", "figure5-dpo-s0",
-           "figure5-dpo-s1", "figure5-grpo-s0", "figure5-dpo-nosft-s0")
+           "figure5-dpo-s1", "figure5-grpo-s0", "figure5-dpo-nosft-s0", "curves")
 RUNS = ("sft", "dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0", "dpo-sub-s0", "dpo-subcb-s0",
         "dpo-rand-s0", "sfteq-s0", "sfteq-nosft-s0")
 VERDICTS = {"reproduced", "not reproduced", "explained by precision", "cannot tell"}
@@ -44,8 +51,9 @@ def quick_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
         torch.set_num_threads(2)
         summary = run_json("study", "--quick", "--out", str(out))
         torch.set_num_threads(1)
-        again = run_json("study", "--quick", "--out", str(out.parent / "again"),
-                         "--name", "again")
+        # the quick size's own rate and steps, given as flags: the same study
+        again = run_json("study", "--size", "quick", "--lr", "5e-6", "--steps", "20",
+                         "--out", str(out.parent / "again"), "--name", "again")
     finally:
         torch.set_num_threads(threads)
         mp.undo()
@@ -75,7 +83,8 @@ def test_report_is_written_with_every_table_and_figure(quick_study: tuple) -> No
         assert f"## {table['title']}" in md and table["sql"] in md
     assert report["timing"]["training_seconds"] > 0 and report["timing"]["maskhub_seconds"] > 0
     assert summary["first"]["masks"] == ["study-dpo-s0", "study-dpo-s0-random",
-                                         *(f"study-{r}" for r in RUNS if r != "dpo-s0")]
+                                         *(f"study-{r}" for r in RUNS if r != "dpo-s0"),
+                                         *(f"study-{r}-fp32" for r in FP32_RUNS)]
     claims = [v["claim"] for v in report["verdicts"]]
     assert len(claims) == 8 and {v["verdict"] for v in report["verdicts"]} <= VERDICTS
     assert md.index("## Verdicts") < md.index("## What this run found")
@@ -135,7 +144,7 @@ def test_trajectories_are_recorded_live_without_intermediate_checkpoints(quick_s
     for run in TRAJECTORY_RUNS:
         # only the start and the final checkpoint (grading, diff) are written
         assert sorted(p.name for p in (out / "checkpoints" / run).iterdir()) == [
-            "step-0000", "step-0020"]
+            "fp32-step-0020", "step-0000", "step-0020"]
         points = _sql(home, "SELECT p.step, p.checkpoint, p.n_updated_vs_first, "
                             "p.n_updated_vs_prev FROM trajectory_points p JOIN trajectories t "
                             f"ON t.id = p.trajectory_id WHERE t.name = 'study-traj-{run}' "
@@ -157,6 +166,7 @@ def test_same_command_gives_the_same_measurements(quick_study: tuple) -> None:
     home, _, _ = quick_study
     query = ("SELECT replace(m.name, split_part(m.name, '-', 1), '') AS run, m.n_updated, "
              "json_extract(m.notes, '$.accuracy_heldout_after') AS acc, "
+             "json_extract(m.notes, '$.curve') AS curve, "
              "list(t.n_updated ORDER BY t.tensor) AS per_tensor FROM masks m "
              "JOIN tensors t ON t.mask_id = m.id WHERE list_contains(m.tags, 'study:{}') "
              "AND m.notes IS NOT NULL GROUP BY ALL ORDER BY run")
@@ -174,6 +184,83 @@ def test_bad_study_arguments_are_one_line_errors(quick_study: tuple, tmp_path: P
     assert not (tmp_path / "x").exists()
     assert "invalid mask name" in fail_line("study", "--out", str(tmp_path / "y"),
                                             "--name", "no/slash")
+    for flags, expected in (
+            (("--lr", "0"), "Error: --lr must be a learning rate above 0 and below 1, not 0.0"),
+            (("--lr", "inf"), "Error: --lr must be a learning rate above 0 and below 1, not inf"),
+            (("--steps", "0"), "Error: --steps must be a whole number of RL steps from 1 to "
+                               "100,000, not 0"),
+            (("--quick", "--size", "default"),
+             "Error: --quick is --size quick; it cannot go with --size default"),
+            (("--size", "huge"), "Error: Invalid value for '--size': 'huge' is not one of "
+                                 "'default', 'quick'. (see 'maskhub study --help')")):
+        assert fail_line("study", "--out", str(tmp_path / "w"), *flags) == expected
+    assert not (tmp_path / "w").exists()
+
+
+def test_size_flags_set_the_rl_runs(quick_study: tuple) -> None:
+    _, out, summary = quick_study
+    assert resolve_size("quick", lr=1e-5, steps=7) == dataclasses.replace(
+        QUICK, dpo_lr=1e-5, grpo_lr=1e-5, dpo_steps=7, grpo_steps=7)
+    assert resolve_size("quick") == QUICK
+    again = json.loads(Path(summary["again"]["json"]).read_text())
+    assert again["flags"] == ["--size", "quick", "--lr", "5e-06", "--steps", "20"]
+    assert again["command"].endswith("study --size quick --lr 5e-06 --steps 20 --name again "
+                                      f"--out {out.parent / 'again'}")
+    assert again["size"] == json.loads((out / "report.json").read_text())["size"]
+    md = Path(summary["again"]["markdown"]).read_text()
+    assert "(5e-06 for DPO, 5e-06 for GRPO) were set with --lr" in md
+
+
+def test_fp32_masters_are_each_run_s_control(quick_study: tuple) -> None:
+    home, out, _ = quick_study
+    registry = Registry(home)
+    ckpt = out / "checkpoints"
+    start = load_file(ckpt / "sft-fp32" / "model.safetensors")
+    bf16_start = load_file(ckpt / "sft" / "model.safetensors")
+    final = load_file(ckpt / "dpo-s0" / "fp32-step-0020" / "model.safetensors")
+    bf16_final = load_file(ckpt / "dpo-s0" / "step-0020" / "model.safetensors")
+    control = registry.get("study-dpo-s0-fp32")
+    assert control.row["dtype"] == "float32"
+    n = 0
+    for name, value in final.items():
+        # the masters start at the bf16 start's values; the bf16 checkpoint is their cast
+        assert torch.equal(start[name], bf16_start[name].float())
+        assert torch.equal(value.to(torch.bfloat16), bf16_final[name])
+        n += int(((value - start[name]).abs() > 1e-5).sum())
+    assert control.n_updated == n
+    table = json.loads((out / "report.json").read_text())["tables"]["fp32"]
+    rows = {r[0]: dict(zip(table["columns"], r, strict=True)) for r in table["rows"]}
+    assert list(rows) == [f"study-{r}" for r in RUNS if r in FP32_RUNS]
+    bf16 = registry.get("study-dpo-s0")
+    assert rows["study-dpo-s0"]["fp32_sparsity_pct"] == round(100 * (1 - n / control.n_params), 2)
+    assert rows["study-dpo-s0"]["bf16_sparsity_pct"] == round(
+        100 * (1 - bf16.n_updated / bf16.n_params), 2)
+    shown = run_json("--home", str(home), "show", "study-dpo-s0", "--control",
+                     "study-dpo-s0-fp32")
+    assert shown["control"]["control"] == "study-dpo-s0-fp32"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdicts"][0]["control"].endswith(
+        f"; fp32 masters {rows['study-dpo-s0']['fp32_sparsity_pct']:.1f}%")
+
+
+def test_curves_end_at_the_saved_checkpoints(quick_study: tuple) -> None:
+    home, out, _ = quick_study
+    curve = _sql(home, json.loads((out / "report.json").read_text())["tables"]["curve"]["sql"])
+    runs = _sql(home, json.loads((out / "report.json").read_text())["tables"]["runs"]["sql"])
+    runs_by_name = {r["name"]: r for r in runs}
+    tokenizer = make_tokenizer()
+    heldout = split_problems(QUICK.max_operand, QUICK.n_heldout, 0).heldout
+    for run in TRAJECTORY_RUNS:
+        points = [r for r in curve if r["name"] == f"study-{run}"]
+        assert [p["step"] for p in points] == [0, 5, 10, 15, 20]
+        # the first point is the start's grade, the last the saved checkpoint's
+        row = runs_by_name[f"study-{run}"]
+        assert points[0]["heldout_acc_pct"] == row["heldout_acc_before"]
+        assert points[-1]["heldout_acc_pct"] == row["heldout_acc_after"]
+    final = load_bf16(QUICK, out / "checkpoints" / "dpo-s0" / "step-0020")
+    last = [r for r in curve if r["name"] == "study-dpo-s0"][-1]
+    with torch_threads(STUDY_THREADS):
+        assert last["heldout_loss"] == round(answer_loss(final, tokenizer, heldout), 4)
 
 
 def test_unwritable_out_and_missing_library_are_one_line_errors(tmp_path: Path,

@@ -16,6 +16,7 @@ def figures(**changes: object) -> Figures:
     base = Figures(
         learned=dict(LEARNED), rl_sparsity={"dpo-s0": 80.0, "dpo-s1": 78.0, "grpo-s0": 85.0},
         sparsity_movable=75.0, null_share=20.0, sft_sparsity=10.0, sfteq_sparsity=50.0,
+        fp32_sparsity=70.0,
         nosft_sparsity=60.0, sfteq_nosft_sparsity=48.0,
         overlaps={"two DPO seeds": (70.0, 20.0, 40.0, SEEDS),
                   "DPO and GRPO": (60.0, 15.0, 30.0, ALGOS)},
@@ -40,7 +41,8 @@ def test_every_claim_reproduced() -> None:
         "Training only the subnetwork matches full training (Conjecture 1)"]
     assert verdicts(figures()) == ["reproduced"] * 8
     assert rows[0].this_run == "78.0-85.0% (75.0% among movable entries, 20.0% could not move)"
-    assert rows[0].control == "equal-budget SFT 50.0%"
+    assert rows[0].control == "equal-budget SFT 50.0%; fp32 masters 70.0%"
+    assert judge(figures(fp32_sparsity=None))[0].control == "equal-budget SFT 50.0%"
     assert rows[3].this_run == "o1 70.0%"
     assert rows[3].control == "magnitude baseline 40.0% (uniform 20.0%)"
     assert rows[3].why == "30.0 points above the magnitude baseline"
@@ -53,6 +55,12 @@ def test_precision_explains_the_sparsity() -> None:
     assert verdicts(figures(sfteq_sparsity=74.9))[:2] == ["reproduced", "reproduced"]
     # sparse only because entries could not move
     assert verdicts(figures(sparsity_movable=60.0))[0] == "explained by precision"
+    # the fp32 masters of the same run moved densely: the bf16 cast made it sparse
+    fp32 = judge(figures(fp32_sparsity=68.4))[0]
+    assert (fp32.verdict, fp32.why) == (
+        "explained by precision", "the fp32 masters moved densely: the bf16 cast hides their "
+        "moves")
+    assert verdicts(figures(fp32_sparsity=68.5))[0] == "reproduced"
 
 
 def test_sparsity_not_reproduced_and_runs_that_did_not_learn() -> None:
@@ -93,3 +101,24 @@ def test_rank_cancelled_and_conjecture1() -> None:
     assert verdicts(figures(random_acc=69.0))[7] == "explained by precision"
     assert judge(figures(random_acc=69.0))[7].why == \
         "a random mask of the same size and magnitudes does as well"
+
+
+def test_seeds_intervals_and_every_seed_must_learn() -> None:
+    seeds = {"dpo": {"sparsity": (79.0, 78.0, 80.0, 3), "acc": (70.5, 70.0, 71.0, 3)},
+             "sfteq": {"sparsity": (50.5, 50.0, 51.0, 2)}}
+    rows = judge(figures(seeds=seeds))
+    assert [r.verdict for r in rows] == ["reproduced"] * 8
+    assert rows[0].this_run == ("78.0-85.0% (75.0% among movable entries, 20.0% could not "
+                                "move); DPO (seeds: mean 79.0%, 78.0-80.0%, n=3)")
+    assert rows[0].control == ("equal-budget SFT 50.0% (seeds: mean 50.5%, 50.0-51.0%, n=2); "
+                               "fp32 masters 70.0%")
+    assert rows[1].this_run == "SFT 10.0%, DPO 80.0% (seeds: mean 79.0%, 78.0-80.0%, n=3)"
+    assert rows[7].this_run == ("θ_sub 70.0% vs θ_full 71.0% (seeds: mean 70.5%, "
+                                "70.0-71.0%, n=3)")
+    # a third seed that did not learn makes the sparsity claim untellable; its lower
+    # sparsity widens the range
+    more = figures(rl_sparsity={"dpo-s0": 80.0, "dpo-s1": 78.0, "grpo-s0": 85.0,
+                                "dpo-s2": 76.0}, learned={**LEARNED, "dpo-s2": False})
+    first = judge(more)[0]
+    assert (first.verdict, first.why) == ("cannot tell", "did not learn: dpo-s2")
+    assert first.this_run.startswith("76.0-85.0%")

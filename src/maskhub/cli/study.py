@@ -11,12 +11,23 @@ from maskhub.cli.common import command_home, echo_json, home_option, json_option
 @click.option("--out", "output", type=click.Path(file_okay=True), default="maskhub-study",
               show_default=True, help="New (or empty) directory for checkpoints, figures and "
               "the report.")
-@click.option("--quick", is_flag=True, help="The small size (a few minutes; what CI runs).")
+@click.option("--quick", is_flag=True, help="The small size (what CI runs); same as --size quick.")
+@click.option("--size", type=click.Choice(["default", "quick"]),
+              help="The model and task size (default: default).")
+@click.option("--lr", type=float, help="The RL learning rate (DPO, GRPO and the equal-budget "
+              "SFT controls), instead of the size's (default 2e-6; quick 5e-6).")
+@click.option("--steps", type=int, help="The RL steps (DPO, GRPO and the equal-budget SFT "
+              "controls), instead of the size's (default 60 DPO / 80 GRPO; quick 20).")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Train DPO, GRPO and the equal-budget SFT control from θ_sft with this many "
+              "seeds (1-10; DPO always has two); the seeds table and the verdicts give the "
+              "mean and min-max across them.")
 @click.option("--name", help="Prefix of the registered masks (default: the first free "
               "study, study-2...).")
 @json_option
 @home_option
-def study(output: str, quick: bool, name: str | None, as_json: bool, home: str | None) -> None:
+def study(output: str, quick: bool, size: str | None, lr: float | None, steps: int | None,
+          seeds: int, name: str | None, as_json: bool, home: str | None) -> None:
     """Train the paper's runs in miniature (a small Qwen2 on a synthetic addition task:
     pretraining, SFT, DPO x2 seeds, GRPO, DPO without SFT, DPO on the first run's mask), with
     TRL, offline on the CPU; measure everything with maskhub into the registry; write
@@ -27,11 +38,12 @@ def study(output: str, quick: bool, name: str | None, as_json: bool, home: str |
     \b
     Example:
       maskhub study --quick --out study-quick
+      maskhub study --lr 1e-5 --steps 40 --out study-lr1e-5
     """
     from maskhub.study import study as run_study
 
-    report = run_study(output, quick=quick, name=name, home=command_home(home),
-                       say=lambda line: say(line, err=True))
+    report = run_study(output, quick=quick, size=size, lr=lr, steps=steps, seeds=seeds,
+                       name=name, home=command_home(home), say=lambda line: say(line, err=True))
     if as_json:
         echo_json({"markdown": str(report.paths["markdown"]), "json": str(report.paths["json"]),
                    "masks": report.masks, "timing": report.timing,

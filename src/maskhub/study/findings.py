@@ -51,6 +51,19 @@ def findings(report: StudyReport, names: StudyNames) -> list[str]:
         out.append(f"Precision null of dpo-s0: {dpo['null_share_pct']}% of the entries could "
                    f"not have moved at its largest |Δ| ({dpo['max_abs_update']:.3g}); among the "
                    f"others the sparsity is {dpo['sparsity_movable_pct']}%.")
+    fp32 = _by_name(report, "fp32")
+    if names.mask("dpo-s0") in fp32:
+        r = fp32[names.mask("dpo-s0")]
+        out.append(f"fp32 control of dpo-s0: its fp32 master weights are {r['fp32_sparsity_pct']}"
+                   f"% sparse at tol 1e-5 ({r['fp32_sparsity_pct tol=0']}% at tol 0) "
+                   f"where its bf16 checkpoint is {r['bf16_sparsity_pct']}% sparse: the masters "
+                   f"updated {r['more_updated_in_fp32_pct']}% more of the parameters than the "
+                   "bf16 checkpoint shows.")
+    curve = [r for r in report.table("curve").records() if r["name"] == names.mask("dpo-s0")]
+    if curve:
+        out.append("dpo-s0's held-out curve (accuracy %, loss) at steps "
+                   + ", ".join(f"{r['step']}: {r['heldout_acc_pct']}, {r['heldout_loss']}"
+                               for r in curve) + ".")
     for pair, label in (((names.mask("dpo-s0"), names.mask("dpo-s1")), "two DPO seeds"),
                         ((names.mask("dpo-s0"), names.mask("grpo-s0")), "DPO vs GRPO")):
         row = next((r for r in report.table("table4").records()

@@ -15,13 +15,21 @@ checkpoint is written, the recorder registers ``NAME-step-N`` at each point and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maskhub.registry.api import Mask, Registry
-from maskhub.study.runs import CONTROL_RUNS, MASKED_RUNS, RANDOM_RUN, RL_RUNS, TrainedStudy
+from maskhub.study.runs import (
+    CONTROL_RUNS,
+    MASKED_RUNS,
+    RANDOM_RUN,
+    RL_RUNS,
+    StudyRuns,
+    TrainedStudy,
+)
 from maskhub.study.sizes import StudySize
 
 #: The update tolerance of every mask (the paper's, and maskhub's default).
@@ -34,7 +42,7 @@ AGREEMENT_TOLS = (0.0, 1e-5, 1e-4, 1e-3)
 OVERLAP_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0")
 #: The runs whose per-layer x module sparsity is drawn (Figure 3: the paper's DPO and PRIME).
 FIGURE3_RUNS = ("dpo-s0", "grpo-s0")
-#: Every run with a mask, in report order.
+#: Every run with a mask, in report order (of one seed: see :class:`StudyRuns`).
 MASK_RUNS = ("sft", *RL_RUNS, *CONTROL_RUNS)
 #: The runs whose trajectories are recorded live (no intermediate checkpoint written).
 TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
@@ -42,9 +50,16 @@ TRAJECTORY_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0")
 
 @dataclass(frozen=True)
 class StudyNames:
-    """How the study names its masks, models and trajectories, from one ``prefix``."""
+    """How the study names its masks, models and trajectories, from one ``prefix``; and
+    which runs it has (``seeds``: see :class:`~maskhub.study.runs.StudyRuns`)."""
 
     prefix: str
+    seeds: int = 1
+
+    @property
+    def runs(self) -> StudyRuns:
+        """The study's runs."""
+        return StudyRuns(self.seeds)
 
     @property
     def tag(self) -> str:
@@ -64,6 +79,10 @@ class StudyNames:
         point (the last one is the final subnetwork) and ``NAME-ever``."""
         return f"{self.prefix}-traj-{run}"
 
+    def fp32(self, run: str) -> str:
+        """The fp32 control of ``run``'s mask: the diff of its fp32 master weights."""
+        return f"{self.mask(run)}-fp32"
+
     @property
     def random_mask(self) -> str:
         """The random-placement control of dpo-s0's mask (``combine random``)."""
@@ -72,7 +91,8 @@ class StudyNames:
     def every_mask(self) -> list[str]:
         """Every mask name the study registers, but the trajectories' ``NAME-step-N`` (see
         :meth:`is_point`)."""
-        names = [self.mask(r) for r in MASK_RUNS] + [self.random_mask]
+        names = [self.mask(r) for r in self.runs.masks] + [self.random_mask]
+        names += [self.fp32(r) for r in self.runs.fp32]
         for run in TRAJECTORY_RUNS:
             names.append(f"{self.trajectory(run)}-ever")
         return names
@@ -103,6 +123,8 @@ class Measurer:
         self.dataset = dataset
         self.say = say
         self.out = Measurements()
+        #: Seconds spent diffing the fp32 controls (part of the maskhub time).
+        self.fp32_seconds = 0.0
 
     def register(self, trained: TrainedStudy, run: str, extra: dict[str, Any] | None = None
                  ) -> Mask:
@@ -111,7 +133,7 @@ class Measurer:
         if run in self.out.masks:
             return self.out.masks[run]
         facts = trained.facts[run]
-        order = MASK_RUNS.index(run)  # the report lists runs in this order
+        order = self.names.runs.masks.index(run)  # the report lists runs in this order
         notes = {"study": self.names.prefix, "size": self.size.name, "order": order,
                  **facts.to_dict(), **(extra or {})}
         self.say(f"maskhub diff {run}")
@@ -122,6 +144,24 @@ class Measurer:
             target_model=self.names.model(run), tags=("maskhub-study", self.names.tag),
             notes=json.dumps(notes, sort_keys=True), rank=True, stats=True)
         self.out.masks[run] = mask
+        return mask
+
+    def register_fp32(self, trained: TrainedStudy, run: str) -> Mask:
+        """The fp32 control of ``run``: diff its fp32 master weights (start, final) at the
+        same tolerance (and at 0), registered as ``PREFIX-RUN-fp32`` with no notes (the runs'
+        tables list masks with notes)."""
+        facts = trained.facts[run]
+        start, final = trained.fp32[run]
+        self.say(f"maskhub diff {run} (fp32 masters)")
+        t0 = time.perf_counter()
+        mask = self.registry.diff(
+            start, final, name=self.names.fp32(run), algorithm=facts.algorithm,
+            seed=facts.seed, dataset=self.dataset, tol=TOL, sweep=(0.0,),
+            base_model=self.names.model(facts.start) + "-fp32",
+            target_model=self.names.model(run) + "-fp32",
+            tags=("maskhub-study", self.names.tag, "fp32-control"))
+        self.out.masks[run + ":fp32"] = mask
+        self.fp32_seconds += time.perf_counter() - t0
         return mask
 
     def random_control(self, trained: TrainedStudy) -> Mask:
@@ -175,20 +215,23 @@ class Measurer:
     def measure_all(self, trained: TrainedStudy, figures: Path) -> Measurements:
         """Register every run's mask and the overlaps, take the trajectories recorded while
         the runs trained, draw the figures."""
-        for run in MASK_RUNS:
+        for run in self.names.runs.masks:
             extra = {"conjecture1": self.conjecture1(trained, run)} if run in MASKED_RUNS \
                 else None
             self.register(trained, run, extra)
+        for run in self.names.runs.fp32:
+            self.register_fp32(trained, run)
         self.say("maskhub overlap " + " ".join(self.names.mask(r) for r in OVERLAP_RUNS))
         self.registry.overlap_all([self.names.mask(r) for r in OVERLAP_RUNS])
         for run in TRAJECTORY_RUNS:
             self.out.trajectories[run] = trained.trajectories[run]
-        self.draw(figures)
+        self.draw(figures, trained)
         return self.out
 
-    def draw(self, figures: Path) -> None:
+    def draw(self, figures: Path, trained: TrainedStudy) -> None:
         """The PNG figures: Figure 3 (per layer x module sparsity) of the DPO and GRPO
-        masks, Table 4's overlap matrix, and Figures 2/5-7 for each trajectory."""
+        masks, Table 4's overlap matrix, Figures 2/5-7 for each trajectory, and the
+        trajectory runs' held-out loss/accuracy curves."""
         from maskhub.analytics.trajectory_plot import plot_trajectory
 
         figures.mkdir(parents=True, exist_ok=True)
@@ -203,3 +246,9 @@ class Measurer:
         for run, result in self.out.trajectories.items():
             key = f"figure5-{run}"
             self.out.figures[key] = plot_trajectory(result.to_dict(), figures / f"{key}.png")
+        curves = {run: trained.facts[run].extra["curve"] for run in TRAJECTORY_RUNS
+                  if "curve" in trained.facts[run].extra}
+        if curves:
+            from maskhub.study.curves import plot_curves
+
+            self.out.figures["curves"] = plot_curves(curves, figures / "curves.png")

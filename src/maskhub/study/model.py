@@ -43,11 +43,12 @@ def new_model(size: StudySize, seed: int) -> Any:
     return model
 
 
-def save_bf16(model: Any, directory: Path) -> Path:
+def save_bf16(model: Any, directory: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write ``model`` as a bf16 checkpoint directory (``model.safetensors`` and
-    ``config.json``, the layout ``maskhub diff`` and ``from_pretrained`` read). A directory
-    that cannot be written is a :class:`~maskhub.errors.UsageError`."""
-    weights = {name: p.detach().to(torch.bfloat16).contiguous()
+    ``config.json``, the layout ``maskhub diff`` and ``from_pretrained`` read); ``dtype``:
+    another dtype (:func:`save_fp32`). A directory that cannot be written is a
+    :class:`~maskhub.errors.UsageError`."""
+    weights = {name: p.detach().to(dtype).contiguous()
                for name, p in model.state_dict().items()}
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,12 @@ def save_bf16(model: Any, directory: Path) -> Path:
         raise UsageError(f"cannot write the checkpoint {directory}: "
                          f"{text[0] if text else type(exc).__name__}") from None
     return directory
+
+
+def save_fp32(model: Any, directory: Path) -> Path:
+    """Write ``model``'s fp32 master weights as they are (the fp32 control of a run's bf16
+    checkpoints), in the layout of :func:`save_bf16`."""
+    return save_bf16(model, directory, torch.float32)
 
 
 def load_bf16(size: StudySize, directory: Path) -> Any:

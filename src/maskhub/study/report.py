@@ -96,7 +96,8 @@ def _sql_command(sql: str, home: str) -> list[str]:
 #: Which figure goes with which table (the keys :meth:`Measurer.draw` gives them).
 FIGURES_OF = {"figure3_layers": tuple(f"figure3-{r}" for r in FIGURE3_RUNS),
               "table4": ("table4-overlap",),
-              "figure5": tuple(f"figure5-{r}" for r in TRAJECTORY_RUNS)}
+              "figure5": tuple(f"figure5-{r}" for r in TRAJECTORY_RUNS),
+              "curve": ("curves",)}
 
 DIFFERENCES = """\
 - **Size.** A {n_params:,}-parameter Qwen2 on two-number addition, not 7B-70B models on
@@ -132,15 +133,27 @@ DIFFERENCES = """\
   mask the bf16 checkpoint of that step would give, bit for bit, and "vs previous" counts the
   entries changed since the previous point. Recording took {record_seconds:.1f} s in all
   (counted as maskhub time).
+- **fp32 controls.** The unmasked RL runs and the equal-budget controls also saved their
+  fp32 master weights at the last step (`checkpoints/RUN/fp32-step-NNNN`, and
+  `checkpoints/pre-fp32`, `sft-fp32` for the starts); the diff of those is each run's fp32
+  control (`PREFIX-RUN-fp32`, tagged `fp32-control`), set beside its bf16 mask in the fp32
+  table and the verdict table (`maskhub show MASK --control MASK-fp32` does it for one mask).
+  The paper measures bf16 checkpoints only.
+- **Loss/accuracy curves.** At each recorded point of the trajectory runs the bf16 view is
+  also graded (held-out accuracy and held-out answer loss; {curve_seconds:.1f} s in all,
+  inside the training time); the last point is the run's saved checkpoint.
 - **Masked runs.** θ_sub repeats dpo-s0 (same seed, pairs, order and hyperparameters) with
   dpo-s0's own mask, once through the masked optimizer and once through the Trainer callback.
 """
 
 
-def _rates(size: dict[str, Any]) -> str:
+def _rates(size: dict[str, Any], flags: list[str]) -> str:
     """The sentence on the RL learning rates: only the default size's were chosen by a
-    sweep (the quick size's are not tuned)."""
+    sweep (the quick size's are not tuned; ``--lr`` sets them)."""
     rates = f"{size['dpo_lr']:g} for DPO, {size['grpo_lr']:g} for GRPO"
+    if "--lr" in flags:
+        return (f"the RL rates here ({rates}) were set with --lr (the {size['name']} size's "
+                "own were not used).")
     if size["name"] == "default":
         return (f"the RL rates here ({rates}) were chosen on this size as the sparsest that "
                 "still raised the held-out accuracy by over 5 points when chosen.")
@@ -178,12 +191,14 @@ def write_report(report: StudyReport, output: Path, home: str) -> dict[str, Path
              "seed and the machine.", ""]
     lines += [f"- {f}" for f in report.findings]
     lines += ["", "## Where the miniature differs from the paper", "",
-              DIFFERENCES.format(n_params=h["n_params"], rates_sentence=_rates(h["size"]),
+              DIFFERENCES.format(n_params=h["n_params"],
+                                 rates_sentence=_rates(h["size"], h.get("flags", [])),
                                  longest=max(v for k, v in report.timing.items()
                                              if k.startswith("train_")),
                                  grpo_generations=h["size"]["grpo_generations"],
                                  record_every=h["size"]["record_every"],
-                                 record_seconds=report.timing["record_seconds"])]
+                                 record_seconds=report.timing["record_seconds"],
+                                 curve_seconds=report.timing.get("curve_seconds", 0.0))]
     for table in report.tables:
         lines += [f"## {table.spec.title}", "", f"Paper: {table.spec.paper}.", ""]
         lines += _markdown_table(table)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from maskhub.study.model import save_bf16
+from maskhub.study.model import save_bf16, save_fp32
 from maskhub.study.sizes import StudySize
 from maskhub.study.task import Problem, Split, generate
 
@@ -37,15 +37,24 @@ class RunOutput:
     #: for a run given ``record=``; and the seconds spent recording it.
     trajectory: Any = None
     record_seconds: float = 0.0
+    #: The fp32 master weights at the last step (a run given ``fp32=True``): the control of
+    #: its bf16 checkpoints.
+    fp32_final: Path | None = None
+    #: The per-point grades of a recorded run given ``grade=``: ``{"step", "heldout_acc",
+    #: "heldout_loss"}`` at each recorded point, and the seconds they took.
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    curve_seconds: float = 0.0
 
 
 class Bf16Checkpoints(TrainerCallback):
     """Save the model as a bf16 checkpoint ``step-0000`` at train begin and ``step-NNNN``
-    at the last step, and collect the logged losses."""
+    at the last step (``fp32``: also the fp32 master weights there, ``fp32-step-NNNN``),
+    and collect the logged losses."""
 
-    def __init__(self, output: RunOutput) -> None:
+    def __init__(self, output: RunOutput, fp32: bool = False) -> None:
         """Write under ``output.directory``."""
         self.output = output
+        self.fp32 = fp32
 
     def _save(self, model: Any, step: int) -> None:
         """Write checkpoint ``step-NNNN``."""
@@ -61,6 +70,9 @@ class Bf16Checkpoints(TrainerCallback):
         """Save the last step."""
         if state.global_step == state.max_steps:
             self._save(model, state.global_step)
+            if self.fp32:
+                self.output.fp32_final = save_fp32(
+                    model, self.output.directory / f"fp32-step-{state.global_step:04d}")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:
@@ -80,14 +92,20 @@ class LiveTrajectory(TrainerCallback):
     each record): every recorded mask is, bit for bit, the diff of the bf16 checkpoint the
     run would have written at that step against the bf16 start. ``recorder_kwargs`` go to
     the Recorder (``home``, ``tol``, ``tags``, ``algorithm``...); ``per_step=True`` so the
-    "vs previous" counts are filled."""
+    "vs previous" counts are filled.
 
-    def __init__(self, output: RunOutput, run: str, every: int, **recorder_kwargs: Any
-                 ) -> None:
+    ``grade(view)``: called on the bf16 view at each recorded point (step 0 included); its
+    dict, with ``step``, is appended to ``output.curve`` (the per-checkpoint loss/accuracy
+    curve of the checkpoints the run would have written)."""
+
+    def __init__(self, output: RunOutput, run: str, every: int,
+                 grade: Callable[[Any], dict[str, Any]] | None = None,
+                 **recorder_kwargs: Any) -> None:
         """Record ``run`` every ``every`` optimizer steps into ``output``."""
         self.output = output
         self.run = run
         self.every = every
+        self.grade = grade
         self.recorder_kwargs = recorder_kwargs
         self.recorder: Any = None
         self.model: Any = None
@@ -113,12 +131,22 @@ class LiveTrajectory(TrainerCallback):
         self.recorder = Recorder(self.view, self.run, step=state.global_step, per_step=True,
                                  **self.recorder_kwargs)
         self.output.record_seconds += time.perf_counter() - t0
+        self._grade(state.global_step)
+
+    def _grade(self, step: int) -> None:
+        """Grade the bf16 view (just synced) at ``step`` into ``output.curve``."""
+        if self.grade is None:
+            return
+        t0 = time.perf_counter()
+        self.output.curve.append({"step": step, **self.grade(self.view)})
+        self.output.curve_seconds += time.perf_counter() - t0
 
     def _record(self, step: int) -> None:
         t0 = time.perf_counter()
         self._sync()
         self.recorder.record(step)
         self.output.record_seconds += time.perf_counter() - t0
+        self._grade(step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record every ``every`` steps and at the last one."""
@@ -168,11 +196,15 @@ def preference_pairs(model: Any, tokenizer: Any, size: StudySize, split: Split,
 def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
             seed: int, directory: Path, *, callbacks: Sequence[Any] = (),
             optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-            record: dict[str, Any] | None = None) -> RunOutput:
+            record: dict[str, Any] | None = None,
+            grade: Callable[[Any], dict[str, Any]] | None = None, fp32: bool = False
+            ) -> RunOutput:
     """DPO (sigmoid loss plus the NLL of the chosen answer, as in RPO) from ``model`` with
     a frozen copy of it as the reference. ``optimizers(model, args)``: a builder for
     ``Trainer(optimizers=...)`` (the masked run's masked optimizer). ``record``: the
-    :class:`LiveTrajectory` arguments (``run``, ``home``, ...) to record the trajectory live."""
+    :class:`LiveTrajectory` arguments (``run``, ``home``, ...) to record the trajectory live;
+    ``grade``: grade each recorded point (:class:`LiveTrajectory`); ``fp32``: also save the
+    fp32 master weights at the last step."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -184,8 +216,8 @@ def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, s
     extra = {"optimizers": optimizers(model, args)} if optimizers else {}
     trainer = DPOTrainer(model=model, ref_model=reference, args=args,
                          train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                         callbacks=[*callbacks, *_recording(output, size, record),
-                                    Bf16Checkpoints(output)],
+                         callbacks=[*callbacks, *_recording(output, size, record, grade),
+                                    Bf16Checkpoints(output, fp32)],
                          **extra)
     _train(trainer)
     return output
@@ -198,10 +230,12 @@ def correctness_reward(prompts: list[str], completions: list[str], answer: list[
 
 
 def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: int,
-             directory: Path, *, record: dict[str, Any] | None = None) -> RunOutput:
+             directory: Path, *, record: dict[str, Any] | None = None,
+             grade: Callable[[Any], dict[str, Any]] | None = None, fp32: bool = False
+             ) -> RunOutput:
     """GRPO with :func:`correctness_reward` over the train prompts (no KL term, as in
     DAPO-style recipes; ``grpo_generations`` completions per prompt at temperature 1).
-    ``record``: as for :func:`run_dpo`."""
+    ``record``, ``grade``, ``fp32``: as for :func:`run_dpo`."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -213,18 +247,18 @@ def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: in
     output = RunOutput(directory)
     trainer = GRPOTrainer(model=model, reward_funcs=correctness_reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[*_recording(output, size, record),
-                                     Bf16Checkpoints(output)])
+                          callbacks=[*_recording(output, size, record, grade),
+                                     Bf16Checkpoints(output, fp32)])
     _train(trainer)
     return output
 
 
-def _recording(output: RunOutput, size: StudySize, record: dict[str, Any] | None
-               ) -> list[LiveTrajectory]:
+def _recording(output: RunOutput, size: StudySize, record: dict[str, Any] | None,
+               grade: Callable[[Any], dict[str, Any]] | None = None) -> list[LiveTrajectory]:
     """The live trajectory callback of a run given ``record=`` (none otherwise)."""
     if record is None:
         return []
-    return [LiveTrajectory(output, every=size.record_every, **record)]
+    return [LiveTrajectory(output, every=size.record_every, grade=grade, **record)]
 
 
 def _shuffled(problems: tuple[Problem, ...], seed: int) -> list[Problem]:

@@ -26,8 +26,8 @@ from maskhub.study.findings import findings
 from maskhub.study.measure import Measurer, StudyNames
 from maskhub.study.report import StudyReport, query_tables, write_report
 from maskhub.study.requirements import check_requirements
-from maskhub.study.runs import TrainedStudy, train_all
-from maskhub.study.sizes import DEFAULT, QUICK, StudySize
+from maskhub.study.runs import TrainedStudy, check_seeds, train_all
+from maskhub.study.sizes import DEFAULT, QUICK, StudySize, resolve_size
 from maskhub.study.tables import table_specs
 from maskhub.study.verdicts import verdicts
 
@@ -48,11 +48,12 @@ def prepare_output(output: Path) -> None:
         raise UsageError(f"cannot create {output}: {exc.strerror or exc}") from None
 
 
-def choose_names(registry: Registry, name: str | None) -> StudyNames:
+def choose_names(registry: Registry, name: str | None, seeds: int = 1) -> StudyNames:
     """The study's names: ``name`` if every mask name it makes is valid and free (else a
-    one-line error), or the first free ``study``, ``study-2``, ``study-3``..."""
+    one-line error), or the first free ``study``, ``study-2``, ``study-3``... (``seeds``:
+    the study's seeds, which decide its runs)."""
     if name is not None:
-        names = StudyNames(name)
+        names = StudyNames(name, seeds)
         for mask in names.every_mask():
             try:
                 registry.check_new_name(mask)
@@ -65,7 +66,7 @@ def choose_names(registry: Registry, name: str | None) -> StudyNames:
                                  f"{invalid_mask_name_message(mask)}") from None
         return names
     for k in range(1, 1000):
-        names = StudyNames("study" if k == 1 else f"study-{k}")
+        names = StudyNames("study" if k == 1 else f"study-{k}", seeds)
         if not _registered(registry, names):
             return names
     raise UsageError("no free study name from study to study-999; pass --name")
@@ -102,24 +103,33 @@ def quiet_libraries() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | None = None,
+def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | None = None,
+          lr: float | None = None, steps: int | None = None, seeds: int = 1,
+          name: str | None = None,
           home: str | os.PathLike[str] | None = None, seed: int = 0,
           say: Callable[[str], None] = print) -> StudyReport:
     """Run the whole study into directory ``output`` (new or empty) and register its masks
-    in ``home``'s registry; ``quick``: the small size CI runs. ``say``: progress lines.
-    Returns the report (also written to ``output/report.md`` and ``report.json``)."""
+    in ``home``'s registry. ``size``: ``default`` or ``quick`` (``quick=True``: the small
+    size CI runs); ``lr`` / ``steps``: the RL learning rate and steps (DPO, GRPO and the
+    equal-budget SFT controls), overriding the size's; ``seeds``: train DPO, GRPO and the
+    equal-budget SFT control from θ_sft with this many seeds (intervals across them in the
+    seeds table and the verdicts). ``say``: progress lines. Returns the
+    report (also written to ``output/report.md`` and ``report.json``). Bad values are
+    one-line :class:`~maskhub.errors.UsageError` errors, raised before anything is written."""
     started = time.perf_counter()
     check_requirements()
+    chosen = _choose_size(quick, size, lr, steps)
+    check_seeds(seeds)
     output = Path(output).resolve()
     registry = Registry(home)
     registry.check_writable()
-    names = choose_names(registry, name)
+    names = choose_names(registry, name, seeds)
     prepare_output(output)
-    size = QUICK if quick else DEFAULT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with quiet_libraries(), torch_threads(STUDY_THREADS):
-            report = _run(output, size, names, registry, seed, quick, say, started)
+            flags = _flags(quick, size, lr, steps, seeds)
+            report = _run(output, chosen, names, registry, seed, flags, say, started)
     except KeyboardInterrupt:
         done = _registered(registry, names)
         raise StudyInterruptedError(
@@ -130,8 +140,26 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, name: str | No
     return report
 
 
+def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | None
+                 ) -> StudySize:
+    """The size ``--quick`` / ``--size`` name, with ``--lr`` / ``--steps`` applied."""
+    if quick and size not in (None, QUICK.name):
+        raise UsageError(f"--quick is --size quick; it cannot go with --size {size}")
+    return resolve_size(QUICK.name if quick else size or DEFAULT.name, lr=lr, steps=steps)
+
+
+def _flags(quick: bool, size: str | None, lr: float | None, steps: int | None,
+           seeds: int = 1) -> list[str]:
+    """The size flags as the command line gave them (for the report's command)."""
+    out = ["--quick"] if quick else ["--size", size] if size else []
+    out += ["--lr", f"{lr:g}"] if lr is not None else []
+    out += ["--steps", str(steps)] if steps is not None else []
+    out += ["--seeds", str(seeds)] if seeds != 1 else []
+    return out
+
+
 def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, seed: int,
-         quick: bool, say: Callable[[str], None], started: float) -> StudyReport:
+         flags: list[str], say: Callable[[str], None], started: float) -> StudyReport:
     """Train, measure, write the report (the body of :func:`study`)."""
     from maskhub.study.task import make_tokenizer, split_problems
 
@@ -151,7 +179,7 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
     say(f"study {names.prefix!r} ({size.name} size) into {output}")
     t_train = time.perf_counter()
     trained = train_all(output / "checkpoints", size, split, tokenizer, seed, timed_register,
-                        say, record_for=measurer.record_for)
+                        say, record_for=measurer.record_for, runs=names.runs)
     maskhub_seconds += trained.record_seconds  # the live trajectories, inside the loops
     training_seconds = time.perf_counter() - t_train - maskhub_seconds
 
@@ -165,9 +193,10 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
     report = StudyReport(
         prefix=names.prefix,
         header={"command": shlex.join(["maskhub", "--home", str(registry.home), "study",
-                                       *(["--quick"] if quick else []), "--name",
+                                       *flags, "--name",
                                        names.prefix, "--out", str(output)]),
-                "size": size.to_dict(), "n_params": n_params, "n_train": len(split.train),
+                "size": size.to_dict(), "flags": flags, "n_params": n_params,
+                "n_train": len(split.train),
                 "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
                 "dataset": dataset, "n_pairs": trained.pairs,
                 "commands": _commands(registry, names, trained, output)},
@@ -175,6 +204,8 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
         timing={"total_seconds": round(total, 1), "training_seconds": round(training_seconds, 1),
                 "maskhub_seconds": round(maskhub_seconds, 1),
                 "record_seconds": round(trained.record_seconds, 1),
+                "curve_seconds": round(trained.curve_seconds, 1),
+                "fp32_seconds": round(measurer.fp32_seconds, 1),
                 "other_seconds": round(total - training_seconds - maskhub_seconds, 1),
                 **{f"train_{run}_seconds": round(f.train_seconds, 1)
                    for run, f in trained.facts.items()}},
@@ -197,6 +228,7 @@ def _commands(registry: Registry, names: StudyNames, trained: TrainedStudy, outp
     return [
         f"{mh} ls --where \"list_contains(tags, '{names.tag}')\"",
         f"{mh} show {full}",
+        f"{mh} show {full} --control {names.fp32('dpo-s0')}",
         f"{mh} diff {rel('dpo-s0', False)} {rel('dpo-s0')} --sweep 0,1e-8,1e-7,1e-6,1e-5,1e-4"
         f",1e-3 --rank --stats --name {names.prefix}-again-dpo-s0",
         f"{mh} overlap {full} {names.mask('dpo-s1')}",

@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskhub.study.model import load_bf16, new_model, save_bf16
+import torch
+
+from maskhub.study.model import load_bf16, new_model, save_bf16, save_fp32
 from maskhub.study.rl import RunOutput, preference_pairs, run_dpo, run_grpo
 from maskhub.study.sizes import StudySize
 from maskhub.study.supervised import pretrain, sft
-from maskhub.study.task import Split, accuracy
+from maskhub.study.task import Split, accuracy, answer_loss
 
 #: The study's RL runs: name -> (algorithm, starting checkpoint, seed).
 RL_RUNS = {
@@ -40,6 +42,65 @@ RANDOM_RUN = "dpo-rand-s0"
 #: θ_sft and from θ_pre (name -> (algorithm, start, seed)). If their sparsity matches the RL
 #: runs', the movement budget and the start weights explain it, not the algorithm.
 CONTROL_RUNS = {"sfteq-s0": ("sft", "sft", 0), "sfteq-nosft-s0": ("sft", "pre", 0)}
+#: The runs whose fp32 master weights are saved at the start and the end (the unmasked RL
+#: runs and the equal-budget controls): the diff of those is the fp32 control of the run's
+#: bf16 mask (how much of its sparsity is the bf16 cast).
+FP32_RUNS = ("dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0", *CONTROL_RUNS)
+#: The most ``--seeds`` accepted.
+MAX_SEEDS = 10
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """The runs of a study of ``seeds`` seeds: the base runs (:data:`RL_RUNS`,
+    :data:`CONTROL_RUNS`) and, for each seed k beyond them, ``dpo-sK`` (from 2; dpo-s1 is
+    a base run), ``grpo-sK`` and ``sfteq-sK`` from θ_sft, trained after the base runs of
+    their kind so that the base runs are the same whatever ``seeds``."""
+
+    seeds: int = 1
+
+    @property
+    def rl(self) -> dict[str, tuple[str, str, int]]:
+        """The RL runs (name -> algorithm, start, seed), in training order."""
+        out = dict(RL_RUNS)
+        for k in range(1, self.seeds):
+            if k >= 2:
+                out[f"dpo-s{k}"] = ("dpo", "sft", k)
+            out[f"grpo-s{k}"] = ("grpo", "sft", k)
+        return out
+
+    @property
+    def from_sft(self) -> list[str]:
+        """The unmasked RL runs from θ_sft (every seed): the runs of the sparsity claims."""
+        return [run for run, (_, start, _) in self.rl.items()
+                if start == "sft" and run not in MASKED_RUNS]
+
+    @property
+    def controls(self) -> dict[str, tuple[str, str, int]]:
+        """The equal-budget SFT controls, in training order."""
+        return {**CONTROL_RUNS, **{f"sfteq-s{k}": ("sft", "sft", k)
+                                   for k in range(1, self.seeds)}}
+
+    @property
+    def fp32(self) -> tuple[str, ...]:
+        """The runs whose fp32 masters are saved and diffed (every unmasked run)."""
+        return (*FP32_RUNS, *(r for r in (*self.rl, *self.controls)
+                              if r not in RL_RUNS and r not in CONTROL_RUNS))
+
+    @property
+    def masks(self) -> tuple[str, ...]:
+        """Every run with a mask, in report order."""
+        return ("sft", *self.rl, *self.controls)
+
+
+def check_seeds(seeds: int) -> int:
+    """``seeds`` if it is a whole number from 1 to :data:`MAX_SEEDS` (else a one-line
+    :class:`~maskhub.errors.UsageError`)."""
+    from maskhub.errors import UsageError
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must be a whole number from 1 to {MAX_SEEDS}, not {seeds!r}")
+    return seeds
 
 
 @dataclass
@@ -82,6 +143,10 @@ class TrainedStudy:
     #: spent recording them (maskhub's time, inside the training loops).
     trajectories: dict[str, Any] = field(default_factory=dict)
     record_seconds: float = 0.0
+    #: The fp32 master weights (start, final) of each run of :data:`FP32_RUNS`.
+    fp32: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    #: Seconds spent grading the recorded points (the loss/accuracy curves).
+    curve_seconds: float = 0.0
 
     def start_of(self, run: str) -> Path:
         """The checkpoint a run started from."""
@@ -106,6 +171,11 @@ class _Evaluator:
         return (accuracy(model, self.tokenizer, self.heldout),
                 accuracy(model, self.tokenizer, self.train))
 
+    def point(self, model: Any) -> dict[str, float]:
+        """The curve's grades of ``model``: held-out accuracy and held-out answer loss."""
+        return {"heldout_acc": accuracy(model, self.tokenizer, self.heldout),
+                "heldout_loss": answer_loss(model, self.tokenizer, self.heldout)}
+
     def start(self, start: str, model: Any) -> tuple[float, float]:
         """Accuracy of starting checkpoint ``start`` (``model`` holds it), measured once:
         greedy decoding of the same weights gives the same answers for every run."""
@@ -123,8 +193,8 @@ def _mean(values: list[float], head: bool) -> float | None:
 def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, seed: int,
               mask_for: Callable[[TrainedStudy, str], Any],
               say: Callable[[str], None],
-              record_for: Callable[[str], dict[str, Any] | None] = lambda run: None
-              ) -> TrainedStudy:
+              record_for: Callable[[str], dict[str, Any] | None] = lambda run: None,
+              runs: StudyRuns = StudyRuns()) -> TrainedStudy:
     """Train θ_pre, θ_sft, every run of :data:`RL_RUNS` and the controls of
     :data:`CONTROL_RUNS` under ``directory``. Accuracy after a run is graded on its saved
     bf16 checkpoint (the weights whose sparsity is measured), not the in-memory fp32 model.
@@ -132,12 +202,23 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
     ``mask_for(trained, run)``: called before each masked run (``dpo-s0`` is trained by then:
     its checkpoints and facts are in ``trained``); returns the registered mask it trains with.
     ``record_for(run)``: the :class:`~maskhub.study.rl.LiveTrajectory` arguments of a run
-    whose trajectory is recorded live (``None`` for the others)."""
+    whose trajectory is recorded live (``None`` for the others). ``runs``: the runs (the
+    seeds' runs beyond the base ones)."""
     out = TrainedStudy(directory)
     evaluate = _Evaluator(tokenizer, split)
 
     def graded(path: Path) -> tuple[float, float]:
         return evaluate(load_bf16(size, path))
+
+    grader = new_model(size, seed=0)
+
+    def grade_view(view: Any) -> dict[str, float]:
+        """Grade a bf16 view: its values in fp32, as :func:`load_bf16` reads a checkpoint."""
+        values = dict(view.named_parameters())
+        with torch.no_grad():
+            for name, p in grader.named_parameters():
+                p.copy_(values[name])
+        return evaluate.point(grader)
 
     say(f"pretraining θ_pre ({size.pretrain_steps} steps)")
     t0 = time.perf_counter()
@@ -166,8 +247,11 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
                                 time.perf_counter() - t0)
 
     starts = {"pre": pre, "sft": sft_dir}
+    # The fp32 masters every run starts from: its start checkpoint's bf16 values in fp32.
+    fp32_starts = {k: save_fp32(load_bf16(size, v), directory / f"{k}-fp32")
+                   for k, v in starts.items()}
     pairs: dict[int, list[dict[str, str]]] = {}
-    for run, (algorithm, start, run_seed) in RL_RUNS.items():
+    for run, (algorithm, start, run_seed) in runs.rl.items():
         mask = mask_for(out, run) if run in MASKED_RUNS else None  # maskhub's time
         t0 = time.perf_counter()
         model = load_bf16(size, starts[start])
@@ -177,7 +261,8 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
             steps, lr, batch = size.grpo_steps, size.grpo_lr, size.grpo_batch
             say(f"GRPO {run} from θ_{start} ({steps} steps)")
             result = run_grpo(model, tokenizer, size, split, run_seed, directory / run,
-                              record=record)
+                              record=record, grade=grade_view if record else None,
+                              fp32=run in runs.fp32)
             extra: dict[str, Any] = {"num_generations": size.grpo_generations, "beta": 0.0}
         else:
             steps, lr, batch = size.dpo_steps, size.dpo_lr, size.dpo_batch
@@ -187,7 +272,8 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
                 out.pairs[run_seed] = len(pairs[run_seed])
             say(f"DPO {run} from θ_{start} ({steps} steps, {len(pairs[run_seed])} pairs)")
             result = _dpo(run, model, tokenizer, size, pairs[run_seed], run_seed,
-                          directory / run, mask, record)
+                          directory / run, mask, record, grade_view if record else None,
+                          fp32=run in runs.fp32)
             extra = {"beta": size.dpo_beta, "loss_type": "sigmoid+sft",
                      "n_pairs": len(pairs[run_seed])}
             if run in MASKED_RUNS:
@@ -196,12 +282,17 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
         if result.trajectory is not None:
             out.trajectories[run] = result.trajectory
         out.record_seconds += result.record_seconds
+        out.curve_seconds += result.curve_seconds
+        if result.curve:
+            extra["curve"] = result.curve
+        if result.fp32_final is not None:
+            out.fp32[run] = (fp32_starts[start], result.fp32_final)
         out.facts[run] = RunFacts(run, algorithm, start, run_seed, steps, lr, batch,
                                   _mean(result.losses, True), _mean(result.losses, False),
                                   *_pair(before, graded(result.checkpoints[-1])),
                                   time.perf_counter() - t0, extra)
 
-    for run, (_, start, run_seed) in CONTROL_RUNS.items():
+    for run, (_, start, run_seed) in runs.controls.items():
         say(f"control {run}: SFT from θ_{start} at the DPO budget ({size.dpo_steps} steps, "
             f"lr {size.dpo_lr:g})")
         t0 = time.perf_counter()
@@ -211,6 +302,8 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
                      lr=size.dpo_lr, batch=size.dpo_batch)
         final = save_bf16(model, directory / run)
         out.checkpoints[run] = [starts[start], final]
+        if run in runs.fp32:
+            out.fp32[run] = (fp32_starts[start], save_fp32(model, directory / f"{run}-fp32"))
         out.facts[run] = RunFacts(run, "sft", start, run_seed, size.dpo_steps, size.dpo_lr,
                                   size.dpo_batch, _mean(losses, True), _mean(losses, False),
                                   *_pair(before, graded(final)), time.perf_counter() - t0,
@@ -219,10 +312,12 @@ def train_all(directory: Path, size: StudySize, split: Split, tokenizer: Any, se
 
 
 def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, str]],
-         seed: int, directory: Path, mask: Any, record: dict[str, Any] | None = None
+         seed: int, directory: Path, mask: Any, record: dict[str, Any] | None = None,
+         grade: Callable[[Any], dict[str, Any]] | None = None, fp32: bool = False
          ) -> RunOutput:
     """A DPO run; the masked runs apply ``mask`` as :data:`MASKED_RUNS` says; ``record``:
-    record its trajectory live."""
+    record its trajectory live (``grade``: grade each point); ``fp32``: save its fp32
+    masters at the last step."""
     if run in ("dpo-sub-s0", RANDOM_RUN):
         from maskhub.integrations.transformers import masked_optimizer
 
@@ -233,7 +328,8 @@ def _dpo(run: str, model: Any, tokenizer: Any, size: StudySize, pairs: list[dict
 
         return run_dpo(model, tokenizer, size, pairs, seed, directory,
                        callbacks=[MaskCallback(mask)])
-    return run_dpo(model, tokenizer, size, pairs, seed, directory, record=record)
+    return run_dpo(model, tokenizer, size, pairs, seed, directory, record=record, grade=grade,
+                   fp32=fp32)
 
 
 def _pair(before: tuple[float, float], after: tuple[float, float]

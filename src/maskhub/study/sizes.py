@@ -10,7 +10,7 @@ accuracy at every rate tried, hence DPO plus the chosen answers' NLL.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -71,3 +71,33 @@ QUICK = StudySize(
 )
 
 SIZES = {s.name: s for s in (DEFAULT, QUICK)}
+
+#: The largest ``--steps`` accepted (a run of more RL steps is not a miniature any more).
+MAX_STEPS = 100_000
+
+
+def resolve_size(size: str = "default", *, lr: float | None = None, steps: int | None = None
+                 ) -> StudySize:
+    """The study size named ``size`` (``default`` or ``quick``), with ``lr`` (the RL learning
+    rate: DPO, GRPO and the equal-budget SFT controls) and ``steps`` (the RL steps: DPO,
+    GRPO and the controls) overriding the size's own. A bad value is a one-line
+    :class:`~maskhub.errors.UsageError`."""
+    import math
+
+    from maskhub.errors import UsageError
+
+    if size not in SIZES:
+        raise UsageError(f"--size {size!r} is not a study size; choose one of "
+                         f"{', '.join(SIZES)}")
+    chosen = SIZES[size]
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+                or not 0 < lr < 1:
+            raise UsageError(f"--lr must be a learning rate above 0 and below 1, not {lr!r}")
+        chosen = replace(chosen, dpo_lr=float(lr), grpo_lr=float(lr))
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise UsageError(f"--steps must be a whole number of RL steps from 1 to "
+                             f"{MAX_STEPS:,}, not {steps!r}")
+        chosen = replace(chosen, dpo_steps=steps, grpo_steps=steps)
+    return chosen

@@ -56,6 +56,10 @@ LEARNED = ("(CAST(json_extract(notes, '$.accuracy_heldout_after') AS DOUBLE) > "
            " < CAST(json_extract(notes, '$.loss_first') AS DOUBLE))) AS learned")
 
 
+#: The seeds table's aggregates across seeds (SQL function, column label).
+AGGREGATES = (("avg", "mean"), ("min", "min"), ("max", "max"), ("stddev_samp", "sd"))
+
+
 def _tol_label(tol: float) -> str:
     """``tol=1e-05``: a column name for a tolerance."""
     return f"tol={tol:g}"
@@ -117,6 +121,43 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   + _pct("null_share", "null_share_pct") + ",\n       "
                   + _pct("sparsity_movable", "sparsity_movable_pct")
                   + f"\nFROM masks\nWHERE {runs}\nORDER BY {ORDER}"),
+        TableSpec("fp32", "The bf16 mask of each run beside its fp32 control: the diff of "
+                  "the same run's fp32 master weights (%, tolerance 1e-5, and 0 for the "
+                  "masters); what the bf16 mask calls unchanged but the masters moved is the "
+                  "bf16 cast's, not the algorithm's",
+                  "Table 1 (the paper measures bf16 checkpoints only)",
+                  "SELECT b.name, c.name AS fp32_control,\n       "
+                  + ",\n       ".join([
+                      _pct("b.sparsity", "bf16_sparsity_pct"),
+                      _pct("c.sparsity", "fp32_sparsity_pct"),
+                      _pct("1 - (SELECT sum(s.n_updated) FROM tensor_sweep s "
+                           "WHERE s.mask_id = c.id AND s.tol = 0.0) / c.n_params",
+                           '"fp32_sparsity_pct tol=0"'),
+                      _pct("(c.n_updated - b.n_updated) / b.n_params",
+                           "more_updated_in_fp32_pct")])
+                  + "\nFROM masks b JOIN masks c ON c.name = b.name || '-fp32'\n"
+                  f"WHERE list_contains(b.tags, '{names.tag}') AND b.notes IS NOT NULL\n"
+                  "ORDER BY CAST(json_extract(b.notes, '$.order') AS INTEGER)"),
+        TableSpec("seeds", "The runs from θ_sft repeated over seeds (--seeds; DPO always has "
+                  "two): mean, min and max (and sample standard deviation) across seeds of the "
+                  "bf16 sparsity, the fp32 control's sparsity and the held-out accuracy (%)",
+                  "Table 1 and Table 3 (the paper reports single runs)",
+                  "SELECT regexp_replace(m.name, '-s[0-9]+$', '') AS runs, "
+                  "count(*) AS n_seeds,\n       "
+                  + ",\n       ".join([
+                      *(_pct(f"{agg}(m.sparsity)", f"sparsity_{label}_pct")
+                        for agg, label in AGGREGATES),
+                      *(_pct(f"{agg}(c.sparsity)", f"fp32_sparsity_{label}_pct")
+                        for agg, label in AGGREGATES[:3]),
+                      *(_pct(f"{agg}(CAST(json_extract(m.notes, '$.accuracy_heldout_after') "
+                             "AS DOUBLE))", f"heldout_acc_{label}_pct")
+                        for agg, label in AGGREGATES)])
+                  + "\nFROM masks m LEFT JOIN masks c ON c.name = m.name || '-fp32'\n"
+                  f"WHERE list_contains(m.tags, '{names.tag}') AND m.notes IS NOT NULL\n"
+                  "  AND json_extract_string(m.notes, '$.start') = 'sft'\n"
+                  "  AND NOT json_exists(m.notes, '$.conjecture1')\n"
+                  "GROUP BY 1 HAVING count(*) >= 2\n"
+                  "ORDER BY min(CAST(json_extract(m.notes, '$.order') AS INTEGER))"),
         TableSpec("table6", "Update sparsity (%) under each tolerance of the sweep",
                   "Table 6",
                   f"SELECT m.name,\n       {sweep_cols}\n"
@@ -178,6 +219,18 @@ def table_specs(names: StudyNames) -> list[TableSpec]:
                   "JOIN masks f ON f.id = t.final_mask_id\n"
                   f"WHERE list_contains(f.tags, '{names.tag}') AND p.idx > 0\n"
                   "ORDER BY t.name, p.idx"),
+        TableSpec("curve", "Held-out accuracy (%) and held-out answer loss at each "
+                  "recorded point of the trajectory runs (graded on the bf16 weights that "
+                  "point's checkpoint would hold; the last point is the run's saved checkpoint)",
+                  "Figure 4 and the training curves of Appendix B",
+                  "SELECT name, c.step,\n       "
+                  + _pct("c.heldout_acc", "heldout_acc_pct") + ",\n       "
+                  "round(c.heldout_loss, 4) AS heldout_loss\n"
+                  "FROM (SELECT name, notes, unnest(from_json(json_extract(notes, '$.curve'), "
+                  "'[{\"step\": \"INTEGER\", \"heldout_acc\": \"DOUBLE\", "
+                  "\"heldout_loss\": \"DOUBLE\"}]')) AS c\n"
+                  f"      FROM masks WHERE {runs} AND json_exists(notes, '$.curve'))\n"
+                  f"ORDER BY {ORDER}, c.step"),
         TableSpec("conjecture1", "θ_sub (only dpo-s0's mask trained; the random-mask control "
                   "trains a random mask of the same count per tensor and |θ0| exponent) "
                   "against θ_full (dpo-s0): verify, % of equal entries, task accuracy (%)",

@@ -148,3 +148,16 @@ def accuracy(model: Any, tokenizer: Any, problems: tuple[Problem, ...] | list[Pr
     right = sum(extract_answer(c) == p.answer for c, p in zip(completions, problems,
                                                                 strict=True))
     return right / len(problems)
+
+
+@torch.no_grad()
+def answer_loss(model: Any, tokenizer: Any, problems: tuple[Problem, ...] | list[Problem]
+                ) -> float:
+    """Mean NLL of the answers and their ``</s>`` given the prompts (the SFT loss, one batch,
+    in eval mode) over ``problems``."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(model(**encode_answer_batch(tokenizer, list(problems))).loss)
+    finally:
+        model.train(was_training)

@@ -11,8 +11,10 @@ The rules (constants below):
   accuracy not above its start's, or loss not below its first steps'; GRPO: accuracy only);
 * sparsity: ``not reproduced`` below the paper's lowest RL sparsity (68.5%); ``explained by
   precision`` when the equal-budget SFT control (plain SFT at the RL learning rate and steps)
-  is within :data:`MARGIN` points of the RL run's sparsity, or when the sparsity among the
-  entries that could move (outside the precision null) is below 68.5%; else ``reproduced``;
+  is within :data:`MARGIN` points of the RL run's sparsity, when the run's fp32 master
+  weights (its fp32 control) are below 68.5% sparse (the bf16 cast made the run look sparse),
+  or when the sparsity among the entries that could move (outside the precision null) is
+  below 68.5%; else ``reproduced``;
 * overlap: ``not reproduced`` when o1 is within :data:`MARGIN` points of the uniform
   baseline; ``explained by precision`` when within :data:`MARGIN` of the magnitude baseline
   (random placement keeping each tensor's count per |θ0| exponent); else ``reproduced``;
@@ -24,7 +26,7 @@ The rules (constants below):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Percentage points within which two sparsities or overlaps count as the same.
@@ -43,11 +45,12 @@ class Figures:
     """What the verdicts rest on (percent; None: not measured)."""
 
     learned: dict[str, bool]
-    rl_sparsity: dict[str, float]  # dpo-s0, dpo-s1, grpo-s0 (from θ_sft)
+    rl_sparsity: dict[str, float]  # every RL run from θ_sft: dpo-s0, dpo-s1, grpo-s0, seeds
     sparsity_movable: float | None  # dpo-s0, outside the precision null
     null_share: float | None  # dpo-s0
     sft_sparsity: float
     sfteq_sparsity: float | None  # equal-budget SFT from θ_sft
+    fp32_sparsity: float | None  # dpo-s0's fp32 master weights (its fp32 control)
     nosft_sparsity: float | None  # DPO from θ_pre
     sfteq_nosft_sparsity: float | None  # equal-budget SFT from θ_pre
     #: label -> (o1, uniform baseline, magnitude baseline, the two runs)
@@ -57,6 +60,9 @@ class Figures:
     sub_acc: float | None
     full_acc: float | None
     random_acc: float | None
+    #: Across seeds (the seeds table): kind (``dpo``, ``grpo``, ``sfteq``) -> figure
+    #: (``sparsity``, ``acc``) -> (mean, min, max, number of seeds), for kinds of 2+ seeds.
+    seeds: dict[str, dict[str, tuple[float, float, float, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,19 @@ def _p(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
+def _across(f: Figures, kind: str, figure: str) -> str:
+    """`` (seeds: mean M%, min-max L-H%, n=N)`` for ``kind``'s ``figure``, or ``""``."""
+    t = f.seeds.get(kind, {}).get(figure)
+    if t is None:
+        return ""
+    mean, lo, hi, n = t
+    return f" (seeds: mean {mean:.1f}%, {lo:.1f}-{hi:.1f}%, n={n})"
+
+
 def judge(f: Figures) -> list[Verdict]:
     """The verdict of every claim (see the module docstring for the rules)."""
     out = []
-    rl_runs = ("dpo-s0", "dpo-s1", "grpo-s0")
-    not_learned = [r for r in rl_runs if not f.learned.get(r, False)]
+    not_learned = [r for r in f.rl_sparsity if not f.learned.get(r, False)]
     dpo = f.rl_sparsity["dpo-s0"]
     lo, hi = min(f.rl_sparsity.values()), max(f.rl_sparsity.values())
 
@@ -91,13 +105,18 @@ def judge(f: Figures) -> list[Verdict]:
     this = f"{lo:.1f}-{hi:.1f}%" + ("" if f.sparsity_movable is None else
                                     f" ({f.sparsity_movable:.1f}% among movable entries, "
                                     f"{_p(f.null_share)} could not move)")
-    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}"
+    this += "".join(f"; {kind.upper()}{_across(f, kind, 'sparsity')}"
+                    for kind in ("dpo", "grpo") if _across(f, kind, "sparsity"))
+    control = f"equal-budget SFT {_p(f.sfteq_sparsity)}" + _across(f, "sfteq", "sparsity") + (
+        "" if f.fp32_sparsity is None else f"; fp32 masters {_p(f.fp32_sparsity)}")
     if not_learned:
         v, why = CANNOT_TELL, f"did not learn: {', '.join(not_learned)}"
     elif lo < PAPER_RL_SPARSITY:
         v, why = NOT_REPRODUCED, f"below the paper's {PAPER_RL_SPARSITY}%"
     elif f.sfteq_sparsity is not None and f.sfteq_sparsity >= dpo - MARGIN:
         v, why = PRECISION, "plain SFT at the same budget is as sparse"
+    elif f.fp32_sparsity is not None and f.fp32_sparsity < PAPER_RL_SPARSITY:
+        v, why = PRECISION, "the fp32 masters moved densely: the bf16 cast hides their moves"
     elif f.sparsity_movable is not None and f.sparsity_movable < PAPER_RL_SPARSITY:
         v, why = PRECISION, "the sparsity comes from entries that could not move"
     else:
@@ -113,7 +132,8 @@ def judge(f: Figures) -> list[Verdict]:
     else:
         v, why = REPRODUCED, "SFT at the RL budget stays denser than RL"
     out.append(Verdict("SFT updates densely, RL sparsely (Figure 1)", "SFT 6-15%",
-                       f"SFT {_p(f.sft_sparsity)}, DPO {_p(dpo)}", control, v, why))
+                       f"SFT {_p(f.sft_sparsity)}, DPO {_p(dpo)}"
+                       + _across(f, "dpo", "sparsity"), control, v, why))
 
     # 3. Out-of-distribution DPO (no SFT) is denser.
     if f.nosft_sparsity is not None:
@@ -173,8 +193,8 @@ def judge(f: Figures) -> list[Verdict]:
             v, why = REPRODUCED, "θ_sub matches θ_full and the random mask does not"
         out.append(Verdict("Training only the subnetwork matches full training "
                            "(Conjecture 1)", "θ_sub ≥ θ_full",
-                           f"θ_sub {_p(f.sub_acc)} vs θ_full {_p(f.full_acc)}", control, v,
-                           why))
+                           f"θ_sub {_p(f.sub_acc)} vs θ_full {_p(f.full_acc)}"
+                           + _across(f, "dpo", "acc"), control, v, why))
     return out
 
 
@@ -201,7 +221,15 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
              if r["mean_rank_pct"] is not None and n in
              {names.mask(x) for x in ("dpo-s0", "dpo-s1", "grpo-s0")}]
     traj = rows("figure2").get(names.trajectory("dpo-s0"))
+    seeds = {}
+    for r in report.table("seeds").records():
+        kind = r["runs"].removeprefix(names.prefix + "-")
+        seeds[kind] = {fig: (r[f"{col}_mean_pct"], r[f"{col}_min_pct"], r[f"{col}_max_pct"],
+                             r["n_seeds"])
+                       for fig, col in (("sparsity", "sparsity"), ("acc", "heldout_acc"))}
+    from_sft = names.runs.from_sft
     dpo = t1[names.mask("dpo-s0")]
+    fp32 = rows("fp32").get(names.mask("dpo-s0"))
 
     def acc(run: str) -> float | None:
         row = runs.get(names.mask(run))
@@ -209,10 +237,12 @@ def verdicts(report: Any, names: Any) -> list[Verdict]:
 
     return judge(Figures(
         learned=learned,
-        rl_sparsity={r: sparsity(r) for r in ("dpo-s0", "dpo-s1", "grpo-s0")},
+        rl_sparsity={r: sparsity(r) for r in from_sft},
         sparsity_movable=dpo.get("sparsity_movable_pct"), null_share=dpo.get("null_share_pct"),
         sft_sparsity=sparsity("sft"), sfteq_sparsity=sparsity("sfteq-s0"),
+        fp32_sparsity=None if fp32 is None else fp32["fp32_sparsity_pct"],
         nosft_sparsity=sparsity("dpo-nosft-s0"), sfteq_nosft_sparsity=sparsity("sfteq-nosft-s0"),
         overlaps=overlaps, min_rank=min(ranks) if ranks else None,
         cancelled=None if traj is None else traj["cancelled_pct"],
-        sub_acc=acc("dpo-sub-s0"), full_acc=acc("dpo-s0"), random_acc=acc("dpo-rand-s0")))
+        sub_acc=acc("dpo-sub-s0"), full_acc=acc("dpo-s0"), random_acc=acc("dpo-rand-s0"),
+        seeds=seeds))
