@@ -228,3 +228,45 @@ def test_plot_of_the_update_rate_per_exponent(pair: tuple[str, str], tmp_path: P
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fail_line("plot", "obs", "obs", "--kind", "exponents") == \
         "Error: an exponents plot shows exactly one mask"
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16", "bfloat16"), ("float16", "float16"),
+                                    ("float32", "float32"), ("bfloat16", "float32"),
+                                    ("bfloat16", "int8")])
+@pytest.mark.parametrize("entries", [True, False])
+def test_chunk_stats_in_one_walk_agree(dtypes: tuple[str, str], entries: bool) -> None:
+    """The pipeline's per-chunk strata and largest |Δ| (one walk with numba) are those of
+    the separate strata and |Δ| functions, on every backend."""
+    from maskhub.kernels.chunkstats import chunk_stats_fn
+    from maskhub.kernels.strata import BINS, strata_fn
+
+    rng = np.random.default_rng(1)
+    n = 64 * 8 * 3 + 13  # whole 64-bit words, then a tail of bytes and bits
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    a = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 0.02).to(tdt[dtypes[0]])
+    a[5], a[9] = float("nan"), float("inf")
+    raw_a = a.view(torch.uint8).numpy() if a.dtype != torch.float32 else \
+        a.numpy().view(np.uint8)
+    if dtypes[1] == "int8":
+        raw_b = rng.integers(-128, 127, n, dtype=np.int8).view(np.uint8)
+    else:
+        b = (a.float() + torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+             * 1e-3).to(tdt[dtypes[1]])
+        b[7] = float("nan")
+        raw_b = b.view(torch.uint8).numpy() if b.dtype != torch.float32 else \
+            b.numpy().view(np.uint8)
+    sel = rng.random(n) < 0.3
+    sel[[5, 7, 9, n - 1]] = True
+    packed = np.packbits(sel, bitorder=BITORDER)
+    expected = np.zeros((2, BINS), np.int64)
+    strata_fn(dtypes[0], "numpy", entries)(raw_a, packed, n, expected)
+    dfn = delta_max_fn(*dtypes, "numpy")
+    expected_d = None if dfn is None else dfn(raw_a, raw_b, packed, n)
+    assert (expected_d is None) == (dtypes[1] == "int8")
+    backends = ["numpy"] + (["numba"] if fastkernel.HAVE_NUMBA else [])
+    for backend in backends:
+        out = np.zeros((2, BINS), np.int64)
+        d = chunk_stats_fn(*dtypes, backend, entries)(raw_a, raw_b, packed, n, out)
+        assert d == expected_d, backend
+        assert (out == expected).all(), backend
+        assert int(out[1].sum()) == int(sel.sum())

@@ -33,6 +33,7 @@ from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.reader import Stream, StreamReader
 from maskhub.checkpoints.sources import Checkpoint
+from maskhub.kernels.chunkstats import ChunkStatsFn, chunk_stats_fn, has_delta
 from maskhub.kernels.kernel import CHUNK, ChunkFn, DiffKernel
 from maskhub.kernels.patchbits import bits_view, patch_chunk
 from maskhub.kernels.precision import DeltaMaxFn, delta_max_fn
@@ -198,24 +199,25 @@ class _WriterThread(threading.Thread):
                     self.error = exc
 
 
-def _chunk_task(fn: ChunkFn, sfn: StrataFn, dfn: DeltaMaxFn | None, job: _Job, start: int,
-                stop: int, counts: np.ndarray, strata: np.ndarray, dmax: np.ndarray,
+def _chunk_task(fn: ChunkFn, cfn: ChunkStatsFn, job: _Job, start: int, stop: int,
+                counts: np.ndarray, strata: np.ndarray, dmax: np.ndarray,
                 lossless: bool) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
+    a, b = job.a.file.buf[a0:a1], job.b.file.buf[b0:b1]
     packed = job.packed[start // 8:(stop + 7) // 8]
-    fn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, counts)
+    fn(a, b, packed, counts)
     if job.values is not None:  # a patch: widen the bits, keep the target's values
-        job.values[start] = patch_chunk(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1],
-                                        job.a_info.dtype, job.b_info.dtype, packed, lossless)
-    sfn(job.a.file.buf[a0:a1], packed, stop - start, strata)  # the chunk is in cache now
-    if dfn is not None:
-        dmax[0] = dfn(job.a.file.buf[a0:a1], job.b.file.buf[b0:b1], packed, stop - start)
+        job.values[start] = patch_chunk(a, b, job.a_info.dtype, job.b_info.dtype, packed,
+                                        lossless)
+    d = cfn(a, b, packed, stop - start, strata)  # strata and |Δ|: the chunk is in cache now
+    if d is not None:
+        dmax[0] = d
     if job.a_chunks:  # content identity, hashed while the chunk is in cache
         k = start // CHUNK
-        job.a_chunks[k] = fp.chunk_digest(job.a.file.buf[a0:a1])
-        job.b_chunks[k] = fp.chunk_digest(job.b.file.buf[b0:b1])
+        job.a_chunks[k] = fp.chunk_digest(a)
+        job.b_chunks[k] = fp.chunk_digest(b)
     job.a.file.release(a0, a1 - a0)
     job.b.file.release(b0, b1 - b0)
 
@@ -313,13 +315,17 @@ def _delta_fn(kernel: DiffKernel, a_dtype: str, b_dtype: str) -> DeltaMaxFn | No
     return delta_max_fn(a_dtype, b_dtype, "numba" if kernel.backend == "numba" else "numpy")
 
 
+def _stats_fn(kernel: DiffKernel, a_dtype: str, b_dtype: str, entries: bool) -> ChunkStatsFn:
+    return chunk_stats_fn(a_dtype, b_dtype, "numba" if kernel.backend == "numba" else "numpy",
+                          entries)
+
+
 def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
              finish_job: Callable[[int, _Job], None], lossless: bool = False) -> None:
     threads = compute_threads()
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
-    sfns: dict[tuple[str, bool], StrataFn] = {}
-    dfns: dict[tuple[str, str], DeltaMaxFn | None] = {}
+    cfns: dict[tuple[str, str, bool], ChunkStatsFn] = {}
     inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
                           np.ndarray | None, np.ndarray | None]] = deque()
 
@@ -340,12 +346,9 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
             for i, job in enumerate(jobs):
                 key = (job.a_info.dtype, job.b_info.dtype)
                 fn = fns.get(key) or fns.setdefault(key, kernel.chunk_fn(*key))
-                skey = (key[0], job.known is None)
-                sfn = sfns.get(skey) or sfns.setdefault(skey, _strata_fn(kernel, *skey))
-                if key not in dfns:
-                    dfns[key] = _delta_fn(kernel, *key)
-                dfn = dfns[key]
-                job.dmax = 0.0 if dfn is not None else None
+                ckey = (*key, job.known is None)
+                cfn = cfns.get(ckey) or cfns.setdefault(ckey, _stats_fn(kernel, *ckey))
+                job.dmax = 0.0 if has_delta(*key) else None
                 n = job.a_info.numel
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
@@ -356,8 +359,8 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                     counts = np.zeros(len(kernel.tols), dtype=np.int64)
                     strata = np.zeros((2, BINS), dtype=np.int64)
                     dmax = np.zeros(1, dtype=np.float64)
-                    fut = pool.submit(_chunk_task, fn, sfn, dfn, job, start, stop, counts,
-                                      strata, dmax, lossless)
+                    fut = pool.submit(_chunk_task, fn, cfn, job, start, stop, counts, strata,
+                                      dmax, lossless)
                     inflight.append((i, job, fut, counts, strata, dmax))
                     prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
                     while len(inflight) > window:

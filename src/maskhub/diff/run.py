@@ -13,6 +13,8 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
 
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
@@ -34,6 +36,11 @@ from maskhub.storage.store import MaskWriter
 
 #: The tolerance of a diff without ``--patch`` (the paper's bf16 tolerance).
 DEFAULT_TOL = 1e-5
+#: Local input (both sides, bytes) below which a diff opens the registry once, for writing,
+#: and keeps that one connection from the name check to the registration (a DuckDB
+#: connection costs about what the diff of a few MB does); above it the exclusive lock is
+#: taken only to register, so that a long diff never blocks other commands.
+ONE_CONNECTION_BYTES = 64 << 20
 
 
 def diff(
@@ -80,11 +87,47 @@ def diff(
     if any(not (math.isfinite(t) and t >= 0) for t in sweep):
         raise UsageError("sweep tolerances must be finite numbers >= 0")
     if ray is not None:
-        from maskhub.diff.ray import driver_device, ray_diff
+        from maskhub.diff.ray import driver_device
 
         dev = driver_device(device)  # "cuda" is checked on the workers' nodes
     else:
         dev = resolve_device(device)
+    with ExitStack() as session:
+        if ray is None and not (rank or stats) and home.index.writable and \
+                _small(base, target):
+            session.enter_context(home.index.connect(write=True))  # one connection for all
+        return _diff(home, base, target, name=name, algorithm=algorithm, seed=seed,
+                     dataset=dataset, tol=tol, sweep=sweep, device=device, dev=dev,
+                     allow_missing=allow_missing, base_model=base_model,
+                     target_model=target_model, tags=tags, notes=notes, rank=rank,
+                     stats=stats, ray=ray, budget=budget, force=force, progress=progress,
+                     warn=warn, patch=patch)
+
+
+def _small(base: str | os.PathLike[str], target: str | os.PathLike[str]) -> bool:
+    """Whether both sides are local and hold less than :data:`ONE_CONNECTION_BYTES`."""
+    total = 0
+    for spec in (base, target):
+        path = Path(spec)
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+            elif path.is_dir():
+                total += sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            else:
+                return False  # a Hub repo id
+        except OSError:
+            return False
+    return total < ONE_CONNECTION_BYTES
+
+
+def _diff(home: Home, base: str | os.PathLike[str], target: str | os.PathLike[str], *,
+          name: str | None, algorithm: str | None, seed: int | None, dataset: str | None,
+          tol: float, sweep: Sequence[float], device: str, dev: str, allow_missing: bool,
+          base_model: str | None, target_model: str | None, tags: Sequence[str],
+          notes: str | None, rank: bool, stats: bool, ray: str | None, budget: float | None,
+          force: bool, progress: ProgressFn | None, warn: Callable[[str], None] | None,
+          patch: bool) -> MaskRecord:
     if name is not None:
         home.check_new_name(name)
     checked = interruptible(progress)
@@ -103,6 +146,8 @@ def diff(
             kernel = DiffKernel(tol=tol, sweep=sorted(set(sweep)), device=dev,
                                 backend=backend_for(_input_bytes(base_ck, target_ck, names)))
             if ray is not None:
+                from maskhub.diff.ray import ray_diff
+
                 outcome = ray_diff(ray, base_ck, target_ck, names, writer, tol=tol,
                                    sweep=kernel.sweep, device=device, progress=checked,
                                    patch=patch)

@@ -208,3 +208,58 @@ def max_abs_delta(a, b, ka, kb, packed, n):  # pragma: no cover - compiled
                 if d > best:
                     best = d
     return best
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def updated_walk(a, b, ka, kb, shift, emask, packed, n, out, want_delta):  # pragma: no cover
+    """:func:`strata_updated` and :func:`max_abs_delta` in one walk over the set bits of
+    ``packed`` (each updated entry is visited once, not once per question): ``out[1, e]``
+    += updated entries of ``a`` in stratum ``e``; returns the largest ``|b - a|`` over them
+    when ``want_delta`` (same value, NaN ignored, as :func:`max_abs_delta`), else 0.0.
+    ``a``/``b``: unsigned views of θ0/θ1 (``ka``/``kb`` the kinds of :func:`_value`)."""
+    best = 0.0
+    nb = (n + 7) // 8
+    nw = nb // 8
+    w64 = packed[:8 * nw].view(np.uint64)
+    for w in range(nw):
+        word = w64[w]
+        base = w * 64
+        while word:
+            i = base + trailing_zeros(word)
+            word &= word - _u64(1)
+            x = a[i]
+            out[1, (x >> shift) & emask] += 1
+            if want_delta:
+                d = abs(_value(b[i], kb) - _value(x, ka))
+                if d > best:  # False for NaN
+                    best = d
+    for byte_i in range(8 * nw, nb):
+        byte = packed[byte_i]
+        for k in range(8):
+            i = byte_i * 8 + k
+            if i < n and (byte >> k) & 1:
+                x = a[i]
+                out[1, (x >> shift) & emask] += 1
+                if want_delta:
+                    d = abs(_value(b[i], kb) - _value(x, ka))
+                    if d > best:
+                        best = d
+    return best
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def strata_entries(a, shift, emask, n, out):  # pragma: no cover - compiled
+    """The entries' half of :func:`strata_counts`: ``out[0, e]`` += entries of ``a`` in
+    stratum ``e``."""
+    loc = np.zeros((16, out.shape[1]), np.int32)
+    n16 = n // 16 * 16
+    for i in range(0, n16, 16):
+        for k in range(16):
+            loc[k, (a[i + k] >> shift) & emask] += 1
+    for i in range(n16, n):
+        loc[0, (a[i] >> shift) & emask] += 1
+    for e in range(out.shape[1]):
+        total = 0
+        for k in range(16):
+            total += loc[k, e]
+        out[0, e] += total

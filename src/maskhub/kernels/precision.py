@@ -45,6 +45,9 @@ DeltaMaxFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], float]
 
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
 _VIEW = {"bfloat16": np.uint16, "float16": np.uint16, "float32": np.uint32}
+#: The dtypes with a ``|Δ|``: their kind in the numba kernels' ``_value`` and their view.
+DELTA_KINDS = _KIND
+DELTA_VIEWS = _VIEW
 
 
 def _values(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -103,8 +103,14 @@ class StrataCache:
         key = "\0".join(str(x) for x in (*stat, info.offset, info.dtype, info.numel))
         return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
+    #: Tensors with fewer entries are not cached: counting them costs less than reading a
+    #: ``.npy`` file (open, parse its header) or writing one.
+    MIN_NUMEL = 1 << 20
+
     def load(self, info: TensorInfo) -> np.ndarray | None:
         """The cached histogram of ``info``'s entries, or None."""
+        if info.numel < self.MIN_NUMEL:
+            return None
         path = self._path(info)
         if path is None or not path.is_file():
             return None
@@ -118,6 +124,8 @@ class StrataCache:
 
     def save(self, info: TensorInfo, counts: np.ndarray) -> None:
         """Keep ``counts`` (the histogram of ``info``'s entries) for the next diff."""
+        if info.numel < self.MIN_NUMEL:
+            return
         path = self._path(info)
         if path is None:
             return
