@@ -322,7 +322,14 @@ def test_a_card_publishes_hub_ids_and_given_names_never_local_paths(
     # index name or URL), and the snippet is Python that loads the base, pulls and trains
     assert "pip install maskhub" not in card and "github.com/maskhub" not in card
     assert "# maskhub 0.1.0 is not published on a package index" in card
-    assert "it is not a PEFT adapter and needs maskhub" in card
+    assert "it is not itself a PEFT adapter, and reading it needs maskhub" in card
+    # issue 26: the card's PEFT route is plain PEFT after one export (tests/test_peft_export)
+    meta_id = meta["maskhub"]["mask_id"]
+    assert f"maskhub pull bob/named\nmaskhub export {meta_id[:12]} named-shira --peft" in card
+    peft_snippet = card.split("```python\n")[2].split("```", 1)[0]
+    compile(peft_snippet, "card-peft-snippet", "exec")
+    assert ('model = PeftModel.from_pretrained(model, "named-shira", is_trainable=True)'
+            in peft_snippet)
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     compile(snippet, "card-snippet", "exec")
     assert ('model = AutoModelForCausalLM.from_pretrained("org/base-7b", '
