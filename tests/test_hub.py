@@ -694,3 +694,20 @@ def test_help_has_examples() -> None:
         out = cli(cmd, "--help").output
         assert "Example:" in out and f"maskhub {cmd}" in out
     assert "--repo-type" in cli("push", "--help").output
+
+
+def test_a_pulled_edited_mask_keeps_its_edit_history_and_fsck_agrees(
+        hub_server: HubServer, tmp_path: Path) -> None:
+    """issue 26: a pushed store carries its edits (``extra.edits``); the pulled row records
+    the same lines in ``masks.edits``, so fsck's store-vs-index edit check is clean."""
+    import numpy as np
+
+    src = Registry(tmp_path / "src")
+    src.add({"a.weight": np.eye(4, dtype=bool)}, name="ed", base_model="org/base")
+    lines = list(src.edit("ed", algorithm="dpo").row["edits"])
+    src.get("ed").push_to_hub("bob/edited")
+    dst = Registry(tmp_path / "dst")
+    pulled = dst.pull("bob/edited").mask
+    assert list(pulled.row["edits"]) == lines and len(lines) == 1
+    assert pulled.store.metadata.extra["edits"] == lines
+    assert dst.fsck().findings == []
