@@ -199,3 +199,47 @@ def test_diff_killed_at_random_instants(tmp_path: Path) -> None:
         assert recover_and_check(home, "r")
         Registry(home).rm("r")
         TALLY["clean"] += 1
+
+
+def test_edit_killed_between_the_store_rename_and_the_commit(tmp_path: Path) -> None:
+    """issue 26: ``maskhub edit`` killed after the store's zarr.json is replaced, before the
+    index commits: the store is ahead. fsck finds exactly that (one ``edit-uncommitted``
+    line), ``fsck --repair`` puts the index's metadata back in the store, and a fresh edit
+    then succeeds with the store and the index agreeing."""
+    import json
+
+    import numpy as np
+    from clitools import ok
+
+    home = tmp_path / "home"
+    reg = Registry(home)
+    mask = reg.add({"a.weight": np.eye(4, dtype=bool)}, name="m", base_model="org/base")
+    reg.edit("m", tags=["t"])
+    doc = home / "masks" / f"{mask.id}.zarr" / "zarr.json"
+
+    def store_attrs() -> dict:
+        return json.loads(doc.read_text())["attributes"]
+
+    committed = store_attrs()
+    killed(home, "edit", "m", "--algorithm", "grpo", "--name", "m2",
+           kill_at="edit:attributes-replaced")
+    ahead = store_attrs()
+    assert (ahead["name"], ahead["algorithm"], len(ahead["extra"]["edits"])) == ("m2", "grpo", 3)
+    report = Registry(home).fsck()  # a recovering open does not hide it
+    assert [f.kind for f in report.findings] == ["edit-uncommitted"]
+    assert report.findings[0].message == (
+        f"mask m ({mask.id[:8]}): its store records 2 edit(s) the index does not (name, "
+        f"algorithm differ), e.g. {ahead['extra']['edits'][1]!r} (a `maskhub edit` killed "
+        "before its commit; repair: put the index's metadata back in the store)")
+    assert reg.get("m").row["algorithm"] is None
+    text = ok("--home", str(home), "fsck", "--repair")
+    assert text.splitlines()[0].startswith("repaired edit-uncommitted: mask m (")
+    assert store_attrs() == committed
+    assert problems(home) == set()
+    assert maskhub(home, "edit", "m", "--algorithm", "grpo", "--name", "m2").wait(60) == 0
+    row = Registry(home).get("m2").row
+    assert store_attrs()["extra"]["edits"] == list(row["edits"]) and len(row["edits"]) == 3
+    assert (store_attrs()["name"], store_attrs()["algorithm"]) == ("m2", "grpo")
+    assert problems(home) == set()
+    TALLY["edit rolled back by fsck --repair"] += 1
+    TALLY["clean"] += 1

@@ -29,7 +29,12 @@ READER = textwrap.dedent("""
     counts = {n: con.execute(f'select count(*) from "{n}"').fetchone()[0] for (n,) in names}
     masks = con.execute("select name, n_params, n_updated, tags, list_sort(parents) "
                         "from masks order by name").fetchall()
-    print(json.dumps({"version": duckdb.__version__, "counts": counts, "masks": masks}))
+    comments = con.execute("select table_name, column_name, comment from duckdb_columns() "
+                           "where comment is not null order by 1, 2").fetchall()
+    tables = con.execute("select table_name, comment from duckdb_tables() "
+                         "where comment is not null order by 1").fetchall()
+    print(json.dumps({"version": duckdb.__version__, "counts": counts, "masks": masks,
+                      "comments": comments, "table_comments": tables}))
 """)
 
 
@@ -97,3 +102,10 @@ def test_the_oldest_allowed_duckdb_reads_a_registry_written_by_the_newest(
     assert counts == {t: reg.sql(f'select count(*) from "{t}"')[1][0][0] for t in counts}
     assert set(counts) == {r[0] for r in reg.sql(
         "select table_name from information_schema.tables")[1]}
+    # issue 26: the COMMENTs of migration 20 are read by the oldest duckdb as written
+    assert got["comments"] == [list(r) for r in reg.sql(
+        "select table_name, column_name, comment from duckdb_columns() "
+        "where comment is not null order by 1, 2")[1]]
+    assert len(got["comments"]) == 137 and len(got["table_comments"]) == 11
+    assert ["masks", "tol", "tolerance: an entry is updated iff |theta1 - theta0| > tol"] \
+        in got["comments"]

@@ -322,7 +322,14 @@ def test_a_card_publishes_hub_ids_and_given_names_never_local_paths(
     # index name or URL), and the snippet is Python that loads the base, pulls and trains
     assert "pip install maskhub" not in card and "github.com/maskhub" not in card
     assert "# maskhub 0.1.0 is not published on a package index" in card
-    assert "it is not a PEFT adapter and needs maskhub" in card
+    assert "it is not itself a PEFT adapter, and reading it needs maskhub" in card
+    # issue 26: the card's PEFT route is plain PEFT after one export (tests/test_peft_export)
+    meta_id = meta["maskhub"]["mask_id"]
+    assert f"maskhub pull bob/named\nmaskhub export {meta_id[:12]} named-shira --peft" in card
+    peft_snippet = card.split("```python\n")[2].split("```", 1)[0]
+    compile(peft_snippet, "card-peft-snippet", "exec")
+    assert ('model = PeftModel.from_pretrained(model, "named-shira", is_trainable=True)'
+            in peft_snippet)
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     compile(snippet, "card-snippet", "exec")
     assert ('model = AutoModelForCausalLM.from_pretrained("org/base-7b", '
@@ -687,3 +694,20 @@ def test_help_has_examples() -> None:
         out = cli(cmd, "--help").output
         assert "Example:" in out and f"maskhub {cmd}" in out
     assert "--repo-type" in cli("push", "--help").output
+
+
+def test_a_pulled_edited_mask_keeps_its_edit_history_and_fsck_agrees(
+        hub_server: HubServer, tmp_path: Path) -> None:
+    """issue 26: a pushed store carries its edits (``extra.edits``); the pulled row records
+    the same lines in ``masks.edits``, so fsck's store-vs-index edit check is clean."""
+    import numpy as np
+
+    src = Registry(tmp_path / "src")
+    src.add({"a.weight": np.eye(4, dtype=bool)}, name="ed", base_model="org/base")
+    lines = list(src.edit("ed", algorithm="dpo").row["edits"])
+    src.get("ed").push_to_hub("bob/edited")
+    dst = Registry(tmp_path / "dst")
+    pulled = dst.pull("bob/edited").mask
+    assert list(pulled.row["edits"]) == lines and len(lines) == 1
+    assert pulled.store.metadata.extra["edits"] == lines
+    assert dst.fsck().findings == []

@@ -14,8 +14,9 @@ from maskhub.registry.api import Registry
 @click.option("--repair", is_flag=True,
               help="Fix what is found: delete stale staging, tombstones and orphan stores, "
                    "settle interrupted writes, unregister masks whose store is missing or "
-                   "incomplete, delete dangling rows, apply pending migrations, and delete "
-                   "what recovery left in tmp/trash.")
+                   "incomplete, delete dangling rows, apply pending migrations, put the "
+                   "index's metadata back in a store an interrupted edit left ahead, and "
+                   "delete what recovery left in tmp/trash.")
 @click.option("--store", default=None, envvar="MASKHUB_STORE", show_envvar=True,
               metavar="URL",
               help="Also look for orphan mask stores under this store root (s3://bucket/"
@@ -25,7 +26,8 @@ from maskhub.registry.api import Registry
 def fsck(repair: bool, store: str | None, as_json: bool, home: str | None) -> None:
     """Check that the index and the mask stores agree: every row has its store and arrays,
     every store its row, no interrupted write, staging or tombstone is left, the lineage and
-    the overlap cache name registered masks, the migrations are applied. Read-only unless
+    the overlap cache name registered masks, the migrations are applied, each store records
+    the edits the index does (an interrupted `maskhub edit`). Read-only unless
     --repair. One line per problem and exit code 1; a one-line summary and 0 when clean.
     With --store (or MASKHUB_STORE), orphan prefixes under that root are looked for too.
 

@@ -13,7 +13,8 @@ import signal
 
 ENV = "MASKHUB_TEST_KILL_AT"
 
-#: Every step, in the order a registration (``register:``) or a removal (``rm:``) meets them.
+#: Every step, in the order a registration (``register:``), a removal (``rm:``) or a metadata
+#: edit (``edit:``) meets them.
 STEPS = (
     "register:staged",          # the store is complete in tmp/; nothing else done
     "register:intent-written",  # the intent record exists, the row is inserted (uncommitted)
@@ -23,6 +24,7 @@ STEPS = (
     "rm:tombstoned",            # the store is renamed to <id>.zarr.removing; not committed
     "rm:committed",             # the row deletion is committed; the tombstone is intact
     "rm:half-deleted",          # the tombstone lost its group metadata, arrays remain
+    "edit:attributes-replaced",  # edit: the store's zarr.json is the new one; not committed
 )
 
 

@@ -171,8 +171,9 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
             "as you do)")
     lines += [
         "", "## Use it", "",
-        "This repo holds a mask, not weights: it is not a PEFT adapter and needs maskhub "
-        "to be read (or zarr-python and numpy, see Files).", "",
+        "This repo holds a mask, not weights: it is not itself a PEFT adapter, and reading "
+        "it needs maskhub (or zarr-python and numpy, see Files). Once exported as a SHiRA "
+        "adapter (below), plain PEFT loads it without maskhub.", "",
         "```bash", install, "```", "",
         "Train only the parameters this mask marks (gradient masking; entries outside it "
         "stay bit-identical to the base):", "",
@@ -189,6 +190,7 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "```", "",
         "or fetch it from the command line:", "",
         "```bash", f"maskhub pull {repo_id}{rt_cli}", "```", "",
+        *_peft_lines(meta, repo_id, rt_cli, load),
         *(_patch_lines(meta, base, target, repo_id, rt_cli) if meta.has_values else []),
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
@@ -205,6 +207,31 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "them all.", "",
     ]
     return "\n".join(lines)
+
+
+def _peft_lines(meta: MaskMetadata, repo_id: str, rt_cli: str, load: str) -> list[str]:
+    """The card's section on training the mask as a plain-PEFT SHiRA adapter (issue 26):
+    ``maskhub export --peft`` once, then ``PeftModel.from_pretrained`` anywhere."""
+    out = repo_id.rsplit("/", 1)[-1] + "-shira"
+    return [
+        "### As a PEFT adapter (SHiRA)", "",
+        "Export the mask once as a SHiRA adapter in PEFT's own format (zero weights at "
+        "exactly the mask's entries of each 2-D weight; embeddings, norms and biases are "
+        "not in it); any process with PEFT (>= 0.17) then loads it, without maskhub:", "",
+        "```bash", f"maskhub pull {repo_id}{rt_cli}",
+        f"maskhub export {meta.id[:12]} {out} --peft", "```", "",
+        "```python",
+        "import torch",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM", "",
+        load,
+        f'model = PeftModel.from_pretrained(model, "{out}", is_trainable=True)',
+        "```", "",
+        "PEFT gives every layer `r * (m + n)` entries with one `r`, so a layer's extra "
+        "entries repeat its own positions: a repeated position trains as many times as fast "
+        "(`maskhub export` prints how many). For the mask's exact counts per layer, use "
+        "`maskhub.integrations.peft.shira_adapter` or `apply_mask` above.", "",
+    ]
 
 
 def _patch_lines(meta: MaskMetadata, base: str | None, target: str | None, repo_id: str,

@@ -15,7 +15,10 @@ writer is between its rename and its commit while we look):
 * files in ``tmp/trash`` (what recovery moved aside, deleted a bounded amount per open) are
   counted, not problems; ``repair`` deletes them all;
 * every row of a table that refers to a mask (``mask_id``; ``mask_a``/``mask_b`` of the
-  overlap cache) names a registered mask, and every ``trajectory_points`` row a trajectory.
+  overlap cache) names a registered mask, and every ``trajectory_points`` row a trajectory;
+* every local store records the edits ``masks.edits`` does (``extra.edits`` of its
+  ``zarr.json``): a ``maskhub edit`` killed between its rename and its commit leaves the
+  store ahead (``edit-uncommitted``; repair: the index's metadata back into the store).
 
 Lineage rows whose *parent* was removed, and trajectories whose masks were removed, are
 what ``rm`` leaves by design (the derived masks stay): they are counted, not problems.
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from maskhub.checkpoints.validate import count_problem, short
 from maskhub.core.intents import INTENT_SUFFIX, PARTIAL_SUFFIX, iter_intents, parse_name, pid_alive
 from maskhub.errors import MaskhubError
+from maskhub.maintenance.edit import store_edits_check
 from maskhub.storage import remote
 from maskhub.storage.files import TOMBSTONE_SUFFIX, discard, remove_tree
 from maskhub.storage.trash import count_trash, empty_trash
@@ -140,6 +144,7 @@ def fsck(home: Home, repair: bool = False) -> FsckReport:
         later += _counts(con, rows, busy)
         later += _stores(home, rows, busy, counts)
         later += _references(home, con, rows, counts)
+        later += [Finding(k, s, m, fix=f) for k, s, m, f in store_edits_check(home, con, busy)]
         if repair:
             _apply(later)
     if repair:

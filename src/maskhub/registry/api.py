@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from maskhub.core.home import Home
 from maskhub.core.record import MaskRecord
 from maskhub.errors import UsageError
+from maskhub.schemas.names import PEFT_EXCLUDE
 from maskhub.storage.index import MASK_COLUMNS
 from maskhub.storage.remote import is_url
 from maskhub.storage.sandbox import DEFAULT_TIMEOUT_S
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from maskhub.diff.apply import ApplyResult
     from maskhub.hub.pull import PullResult
     from maskhub.hub.push import PushResult
+    from maskhub.ingest.peft_export import PeftExport
     from maskhub.maintenance.fsck import FsckReport
     from maskhub.schemas.progress import ProgressFn
     from maskhub.training.recorder import Recorder
@@ -214,6 +216,17 @@ class Registry(Home):
         from maskhub.ingest.export import export
 
         return export(self.get(ref), out, layout)
+
+    # --- issue 26: a mask as a plain-PEFT SHiRA adapter ---
+    def export_peft(self, ref: str, out: str | os.PathLike[str], *,
+                    exclude: str | None = PEFT_EXCLUDE) -> PeftExport:
+        """Write a mask as a SHiRA adapter directory in PEFT's own format (the library call
+        of ``maskhub export MASK DIR --peft``): ``PeftModel.from_pretrained(base, out)``
+        loads it without maskhub. ``exclude``: a regex of 2-D weights to leave out (default:
+        embeddings). See :mod:`maskhub.ingest.peft_export`."""
+        from maskhub.ingest.peft_export import export_peft
+
+        return export_peft(self.get(ref), out, exclude)
 
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check that the index and the stores agree (rows and stores, arrays, interrupted

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from maskhub.schemas.comments import comment_sql
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -378,11 +380,18 @@ M012_FINGERPRINTS = Migration(
     """,
 )
 
+M020_COMMENTS = Migration(
+    20,
+    "COMMENT ON every table, view and column of the index (issue 26): what each column "
+    "means, for duckdb CLI and client users",
+    comment_sql(),
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: list[Migration] = [M001_CORE, M002_OVERLAPS, M004_ANALYSIS, M005_STORE_URL,
                                M006_MAGNITUDE_STRATA, M007_TRAJECTORY_FIG6, M008_MASK_TENSORS,
                                M009_HAS_VALUES, M010_PRECISION_NULL, M012_FINGERPRINTS,
-                               M016_LIVE_TRAJECTORY]
+                               M016_LIVE_TRAJECTORY, M020_COMMENTS]
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

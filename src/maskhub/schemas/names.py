@@ -64,3 +64,8 @@ def invalid_mask_name_message(name: object) -> str:
     """The one-line error for a name that :func:`valid_mask_name` refuses."""
     return (f"invalid mask name {name!r}: use letters, digits, '.', '_' and '-', starting "
             "with a letter or digit (at most 200 characters)")
+
+
+#: Tensors ``maskhub export --peft`` leaves out by default: embeddings (PEFT's SHiRA adapts
+#: ``nn.Linear`` weights only), matched with ``re.search``.
+PEFT_EXCLUDE = r"(^|\.)(\w*embed\w*|wte|wpe|shared)\.weight$"

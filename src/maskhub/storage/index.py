@@ -483,6 +483,11 @@ class Index:
         # issue 26: content identity (migration 12)
         con.execute("UPDATE masks SET base_fingerprint = ?, target_fingerprint = ? WHERE id = ?",
                     [meta.base_fingerprint, meta.target_fingerprint, meta.id])
+        # issue 26: a store made elsewhere (pull, import) keeps its edit history in the row,
+        # so that the store's extra.edits and masks.edits agree from the start (fsck checks it)
+        history = (meta.extra or {}).get("edits")
+        if isinstance(history, list) and history and all(isinstance(x, str) for x in history):
+            con.execute("UPDATE masks SET edits = ? WHERE id = ?", [history, meta.id])
         if tensors:
             insert_columns(con, "tensors", [meta.id], [
                 [t.tensor for t in tensors], [t.layer for t in tensors],
