@@ -38,7 +38,11 @@ def test_push_carries_values_and_card_says_how_to_rebuild(
     assert ("This repo is a patch: it also holds the values of `toy/grpo` at the updated "
             "entries, so it rebuilds `toy/grpo` from `toy/base` bit for bit, one tensor at a "
             "time:") in card
-    assert f"pip install maskhub && maskhub apply {REPO} toy/base ./grpo" in card
+    # issue 26: the install line is the project's own (no `pip install maskhub`: that name
+    # on a package index is not this project's)
+    assert "pip install maskhub" not in card
+    assert (f"# maskhub 0.1.0 is not published on a package index: install it from its "
+            f"source tree (pip install -e .)\nmaskhub apply {REPO} toy/base ./grpo") in card
     assert "tags:\n- maskhub\n- update-mask\n- patch\n" in card
 
 

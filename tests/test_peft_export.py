@@ -147,10 +147,12 @@ def test_plain_peft_loads_the_exported_mask(pair, tmp_path: Path) -> None:
     assert set(mask) <= set(got["equal"])
     # maskhub's own reader agrees: the same mask back, and the mask's identity
     from maskhub import Registry
-    from maskhub.integrations.peft import adapter_mask_info, mask_from_adapter
+    from maskhub.integrations.peft import adapter_mask_info, load_shira_adapter, mask_from_adapter
 
     back = mask_from_adapter(tmp_path / "adapter", model=tiny_llama())
     assert set(back) == set(mask) and all(np.array_equal(back[n], mask[n]) for n in mask)
+    loaded = mask_from_adapter(load_shira_adapter(tiny_llama(), tmp_path / "adapter"))
+    assert set(loaded) == set(mask) and all(np.array_equal(loaded[n], mask[n]) for n in mask)
     assert adapter_mask_info(tmp_path / "adapter") == {"id": Registry().get("tiny-rl").id,
                                                        "name": "tiny-rl"}
 

@@ -180,3 +180,29 @@ def test_ray_overlap_all_matches_the_local_pass(
     rows = reg.sql("select mask_a, mask_b, tensor, n_a, n_b, n_both from tensor_overlaps "
                    "order by all")[1]
     assert len(rows) == 3 * len(reg.get("m0").tensor_names())
+
+
+def test_ray_keeps_its_own_log_lines_off_the_terminal(tmp_path: Path) -> None:
+    """issue 26: ``maskhub diff --ray`` in a fresh process, which starts its own local Ray:
+    Ray's log lines (``... INFO worker.py:... -- Started a local Ray instance``, warnings)
+    and the workers' forwarded output (``(task pid=...)``) reach neither stdout nor stderr;
+    the command prints its own result only. (A new Ray costs ~5-15 s: one run.)"""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    base, target, _ = make_pair(tmp_path, density=0.2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["MASKHUB_HOME"] = str(tmp_path / "home")
+    run_cli = "import sys; sys.argv[0] = 'maskhub'; from maskhub.entry import run; run()"
+    proc = subprocess.run([sys.executable, "-c", run_cli, "diff", str(base), str(target),
+                           "--name", "quiet", "--ray", "--json"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["name"] == "quiet"
+    ray_lines = [line for line in proc.stderr.splitlines()
+                 if re.search(r"\b(INFO|WARNING|DEBUG)\b .*\.py:\d+ --|\bpid=\d+\)", line)]
+    assert ray_lines == []
+    assert proc.stderr.strip() == ""

@@ -482,6 +482,10 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
                 raise fail(f"has shape {tuple(shape)}, its metadata says {numel} entries")
         elif list(attrs["shape"]) != list(shape):
             raise fail(f"has shape {list(shape)}, its shape attribute says {attrs['shape']}")
+    if "parameter_shape" in attrs and "shape" in attrs \
+            and attrs["parameter_shape"] != attrs["shape"]:  # issue 26: the same shape twice
+        raise fail(f"has parameter_shape {short(attrs['parameter_shape'])} but shape "
+                   f"{short(attrs['shape'])}")
     for key in ("numel", "n_updated"):
         if key in attrs and not is_count(attrs[key]):
             raise fail(f"has {key} {short(attrs[key])}, not a non-negative integer")

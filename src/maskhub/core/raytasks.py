@@ -5,8 +5,10 @@ Ray is imported on first use only."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+import warnings
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from itertools import accumulate
@@ -41,11 +43,17 @@ def connect(address: str | None) -> Any:
     if ray.is_initialized():
         return ray
     addr = None if address in (None, "", "auto") else address
-    kwargs: dict[str, Any] = {"address": addr}
+    # issue 26: Ray's own lines (its INFO/WARNING log, the workers' output forwarded as
+    # "(task pid=...)") do not reach maskhub's terminal; errors still do, and a task's error
+    # comes back as the command's one error line
+    kwargs: dict[str, Any] = {"address": addr, "log_to_driver": False,
+                              "logging_level": logging.ERROR}
     if addr is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False  # a local Ray for this process only
     try:
-        ray.init(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's tips about its next versions
+            ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
         text = str(exc).strip().splitlines()
         raise UsageError(f"cannot start or reach Ray at {address or 'auto'}: "

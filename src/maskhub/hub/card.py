@@ -191,7 +191,8 @@ def render_card(meta: MaskMetadata, name: str, stats: Sequence[TensorStats], rep
         "or fetch it from the command line:", "",
         "```bash", f"maskhub pull {repo_id}{rt_cli}", "```", "",
         *_peft_lines(meta, repo_id, rt_cli, load),
-        *(_patch_lines(meta, base, target, repo_id, rt_cli) if meta.has_values else []),
+        *(_patch_lines(meta, base, target, repo_id, rt_cli, install) if meta.has_values
+          else []),
         "## Files", "",
         f"- `{STORE_DIR}/`: the Zarr v3 store, one packed-bit `uint8` array per tensor "
         "(attributes `shape`, `bitorder`; `np.unpackbits(a[:], count=prod(shape), "
@@ -235,7 +236,7 @@ def _peft_lines(meta: MaskMetadata, repo_id: str, rt_cli: str, load: str) -> lis
 
 
 def _patch_lines(meta: MaskMetadata, base: str | None, target: str | None, repo_id: str,
-                 rt_cli: str) -> list[str]:
+                 rt_cli: str, install: str) -> list[str]:
     """The card's section on rebuilding the fine-tuned model from the base (a patch)."""
     if is_hub_repo_id(base):
         base_arg = f"{base}@{meta.base_revision}" if meta.base_revision else str(base)
@@ -249,8 +250,8 @@ def _patch_lines(meta: MaskMetadata, base: str | None, target: str | None, repo_
     lines = ["", "## Rebuild the fine-tuned model", "",
              f"This repo is a patch: it also holds the values of {what} at the updated "
              f"entries, so it rebuilds {what} from {frm}{exact}, one tensor at a time:", "",
-             "```bash", f"pip install maskhub && maskhub apply {repo_id}{rt_cli} "
-             f"{base_arg} {out}", "```", ""]
+             "```bash", install, f"maskhub apply {repo_id}{rt_cli} {base_arg} {out}", "```",
+             ""]
     if base_arg == "BASE":
         lines += ["(BASE: the base checkpoint, a directory of safetensors; `maskhub apply` "
                   "checks that it holds the tensors, shapes and dtypes the patch was made "

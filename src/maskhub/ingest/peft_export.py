@@ -28,11 +28,13 @@ names, which PEFT cannot adapt with SHiRA); a layer whose ``r * (m + n)`` would 
 ``adapter_config.json`` holds PEFT's SHiRA fields; ``mask_type`` records the mask
 (``maskhub:{"id":..,"name":..}``, as :func:`maskhub.integrations.peft.adapter_mask_info`
 reads it; PEFT needs no mask function since the indices come from the file). Written
-tensor by tensor with numpy (no torch, no peft needed to export), aside then renamed.
+tensor by tensor with numpy (no torch, no peft needed to export) under ``*.partial`` names,
+then renamed (the weights first, the config last).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -158,11 +160,11 @@ def export_peft(mask: MaskRecord, out: str | os.PathLike[str],
     header["__metadata__"] = {"format": "pt"}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    aside = path.with_name(path.name + ".partial")
-    shutil.rmtree(aside, ignore_errors=True)
+    created = not path.exists()
+    weights = path / (WEIGHTS_FILE + ".partial")
     try:
-        aside.mkdir()
-        with open(aside / WEIGHTS_FILE, "wb") as f:
+        path.mkdir(exist_ok=True)
+        with open(weights, "wb") as f:
             f.write(len(head).to_bytes(8, "little"))
             f.write(head)
             for s in chosen:
@@ -176,17 +178,19 @@ def export_peft(mask: MaskRecord, out: str | os.PathLike[str],
                 rows, cols = np.divmod(flat, s.shape[1])
                 f.write(np.stack([rows, cols]).astype("<i4").tobytes())
                 f.write(np.zeros(slots, dtype="<f4").tobytes())
-        config = _config(mask, r, sorted(result.layers))
-        (aside / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        path.mkdir(exist_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):  # the weights first: the config marks it done
-            os.replace(aside / name, path / name)
-        aside.rmdir()
-    except OSError as exc:
-        shutil.rmtree(aside, ignore_errors=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(aside, ignore_errors=True)
+        config = path / (CONFIG_FILE + ".partial")
+        config.write_text(json.dumps(_config(mask, r, sorted(result.layers)), indent=2,
+                                     sort_keys=True) + "\n")
+        os.replace(weights, path / WEIGHTS_FILE)  # the weights first: the config marks it done
+        os.replace(config, path / CONFIG_FILE)
+    except BaseException as exc:
+        for leftover in (weights, path / (CONFIG_FILE + ".partial"), path / WEIGHTS_FILE):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
     result.bytes = sum((path / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE))
     return result

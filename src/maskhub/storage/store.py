@@ -5,8 +5,11 @@ Layout (the contract in DESIGN.md and the README):
 * group attributes: the :class:`~maskhub.schemas.MaskMetadata` dict (``kind``,
   ``format_version``...) plus ``tensors``, the tensor names in checkpoint order;
 * one array per tensor, named exactly as the parameter: ``uint8`` of ``ceil(numel/8)``
-  bytes, zstd-compressed, with attributes ``shape``, ``bitorder`` (``"little"``),
-  ``numel``, ``n_updated``, ``layer``, ``module``, ``base_dtype``, ``target_dtype``.
+  bytes, zstd-compressed, with attributes ``shape`` (the parameter's shape, not the
+  array's; also as ``parameter_shape`` since issue 26), ``bitorder`` (``"little"``),
+  ``numel``, ``n_updated``, ``layer``, ``module``, ``base_dtype``, ``target_dtype``, and one
+  dimension name (``dimension_names``: ``<tensor>.bytes``, see :func:`dimension_name`) so
+  that xarray opens the group.
 
 A reader with only zarr and numpy rebuilds a mask with
 ``np.unpackbits(a[:], count=prod(shape), bitorder=a.attrs["bitorder"]).reshape(shape)``.
@@ -82,6 +85,18 @@ _PLAIN_NAME = re.compile(r"^(?!\.)(?!__)[A-Za-z0-9_.\-]+$")
 _ZSTD = Zstd(level=ZSTD_LEVEL, checksum=False)
 
 
+#: The array attribute holding the parameter's shape (the same as the ``shape`` attribute).
+PARAMETER_SHAPE_ATTR = "parameter_shape"
+
+
+def dimension_name(tensor: str, what: str) -> str:
+    """The one dimension name of a tensor's array (Zarr v3 ``dimension_names``, issue 26):
+    ``<tensor>.bytes`` (packed bits), ``<tensor>.gaps`` (byte-gap code), ``<tensor>.values``
+    (a patch's values). One name per array, since the arrays' lengths differ: xarray opens
+    the group as a Dataset whose variables share no dimension."""
+    return f"{tensor}.{what}"
+
+
 def _array_attrs(stats: TensorStats) -> dict:
     d = stats.to_dict()
     d.pop("tensor")
@@ -89,12 +104,17 @@ def _array_attrs(stats: TensorStats) -> dict:
         if d.get(key) is None:
             d.pop(key, None)
     d["bitorder"] = BITORDER
+    # issue 26: the parameter's shape under a name that does not clash with the array's own
+    # shape (the packed bytes); ``shape`` stays, as the format's contract names it
+    d[PARAMETER_SHAPE_ATTR] = list(stats.shape)
     return d
 
 
-def array_metadata(nbytes: int, chunk: int, attributes: dict) -> dict:
-    """The ``zarr.json`` document of a packed-bit array, as zarr-python 3 writes it."""
-    return {
+def array_metadata(nbytes: int, chunk: int, attributes: dict,
+                   dimension: str | None = None) -> dict:
+    """The ``zarr.json`` document of a packed-bit array, as zarr-python 3 writes it;
+    ``dimension``: the array's one dimension name (``dimension_names``), if any."""
+    doc = {
         "shape": [nbytes],
         "data_type": "uint8",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
@@ -107,6 +127,9 @@ def array_metadata(nbytes: int, chunk: int, attributes: dict) -> dict:
         "node_type": "array",
         "storage_transformers": [],
     }
+    if dimension is not None:
+        doc["dimension_names"] = [dimension]
+    return doc
 
 
 def write_packed_array(directory: Path, packed: np.ndarray, attributes: dict,
@@ -124,9 +147,11 @@ def write_packed_array(directory: Path, packed: np.ndarray, attributes: dict,
 
 
 def packed_array_files(packed: np.ndarray, attributes: dict,
-                       chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, bytes]]:
+                       chunk_bytes: int = CHUNK_BYTES, dimension: str | None = None
+                       ) -> Iterator[tuple[str, bytes]]:
     """The files of one packed-bit Zarr v3 array, ``(key relative to the array, bytes)``:
-    the compressed chunks (all-zero ones skipped), then ``zarr.json``."""
+    the compressed chunks (all-zero ones skipped), then ``zarr.json`` (with
+    ``dimension_names: [dimension]`` when given)."""
     nbytes = packed.shape[0]
     chunk = max(1, min(nbytes, chunk_bytes))
     for i, start in enumerate(range(0, nbytes, chunk)):
@@ -138,7 +163,7 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
             full[:part.shape[0]] = part
             part = full
         yield f"c/{i}", _ZSTD.encode(part)
-    yield "zarr.json", json.dumps(array_metadata(nbytes, chunk, attributes),
+    yield "zarr.json", json.dumps(array_metadata(nbytes, chunk, attributes, dimension),
                                   indent=2).encode()
 
 
@@ -149,10 +174,12 @@ def tensor_array_files(packed: np.ndarray, stats: TensorStats) -> list[tuple[str
     attrs = _array_attrs(stats)
     density = stats.n_updated / stats.numel if stats.numel else 0.0
     if not (stats.n_updated and density < gapcode.GAPS_DENSITY):
-        return list(packed_array_files(packed, attrs))
+        return list(packed_array_files(packed, attrs,
+                                       dimension=dimension_name(stats.tensor, "bytes")))
     gap_attrs = {k: v for k, v in attrs.items() if k != "bitorder"}
     gap_attrs[gapcode.ENCODING_ATTR] = gapcode.GAPS_U8
-    return list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs))
+    return list(packed_array_files(gapcode.encode(packed, stats.numel), gap_attrs,
+                                   dimension=dimension_name(stats.tensor, "gaps")))
 
 
 def _write_files(directory: Path, files: list[tuple[str, bytes]]) -> None:
@@ -239,7 +266,9 @@ class MaskWriter:
             if values is not None:
                 files[f"{VALUES_GROUP}/zarr.json"] = group_document()
                 files.update((f"{VALUES_GROUP}/{stats.tensor}/{key}", data) for key, data in
-                             values_array_files(values, stats.target_dtype))
+                             values_array_files(values, stats.target_dtype,
+                                                dimension=dimension_name(stats.tensor,
+                                                                         "values")))
             remote.put_files(self.url, files)
             self._added(stats.tensor, values is not None)
             return
@@ -258,6 +287,7 @@ class MaskWriter:
                 compressors=[ZstdCodec(level=ZSTD_LEVEL)],
                 fill_value=0,
                 attributes=_array_attrs(stats),
+                dimension_names=[dimension_name(stats.tensor, "bytes")],
             )
             if nbytes:
                 arr[:] = packed
@@ -280,7 +310,9 @@ class MaskWriter:
             if self.attached:
                 remove_tree(directory)
             (directory / "c").mkdir(parents=True)
-            for key, data in values_array_files(values, stats.target_dtype):
+            for key, data in values_array_files(values, stats.target_dtype,
+                                                dimension=dimension_name(stats.tensor,
+                                                                         "values")):
                 (directory / key).write_bytes(data)
             return
         from zarr.codecs import BloscCodec
@@ -292,7 +324,8 @@ class MaskWriter:
             name=f"{VALUES_GROUP}/{stats.tensor}", shape=(n,),
             dtype=storage_dtype(stats.target_dtype), chunks=(max(1, min(n, VALUES_CHUNK)),),
             compressors=[BloscCodec(**BLOSC_CONFIG)], fill_value=0,
-            attributes={DTYPE_ATTR: stats.target_dtype}, overwrite=True)
+            attributes={DTYPE_ATTR: stats.target_dtype}, overwrite=True,
+            dimension_names=[dimension_name(stats.tensor, "values")])
         if n:
             arr[:] = values
 
@@ -637,7 +670,10 @@ STORE_DESCRIPTION = {
     "arrays": "one uint8 array per parameter tensor, named as the parameter: the flattened "
               "(C-order) mask packed 8 entries per byte; rebuild with np.unpackbits(a[:], "
               "count=prod(a.attrs['shape']), bitorder=a.attrs['bitorder'])"
-              ".reshape(a.attrs['shape']) (a bool array, if any, is the mask itself)",
+              ".reshape(a.attrs['shape']) (a bool array, if any, is the mask itself). The "
+              "shape attribute (also parameter_shape) is the parameter's shape, not the "
+              "array's own (a.shape: the packed bytes); an array with attribute encoding: "
+              "gaps-u8 holds a byte-gap code instead (see the documentation)",
     "documentation": "maskhub README.md, section 'Mask store layout (Zarr v3)'",
 }
 

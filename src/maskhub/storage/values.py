@@ -67,10 +67,11 @@ def _codecs(dt: np.dtype) -> list[dict]:
     return [first, {"name": "blosc", "configuration": {"typesize": dt.itemsize, **BLOSC_CONFIG}}]
 
 
-def values_metadata(n: int, dtype: str, chunk: int) -> dict:
-    """The ``zarr.json`` document of one values array, as zarr-python 3 writes it."""
+def values_metadata(n: int, dtype: str, chunk: int, dimension: str | None = None) -> dict:
+    """The ``zarr.json`` document of one values array, as zarr-python 3 writes it
+    (``dimension_names: [dimension]`` when given)."""
     dt = storage_dtype(dtype)
-    return {
+    doc = {
         "shape": [n],
         "data_type": dt.name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
@@ -82,6 +83,9 @@ def values_metadata(n: int, dtype: str, chunk: int) -> dict:
         "node_type": "array",
         "storage_transformers": [],
     }
+    if dimension is not None:
+        doc["dimension_names"] = [dimension]
+    return doc
 
 
 def check_values(values: np.ndarray, dtype: str, n: int, tensor: str) -> np.ndarray:
@@ -98,8 +102,8 @@ def check_values(values: np.ndarray, dtype: str, n: int, tensor: str) -> np.ndar
     return np.ascontiguousarray(values)
 
 
-def values_array_files(values: np.ndarray, dtype: str,
-                       chunk_values: int = VALUES_CHUNK) -> Iterator[tuple[str, bytes]]:
+def values_array_files(values: np.ndarray, dtype: str, chunk_values: int = VALUES_CHUNK,
+                       dimension: str | None = None) -> Iterator[tuple[str, bytes]]:
     """The files of one values array, ``(key relative to the array, bytes)``: the blosc
     chunks, then ``zarr.json``. ``values`` is already checked (:func:`check_values`)."""
     from numcodecs import Blosc
@@ -116,7 +120,8 @@ def values_array_files(values: np.ndarray, dtype: str,
             full[:part.shape[0]] = part
             part = full
         yield f"c/{i}", bytes(codec.encode(part.view(dt)))
-    yield "zarr.json", json.dumps(values_metadata(n, dtype, chunk), indent=2).encode()
+    yield "zarr.json", json.dumps(values_metadata(n, dtype, chunk, dimension),
+                                  indent=2).encode()
 
 
 def group_document() -> bytes:
