@@ -35,6 +35,7 @@ from maskhub.analytics.trajectory import (
     register_trajectory,
 )
 from maskhub.checkpoints.mapped import MappedCheckpoint
+from maskhub.checkpoints.patch_checksum import verify_checksum
 from maskhub.checkpoints.patches import PatchFile, open_patch
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.provenance import model_name, timestamp
@@ -124,6 +125,7 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
     patches: list[PatchFile] = []
     try:
         patches = open_chain(base, patch_paths)
+        verify_checksum(base, patches)  # the last patch's checksum_sha256 (TRL #5417)
         names = list(base.tensors)
         labels = [model_name(base.ref)] + [str(pf.path.resolve()) for pf in patches]
         points = [TrajectoryPoint(0, _step_of(base_spec, 0), labels[0], base.revision)]
