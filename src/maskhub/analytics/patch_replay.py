@@ -56,6 +56,16 @@ def pack_positions(positions: np.ndarray, numel: int) -> np.ndarray:
     return np.packbits(bits, bitorder=BITORDER)
 
 
+def _lut16(dtype: str) -> np.ndarray | None:
+    """The float64 value of every 16-bit pattern of ``dtype`` (bf16, fp16); ``None`` for
+    fp32 (read as float32 in place)."""
+    if dtype == "bfloat16":
+        return (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    if dtype == "float16":
+        return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    return None
+
+
 @dataclass
 class StepCounts:
     """One step's counts for one tensor (the columns of ``trajectory_points``)."""
@@ -80,13 +90,27 @@ class SparseState:
     counting pass; :meth:`step` per step.
     """
 
-    def __init__(self, numel: int, dtype: str, base: Sequence[np.ndarray]) -> None:
+    def __init__(self, numel: int, dtype: str, base: Sequence[np.ndarray],
+                 compiled: bool = False) -> None:
+        """``compiled``: run each step as one compiled pass (numba) where the dtype allows
+        (bf16, fp16, fp32); same counts as the numpy passes."""
         self.numel, self.dtype = numel, dtype
         self.base = np.concatenate(base) if len(base) != 1 else np.array(base[0])
         self.current = self.base.copy()
         #: per entry: bit 0 updated against the base now, bit 1 ever, bit 2 outside final
         self.flags = np.zeros(numel, dtype=np.uint8)
         self.n_upd = self.n_ever = self.n_outside = 0
+        self._lut: np.ndarray | None = None
+        self._nb = None
+        if compiled and dtype in ("bfloat16", "float16", "float32"):
+            from maskhub.kernels.fastkernel import choose_numba_cache
+
+            choose_numba_cache()
+            from maskhub.kernels import patchnumba
+
+            self._nb = patchnumba
+            with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
+                self._lut = _lut16(dtype)
 
     def overwrite(self, entries: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Write one patch's values into :attr:`current` (no counts: the first pass)."""
@@ -110,6 +134,8 @@ class SparseState:
         if entries is None or entries[0].shape[0] == 0:
             return StepCounts(self.n_upd, 0, self.n_ever, self.n_outside)
         p_idx, p_val = entries
+        if self._nb is not None:
+            return self._step_compiled(p_idx, np.ascontiguousarray(p_val), kernel)
         vs_prev = count_updated(kernel, self.current[p_idx], p_val, self.dtype)
         new = diff_entries(kernel, self.base[p_idx], p_val, self.dtype)
         f = self.flags[p_idx]
@@ -123,6 +149,22 @@ class SparseState:
         self.current[p_idx] = p_val
         self.flags[p_idx] = (f & 6) | nb | (nb << 1)
         return StepCounts(self.n_upd, vs_prev, self.n_ever, self.n_outside)
+
+    def _step_compiled(self, p_idx: np.ndarray, p_val: np.ndarray,
+                       kernel: DiffKernel) -> StepCounts:
+        counts = np.zeros(4, dtype=np.int64)
+        tol = float(kernel.tols[0])
+        if self._lut is not None:
+            self._nb.replay_step16(p_idx, p_val, self.base, self.current, self.flags,
+                                   self._lut, tol, counts)
+        else:
+            self._nb.replay_step32(p_idx, p_val, p_val.view(np.float32), self.base,
+                                   self.base.view(np.float32), self.current,
+                                   self.current.view(np.float32), self.flags, tol, counts)
+        self.n_upd += int(counts[0])
+        self.n_ever += int(counts[2])
+        self.n_outside += int(counts[3])
+        return StepCounts(self.n_upd, int(counts[1]), self.n_ever, self.n_outside)
 
     def updated(self) -> np.ndarray:
         """Updated against the base now (bool per entry)."""
