@@ -15,6 +15,7 @@ and nothing is registered.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -215,7 +216,7 @@ GROUP_ENTRIES = 1 << 26
 
 
 #: Entries of a tensor from which its strata are counted by the compiled kernels (one pass
-#: over the base and the packed bits) rather than numpy.
+#: over the base and the packed bits) rather than numpy; any size once numba is loaded.
 COMPILED_STRATA_MIN = 1 << 22
 
 
@@ -230,7 +231,7 @@ def _strata(raw: np.ndarray, dtype: str, numel: int,
         for counts, (m, _) in zip(out, masks, strict=True):
             counts[0, 0], counts[1, 0] = numel, int(np.count_nonzero(m))
         return out
-    if HAVE_NUMBA and numel >= COMPILED_STRATA_MIN:
+    if HAVE_NUMBA and (numel >= COMPILED_STRATA_MIN or "numba" in sys.modules):
         for k, (counts, (_, packed)) in enumerate(zip(out, masks, strict=True)):
             if k:
                 counts[0] = out[0][0]
