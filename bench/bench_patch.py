@@ -1,19 +1,23 @@
 """Sparse patches side by side (issue 22): bytes against the dense target, zstd -3 and zipnn;
 rebuilding against ``cp``; a chain of 50 patches against the dense trajectory.
 
-    .venv/bin/python bench/bench_patch.py [--params 64e6] [--chain-params 8e6] [--steps 50]
+    .venv/bin/python bench/bench_patch.py [--params 64e6] [--apply-params 64e6 256e6]
+        [--chain-params 8e6] [--steps 50] [--parts sizes,apply,chain]
 
-One synthetic bf16 model (N(0, 0.02) weights, ``--params`` entries in 16 tensors). For each
-density d in 0.2, 0.05, 0.01, 0.002 the target changes a random d of the entries (bits
-that differ); ``maskhub diff --patch BASE TARGET`` makes the patch (lossless) and the
-trainer's own patch of the same step (TRL #5417 layout: int32 flat indices + bf16 values) is
-imported with ``maskhub import PATCH --base BASE`` (the same bits and values). The patch is
-measured against: the full bf16 target, the target through zstd -3 (numcodecs), the
-target through zipnn (PyPI) when it installs, and the bound 16·d + 1.1·H(d) bits per
-parameter. ``maskhub apply`` is timed against ``cp`` of the target on a warm cache. The
-chain: ``--steps`` patches of 1% each on a ``--chain-params`` model, ``maskhub trajectory
---patches`` against ``maskhub trajectory`` of the dense checkpoints (same rows
-checked). Not a test: it writes its section of BENCHMARKS.md.
+Sizes (``bench_patch`` section): one synthetic bf16 model (N(0, 0.02) weights,
+``--params`` entries in 16 tensors). For each density d in 0.2, 0.05, 0.01, 0.002 the
+target changes a random d of the entries (bits that differ); ``maskhub diff --patch BASE
+TARGET`` makes the patch (lossless) and the trainer's own patch of the same step (TRL #5417
+layout: int32 flat indices + bf16 values) is imported with ``maskhub import PATCH --base
+BASE`` (the same bits and values). The patch is measured against: the full bf16 target,
+the target through zstd -3 (numcodecs), the target through zipnn (PyPI) when it installs,
+and the bound 16·d + 1.1·H(d) bits per parameter.
+
+Speed (``bench_patch_speed`` section): ``maskhub apply`` of a 1% patch against ``cp`` of the
+target on a warm cache, for each model size of ``--apply-params`` (wall and CPU-seconds);
+the chain: ``--steps`` patches of 1% each on a ``--chain-params`` model, ``maskhub
+trajectory --patches`` against ``maskhub trajectory`` of the dense checkpoints (same rows
+checked). Not a test: it writes its sections of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -146,14 +150,14 @@ def _timed(fn, repeat: int = 3) -> float:
 
 
 def bench_sizes(work: Path, n_params: int) -> tuple[list[dict], dict]:
-    """Bytes per density, and `maskhub apply` against cp at d = 0.01."""
+    """Bytes per density."""
     from numcodecs import Zstd
 
     from maskhub import Registry
 
     base = _model(n_params, seed=0)
     base_dir = _write_model(base, work / "base")
-    rows, rebuild = [], {}
+    rows = []
     rng = np.random.default_rng(1)
     zipnn_note = ""
     for d in DENSITIES:
@@ -186,26 +190,58 @@ def bench_sizes(work: Path, n_params: int) -> tuple[list[dict], dict]:
                      "zipnn": zipnn_bytes, "import": import_bytes, "t_diff": t_diff,
                      "bound": bound, "t_import": t_import, "t_zstd": t_zstd,
                      "t_zipnn": t_zipnn})
-        if d == 0.01:
-            outs = iter(work / f"applied-{i}" for i in range(10))
-
-            def apply_once(r=reg, m=mask, o=outs) -> None:
-                r.apply(m, base_dir, next(o))
-
-            t_apply = _timed(apply_once)
-            rebuilt = work / "applied-0" / "model.safetensors"
-            tensors_equal = all(
-                np.array_equal(target[name].reshape(-1), _read_tensor(rebuilt, name))
-                for name in target)
-            cp_out = work / "copied.safetensors"
-            t_cp = _timed(lambda f=tfile, o=cp_out: subprocess.run(["cp", str(f), str(o)],
-                                                                  check=True))
-            rebuild = {"d": d, "bytes": len(data), "t_rebuild": t_apply, "t_cp": t_cp,
-                       "equal": tensors_equal}
-            for i in range(3):
-                shutil.rmtree(work / f"applied-{i}", ignore_errors=True)
         shutil.rmtree(tdir)
-    return rows, {**rebuild, "zipnn_note": zipnn_note}
+    return rows, {"zipnn_note": zipnn_note}
+
+
+def _cpu(who: int) -> float:
+    import resource
+
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_apply(work: Path, n_params: int, density: float = 0.01, reps: int = 5) -> dict:
+    """`maskhub apply` (in process, every thread's CPU counted, from the registered mask
+    looked up afresh before the clock starts) against `cp` of the target (a child process),
+    interleaved, on a warm cache: best wall time and best CPU-seconds of ``reps`` runs each
+    (the first of each is a warm-up and not counted)."""
+    import resource
+
+    from maskhub import Registry
+
+    root = work / f"apply-{n_params}"
+    base = _model(n_params, seed=0)
+    base_dir = _write_model(base, root / "base")
+    target, _ = _mutate(base, density, np.random.default_rng(1))
+    del base
+    tdir = _write_model(target, root / "target")
+    tfile = tdir / "model.safetensors"
+    reg = Registry(root / "home")
+    mask = reg.diff(base_dir, tdir, name="p", patch=True, device="cpu")
+    applied, copied = [], []
+    for i in range(reps + 1):
+        out = root / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        fresh = reg.get(mask.id)  # the mask as a new command finds it: nothing cached
+        t, c = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
+        reg.apply(fresh, base_dir, out)
+        applied.append((time.perf_counter() - t, _cpu(resource.RUSAGE_SELF) - c))
+        if i == 0:
+            rebuilt = out / "model.safetensors"
+            equal = all(np.array_equal(target[name].reshape(-1), _read_tensor(rebuilt, name))
+                        for name in target)
+        cp_out = root / "copied.safetensors"
+        cp_out.unlink(missing_ok=True)
+        t, c = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
+        subprocess.run(["cp", str(tfile), str(cp_out)], check=True)
+        copied.append((time.perf_counter() - t, _cpu(resource.RUSAGE_CHILDREN) - c))
+    nbytes = tfile.stat().st_size
+    shutil.rmtree(root, ignore_errors=True)
+    return {"n": mask.n_params, "d": density, "bytes": nbytes,
+            "t_apply": min(w for w, _ in applied[1:]), "cpu_apply": min(c for _, c in applied[1:]),
+            "t_cp": min(w for w, _ in copied[1:]), "cpu_cp": min(c for _, c in copied[1:]),
+            "equal": equal, "reps": reps}
 
 
 def _read_tensor(path: Path, name: str) -> np.ndarray:
@@ -216,7 +252,7 @@ def _read_tensor(path: Path, name: str) -> np.ndarray:
         .view(np.uint16)
 
 
-def bench_chain(work: Path, n_params: int, steps: int) -> dict:
+def bench_chain(work: Path, n_params: int, steps: int, reps: int = 3) -> dict:
     """A chain of ``steps`` 1% patches: patch trajectory vs dense trajectory."""
     from maskhub import Registry
 
@@ -233,30 +269,34 @@ def bench_chain(work: Path, n_params: int, steps: int) -> dict:
                 state[name].reshape(-1)[back] = first[name].reshape(-1)[back]
         dirs.append(_write_model(state, work / "chain" / f"ckpt-{k}"))
         patches.append(_write_patch(state, moved, work / "chain" / f"step-{k}.safetensors", k))
-    t_patch = t_dense = math.inf
-    for rep in range(2):  # best of two, interleaved (the machine is shared)
+    import resource
+
+    best = {"t_patch": math.inf, "t_dense": math.inf, "cpu_patch": math.inf,
+            "cpu_dense": math.inf}
+    for rep in range(reps):  # interleaved (the machine is shared); best of each
         reg_p, reg_d = Registry(work / f"home-chain-p{rep}"), Registry(work / f"home-chain-d{rep}")
         reg_p.ls(), reg_d.ls()  # both homes created and migrated before the clock starts
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
         rp = reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
-        t_patch = min(t_patch, time.perf_counter() - t)
-        t = time.perf_counter()
+        best["t_patch"] = min(best["t_patch"], time.perf_counter() - t)
+        best["cpu_patch"] = min(best["cpu_patch"], _cpu(resource.RUSAGE_SELF) - c)
+        t, c = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
         rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
-        t_dense = min(t_dense, time.perf_counter() - t)
+        best["t_dense"] = min(best["t_dense"], time.perf_counter() - t)
+        best["cpu_dense"] = min(best["cpu_dense"], _cpu(resource.RUSAGE_SELF) - c)
     cols = ("step", "n_updated_vs_first", "n_updated_vs_prev", "n_ever", "n_not_in_final")
     same = [[getattr(p, c) for c in cols] for p in rp.points] == \
         [[getattr(p, c) for c in cols] for p in rd.points] and \
         (rp.n_never, rp.n_cancelled, rp.n_subnetwork) == (rd.n_never, rd.n_cancelled,
                                                           rd.n_subnetwork)
-    return {"steps": steps, "n": rp.n_params, "t_patch": t_patch, "t_dense": t_dense,
-            "same": same, "patch_bytes": sum(p.stat().st_size for p in patches),
+    return {"steps": steps, "n": rp.n_params, **best, "reps": reps, "same": same,
+            "patch_bytes": sum(p.stat().st_size for p in patches),
             "dense_bytes": sum(_dir_bytes(d) for d in dirs), "final": rp.n_subnetwork,
             "cancelled": rp.n_cancelled}
 
 
-def build_report(rows: list[dict], rebuild: dict, chain: dict,
-                 load: tuple[float, float, float]) -> str:
-    """The BENCHMARKS.md section."""
+def build_report(rows: list[dict], notes: dict, load: tuple[float, float, float]) -> str:
+    """The sizes section of BENCHMARKS.md."""
     mb = 1e6
     n = rows[0]["n"]
     lines = [
@@ -286,7 +326,7 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
                      f"{8 * r['values'] / (r['d'] * r['n']):.2f} | "
                      f"{r['zstd'] / mb:.1f} | {z} | {zr} | {r['import'] / mb:.2f} | "
                      f"{r['t_diff']:.2f} | {r['t_import']:.2f} |")
-    lines += ["", f"zipnn: {rebuild['zipnn_note']}. Targets of issue 22: patch ≤ bound at "
+    lines += ["", f"zipnn: {notes['zipnn_note']}. Targets of issue 22: patch ≤ bound at "
               "every density; ≥ 2.5x smaller than zipnn at d = 0.2 and ≥ 10x at d ≤ 0.02. "
               "*mask bits / H(d)*: the packed bitmask arrays (and every zarr.json) against "
               "the mask's entropy bound; *bits per value*: the values arrays per stored value "
@@ -294,46 +334,85 @@ def build_report(rows: list[dict], rebuild: dict, chain: dict,
               "packed bits + zstd-1 (the mask store's codec since issue 1) sit well above "
               "H(d) at low density, as DESIGN.md measured (1.61x at 2%); a byte-gap code "
               "of the positions (1.01x there) would fit the bound.", ""]
-    if rebuild:
-        gbps = rebuild["bytes"] / 1e9
+    lines.append("`apply` and chain speed: the section *Sparse patches: speed* below.")
+    return "\n".join(lines)
+
+
+def speed_report(applies: list[dict], chain: dict | None,
+                 loads: tuple[float, float]) -> str:
+    """The speed section of BENCHMARKS.md (apply against cp; chain against dense)."""
+    lines = ["## Sparse patches: speed (`bench/bench_patch.py --parts apply,chain`, issue 22)",
+             "",
+             f"One run, CPU only, warm page cache. **Shared machine**: 2 cores that other "
+             f"jobs used during the run (load average {loads[0]:.2f} at start, "
+             f"{loads[1]:.2f} at the end), so wall times are noisy; CPU-seconds "
+             "(`getrusage`: every thread of the process; `cp`: its child's) are steadier. "
+             "Best of each, interleaved runs, the first of each a warm-up.", ""]
+    if applies:
+        lines += ["`maskhub apply PATCH BASE OUT` (in process, a new directory of "
+                  "safetensors, d = 1%, base fingerprint checked) against `cp` of the target "
+                  "file (coreutils: `copy_file_range`, the kernel copies). Target: apply ≥ 0.7x "
+                  "the throughput of cp.", "",
+                  "| target | apply s | apply GB/s | apply CPU-s | cp s | cp GB/s | cp CPU-s | "
+                  "**apply / cp (wall)** | apply / cp (CPU-s) | bit for bit |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in applies:
+            gb = r["bytes"] / 1e9
+            lines.append(
+                f"| {r['bytes'] / 1e6:.0f} MB ({r['n'] / 1e6:.0f} M bf16) | "
+                f"{r['t_apply']:.3f} | {gb / r['t_apply']:.2f} | {r['cpu_apply']:.3f} | "
+                f"{r['t_cp']:.3f} | {gb / r['t_cp']:.2f} | {r['cpu_cp']:.3f} | "
+                f"**{r['t_cp'] / r['t_apply']:.2f}x** | {r['cpu_cp'] / r['cpu_apply']:.2f}x | "
+                f"{r['equal']} |")
+        lines.append("")
+    if chain:
+        mb = 1e6
         lines += [
-            f"`maskhub apply` of the d = {rebuild['d']:g} patch onto the base (a new "
-            "directory of safetensors; in process, best of 3, warm cache): "
-            f"{rebuild['t_rebuild']:.3f} s ({gbps / rebuild['t_rebuild']:.2f} GB/s of "
-            f"target) against `cp` of the target {rebuild['t_cp']:.3f} s "
-            f"({gbps / rebuild['t_cp']:.2f} GB/s): "
-            f"{rebuild['t_cp'] / rebuild['t_rebuild']:.2f}x the throughput of cp (target "
-            f"≥ 0.7x); rebuilt == target bit for bit: {rebuild['equal']}.", ""]
-    lines += [
-        f"Chain: {chain['steps']} patches of 1% each (every 10th step sends a quarter of "
-        f"its entries back to the base) on a {chain['n'] / 1e6:.1f} M-parameter bf16 model: "
-        f"`maskhub trajectory --patches BASE P1..P{chain['steps']}` "
-        f"{chain['t_patch']:.2f} s ({chain['patch_bytes'] / mb:.1f} MB of patches) against "
-        f"`maskhub trajectory` of the {chain['steps'] + 1} dense checkpoints "
-        f"{chain['t_dense']:.2f} s ({chain['dense_bytes'] / mb:.0f} MB): "
-        f"**{chain['t_dense'] / chain['t_patch']:.1f}x**; same rows: {chain['same']} (final "
-        f"subnetwork {chain['final']:,}, cancelled {chain['cancelled']:,}). Both in one "
-        "process, CPU, warm cache, best of two interleaved runs, each into a home created "
-        "beforehand."]
+            f"Chain: {chain['steps']} patches of 1% each (TRL #5417 layout; every 10th step "
+            f"sends a quarter of its entries back to the base) on a {chain['n'] / 1e6:.1f} "
+            f"M-parameter bf16 model: `maskhub trajectory --patches BASE P1..P{chain['steps']}` "
+            f"({chain['patch_bytes'] / mb:.1f} MB of patches) against `maskhub trajectory` of "
+            f"the {chain['steps'] + 1} dense checkpoints ({chain['dense_bytes'] / mb:.0f} MB), "
+            f"best of {chain['reps']} interleaved runs, each into a home created beforehand. "
+            "Target: ≥ 10x.", "",
+            "| | patches | dense | dense / patches |", "|---|---:|---:|---:|",
+            f"| wall s | {chain['t_patch']:.2f} | {chain['t_dense']:.2f} | "
+            f"**{chain['t_dense'] / chain['t_patch']:.1f}x** |",
+            f"| CPU-s | {chain['cpu_patch']:.2f} | {chain['cpu_dense']:.2f} | "
+            f"{chain['cpu_dense'] / chain['cpu_patch']:.1f}x |", "",
+            f"Same rows: {chain['same']} (final subnetwork {chain['final']:,}, cancelled "
+            f"{chain['cancelled']:,})."]
     return "\n".join(lines)
 
 
 def main() -> None:
-    """Run the benchmark and write its BENCHMARKS.md section."""
+    """Run the benchmark and write its BENCHMARKS.md sections."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=64e6)
+    ap.add_argument("--apply-params", type=float, nargs="+", default=[64e6, 256e6])
     ap.add_argument("--chain-params", type=float, default=8e6)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--parts", default="sizes,apply,chain",
+                    help="comma-separated: sizes, apply, chain")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
         work = Path(tmp)
-        rows, rebuild = bench_sizes(work, int(args.params))
-        chain = bench_chain(work, int(args.chain_params), args.steps)
-    body = build_report(rows, rebuild, chain, load)
-    print(body)
-    write_section(args.out, "bench_patch", body)
+        if "sizes" in parts:
+            rows, notes = bench_sizes(work, int(args.params))
+            body = build_report(rows, notes, load)
+            print(body)
+            write_section(args.out, "bench_patch", body)
+        applies = [bench_apply(work, int(n)) for n in args.apply_params] \
+            if "apply" in parts else []
+        chain = bench_chain(work, int(args.chain_params), args.steps) \
+            if "chain" in parts else None
+    if applies or chain:
+        body = speed_report(applies, chain, (load[0], os.getloadavg()[0]))
+        print(body)
+        write_section(args.out, "bench_patch_speed", body)
 
 
 if __name__ == "__main__":

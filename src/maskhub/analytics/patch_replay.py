@@ -20,7 +20,7 @@ dense diff, so a chain's counts equal the dense trajectory's of the same weights
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,23 +56,14 @@ def pack_positions(positions: np.ndarray, numel: int) -> np.ndarray:
     return np.packbits(bits, bitorder=BITORDER)
 
 
-def final_positions(steps: list[tuple[np.ndarray, np.ndarray] | None], numel: int,
-                    raw: np.dtype | type, gather: Callable[[np.ndarray], np.ndarray],
-                    dtype: str, kernel: DiffKernel) -> np.ndarray:
-    """Sorted positions updated against the base after the whole chain ``steps`` (each
-    ``(sorted unique positions, raw values)`` or ``None``): the last value each touched
-    position was given (a scratch of ``numel`` values, written in step order so that the
-    last patch wins), against the base there (``gather(positions)``; one kernel call)."""
-    given = [st for st in steps if st is not None and st[0].shape[0]]
-    if not given:
-        return np.zeros(0, np.int64)
-    touched = np.zeros(numel, dtype=bool)
-    last = np.empty(numel, dtype=raw)
-    for idx, val in given:
-        touched[idx] = True
-        last[idx] = val
-    idx = np.flatnonzero(touched)
-    return idx[diff_entries(kernel, gather(idx), last[idx], dtype)]
+def _lut16(dtype: str) -> np.ndarray | None:
+    """The float64 value of every 16-bit pattern of ``dtype`` (bf16, fp16); ``None`` for
+    fp32 (read as float32 in place)."""
+    if dtype == "bfloat16":
+        return (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    if dtype == "float16":
+        return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    return None
 
 
 @dataclass
@@ -92,22 +83,48 @@ class SparseState:
     each kept up to date.
 
     ``base``: the base's raw values (unsigned integers of the dtype's width), the space's
-    tensors in order; copied once;
-    ``gather(sorted positions)``: the base's raw values there (read only where asked);
-    ``final``: sorted positions of the final mask when known (for ``n_not_in_final``).
+    tensors in order; copied once (the base, and the current values).
+
+    Use: :meth:`overwrite` with every step's entries gives the final weights in
+    :attr:`current`; :meth:`reset` with the final mask (found from them) starts the
+    counting pass; :meth:`step` per step.
     """
 
     def __init__(self, numel: int, dtype: str, base: Sequence[np.ndarray],
-                 gather: Callable[[np.ndarray], np.ndarray],
-                 final: np.ndarray | None = None) -> None:
-        self.numel, self.dtype, self.gather = numel, dtype, gather
-        self.current = np.concatenate(base) if len(base) != 1 else np.array(base[0])
+                 compiled: bool = False) -> None:
+        """``compiled``: run each step as one compiled pass (numba) where the dtype allows
+        (bf16, fp16, fp32); same counts as the numpy passes."""
+        self.numel, self.dtype = numel, dtype
+        self.base = np.concatenate(base) if len(base) != 1 else np.array(base[0])
+        self.current = self.base.copy()
         #: per entry: bit 0 updated against the base now, bit 1 ever, bit 2 outside final
         self.flags = np.zeros(numel, dtype=np.uint8)
-        if final is not None:
-            self.flags[:] = 4
-            self.flags[final] = 0
-            self.n_outside_total = numel - int(final.shape[0])
+        self.n_upd = self.n_ever = self.n_outside = 0
+        self._lut: np.ndarray | None = None
+        self._nb = None
+        if compiled and dtype in ("bfloat16", "float16", "float32"):
+            from maskhub.kernels.fastkernel import choose_numba_cache
+
+            choose_numba_cache()
+            from maskhub.kernels import patchnumba
+
+            self._nb = patchnumba
+            with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
+                self._lut = _lut16(dtype)
+
+    def overwrite(self, entries: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Write one patch's values into :attr:`current` (no counts: the first pass)."""
+        if entries is not None:
+            self.current[entries[0]] = entries[1]
+
+    def reset(self, final: np.ndarray | None) -> None:
+        """Back to the base, for the counting pass; ``final``: the final mask (bool per
+        entry) when known (for ``n_not_in_final``)."""
+        np.copyto(self.current, self.base)
+        if final is None:
+            self.flags[:] = 0
+        else:
+            np.left_shift(~final, 2, out=self.flags, dtype=np.uint8, casting="unsafe")
         self.n_upd = self.n_ever = self.n_outside = 0
 
     def step(self, entries: tuple[np.ndarray, np.ndarray] | None,
@@ -117,9 +134,10 @@ class SparseState:
         if entries is None or entries[0].shape[0] == 0:
             return StepCounts(self.n_upd, 0, self.n_ever, self.n_outside)
         p_idx, p_val = entries
-        prev = self.current[p_idx]
-        vs_prev = count_updated(kernel, prev, p_val, self.dtype)
-        new = diff_entries(kernel, self.gather(p_idx), p_val, self.dtype)
+        if self._nb is not None:
+            return self._step_compiled(p_idx, np.ascontiguousarray(p_val), kernel)
+        vs_prev = count_updated(kernel, self.current[p_idx], p_val, self.dtype)
+        new = diff_entries(kernel, self.base[p_idx], p_val, self.dtype)
         f = self.flags[p_idx]
         old = (f & 1).view(bool)
         outside = (f & 4) != 0
@@ -132,10 +150,26 @@ class SparseState:
         self.flags[p_idx] = (f & 6) | nb | (nb << 1)
         return StepCounts(self.n_upd, vs_prev, self.n_ever, self.n_outside)
 
-    def updated_positions(self) -> np.ndarray:
-        """Sorted positions updated against the base now."""
-        return np.flatnonzero(self.flags & 1)
+    def _step_compiled(self, p_idx: np.ndarray, p_val: np.ndarray,
+                       kernel: DiffKernel) -> StepCounts:
+        counts = np.zeros(4, dtype=np.int64)
+        tol = float(kernel.tols[0])
+        if self._lut is not None:
+            self._nb.replay_step16(p_idx, p_val, self.base, self.current, self.flags,
+                                   self._lut, tol, counts)
+        else:
+            self._nb.replay_step32(p_idx, p_val, p_val.view(np.float32), self.base,
+                                   self.base.view(np.float32), self.current,
+                                   self.current.view(np.float32), self.flags, tol, counts)
+        self.n_upd += int(counts[0])
+        self.n_ever += int(counts[2])
+        self.n_outside += int(counts[3])
+        return StepCounts(self.n_upd, int(counts[1]), self.n_ever, self.n_outside)
 
-    def ever_positions(self) -> np.ndarray:
-        """Sorted positions updated against the base at some step so far."""
-        return np.flatnonzero(self.flags & 2)
+    def updated(self) -> np.ndarray:
+        """Updated against the base now (bool per entry)."""
+        return (self.flags & 1).view(bool)
+
+    def ever(self) -> np.ndarray:
+        """Updated against the base at some step so far (bool per entry)."""
+        return (self.flags & 2) != 0

@@ -42,7 +42,13 @@ from maskhub.checkpoints.header import PICKLE_SUFFIXES, TensorInfo
 from maskhub.checkpoints.sources import INDEX_NAME, Checkpoint, open_checkpoint
 from maskhub.core.identity import base_mismatch, recorded_base_fingerprint
 from maskhub.core.record import MaskRecord
-from maskhub.errors import CheckpointError, MaskMismatchError, PatchError, UsageError
+from maskhub.errors import (
+    CheckpointError,
+    MaskhubError,
+    MaskMismatchError,
+    PatchError,
+    UsageError,
+)
 from maskhub.kernels.patchbits import GapScatter, PackedScatter, bits_view, convert_bits
 from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import SAFETENSORS_DTYPES, itemsize
@@ -402,6 +408,8 @@ def _write(mask: MaskRecord, base_ck: Checkpoint, stats: dict[str, TensorStats],
                             info.name, info.dtype, info.shape,
                             [d for f in futures for d in f.result()])
             except ValueError as exc:  # a chunk's values disagree with its bits
+                if isinstance(exc, MaskhubError):  # BASE cut short: its own line
+                    raise
                 raise PatchError(f"mask {mask.name!r}: {exc}", mask.name) from exc
             finally:
                 writer.drain_quietly()

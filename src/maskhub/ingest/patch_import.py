@@ -34,6 +34,7 @@ import numpy as np
 from maskhub.analytics.patch_replay import diff_entries, pack_positions
 from maskhub.analytics.patch_trajectory import check_against_base
 from maskhub.checkpoints.mapped import MappedCheckpoint
+from maskhub.checkpoints.patch_checksum import verify_checksum
 from maskhub.checkpoints.patches import SUFFIXES, open_patch
 from maskhub.checkpoints.sources import open_checkpoint
 from maskhub.core.provenance import model_name, timestamp
@@ -94,6 +95,7 @@ def import_patch(registry: Home, source: str | os.PathLike[str], base_spec: str,
     try:
         pf = open_patch(source)
         check_against_base(pf, base)
+        verify_checksum(base, [pf])  # TRL #5417's checksum_sha256, when the patch has one
         if name is not None:
             registry.check_new_name(name)
         else:

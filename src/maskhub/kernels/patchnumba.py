@@ -7,6 +7,7 @@ release the GIL.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -112,3 +113,75 @@ def scatter_gaps(out, lo, codes, k0, k1, pos, values):  # pragma: no cover - com
         v += 1
         pos += 1
     return v
+
+
+@njit(inline="always")
+def _updated(fa, fb, tol):  # pragma: no cover - compiled
+    """The reference decision of :func:`maskhub.kernels.fastkernel.updated_exact` on two
+    float64 values: changed (not equal, not both NaN) and not ``|fb - fa| <= tol``."""
+    if fa == fb or (fa != fa and fb != fb):
+        return False
+    return not (abs(fb - fa) <= tol)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def replay_step16(p_idx, p_val, base, current, flags, lut, tol, counts):  # pragma: no cover
+    """One step of :class:`maskhub.analytics.patch_replay.SparseState` for a 16-bit float
+    dtype (``lut``: its 65536 float64 values) in one pass over the patch's entries: adds
+    to ``counts`` the changes of (updated now, updated vs the previous step, ever updated,
+    updated outside the final mask), writes the values and the flags."""
+    d_upd = 0
+    vs_prev = 0
+    d_ever = 0
+    d_out = 0
+    for j in range(p_idx.shape[0]):
+        i = p_idx[j]
+        v = p_val[j]
+        c = current[i]
+        f = flags[i]
+        if c != v and _updated(lut[c], lut[v], tol):
+            vs_prev += 1
+        b = base[i]
+        new = 1 if (b != v and _updated(lut[b], lut[v], tol)) else 0
+        old = f & 1
+        d_upd += new - old
+        if new and not (f & 2):
+            d_ever += 1
+        if f & 4:
+            d_out += new - old
+        current[i] = v
+        flags[i] = (f & 6) | new | (new << 1)
+    counts[0] += d_upd
+    counts[1] += vs_prev
+    counts[2] += d_ever
+    counts[3] += d_out
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def replay_step32(p_idx, p_val, p_fval, base, base_f, current, current_f, flags, tol,
+                  counts):  # pragma: no cover - compiled
+    """:func:`replay_step16` for float32 (``*_f``: the same arrays viewed as float32)."""
+    d_upd = 0
+    vs_prev = 0
+    d_ever = 0
+    d_out = 0
+    for j in range(p_idx.shape[0]):
+        i = p_idx[j]
+        v = p_val[j]
+        fv = np.float64(p_fval[j])
+        f = flags[i]
+        if current[i] != v and _updated(np.float64(current_f[i]), fv, tol):
+            vs_prev += 1
+        new = 1 if (base[i] != v and _updated(np.float64(base_f[i]), fv, tol)) else 0
+        old = f & 1
+        d_upd += new - old
+        if new and not (f & 2):
+            d_ever += 1
+        if f & 4:
+            d_out += new - old
+        current[i] = v
+        flags[i] = (f & 6) | new | (new << 1)
+    counts[0] += d_upd
+    counts[1] += vs_prev
+    counts[2] += d_ever
+    counts[3] += d_out
