@@ -22,12 +22,17 @@ from maskhub.cli.common import command_home, echo_json, home_option, json_option
               help="Train DPO, GRPO and the equal-budget SFT control from θ_sft with this many "
               "seeds (1-10; DPO always has two); the seeds table and the verdicts give the "
               "mean and min-max across them.")
+@click.option("--from-hub", "from_hub", metavar="PAIRS",
+              help="No training: the checkpoint-only tables (1, 2, 4, 6) of 'paper' (the "
+              "paper's public pairs, docs/study.md) or of comma-separated BASE:TARGET pairs "
+              "(Hub repo ids org/name[@revision] or local checkpoints).")
 @click.option("--name", help="Prefix of the registered masks (default: the first free "
               "study, study-2...).")
 @json_option
 @home_option
 def study(output: str, quick: bool, size: str | None, lr: float | None, steps: int | None,
-          seeds: int, name: str | None, as_json: bool, home: str | None) -> None:
+          seeds: int, from_hub: str | None, name: str | None, as_json: bool,
+          home: str | None) -> None:
     """Train the paper's runs in miniature (a small Qwen2 on a synthetic addition task:
     pretraining, SFT, DPO x2 seeds, GRPO, DPO without SFT, DPO on the first run's mask), with
     TRL, offline on the CPU; measure everything with maskhub into the registry; write
@@ -39,11 +44,13 @@ def study(output: str, quick: bool, size: str | None, lr: float | None, steps: i
     Example:
       maskhub study --quick --out study-quick
       maskhub study --lr 1e-5 --steps 40 --out study-lr1e-5
+      maskhub study --from-hub paper --out paper-tables
     """
     from maskhub.study import study as run_study
 
     report = run_study(output, quick=quick, size=size, lr=lr, steps=steps, seeds=seeds,
-                       name=name, home=command_home(home), say=lambda line: say(line, err=True))
+                       from_hub=from_hub, name=name, home=command_home(home),
+                       say=lambda line: say(line, err=True))
     if as_json:
         echo_json({"markdown": str(report.paths["markdown"]), "json": str(report.paths["json"]),
                    "masks": report.masks, "timing": report.timing,

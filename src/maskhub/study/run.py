@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maskhub.errors import NameTakenError, StudyInterruptedError, UsageError
 from maskhub.kernels.threads import torch_threads
@@ -30,6 +31,9 @@ from maskhub.study.runs import TrainedStudy, check_seeds, train_all
 from maskhub.study.sizes import DEFAULT, QUICK, StudySize, resolve_size
 from maskhub.study.tables import table_specs
 from maskhub.study.verdicts import verdicts
+
+if TYPE_CHECKING:
+    from maskhub.study.hub import HubStudy
 
 #: Torch threads of every training step and evaluation, whatever the machine's core count:
 #: float reductions split across threads round differently, so the study's numbers would
@@ -105,19 +109,27 @@ def quiet_libraries() -> Iterator[None]:
 
 def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | None = None,
           lr: float | None = None, steps: int | None = None, seeds: int = 1,
-          name: str | None = None,
+          name: str | None = None, from_hub: str | None = None,
           home: str | os.PathLike[str] | None = None, seed: int = 0,
-          say: Callable[[str], None] = print) -> StudyReport:
+          say: Callable[[str], None] = print) -> StudyReport | HubStudy:
     """Run the whole study into directory ``output`` (new or empty) and register its masks
     in ``home``'s registry. ``size``: ``default`` or ``quick`` (``quick=True``: the small
     size CI runs); ``lr`` / ``steps``: the RL learning rate and steps (DPO, GRPO and the
     equal-budget SFT controls), overriding the size's; ``seeds``: train DPO, GRPO and the
     equal-budget SFT control from θ_sft with this many seeds (intervals across them in the
-    seeds table and the verdicts). ``say``: progress lines. Returns the
+    seeds table and the verdicts). ``from_hub``: no training; the checkpoint-only tables
+    of the pairs it names (:func:`maskhub.study.hub.parse_pairs`; returns a
+    :class:`~maskhub.study.hub.HubStudy`). ``say``: progress lines. Returns the
     report (also written to ``output/report.md`` and ``report.json``). Bad values are
     one-line :class:`~maskhub.errors.UsageError` errors, raised before anything is written."""
     started = time.perf_counter()
     check_requirements()
+    if from_hub is not None:
+        given = [flag for flag, value in (("--quick", quick), ("--size", size), ("--lr", lr),
+                                          ("--steps", steps), ("--seeds", seeds != 1)) if value]
+        if given:
+            raise UsageError(f"--from-hub trains nothing; it cannot go with {given[0]}")
+        return _from_hub(Path(output).resolve(), from_hub, name, home, say)
     chosen = _choose_size(quick, size, lr, steps)
     check_seeds(seeds)
     output = Path(output).resolve()
@@ -138,6 +150,19 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | No
             f"Rerun with another --out and --name, or 'maskhub rm' them") from None
     say(f"wrote {report.paths['markdown']}")
     return report
+
+
+def _from_hub(output: Path, text: str, name: str | None,
+              home: str | os.PathLike[str] | None, say: Callable[[str], None]) -> HubStudy:
+    """``--from-hub``: check the pairs and the names, prepare ``output``, measure."""
+    from maskhub.study.hub import choose_prefix, parse_pairs, study_from_hub
+
+    pairs = parse_pairs(text)
+    registry = Registry(home)
+    registry.check_writable()
+    prefix = choose_prefix(registry, name, pairs)
+    prepare_output(output)
+    return study_from_hub(output, pairs, registry=registry, prefix=prefix, say=say)
 
 
 def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | None
