@@ -25,6 +25,7 @@ from maskhub.registry.api import Mask, Registry
 from maskhub.schemas.names import invalid_mask_name_message
 from maskhub.study.findings import findings
 from maskhub.study.measure import Measurer, StudyNames
+from maskhub.study.model import study_device
 from maskhub.study.report import StudyReport, query_tables, write_report
 from maskhub.study.requirements import check_requirements
 from maskhub.study.runs import TrainedStudy, check_seeds, train_all
@@ -220,7 +221,8 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
         header={"command": shlex.join(["maskhub", "--home", str(registry.home), "study",
                                        *flags, "--name",
                                        names.prefix, "--out", str(output)]),
-                "size": size.to_dict(), "flags": flags, "n_params": n_params,
+                "size": size.to_dict(), "flags": flags, "device": study_device(),
+                "n_params": n_params,
                 "n_train": len(split.train),
                 "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
                 "dataset": dataset, "n_pairs": trained.pairs,
