@@ -39,8 +39,8 @@ class HubPair:
 
 
 #: The paper's public pairs (Appendix C, Tables 1 and 6): SFT from the pretrained models, and
-#: RL from the SFT models. ``--from-hub paper`` runs them all (about 330 GB of bf16 weights:
-#: 8B, 70B and 7B models; each pair is downloaded and diffed tensor by tensor).
+#: RL from the SFT models. ``--from-hub paper`` runs them all (eleven repos, about 540 GB
+#: of bf16 weights, three 70B models among them; each pair is downloaded, then diffed).
 PAPER_PAIRS = (
     HubPair("meta-llama/Llama-3.1-8B", "allenai/Llama-3.1-Tulu-3-8B-SFT", "sft"),
     HubPair("meta-llama/Llama-3.1-70B", "allenai/Llama-3.1-Tulu-3-70B-SFT", "sft"),
