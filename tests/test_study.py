@@ -213,7 +213,9 @@ def test_size_flags_set_the_rl_runs(quick_study: tuple) -> None:
                               "--seeds", "2"]
     assert again["command"].endswith("study --size quick --lr 5e-06 --steps 20 --seeds 2 "
                                      f"--name again --out {out.parent / 'again'}")
-    assert again["size"] == json.loads((out / "report.json").read_text())["size"]
+    first = json.loads((out / "report.json").read_text())
+    assert first["size"]["seeds"] == 1 and again["size"]["seeds"] == 2
+    assert {**again["size"], "seeds": 1} == first["size"]
     md = Path(summary["again"]["markdown"]).read_text()
     assert "(5e-06 for DPO, 5e-06 for GRPO) were set with --lr" in md
 

@@ -18,10 +18,10 @@ from maskhub.cli.common import command_home, echo_json, home_option, json_option
               "SFT controls), instead of the size's (default 2e-6; quick 5e-6).")
 @click.option("--steps", type=int, help="The RL steps (DPO, GRPO and the equal-budget SFT "
               "controls), instead of the size's (default 60 DPO / 80 GRPO; quick 20).")
-@click.option("--seeds", type=int, default=1, show_default=True,
+@click.option("--seeds", type=int,
               help="Train DPO, GRPO and the equal-budget SFT control from θ_sft with this many "
-              "seeds (1-10; DPO always has two); the seeds table and the verdicts give the "
-              "mean and min-max across them.")
+              "seeds (1-10; default 2, quick 1; DPO always has two); the seeds table and the "
+              "verdicts give the mean and min-max across them.")
 @click.option("--from-hub", "from_hub", metavar="PAIRS",
               help="No training: the checkpoint-only tables (1, 2, 4, 6) of 'paper' (the "
               "paper's public pairs, docs/study.md) or of comma-separated BASE:TARGET pairs "
@@ -31,7 +31,7 @@ from maskhub.cli.common import command_home, echo_json, home_option, json_option
 @json_option
 @home_option
 def study(output: str, quick: bool, size: str | None, lr: float | None, steps: int | None,
-          seeds: int, from_hub: str | None, name: str | None, as_json: bool,
+          seeds: int | None, from_hub: str | None, name: str | None, as_json: bool,
           home: str | None) -> None:
     """Train the paper's runs in miniature (a small Qwen2 on a synthetic addition task:
     pretraining, SFT, DPO x2 seeds, GRPO, DPO without SFT, DPO on the first run's mask), with

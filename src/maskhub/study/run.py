@@ -10,6 +10,7 @@ registered; the report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import time
@@ -109,7 +110,7 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | None = None,
-          lr: float | None = None, steps: int | None = None, seeds: int = 1,
+          lr: float | None = None, steps: int | None = None, seeds: int | None = None,
           name: str | None = None, from_hub: str | None = None,
           home: str | os.PathLike[str] | None = None, seed: int = 0,
           say: Callable[[str], None] = print) -> StudyReport | HubStudy:
@@ -118,7 +119,8 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | No
     size CI runs); ``lr`` / ``steps``: the RL learning rate and steps (DPO, GRPO and the
     equal-budget SFT controls), overriding the size's; ``seeds``: train DPO, GRPO and the
     equal-budget SFT control from θ_sft with this many seeds (intervals across them in the
-    seeds table and the verdicts). ``from_hub``: no training; the checkpoint-only tables
+    seeds table and the verdicts; default: the size's, 2 for ``default``, 1 for ``quick``).
+    ``from_hub``: no training; the checkpoint-only tables
     of the pairs it names (:func:`maskhub.study.hub.parse_pairs`; returns a
     :class:`~maskhub.study.hub.HubStudy`). ``say``: progress lines. Returns the
     report (also written to ``output/report.md`` and ``report.json``). Bad values are
@@ -127,16 +129,17 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | No
     check_requirements()
     if from_hub is not None:
         given = [flag for flag, value in (("--quick", quick), ("--size", size), ("--lr", lr),
-                                          ("--steps", steps), ("--seeds", seeds != 1)) if value]
+                                          ("--steps", steps), ("--seeds", seeds)) if value]
         if given:
             raise UsageError(f"--from-hub trains nothing; it cannot go with {given[0]}")
         return _from_hub(Path(output).resolve(), from_hub, name, home, say)
     chosen = _choose_size(quick, size, lr, steps)
-    check_seeds(seeds)
+    if seeds is not None:
+        chosen = dataclasses.replace(chosen, seeds=check_seeds(seeds))
     output = Path(output).resolve()
     registry = Registry(home)
     registry.check_writable()
-    names = choose_names(registry, name, seeds)
+    names = choose_names(registry, name, chosen.seeds)
     prepare_output(output)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -175,12 +178,12 @@ def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | N
 
 
 def _flags(quick: bool, size: str | None, lr: float | None, steps: int | None,
-           seeds: int = 1) -> list[str]:
+           seeds: int | None = None) -> list[str]:
     """The size flags as the command line gave them (for the report's command)."""
     out = ["--quick"] if quick else ["--size", size] if size else []
     out += ["--lr", f"{lr:g}"] if lr is not None else []
     out += ["--steps", str(steps)] if steps is not None else []
-    out += ["--seeds", str(seeds)] if seeds != 1 else []
+    out += ["--seeds", str(seeds)] if seeds is not None else []
     return out
 
 
