@@ -34,9 +34,11 @@ def study(output: str, quick: bool, size: str | None, lr: float | None, steps: i
           seeds: int | None, from_hub: str | None, name: str | None, as_json: bool,
           home: str | None) -> None:
     """Train the paper's runs in miniature (a small Qwen2 on a synthetic addition task:
-    pretraining, SFT, DPO x2 seeds, GRPO, DPO without SFT, DPO on the first run's mask), with
-    TRL, offline on the CPU; measure everything with maskhub into the registry; write
-    OUT/report.md with every table, figure and the command that reproduces it.
+    pretraining, SFT, DPO x2 seeds, GRPO, DPO without SFT, DPO on the first run's mask, and
+    the controls: equal-budget SFT, a random mask, each run's fp32 masters), with TRL, offline
+    on the CPU (a GPU when torch sees one); measure everything with maskhub into the
+    registry; write OUT/report.md (verdicts first) with every table, figure and the command
+    that reproduces it.
 
     Needs the study extra: pip install 'maskhub[study]'.
 
