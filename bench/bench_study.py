@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,18 +37,22 @@ def run_size(size: str, work: Path) -> dict:
     cmd = [str(BIN / "maskhub"), "study", "--out", str(out)] + (["--quick"] if size == "quick"
                                                                  else [])
     t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env={**os.environ, "MASKHUB_HOME": str(home)},
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     report = json.loads((out / "report.json").read_text())
-    return {"wall": wall, "report": report}
+    return {"wall": wall, "cpu": cpu, "load_after": os.getloadavg()[0], "report": report}
 
 
 def _row(size: str, r: dict) -> str:
     t = r["report"]["timing"]
-    return (f"| {size} | {r['report']['n_params']:,} | {r['wall']:.1f} | "
+    return (f"| {size} | {r['report']['n_params']:,} | {r['report']['size']['seeds']} | "
+            f"{r['wall']:.1f} | {r['cpu']:.1f} | {r['load_after']:.2f} | "
             f"{t['training_seconds']:.1f} | {t['maskhub_seconds']:.1f} | "
             f"{r['wall'] - t['training_seconds'] - t['maskhub_seconds']:.1f} |")
 
@@ -57,9 +62,13 @@ def build_report(results: dict[str, dict], load: tuple[float, float, float]) -> 
     lines = ["## The paper in miniature: `bench/bench_study.py` (issue 14)", "",
              "One run of `.venv/bin/python bench/bench_study.py`: each size a fresh "
              "`maskhub study` process (its wall time, start-up included), beside the study's "
-             f"own split from its report.json. Load average at start {load[0]:.2f}.", "",
-             "| size | parameters | process wall (s) | training (s) | maskhub (s) | "
-             "imports, start-up, report (s) |", "|---|---:|---:|---:|---:|---:|"]
+             f"own split from its report.json, and the process's CPU time (user + system: the "
+             "study trains on one torch thread, so on an idle machine its wall time is close "
+             "to its CPU time, which load changes far less). Load average at start "
+             f"{load[0]:.2f}.", "",
+             "| size | parameters | seeds | process wall (s) | process CPU (s) | load after | "
+             "training (s) | maskhub (s) | imports, start-up, report (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(size, r) for size, r in results.items()]
     for size, r in results.items():
         t = r["report"]["timing"]

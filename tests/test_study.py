@@ -29,8 +29,8 @@ from maskhub.study.task import answer_loss, make_tokenizer, split_problems
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
 
-TABLES = ("runs", "table1", "fp32", "table6", "figure3_layers", "figure3_modules", "table2",
-          "table4", "figure2", "figure5", "curve", "conjecture1")
+TABLES = ("runs", "table1", "fp32", "seeds", "table6", "figure3_layers", "figure3_modules",
+          "table2", "table4", "figure2", "figure5", "curve", "conjecture1")
 FIGURES = ("figure3-dpo-s0", "figure3-grpo-s0", "table4-overlap", "figure5-dpo-s0",
            "figure5-dpo-s1", "figure5-grpo-s0", "figure5-dpo-nosft-s0", "curves")
 RUNS = ("sft", "dpo-s0", "dpo-s1", "grpo-s0", "dpo-nosft-s0", "dpo-sub-s0", "dpo-subcb-s0",
@@ -51,9 +51,10 @@ def quick_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
         torch.set_num_threads(2)
         summary = run_json("study", "--quick", "--out", str(out))
         torch.set_num_threads(1)
-        # the quick size's own rate and steps, given as flags: the same study
+        # the quick size's own rate and steps, given as flags: the same study, plus a
+        # second seed of GRPO and the equal-budget control (--seeds 2)
         again = run_json("study", "--size", "quick", "--lr", "5e-6", "--steps", "20",
-                         "--out", str(out.parent / "again"), "--name", "again")
+                         "--seeds", "2", "--out", str(out.parent / "again"), "--name", "again")
     finally:
         torch.set_num_threads(threads)
         mp.undo()
@@ -171,7 +172,10 @@ def test_same_command_gives_the_same_measurements(quick_study: tuple) -> None:
              "JOIN tensors t ON t.mask_id = m.id WHERE list_contains(m.tags, 'study:{}') "
              "AND m.notes IS NOT NULL GROUP BY ALL ORDER BY run")
     first, again = _sql(home, query.format("study")), _sql(home, query.format("again"))
-    assert len(first) == len(RUNS) and first == again
+    # --seeds 2 adds runs after the base ones, which stay the same
+    assert len(first) == len(RUNS)
+    assert first == [r for r in again if r["run"] not in ("-grpo-s1", "-sfteq-s1")]
+    assert len(again) == len(RUNS) + 2
 
 
 def test_bad_study_arguments_are_one_line_errors(quick_study: tuple, tmp_path: Path) -> None:
@@ -189,6 +193,8 @@ def test_bad_study_arguments_are_one_line_errors(quick_study: tuple, tmp_path: P
             (("--lr", "inf"), "Error: --lr must be a learning rate above 0 and below 1, not inf"),
             (("--steps", "0"), "Error: --steps must be a whole number of RL steps from 1 to "
                                "100,000, not 0"),
+            (("--seeds", "11"), "Error: --seeds must be a whole number from 1 to 10, not 11"),
+            (("--seeds", "0"), "Error: --seeds must be a whole number from 1 to 10, not 0"),
             (("--quick", "--size", "default"),
              "Error: --quick is --size quick; it cannot go with --size default"),
             (("--size", "huge"), "Error: Invalid value for '--size': 'huge' is not one of "
@@ -203,12 +209,40 @@ def test_size_flags_set_the_rl_runs(quick_study: tuple) -> None:
         QUICK, dpo_lr=1e-5, grpo_lr=1e-5, dpo_steps=7, grpo_steps=7)
     assert resolve_size("quick") == QUICK
     again = json.loads(Path(summary["again"]["json"]).read_text())
-    assert again["flags"] == ["--size", "quick", "--lr", "5e-06", "--steps", "20"]
-    assert again["command"].endswith("study --size quick --lr 5e-06 --steps 20 --name again "
-                                      f"--out {out.parent / 'again'}")
-    assert again["size"] == json.loads((out / "report.json").read_text())["size"]
+    assert again["flags"] == ["--size", "quick", "--lr", "5e-06", "--steps", "20",
+                              "--seeds", "2"]
+    assert again["command"].endswith("study --size quick --lr 5e-06 --steps 20 --seeds 2 "
+                                     f"--name again --out {out.parent / 'again'}")
+    first = json.loads((out / "report.json").read_text())
+    assert first["size"]["seeds"] == 1 and again["size"]["seeds"] == 2
+    assert {**again["size"], "seeds": 1} == first["size"]
     md = Path(summary["again"]["markdown"]).read_text()
     assert "(5e-06 for DPO, 5e-06 for GRPO) were set with --lr" in md
+
+
+def test_seeds_table_aggregates_every_seed(quick_study: tuple) -> None:
+    home, out, summary = quick_study
+    registry = Registry(home)
+    for prefix, report_json, kinds in (
+            ("study", out / "report.json", {"dpo": 2}),
+            ("again", Path(summary["again"]["json"]), {"dpo": 2, "grpo": 2, "sfteq": 2})):
+        table = json.loads(report_json.read_text())["tables"]["seeds"]
+        rows = [dict(zip(table["columns"], r, strict=True)) for r in table["rows"]]
+        assert [(r["runs"], r["n_seeds"]) for r in rows] == [
+            (f"{prefix}-{k}", n) for k, n in kinds.items()]
+        for row in rows:
+            masks = [registry.get(f"{row['runs']}-s{k}") for k in range(row["n_seeds"])]
+            sparsity = [100 * (1 - m.n_updated / m.n_params) for m in masks]
+            acc = [100 * json.loads(m.row["notes"])["accuracy_heldout_after"] for m in masks]
+            assert row["sparsity_min_pct"] == round(min(sparsity), 2)
+            assert row["sparsity_max_pct"] == round(max(sparsity), 2)
+            assert row["heldout_acc_max_pct"] == round(max(acc), 2)
+            assert row["sparsity_mean_pct"] == pytest.approx(sum(sparsity) / 2, abs=0.006)
+        verdicts = json.loads(report_json.read_text())["verdicts"]
+        dpo = rows[0]
+        assert (f"DPO (seeds: mean {dpo['sparsity_mean_pct']:.1f}%, "
+                f"{dpo['sparsity_min_pct']:.1f}-{dpo['sparsity_max_pct']:.1f}%, n=2)"
+                in verdicts[0]["this_run"])
 
 
 def test_fp32_masters_are_each_run_s_control(quick_study: tuple) -> None:

@@ -19,6 +19,14 @@ from maskhub.study.sizes import StudySize
 from maskhub.study.task import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 
+def study_device() -> str:
+    """Where the study trains: ``"cuda"`` when torch sees a GPU, else ``"cpu"``. Grading,
+    sampling the DPO pairs and every checkpoint stay on the CPU (checkpoints are written from
+    host memory); on the CPU every ``.to(study_device())`` is a no-op, so the CPU path is
+    the one the determinism test covers."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def model_config(size: StudySize) -> Any:
     """The ``Qwen2Config`` of ``size`` (untied embeddings: safetensors stores no shared
     tensors, and the paper's models have separate ``lm_head`` weights)."""
@@ -48,7 +56,7 @@ def save_bf16(model: Any, directory: Path, dtype: torch.dtype = torch.bfloat16) 
     ``config.json``, the layout ``maskhub diff`` and ``from_pretrained`` read); ``dtype``:
     another dtype (:func:`save_fp32`). A directory that cannot be written is a
     :class:`~maskhub.errors.UsageError`."""
-    weights = {name: p.detach().to(dtype).contiguous()
+    weights = {name: p.detach().to(dtype).contiguous().cpu()
                for name, p in model.state_dict().items()}
     try:
         directory.mkdir(parents=True, exist_ok=True)

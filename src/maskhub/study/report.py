@@ -169,7 +169,9 @@ def write_report(report: StudyReport, output: Path, home: str) -> dict[str, Path
              f"{h['n_params']:,} parameters (hidden {h['size']['hidden']}, "
              f"{h['size']['layers']} layers), task `a+b=` with operands "
              f"0..{h['size']['max_operand'] - 1} ({h['n_train']} train problems, "
-             f"{h['n_heldout']} held out), seed {h['seed']}.",
+             f"{h['n_heldout']} held out), seed {h['seed']}, "
+             f"{h['size'].get('seeds', 1)} seed(s) of the RL runs from θ_sft, trained on "
+             f"{'the CPU' if h.get('device', 'cpu') == 'cpu' else 'the GPU'}.",
              "",
              f"Wall time {report.timing['total_seconds']:.1f} s: training "
              f"{report.timing['training_seconds']:.1f} s, maskhub measurements "

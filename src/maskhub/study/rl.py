@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from maskhub.study.model import save_bf16, save_fp32
+from maskhub.study.model import save_bf16, save_fp32, study_device
 from maskhub.study.sizes import StudySize
 from maskhub.study.task import Problem, Split, generate
 
@@ -168,10 +168,12 @@ class LiveTrajectory(TrainerCallback):
 
 def _common_args(size_steps: int, lr: float, batch: int, seed: int, directory: Path
                  ) -> dict[str, Any]:
-    """The TrainingArguments both trainers share: CPU, constant learning rate, no weight
-    decay, no Trainer checkpoints (the study writes its own bf16 ones), a loss every step."""
+    """The TrainingArguments both trainers share: the study's device (the CPU unless a GPU is
+    present), constant learning rate, no weight decay, no Trainer checkpoints (the study
+    writes its own bf16 ones), a loss every step."""
     return dict(output_dir=str(directory / "trainer"), max_steps=size_steps, learning_rate=lr,
-                per_device_train_batch_size=batch, seed=seed, data_seed=seed, use_cpu=True,
+                per_device_train_batch_size=batch, seed=seed, data_seed=seed,
+                use_cpu=study_device() == "cpu",
                 report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 dataloader_num_workers=0)
@@ -212,6 +214,7 @@ def run_dpo(model: Any, tokenizer: Any, size: StudySize, pairs: list[dict[str, s
                                     directory),
                      beta=size.dpo_beta, loss_type=["sigmoid", "sft"])
     output = RunOutput(directory)
+    model.to(study_device())  # before the optimizer and the reference are built on it
     reference = copy.deepcopy(model).eval()
     extra = {"optimizers": optimizers(model, args)} if optimizers else {}
     trainer = DPOTrainer(model=model, ref_model=reference, args=args,
@@ -245,6 +248,7 @@ def run_grpo(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: in
                       num_generations=size.grpo_generations, max_completion_length=4,
                       temperature=1.0, beta=0.0)
     output = RunOutput(directory)
+    model.to(study_device())
     trainer = GRPOTrainer(model=model, reward_funcs=correctness_reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[*_recording(output, size, record, grade),

@@ -10,6 +10,7 @@ registered; the report is ``OUT/report.md`` (+ ``report.json``, ``figures/``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import time
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maskhub.errors import NameTakenError, StudyInterruptedError, UsageError
 from maskhub.kernels.threads import torch_threads
@@ -24,12 +26,16 @@ from maskhub.registry.api import Mask, Registry
 from maskhub.schemas.names import invalid_mask_name_message
 from maskhub.study.findings import findings
 from maskhub.study.measure import Measurer, StudyNames
+from maskhub.study.model import study_device
 from maskhub.study.report import StudyReport, query_tables, write_report
 from maskhub.study.requirements import check_requirements
 from maskhub.study.runs import TrainedStudy, check_seeds, train_all
 from maskhub.study.sizes import DEFAULT, QUICK, StudySize, resolve_size
 from maskhub.study.tables import table_specs
 from maskhub.study.verdicts import verdicts
+
+if TYPE_CHECKING:
+    from maskhub.study.hub import HubStudy
 
 #: Torch threads of every training step and evaluation, whatever the machine's core count:
 #: float reductions split across threads round differently, so the study's numbers would
@@ -104,26 +110,36 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | None = None,
-          lr: float | None = None, steps: int | None = None, seeds: int = 1,
-          name: str | None = None,
+          lr: float | None = None, steps: int | None = None, seeds: int | None = None,
+          name: str | None = None, from_hub: str | None = None,
           home: str | os.PathLike[str] | None = None, seed: int = 0,
-          say: Callable[[str], None] = print) -> StudyReport:
+          say: Callable[[str], None] = print) -> StudyReport | HubStudy:
     """Run the whole study into directory ``output`` (new or empty) and register its masks
     in ``home``'s registry. ``size``: ``default`` or ``quick`` (``quick=True``: the small
     size CI runs); ``lr`` / ``steps``: the RL learning rate and steps (DPO, GRPO and the
     equal-budget SFT controls), overriding the size's; ``seeds``: train DPO, GRPO and the
     equal-budget SFT control from θ_sft with this many seeds (intervals across them in the
-    seeds table and the verdicts). ``say``: progress lines. Returns the
+    seeds table and the verdicts; default: the size's, 2 for ``default``, 1 for ``quick``).
+    ``from_hub``: no training; the checkpoint-only tables
+    of the pairs it names (:func:`maskhub.study.hub.parse_pairs`; returns a
+    :class:`~maskhub.study.hub.HubStudy`). ``say``: progress lines. Returns the
     report (also written to ``output/report.md`` and ``report.json``). Bad values are
     one-line :class:`~maskhub.errors.UsageError` errors, raised before anything is written."""
     started = time.perf_counter()
     check_requirements()
+    if from_hub is not None:
+        given = [flag for flag, value in (("--quick", quick), ("--size", size), ("--lr", lr),
+                                          ("--steps", steps), ("--seeds", seeds)) if value]
+        if given:
+            raise UsageError(f"--from-hub trains nothing; it cannot go with {given[0]}")
+        return _from_hub(Path(output).resolve(), from_hub, name, home, say)
     chosen = _choose_size(quick, size, lr, steps)
-    check_seeds(seeds)
+    if seeds is not None:
+        chosen = dataclasses.replace(chosen, seeds=check_seeds(seeds))
     output = Path(output).resolve()
     registry = Registry(home)
     registry.check_writable()
-    names = choose_names(registry, name, seeds)
+    names = choose_names(registry, name, chosen.seeds)
     prepare_output(output)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -140,6 +156,19 @@ def study(output: str | os.PathLike[str], *, quick: bool = False, size: str | No
     return report
 
 
+def _from_hub(output: Path, text: str, name: str | None,
+              home: str | os.PathLike[str] | None, say: Callable[[str], None]) -> HubStudy:
+    """``--from-hub``: check the pairs and the names, prepare ``output``, measure."""
+    from maskhub.study.hub import choose_prefix, parse_pairs, study_from_hub
+
+    pairs = parse_pairs(text)
+    registry = Registry(home)
+    registry.check_writable()
+    prefix = choose_prefix(registry, name, pairs)
+    prepare_output(output)
+    return study_from_hub(output, pairs, registry=registry, prefix=prefix, say=say)
+
+
 def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | None
                  ) -> StudySize:
     """The size ``--quick`` / ``--size`` name, with ``--lr`` / ``--steps`` applied."""
@@ -149,12 +178,12 @@ def _choose_size(quick: bool, size: str | None, lr: float | None, steps: int | N
 
 
 def _flags(quick: bool, size: str | None, lr: float | None, steps: int | None,
-           seeds: int = 1) -> list[str]:
+           seeds: int | None = None) -> list[str]:
     """The size flags as the command line gave them (for the report's command)."""
     out = ["--quick"] if quick else ["--size", size] if size else []
     out += ["--lr", f"{lr:g}"] if lr is not None else []
     out += ["--steps", str(steps)] if steps is not None else []
-    out += ["--seeds", str(seeds)] if seeds != 1 else []
+    out += ["--seeds", str(seeds)] if seeds is not None else []
     return out
 
 
@@ -195,7 +224,8 @@ def _run(output: Path, size: StudySize, names: StudyNames, registry: Registry, s
         header={"command": shlex.join(["maskhub", "--home", str(registry.home), "study",
                                        *flags, "--name",
                                        names.prefix, "--out", str(output)]),
-                "size": size.to_dict(), "flags": flags, "n_params": n_params,
+                "size": size.to_dict(), "flags": flags, "device": study_device(),
+                "n_params": n_params,
                 "n_train": len(split.train),
                 "n_heldout": len(split.heldout), "seed": seed, "tag": names.tag,
                 "dataset": dataset, "n_pairs": trained.pairs,

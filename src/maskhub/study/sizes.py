@@ -1,10 +1,11 @@
 """How big the study is: the model, the task and every run's steps and learning rate.
 
-Two sizes: :data:`DEFAULT` (731,264 parameters; ~4 minutes on 2 CPU cores) and
-:data:`QUICK` (93,248; what CI runs). The RL learning rates are the largest-sparsity ones
-that still measurably raise the task accuracy: in bf16 a weight moves only when its fp32
-master crosses a rounding boundary, so at 1e-4 every RL run updates ~90% of the weights and
-at 1e-6 the accuracy barely moves (measured in docs/study.md). Plain sigmoid DPO lowered the
+Two sizes: :data:`DEFAULT` (731,264 parameters, two seeds; about 7 CPU-minutes, one torch
+thread, docs/study.md) and :data:`QUICK` (93,248, one seed; what CI runs). The RL learning
+rates are the largest-sparsity ones that still measurably raise the task accuracy: in bf16
+a weight moves only when its fp32 master crosses a rounding boundary, so at 1e-4 every RL
+run updates ~90% of the weights and at 1e-6 the accuracy barely moves (measured in
+docs/study.md). Plain sigmoid DPO lowered the
 accuracy at every rate tried, hence DPO plus the chosen answers' NLL.
 """
 
@@ -44,6 +45,8 @@ class StudySize:
     grpo_generations: int
     #: Steps between two points of a trajectory run's live recording (and its last step).
     record_every: int
+    #: Seeds of DPO, GRPO and the equal-budget control from θ_sft, unless ``--seeds`` says.
+    seeds: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The size as a JSON-ready dict."""
@@ -57,7 +60,7 @@ DEFAULT = StudySize(
     sft_steps=400, sft_lr=1e-3, sft_batch=32,
     dpo_prompts=256, dpo_steps=60, dpo_lr=2e-6, dpo_batch=16, dpo_beta=0.1,
     grpo_steps=80, grpo_lr=2e-6, grpo_batch=32, grpo_generations=8,
-    record_every=10,
+    record_every=10, seeds=2,
 )
 
 QUICK = StudySize(
@@ -67,7 +70,7 @@ QUICK = StudySize(
     sft_steps=100, sft_lr=1e-3, sft_batch=32,
     dpo_prompts=128, dpo_steps=20, dpo_lr=5e-6, dpo_batch=16, dpo_beta=0.1,
     grpo_steps=20, grpo_lr=5e-6, grpo_batch=32, grpo_generations=8,
-    record_every=5,
+    record_every=5, seeds=1,
 )
 
 SIZES = {s.name: s for s in (DEFAULT, QUICK)}

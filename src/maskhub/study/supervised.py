@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from maskhub.study.model import study_device
 from maskhub.study.sizes import StudySize
 from maskhub.study.task import Split, corpus_ids, encode_answer_batch
 
@@ -40,12 +41,13 @@ def pretrain(model: Any, size: StudySize, seed: int,
                                                    total_steps=size.pretrain_steps,
                                                    pct_start=0.1)
     losses: list[float] = []
-    model.train()
+    device = study_device()
+    model.to(device).train()
     t0 = time.perf_counter()
     for step in range(size.pretrain_steps):
         _progress(say, "pretraining", step, size.pretrain_steps, losses, t0)
         starts = torch.randint(0, len(stream) - size.seq_len - 1, (size.pretrain_batch,))
-        batch = torch.stack([stream[s:s + size.seq_len] for s in starts.tolist()])
+        batch = torch.stack([stream[s:s + size.seq_len] for s in starts.tolist()]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,12 +70,14 @@ def sft(model: Any, tokenizer: Any, size: StudySize, split: Split, seed: int, *,
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
-    model.train()
+    device = study_device()
+    model.to(device).train()
     problems = list(split.train)
     t0 = time.perf_counter()
     for step in range(steps):
         _progress(say, "SFT", step, steps, losses, t0)
-        batch = encode_answer_batch(tokenizer, rng.sample(problems, batch_size))
+        batch = {k: v.to(device) for k, v in
+                 encode_answer_batch(tokenizer, rng.sample(problems, batch_size)).items()}
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

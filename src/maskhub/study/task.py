@@ -120,7 +120,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, samples: int = 1
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False
+                            ).to(model.device)
             kwargs: dict[str, Any] = {"do_sample": temperature > 0}
             if temperature > 0:
                 kwargs.update(temperature=temperature, top_k=0, top_p=1.0,
@@ -158,6 +159,7 @@ def answer_loss(model: Any, tokenizer: Any, problems: tuple[Problem, ...] | list
     was_training = model.training
     model.eval()
     try:
-        return float(model(**encode_answer_batch(tokenizer, list(problems))).loss)
+        batch = encode_answer_batch(tokenizer, list(problems))
+        return float(model(**{k: v.to(model.device) for k, v in batch.items()}).loss)
     finally:
         model.train(was_training)
