@@ -270,7 +270,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     same_id = _row(registry, "SELECT name FROM masks WHERE id = ?", [meta.id])
     if same_id is not None:
         local = registry.get(meta.id)
-        if _content(dict(local.store.group.attrs)) != _content(manifest.attrs):
+        if _content(local.store.attributes) != _content(manifest.attrs):
             raise MaskStoreError(
                 f"Hub repo {where} holds mask id {meta.id}, which the local mask "
                 f"{same_id['name']!r} already uses with different content; remove it first "
@@ -358,7 +358,7 @@ def _open_checked(tmp: Path, manifest: Manifest, where: str) -> MaskStore:
     against its metadata (shapes and popcounts)."""
     try:
         store = MaskStore(tmp)
-        if dict(store.group.attrs) != manifest.attrs:
+        if store.attributes != manifest.attrs:
             raise MaskStoreError(f"Hub repo {where}: {METADATA_FILE} and {STORE_DIR}/zarr.json "
                                  "disagree on the mask metadata", where)
         store.validate()
