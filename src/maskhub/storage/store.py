@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numcodecs import Zstd
 
 from maskhub.checkpoints.validate import (
     ArrayFacts,
@@ -61,7 +60,7 @@ from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskM
 if TYPE_CHECKING:
     import zarr
 from maskhub.kernels.bitcount import count_entries
-from maskhub.storage import gapcode, remote
+from maskhub.storage import gapcode, remote, zstdframe
 from maskhub.storage.files import remove_tree
 from maskhub.storage.values import (
     DTYPE_ATTR,
@@ -77,7 +76,6 @@ CHUNK_BYTES = 4 << 20
 ZSTD_LEVEL = 1
 #: Array names written directly; anything else (nested paths...) goes through zarr itself.
 _PLAIN_NAME = re.compile(r"^(?!\.)(?!__)[A-Za-z0-9_.\-]+$")
-_ZSTD = Zstd(level=ZSTD_LEVEL, checksum=False)
 
 
 def _array_attrs(stats: TensorStats) -> dict:
@@ -135,7 +133,7 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
             full = np.zeros(chunk, dtype=np.uint8)
             full[:part.shape[0]] = part
             part = full
-        yield f"c/{i}", _ZSTD.encode(part)
+        yield f"c/{i}", zstdframe.compress(part, ZSTD_LEVEL)
     yield "zarr.json", json.dumps(array_metadata(nbytes, chunk, attributes),
                                   indent=2).encode()
 
@@ -467,7 +465,7 @@ class MaskStore:
                 if data is None:
                     continue
                 if direct:
-                    _ZSTD.decode(data, out=buf)
+                    zstdframe.decompress(data, buf)
                     yield start, buf[:stop - start]
                 else:  # other codecs: zarr decodes this one chunk (frames checked above)
                     yield start, np.asarray(arr[start:stop])  # type: ignore[index]
