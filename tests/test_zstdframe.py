@@ -24,3 +24,17 @@ def test_frames_are_numcodecs_frames(nbytes: int, density: float,
     assert np.array_equal(out, packed)
     monkeypatch.setattr(zstdframe, "_libzstd", lambda: None)  # no library: numcodecs
     assert zstdframe.compress(packed, 1) == expected
+
+
+def test_decoding_is_numcodecs_decoding() -> None:
+    rng = np.random.default_rng(5)
+    packed = np.packbits(rng.random(8 << 16) < 0.1)
+    frame = bytes(Zstd(level=1, checksum=False).encode(packed))
+    out = np.empty_like(packed)
+    assert zstdframe.decompress(frame, out) is out and np.array_equal(out, packed)
+    with pytest.raises(ValueError, match="destination buffer too small"):
+        zstdframe.decompress(frame, np.empty(packed.size - 1, np.uint8))
+    with pytest.raises(RuntimeError, match="Zstd decompression error"):
+        zstdframe.decompress(b"not a zstd frame", out)
+    with pytest.raises(RuntimeError, match="Zstd decompression error"):
+        zstdframe.decompress(frame[:-5], out)  # truncated

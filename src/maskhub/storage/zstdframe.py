@@ -5,8 +5,8 @@ with its Blosc thread pool and codec registry, is a sixth of a small diff's CPU)
 extension module carries (loaded as a shared library, without running the numcodecs
 package's import), else from the system's ``libzstd``, else numcodecs' ``Zstd`` itself. The
 frames are the ones numcodecs writes at ``checksum=False``, byte for byte (a test checks
-it), and zarr reads them. :func:`decompress` is numcodecs' (reading goes through it, as
-zarr does).
+it), and zarr reads them. :func:`decompress` decodes one frame into a given buffer the
+same way (numcodecs' decoder where no library loads).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def _libzstd() -> Any | None:
                                           ctypes.c_size_t, ctypes.c_int]
             lib.ZSTD_isError.restype = ctypes.c_uint
             lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getFrameContentSize.restype = ctypes.c_ulonglong
+            lib.ZSTD_getFrameContentSize.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.ZSTD_decompress.restype = ctypes.c_size_t
+            lib.ZSTD_decompress.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                            ctypes.c_size_t]
         except AttributeError:  # not a zstd library after all
             continue
         return lib
@@ -66,6 +73,26 @@ def compress(data: np.ndarray, level: int) -> bytes:
     return dst[:n].tobytes()
 
 
-def decompress(data: bytes, out: np.ndarray) -> Any:
-    """Decode one zstd frame into ``out`` (numcodecs' decoder)."""
-    return _numcodecs_zstd(1).decode(data, out=out)
+#: ``ZSTD_getFrameContentSize`` results that are not a size (unknown, error).
+_NO_SIZE = (2**64 - 1, 2**64 - 2)
+
+
+def decompress(data: bytes, out: np.ndarray) -> np.ndarray:
+    """Decode one zstd frame into the contiguous uint8 array ``out`` and return ``out``.
+
+    As numcodecs' ``Zstd.decode(data, out=out)``: a frame that is not one, or declares no
+    size, raises RuntimeError; one larger than ``out``, ValueError."""
+    lib = _libzstd()
+    if lib is None:
+        return _numcodecs_zstd(1).decode(data, out=out)
+    src = np.frombuffer(data, dtype=np.uint8)
+    size = lib.ZSTD_getFrameContentSize(src.ctypes.data, src.nbytes)
+    if size in _NO_SIZE:
+        raise RuntimeError("Zstd decompression error: invalid input data")
+    if size > out.nbytes:
+        raise ValueError("destination buffer too small")
+    n = lib.ZSTD_decompress(out.ctypes.data, out.nbytes, src.ctypes.data, src.nbytes)
+    if lib.ZSTD_isError(n):
+        raise RuntimeError("Zstd decompression error: "
+                           f"{lib.ZSTD_getErrorName(n).decode(errors='replace')}")
+    return out
