@@ -22,3 +22,22 @@ def write_section(path: Path, key: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def compile_maskhub() -> str:
+    """Byte-compile the maskhub package the benchmark runs (``__pycache__`` next to each
+    module), as installing it does; return where it lies.
+
+    A checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (set on the shared development
+    machines) otherwise recompiles every maskhub module in every process: ~0.3 CPU-s of
+    each command, which no installed copy pays and no peer script (numpy, huggingface_hub:
+    installed, compiled) pays either."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("maskhub")
+    where = str(Path(spec.submodule_search_locations[0])) if spec and \
+        spec.submodule_search_locations else ""
+    if where:
+        compileall.compile_dir(where, quiet=1)
+    return where

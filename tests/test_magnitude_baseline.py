@@ -33,12 +33,16 @@ def moved(base: torch.Tensor, entries: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture
-def two_masks(tmp_path: Path) -> None:
-    """One bf16 matrix of 4 small and 4 large weights, and a norm of ones.
+def two_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bf16 matrix of 4 small and 4 large weights, and a norm of ones (the strata cache
+    takes tensors of any size here; by default it skips those below 1 Mi entries).
 
     A updates entries {0, 1, 4} (two small, one large), B updates {0, 1, 2, 5} (three small,
     one large): |A ∩ B| = 2.
     """
+    from maskhub.kernels.strata import StrataCache
+
+    monkeypatch.setattr(StrataCache, "MIN_NUMEL", 0)
     w = torch.tensor([SMALL] * 4 + [LARGE] * 4, dtype=torch.bfloat16).reshape(2, 4)
     norm = torch.ones(4, dtype=torch.bfloat16)
     base = {"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": norm}
@@ -143,3 +147,19 @@ def test_strata_cache_gives_the_same_counts_and_survives_damage(two_masks: None,
         run("diff", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"),
             "--name", f"again-{damage is None}")
         assert reg.sql(rows.format(reg.get(f"again-{damage is None}").id))[1] == want
+
+
+def test_small_tensors_are_counted_not_cached(tmp_path: Path, maskhub_home: Path) -> None:
+    """Below StrataCache.MIN_NUMEL entries a tensor's histogram is counted at every diff (a
+    .npy round trip costs more); the strata are the same either way."""
+    from maskhub.kernels.strata import StrataCache
+
+    w = torch.tensor([SMALL] * 4 + [LARGE] * 4, dtype=torch.bfloat16)
+    save({"w": w}, tmp_path / "base.safetensors")
+    save({"w": moved(w, [0, 4])}, tmp_path / "t.safetensors")
+    assert w.numel() < StrataCache.MIN_NUMEL
+    run("diff", str(tmp_path / "base.safetensors"), str(tmp_path / "t.safetensors"),
+        "--name", "s")
+    assert not list((maskhub_home / "cache" / "strata").glob("*.npy"))
+    rows = Registry().sql("select stratum, numel, n_updated from tensor_strata order by 1")[1]
+    assert sum(r[1] for r in rows) == 8 and sum(r[2] for r in rows) == 2

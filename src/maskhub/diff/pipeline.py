@@ -326,19 +326,23 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
     window = 4 * threads
     fns: dict[tuple[str, str], ChunkFn] = {}
     cfns: dict[tuple[str, str, bool], ChunkStatsFn] = {}
-    inflight: deque[tuple[int, _Job, Future[None] | None, np.ndarray | None,
-                          np.ndarray | None, np.ndarray | None]] = deque()
+    # (job index, job, future, the job's per-chunk counts, strata and |Δ|: one allocation
+    # per tensor, not three per chunk, summed once the tensor's last chunk is done)
+    inflight: deque[tuple[int, _Job, Future[None] | None,
+                          tuple[np.ndarray, np.ndarray, np.ndarray] | None]] = deque()
 
     def pop_oldest() -> None:
-        i, job, fut, counts, strata, dmax = inflight.popleft()
+        i, job, fut, acc = inflight.popleft()
         if fut is not None:
             fut.result()
-            job.counts += counts
-            job.strata += strata
-            if job.dmax is not None and dmax is not None:
-                job.dmax = max(job.dmax, float(dmax[0]))
             job.remaining -= 1
         if job.remaining == 0:
+            if acc is not None:
+                counts, strata, dmax = acc
+                job.counts += counts.sum(axis=0)
+                job.strata += strata.sum(axis=0)
+                if job.dmax is not None:
+                    job.dmax = max(job.dmax, float(dmax.max()))
             finish_job(i, job)
 
     with ThreadPoolExecutor(threads, thread_name_prefix="maskhub-diff") as pool:
@@ -353,22 +357,24 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                 starts = range(0, n, CHUNK)
                 job.remaining = len(starts)
                 if not starts:  # an empty tensor: finished in order with the others
-                    inflight.append((i, job, None, None, None, None))
-                for start in starts:
+                    inflight.append((i, job, None, None))
+                    continue
+                acc = (np.zeros((len(starts), len(kernel.tols)), dtype=np.int64),
+                       np.zeros((len(starts), 2, BINS), dtype=np.int64),
+                       np.zeros(len(starts), dtype=np.float64))
+                step = itemsize(key[0]) + itemsize(key[1])
+                for k, start in enumerate(starts):
                     stop = min(n, start + CHUNK)
-                    counts = np.zeros(len(kernel.tols), dtype=np.int64)
-                    strata = np.zeros((2, BINS), dtype=np.int64)
-                    dmax = np.zeros(1, dtype=np.float64)
-                    fut = pool.submit(_chunk_task, fn, cfn, job, start, stop, counts, strata,
-                                      dmax, lossless)
-                    inflight.append((i, job, fut, counts, strata, dmax))
-                    prefetch.advance((stop - start) * (itemsize(key[0]) + itemsize(key[1])))
+                    fut = pool.submit(_chunk_task, fn, cfn, job, start, stop, acc[0][k],
+                                      acc[1][k], acc[2][k:k + 1], lossless)
+                    inflight.append((i, job, fut, acc))
+                    prefetch.advance((stop - start) * step)
                     while len(inflight) > window:
                         pop_oldest()
             while inflight:
                 pop_oldest()
         except BaseException:
-            for _, _, fut, _, _, _ in inflight:
+            for _, _, fut, _ in inflight:
                 if fut is not None:
                     fut.cancel()
             raise

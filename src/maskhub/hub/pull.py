@@ -270,7 +270,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     same_id = _row(registry, "SELECT name FROM masks WHERE id = ?", [meta.id])
     if same_id is not None:
         local = registry.get(meta.id)
-        if _content(dict(local.store.group.attrs)) != _content(manifest.attrs):
+        if _content(local.store.attributes) != _content(manifest.attrs):
             raise MaskStoreError(
                 f"Hub repo {where} holds mask id {meta.id}, which the local mask "
                 f"{same_id['name']!r} already uses with different content; remove it first "
@@ -288,7 +288,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
                                  f"{METADATA_FILE} but missing from the repo", where)
     with _read_errors(repo_id, sha):
         folder = Path(api.snapshot_download(repo_id, repo_type=repo_type, revision=sha,
-                                            allow_patterns=[glob.escape(p) for p in needed]))
+                                            allow_patterns=_patterns(needed, listing)))
 
     tmp = registry.staging_path(meta.id)
     remove_tree(tmp)
@@ -302,26 +302,44 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
         null = meta.extra.get("precision_null")
         if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
             stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor again
-        notes: tuple[str, ...] = ()
-        if name is None:
-            stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
-                else "hub-mask"
-            name = registry.free_name(stem)
-            if name != meta.name:
-                notes = (f"a mask named {meta.name!r} already exists: registered this one as "
-                         f"{name!r} (choose another with --name)",)
-        elif _row(registry, "SELECT 1 AS x FROM masks WHERE name = ?", [name]) is not None:
-            raise NameTakenError(name)
-        local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
     except BaseException:
         remove_tree(tmp)
         raise
     try:
-        mask = registry.register_store(tmp, local_meta, stats, sweep, analysis, strata)
+        with registry.index.connect():  # one connection: the name, then the registration
+            notes: tuple[str, ...] = ()
+            try:
+                if name is None:
+                    stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
+                        else "hub-mask"
+                    name = registry.free_name(stem)
+                    if name != meta.name:
+                        notes = (f"a mask named {meta.name!r} already exists: registered this "
+                                 f"one as {name!r} (choose another with --name)",)
+                elif _row(registry, "SELECT 1 AS x FROM masks WHERE name = ?",
+                          [name]) is not None:
+                    raise NameTakenError(name)
+                local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
+            except BaseException:
+                remove_tree(tmp)
+                raise
+            mask = registry.register_store(tmp, local_meta, stats, sweep, analysis, strata)
     except duckdb.Error as exc:  # metadata the index cannot hold (a bad date...): refuse it
         raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be indexed: "
                              f"{str(exc).splitlines()[0]}", where) from exc
     return PullResult(mask, repo_id, repo_type, sha, "registered", notes)
+
+
+def _patterns(needed: Sequence[str], listing: dict[str, Any] | None) -> list[str]:
+    """``allow_patterns`` that select exactly ``needed`` in the repo: the store folder and
+    ``tensors.parquet`` when the listing shows no other file there (huggingface_hub matches
+    every file against every pattern: one escaped name per file costs files² matches, seconds
+    for a large model's store), else every name escaped."""
+    if listing is not None:
+        wanted = {p for p in listing if p.startswith(STORE_DIR + "/") or p == TENSORS_FILE}
+        if wanted == set(needed):
+            return [glob.escape(STORE_DIR) + "/*", glob.escape(TENSORS_FILE)]
+    return [glob.escape(p) for p in needed]
 
 
 def _fetch(folder: Path, needed: Sequence[str], manifest: Manifest, tmp: Path,
@@ -358,7 +376,7 @@ def _open_checked(tmp: Path, manifest: Manifest, where: str) -> MaskStore:
     against its metadata (shapes and popcounts)."""
     try:
         store = MaskStore(tmp)
-        if dict(store.group.attrs) != manifest.attrs:
+        if store.attributes != manifest.attrs:
             raise MaskStoreError(f"Hub repo {where}: {METADATA_FILE} and {STORE_DIR}/zarr.json "
                                  "disagree on the mask metadata", where)
         store.validate()

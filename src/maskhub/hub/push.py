@@ -112,19 +112,12 @@ def _no_xet(text: str, repo_id: str) -> HubError:
                     "plain LFS", repo_id)
 
 
-def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
-                     repo_type: str = "model", license: str | None = None,
-                     digests: Callable[[dict[str, Path]], dict[str, str]] | None = None
-                     ) -> dict[str, Path]:
-    """Write ``maskhub.json``, ``tensors.parquet`` and ``README.md`` into ``dest``; return every
-    file of the repo as ``{path in repo: local path}`` (the store files stay where they are).
+#: A mask's sweep, ``diff --rank/--stats`` and magnitude-strata rows from the index.
+IndexRows = tuple[list[tuple[Any, ...]], list[TensorAnalysis], list[tuple[Any, ...]]]
 
-    ``digests({path in repo: local path})``: the hex sha256 of those files for
-    ``maskhub.json`` (default: read and hashed here; a push passes the hashes huggingface_hub
-    computes anyway for its upload, so that every file is hashed once)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    store = mask.store
-    stats = list(store.iter_stats())
+
+def index_rows(registry: Home, mask: MaskRecord) -> IndexRows:
+    """The rows of ``mask`` that ``tensors.parquet`` carries besides the store's stats."""
     with registry.index.connect(write=False) as con:
         sweep = con.execute("SELECT tensor, tol, n_updated FROM tensor_sweep WHERE mask_id = ?",
                             [mask.id]).fetchall()
@@ -133,6 +126,24 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
             con, f"SELECT tensor, {fields} FROM tensor_analysis WHERE mask_id = ?", [mask.id])]
         strata = con.execute("SELECT tensor, stratum, numel, n_updated FROM tensor_strata "
                              "WHERE mask_id = ?", [mask.id]).fetchall()
+    return sweep, analysis, strata
+
+
+def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
+                     repo_type: str = "model", license: str | None = None,
+                     digests: Callable[[dict[str, Path]], dict[str, str]] | None = None,
+                     rows: IndexRows | None = None) -> dict[str, Path]:
+    """Write ``maskhub.json``, ``tensors.parquet`` and ``README.md`` into ``dest``; return every
+    file of the repo as ``{path in repo: local path}`` (the store files stay where they are).
+
+    ``digests({path in repo: local path})``: the hex sha256 of those files for
+    ``maskhub.json`` (default: read and hashed here; a push passes the hashes huggingface_hub
+    computes anyway for its upload, so that every file is hashed once). ``rows``: the
+    mask's :func:`index_rows`, when the caller read them already."""
+    dest.mkdir(parents=True, exist_ok=True)
+    store = mask.store
+    stats = list(store.iter_stats())
+    sweep, analysis, strata = rows if rows is not None else index_rows(registry, mask)
     files = dict(store_files(mask.path))
     # The published store names the repo it lives in (the local one stays as registered):
     # the same bytes at every push of an unchanged mask, so a second push commits nothing.
@@ -192,7 +203,9 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
     if is_offline():
         raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and pushing needs "
                        "the network (unset HF_HUB_OFFLINE)", repo_id)
-    mask = registry.get(ref)
+    with registry.index.connect(write=False):  # one connection for the mask and its rows
+        mask = registry.get(ref)
+        rows = index_rows(registry, mask)
     mask.store.validate()  # never publish a store that disagrees with its own metadata
     branch = revision or "main"
     stage = registry.staging_path(f"push-{mask.id}")
@@ -225,7 +238,7 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
 
         with environment_errors(stage):  # the repo's files are staged in the home's tmp/
             files = write_repo_files(registry, mask, stage, repo_id, repo_type, license,
-                                     digests)
+                                     digests, rows)
         n_bytes = sum(f.stat().st_size for f in files.values())
         remote = {s.rfilename for s in info.siblings or []}
         stale = sorted(p for p in remote if p.startswith(STORE_DIR + "/") and p not in files)

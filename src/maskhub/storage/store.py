@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numcodecs import Zstd
 
 from maskhub.checkpoints.validate import (
     ArrayFacts,
@@ -64,7 +63,7 @@ from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskM
 if TYPE_CHECKING:
     import zarr
 from maskhub.kernels.bitcount import count_entries
-from maskhub.storage import gapcode, remote
+from maskhub.storage import gapcode, remote, zstdframe
 from maskhub.storage.files import remove_tree
 from maskhub.storage.values import (
     DTYPE_ATTR,
@@ -82,7 +81,6 @@ CHUNK_BYTES = 4 << 20
 ZSTD_LEVEL = 1
 #: Array names written directly; anything else (nested paths...) goes through zarr itself.
 _PLAIN_NAME = re.compile(r"^(?!\.)(?!__)[A-Za-z0-9_.\-]+$")
-_ZSTD = Zstd(level=ZSTD_LEVEL, checksum=False)
 
 
 #: The array attribute holding the parameter's shape (the same as the ``shape`` attribute).
@@ -162,7 +160,7 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
             full = np.zeros(chunk, dtype=np.uint8)
             full[:part.shape[0]] = part
             part = full
-        yield f"c/{i}", _ZSTD.encode(part)
+        yield f"c/{i}", zstdframe.compress(part, ZSTD_LEVEL)
     yield "zarr.json", json.dumps(array_metadata(nbytes, chunk, attributes, dimension),
                                   indent=2).encode()
 
@@ -352,25 +350,26 @@ class MaskStore:
     """Read access to one mask store."""
 
     def __init__(self, path: Path | str) -> None:
-        """Open and validate the store at ``path`` (a directory or a URL)."""
-        import zarr
+        """Open and validate the store at ``path`` (a directory or a URL).
 
+        A local store's group document is read here without zarr (whose import is most of a
+        push's or a pull's own work); zarr opens the group on the first use of
+        :attr:`group`. A remote store, or a document that is not plainly a Zarr v3 group,
+        goes through zarr at once (its error says why)."""
         self.path: Path | str = str(path) if remote.is_url(path) else Path(path)
         self._facts: dict[str, ArrayFacts] = {}
+        self._group: zarr.Group | None = None
+        attrs: dict[str, Any] | None = None
         if isinstance(self.path, Path) and (self.path / "zarr.json").exists():
             # Untrusted metadata is checked before zarr parses it (issue 21: a regular file,
             # bounded size and nesting).
-            read_json_file(self.path / "zarr.json", f"{self.path}/zarr.json")
-        try:
-            zstore = remote.zarr_store(str(path), read_only=True) \
-                if isinstance(self.path, str) else str(self.path)
-            self.group = zarr.open_group(store=zstore, mode="r", zarr_format=3)
+            doc = read_json_file(self.path / "zarr.json", f"{self.path}/zarr.json")
+            if isinstance(doc, dict) and doc.get("zarr_format") == 3 and \
+                    doc.get("node_type") == "group" and \
+                    isinstance(doc.get("attributes", {}), dict):
+                attrs = dict(doc.get("attributes") or {})
+        if attrs is None:
             attrs = dict(self.group.attrs)
-        except UsageError:
-            raise
-        except Exception as exc:
-            raise MaskStoreError(f"{self.path} is not a readable Zarr v3 mask store: {exc}",
-                                 str(self.path)) from exc
         if attrs.get("kind") != STORE_KIND:
             raise MaskStoreError(f"{self.path} is a Zarr group but not a maskhub mask",
                                  str(self.path))
@@ -385,6 +384,29 @@ class MaskStore:
         except (TypeError, ValueError) as exc:
             raise MaskStoreError(f"{self.path}: bad mask metadata: {exc}", str(self.path)) from exc
         self.names: list[str] = list(attrs.get("tensors") or [])
+        self._attrs = attrs
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The group attributes (a copy)."""
+        return dict(self._attrs)
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's root group, opened with zarr on first use."""
+        if self._group is None:
+            import zarr
+
+            try:
+                zstore = remote.zarr_store(str(self.path), read_only=True) \
+                    if isinstance(self.path, str) else str(self.path)
+                self._group = zarr.open_group(store=zstore, mode="r", zarr_format=3)
+            except UsageError:
+                raise
+            except Exception as exc:
+                raise MaskStoreError(f"{self.path} is not a readable Zarr v3 mask store: {exc}",
+                                     str(self.path)) from exc
+        return self._group
 
     def stats(self, name: str) -> TensorStats:
         """Per-tensor stats as recorded in the array attributes."""
@@ -477,7 +499,7 @@ class MaskStore:
                 if data is None:
                     continue
                 if direct:
-                    _ZSTD.decode(data, out=buf)
+                    zstdframe.decompress(data, buf)
                     yield start, buf[:stop - start]
                 else:  # other codecs: zarr decodes this one chunk (frames checked above)
                     yield start, np.asarray(arr[start:stop])  # type: ignore[index]
@@ -625,12 +647,17 @@ class MaskStore:
         total = updated = 0
         for name in self.names:
             st = self.stats(name)
-            arr = self._array(name)
+            facts = self._local_facts(name)
+            if facts is not None:  # the validated zarr.json: no zarr needed
+                shape, uint8 = tuple(facts.shape), facts.data_type == "uint8"
+            else:
+                arr = self._array(name)
+                shape, uint8 = tuple(arr.shape), arr.dtype == np.uint8
             expect = (st.numel + 7) // 8
-            if self.encoding(name) is not None and len(arr.shape) == 1:
-                expect = int(arr.shape[0])  # a gap code's length is its own
-            if arr.dtype != np.uint8 or arr.shape != (expect,) or math.prod(st.shape) != st.numel:
-                raise MaskStoreError(f"{self.path}: array {name!r} has shape {arr.shape}, its "
+            if self.encoding(name) is not None and len(shape) == 1:
+                expect = int(shape[0])  # a gap code's length is its own
+            if not uint8 or shape != (expect,) or math.prod(st.shape) != st.numel:
+                raise MaskStoreError(f"{self.path}: array {name!r} has shape {shape}, its "
                                      f"metadata says {st.numel} entries", str(self.path))
             count = self.count(name, st.numel)
             if count != st.n_updated:
