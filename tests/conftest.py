@@ -16,14 +16,6 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep the tests of one module-scoped fixture on one xdist worker (``--dist loadgroup``),
-    so that a costly fixture such as the quick study runs once, not once per worker."""
-    for item in items:
-        if "quick_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("quick_study"))
-
-
 @pytest.fixture(autouse=True)
 def maskhub_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
                  ) -> Path:

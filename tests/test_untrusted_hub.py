@@ -72,6 +72,8 @@ def _declare(exponent: int):
             d["shape"] = [1 << exponent]
             d["attributes"].pop("encoding", None)  # packed bits, whatever layout was pushed
             d["attributes"].update({"shape": [numel], "numel": numel, "n_updated": 0})
+            if "parameter_shape" in d["attributes"]:  # kept equal to shape, as the validator wants
+                d["attributes"]["parameter_shape"] = [numel]
         edit_json(files, f"mask.zarr/{T}/zarr.json", big)
         for key, delta in (("n_params", numel - old["numel"]), ("n_updated", -old["n_updated"])):
             set_both(files, manifest, key, manifest["mask"][key] + delta)
