@@ -96,24 +96,38 @@ MMAP_FLOOR = textwrap.dedent('''
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """A bf16 safetensors file from uint16 bit patterns."""
+    write_streamed(path, {k: a.shape for k, a in tensors.items()}, lambda k: tensors[k])
+
+
+def header_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The length prefix and JSON header of a bf16 safetensors file of ``shapes``."""
     header, offset = {}, 0
-    for k, a in tensors.items():
-        header[k] = {"dtype": "BF16", "shape": list(a.shape),
-                     "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for k, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        header[k] = {"dtype": "BF16", "shape": list(shape),
+                     "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], make) -> None:
+    """A bf16 safetensors file whose tensors ``make(name)`` builds one at a time (uint16 bit
+    patterns), so that a pair larger than RAM can be generated."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for a in tensors.values():
-            f.write(a.tobytes())
+        f.write(header_bytes(shapes))
+        for k in shapes:
+            f.write(np.ascontiguousarray(make(k), dtype=np.uint16).tobytes())
 
 
 def make_pair(root: Path, size: float, density: float, seed: int = 0) -> tuple[Path, Path]:
     """A Llama-shaped bf16 pair of about ``size`` bytes per side (hidden 256 below 64 MB, else
     2048), a ``density`` fraction of each matrix moved by 1-3 bf16 steps, norms unchanged.
 
-    Values are tiled from one 8 Mi-entry N(0, 0.02) block (generation stays fast)."""
+    Values are tiled from one 8 Mi-entry N(0, 0.02) block (generation stays fast); tensors are
+    generated one at a time (both sides of a tensor together), so memory does not grow with
+    ``size``."""
     rng = np.random.default_rng(seed)
     h = 256 if size < 64 * MB else 2048
     mats = [("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (h // 4, h)),
@@ -124,28 +138,46 @@ def make_pair(root: Path, size: float, density: float, seed: int = 0) -> tuple[P
     layers = max(1, round(size / 2 / per_layer))
     block = ((rng.standard_normal(8 << 20, dtype=np.float32) * 0.02)
              .view(np.uint32) >> 16).astype(np.uint16)
-    base: dict[str, np.ndarray] = {}
-    target: dict[str, np.ndarray] = {}
-    pos = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            base[p + n] = target[p + n] = np.full(h, 0x3F80, np.uint16)  # 1.0
+            shapes[p + n] = (h,)
         for n, shape in mats:
-            numel = shape[0] * shape[1]
-            idx = (np.arange(numel) + pos) % block.size
-            pos += 7919
-            a = block[idx].reshape(shape)
-            b = a.copy()
-            flat = b.reshape(-1)
-            k = rng.binomial(numel, density)
-            where = rng.choice(numel, size=k, replace=False) if k < numel // 8 else \
-                np.flatnonzero(rng.random(numel) < density)
-            flat[where] += rng.integers(1, 4, where.size).astype(np.uint16)
-            base[p + n], target[p + n] = a, b
-    for side, tensors in (("base", base), ("target", target)):
-        (root / side).mkdir(parents=True, exist_ok=True)
-        write_safetensors(root / side / "model.safetensors", tensors)
+            shapes[p + n] = shape
+    pending: dict[str, np.ndarray] = {}  # the target side of the tensor just made
+    pos = [0]
+
+    def base_tensor(name: str) -> np.ndarray:
+        shape = shapes[name]
+        if len(shape) == 1:  # norms: 1.0, unchanged
+            a = np.full(shape, 0x3F80, np.uint16)
+            pending[name] = a
+            return a
+        numel = shape[0] * shape[1]
+        idx = (np.arange(numel) + pos[0]) % block.size
+        pos[0] += 7919
+        a = block[idx].reshape(shape)
+        b = a.copy()
+        flat = b.reshape(-1)
+        k = rng.binomial(numel, density)
+        where = rng.choice(numel, size=k, replace=False) if k < numel // 8 else \
+            np.flatnonzero(rng.random(numel) < density)
+        flat[where] += rng.integers(1, 4, where.size).astype(np.uint16)
+        pending[name] = b
+        return a
+
+    (root / "base").mkdir(parents=True, exist_ok=True)
+    (root / "target").mkdir(parents=True, exist_ok=True)
+    # both files written side by side, one tensor at a time
+    with open(root / "target" / "model.safetensors.tmp", "wb") as tf:
+        def base_then_target(name: str) -> np.ndarray:
+            a = base_tensor(name)
+            tf.write(np.ascontiguousarray(pending.pop(name)).tobytes())
+            return a
+        tf.write(header_bytes(shapes))
+        write_streamed(root / "base" / "model.safetensors", shapes, base_then_target)
+    os.replace(root / "target" / "model.safetensors.tmp", root / "target" / "model.safetensors")
     return root / "base", root / "target"
 
 
