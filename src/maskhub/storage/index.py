@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import duckdb
 from maskhub.config import foreign_lock_wait
 from maskhub.errors import (
     AmbiguousMaskError,
+    HomeError,
     ReadOnlyRegistryError,
     RegistryBusyError,
     UsageError,
@@ -397,7 +398,7 @@ class Index:
             self._migrated = True
             return con
         if write:  # the exclusive lock is held: migrate on this connection
-            _apply_pending(con, done)
+            _apply_pending(con, done, self.path)
             self._migrated = True
             return con
         stack.close()  # a reader found pending migrations: apply them with write access
@@ -451,7 +452,7 @@ class Index:
         with environment_errors(self.path), self._locked(exclusive=True):
             con = self._connect_db(write=True)
             try:
-                applied = _apply_pending(con, _applied(con))
+                applied = _apply_pending(con, _applied(con), self.path)
             finally:
                 con.close()
         self._migrated = True
@@ -629,19 +630,34 @@ def _applied(con: duckdb.DuckDBPyConnection) -> set[int]:
         return set()
 
 
-def _apply_pending(con: duckdb.DuckDBPyConnection, done: set[int]) -> list[int]:
+# A migration that meets a schema it does not expect; I/O failures keep their own errors.
+_SCHEMA_ERRORS = (duckdb.CatalogException, duckdb.BinderException, duckdb.ParserException,
+                  duckdb.ConstraintException, duckdb.ConversionException)
+
+
+def _apply_pending(con: duckdb.DuckDBPyConnection, done: set[int], path: Path) -> list[int]:
     """Apply the migrations not in ``done`` on a write connection (under the exclusive lock),
-    each in its own transaction; return their numbers."""
+    each in its own transaction; return their numbers. A migration that fails (an index
+    changed by another maskhub version, say) is rolled back whole and is a one-line
+    :class:`HomeError`: the migrations before it stay applied, nothing else changes."""
     con.execute(MIGRATIONS_TABLE)
     applied: list[int] = []
     for m in sorted(MIGRATIONS, key=lambda m: m.number):
         if m.number in done:
             continue
         con.execute("BEGIN TRANSACTION")
-        con.execute(m.sql)
-        con.execute("INSERT INTO schema_migrations (number, name) VALUES (?, ?)",
-                    [m.number, m.name])
-        con.execute("COMMIT")
+        try:
+            con.execute(m.sql)
+            con.execute("INSERT INTO schema_migrations (number, name) VALUES (?, ?)",
+                        [m.number, m.name])
+            con.execute("COMMIT")
+        except _SCHEMA_ERRORS as exc:
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HomeError(path.parent, f"its index cannot take schema migration {m.number} "
+                            f"({m.name}): {first}; it was left as it was before that "
+                            "migration (was it written by another maskhub version?)") from None
         applied.append(m.number)
     return applied
 
