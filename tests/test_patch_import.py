@@ -17,6 +17,7 @@ from factory import llama_shapes, random_state, save
 from safetensors.torch import load_file, save_file
 
 from maskhub import Registry
+from maskhub.analytics import patch_trajectory
 from maskhub.cli import main
 
 STEPS = 4
@@ -114,8 +115,12 @@ def _rows(reg: Registry, name: str) -> list[tuple]:
                    f"where trajectory_id = '{tid}' order by idx")[1]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("tol", ["1e-5", "0"])
-def test_patch_chain_equals_dense_trajectory(tmp_path: Path, tol: str) -> None:
+def test_patch_chain_equals_dense_trajectory(tmp_path: Path, tol: str, compiled: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the compiled one-pass replay (numba) runs from a chain size on; both paths here
+    monkeypatch.setattr(patch_trajectory, "COMPILED_MIN_ENTRIES", 0 if compiled else 1 << 62)
     dense, patches, _ = _build(tmp_path)
     d = run_json("trajectory", *map(str, dense), "--name", "dense", "--tol", tol,
                  "--device", "cpu")

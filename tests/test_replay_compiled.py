@@ -1,4 +1,4 @@
-"""The compiled replay step of ``trajectory --patches`` (issue 22) counts exactly what the numpy
+"""The compiled replay of ``trajectory --patches`` (issue 22) counts exactly what the numpy
 passes count (the kernel's definition of "updated": exact, ±0 equal, NaN vs NaN unchanged,
 inf, subnormals), step after step, for bf16, fp16 and fp32, at tol 0 and 1e-5."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskhub.analytics.patch_replay import SparseState
+from maskhub.analytics.patch_replay import replay_compiled, replay_numpy
 from maskhub.kernels.kernel import DiffKernel
 
 SPECIAL = {  # bit patterns: +0, -0, +inf, -inf, NaN, another NaN, smallest subnormal, 1e-6-ish
@@ -30,28 +30,72 @@ def _values(dtype: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return v
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("tol", [0.0, 1e-5])
-def test_compiled_step_equals_numpy(dtype: str, tol: float) -> None:
-    rng = np.random.default_rng(3)
-    n = 5000
-    base = _values(dtype, n, rng)
-    kernel = DiffKernel(tol=tol, backend="numpy")
-    final = rng.random(n) < 0.3
-    states = [SparseState(n, dtype, [base], compiled=c) for c in (False, True)]
-    for s in states:
-        s.reset(final)
-    for _ in range(12):
-        idx = np.sort(rng.choice(n, size=700, replace=False)).astype(np.int64)
+def _chain(dtype: str, sizes: list[int], steps: int, rng: np.random.Generator
+           ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """A base of tensors ``sizes`` and ``steps`` patches: sorted unique positions, values
+    with specials, some back to the base's bits, some equal to the current ones, one step
+    empty."""
+    base = [_values(dtype, n, rng) for n in sizes]
+    flat = np.concatenate(base)
+    current = flat.copy()
+    n = flat.size
+    idx_parts, val_parts, bounds = [], [], [0]
+    for k in range(steps):
+        size = 0 if k == 3 else int(rng.integers(1, n // 3))
+        idx = np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
         vals = _values(dtype, idx.size, rng)
         back = rng.random(idx.size) < 0.2  # some entries return to the base's bits
-        vals[back] = base[idx[back]]
+        vals[back] = flat[idx[back]]
         same = rng.random(idx.size) < 0.1  # some keep their current bits
-        vals[same] = states[0].current[idx[same]]
-        got = [s.step((idx, vals.copy()), kernel) for s in states]
-        assert got[0] == got[1]
-    assert np.array_equal(states[0].flags, states[1].flags)
-    assert np.array_equal(states[0].current, states[1].current)
+        vals[same] = current[idx[same]]
+        current[idx] = vals
+        idx_parts.append(idx)
+        val_parts.append(vals)
+        bounds.append(bounds[-1] + idx.size)
+    return (base, np.concatenate(idx_parts), np.concatenate(val_parts),
+            np.array(bounds, dtype=np.int64))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("tol", [0.0, 1e-5])
+def test_compiled_replay_equals_numpy(dtype: str, tol: float) -> None:
+    rng = np.random.default_rng(3)
+    sizes = [1003, 2000, 5, 1997]  # tensors not on byte boundaries of the packed masks
+    base, idx, val, bounds = _chain(dtype, sizes, 14, rng)
+    n = sum(sizes)
+    kernel = DiffKernel(tol=tol, backend="numpy")
+    ref = replay_numpy(base, n, dtype, idx, val, bounds, kernel)
+    got = replay_compiled(base, n, dtype, idx, val, bounds, tol)
+    assert np.array_equal(ref.counts, got.counts)
+    assert np.array_equal(ref.final, got.final)
+    assert np.array_equal(ref.ever, got.ever)
+    # the counts mean something: updates, cancellations, entries outside the final mask
+    assert ref.counts[:, 0].min() > 0 and ref.counts[:, 3].max() > 0
+    assert ref.counts[-1, 2] > ref.counts[-1, 0]
+    # and the reference is the dense definition: the final mask is the kernel's diff of
+    # the final weights, the first step's count the diff of its weights
+    flat = np.concatenate(base)
+    final = flat.copy()
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        final[idx[lo:hi]] = val[lo:hi]
+    d = kernel.run_raw(flat.view(np.uint8), final.view(np.uint8), dtype, dtype, n)
+    assert np.array_equal(np.unpackbits(ref.final, count=n, bitorder="little"),
+                          np.unpackbits(d.packed, count=n, bitorder="little"))
+    first = flat.copy()
+    first[idx[:bounds[1]]] = val[:bounds[1]]
+    assert ref.counts[0, 0] == kernel.run_raw(flat.view(np.uint8), first.view(np.uint8),
+                                              dtype, dtype, n).n_updated
+
+
+def test_slice_bits() -> None:
+    from maskhub.analytics.patch_trajectory import slice_bits
+
+    rng = np.random.default_rng(5)
+    bits = rng.random(203) < 0.5
+    packed = np.packbits(bits, bitorder="little")
+    for lo, hi in [(0, 203), (0, 13), (8, 200), (3, 3), (5, 190), (17, 203), (9, 10)]:
+        want = np.packbits(bits[lo:hi], bitorder="little")
+        assert np.array_equal(slice_bits(packed, lo, hi), want), (lo, hi)
 
 
 def test_compiled_strata_equal_numpy() -> None:
@@ -62,7 +106,7 @@ def test_compiled_strata_equal_numpy() -> None:
     raw = _values("bfloat16", n, rng)
     masks = [rng.random(n) < d for d in (0.01, 0.4)]
     got = _strata(raw.view(np.uint8), "bfloat16", n,
-                  *[(m, np.packbits(m, bitorder="little")) for m in masks])
+                  *[np.packbits(m, bitorder="little") for m in masks])
     exp = (raw >> 7) & 0xFF
     for counts, m in zip(got, masks, strict=True):
         assert np.array_equal(counts[0], np.bincount(exp, minlength=256))

@@ -16,6 +16,13 @@ checkpoint is ever built.
 The bits are :class:`~maskhub.kernels.kernel.DiffKernel`'s, on the gathered entries: the
 same definition (``|θk − θ0| > tol``, exact, ``±0`` equal, NaN vs NaN unchanged) as a
 dense diff, so a chain's counts equal the dense trajectory's of the same weights.
+
+:func:`replay_compiled` (numba; bf16, fp16, fp32) runs the same counts in one pass over the
+whole chain with the per-entry state packed into one uint64 (base bits, current bits,
+flags: one cache line per patched entry instead of three) and prefetched a few entries
+ahead; the counts outside the final mask come from a log of the changes of each entry's
+updated bit, once the final mask is known. :func:`replay_numpy` is the same in numpy passes
+(:class:`SparseState`), for a machine without numba and for small chains.
 """
 
 from __future__ import annotations
@@ -83,34 +90,22 @@ class SparseState:
     each kept up to date.
 
     ``base``: the base's raw values (unsigned integers of the dtype's width), the space's
-    tensors in order; copied once (the base, and the current values).
+    tensors in order; copied once (the base, and the current values). numpy only: the
+    compiled replay is :func:`replay_compiled`.
 
     Use: :meth:`overwrite` with every step's entries gives the final weights in
     :attr:`current`; :meth:`reset` with the final mask (found from them) starts the
     counting pass; :meth:`step` per step.
     """
 
-    def __init__(self, numel: int, dtype: str, base: Sequence[np.ndarray],
-                 compiled: bool = False) -> None:
-        """``compiled``: run each step as one compiled pass (numba) where the dtype allows
-        (bf16, fp16, fp32); same counts as the numpy passes."""
+    def __init__(self, numel: int, dtype: str, base: Sequence[np.ndarray]) -> None:
+        """The state at the start of the chain (nothing updated)."""
         self.numel, self.dtype = numel, dtype
         self.base = np.concatenate(base) if len(base) != 1 else np.array(base[0])
         self.current = self.base.copy()
         #: per entry: bit 0 updated against the base now, bit 1 ever, bit 2 outside final
         self.flags = np.zeros(numel, dtype=np.uint8)
         self.n_upd = self.n_ever = self.n_outside = 0
-        self._lut: np.ndarray | None = None
-        self._nb = None
-        if compiled and dtype in ("bfloat16", "float16", "float32"):
-            from maskhub.kernels.fastkernel import choose_numba_cache
-
-            choose_numba_cache()
-            from maskhub.kernels import patchnumba
-
-            self._nb = patchnumba
-            with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
-                self._lut = _lut16(dtype)
 
     def overwrite(self, entries: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Write one patch's values into :attr:`current` (no counts: the first pass)."""
@@ -134,8 +129,6 @@ class SparseState:
         if entries is None or entries[0].shape[0] == 0:
             return StepCounts(self.n_upd, 0, self.n_ever, self.n_outside)
         p_idx, p_val = entries
-        if self._nb is not None:
-            return self._step_compiled(p_idx, np.ascontiguousarray(p_val), kernel)
         vs_prev = count_updated(kernel, self.current[p_idx], p_val, self.dtype)
         new = diff_entries(kernel, self.base[p_idx], p_val, self.dtype)
         f = self.flags[p_idx]
@@ -150,22 +143,6 @@ class SparseState:
         self.flags[p_idx] = (f & 6) | nb | (nb << 1)
         return StepCounts(self.n_upd, vs_prev, self.n_ever, self.n_outside)
 
-    def _step_compiled(self, p_idx: np.ndarray, p_val: np.ndarray,
-                       kernel: DiffKernel) -> StepCounts:
-        counts = np.zeros(4, dtype=np.int64)
-        tol = float(kernel.tols[0])
-        if self._lut is not None:
-            self._nb.replay_step16(p_idx, p_val, self.base, self.current, self.flags,
-                                   self._lut, tol, counts)
-        else:
-            self._nb.replay_step32(p_idx, p_val, p_val.view(np.float32), self.base,
-                                   self.base.view(np.float32), self.current,
-                                   self.current.view(np.float32), self.flags, tol, counts)
-        self.n_upd += int(counts[0])
-        self.n_ever += int(counts[2])
-        self.n_outside += int(counts[3])
-        return StepCounts(self.n_upd, int(counts[1]), self.n_ever, self.n_outside)
-
     def updated(self) -> np.ndarray:
         """Updated against the base now (bool per entry)."""
         return (self.flags & 1).view(bool)
@@ -173,3 +150,93 @@ class SparseState:
     def ever(self) -> np.ndarray:
         """Updated against the base at some step so far (bool per entry)."""
         return (self.flags & 2) != 0
+
+
+#: Dtypes :func:`replay_compiled` handles.
+COMPILED_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ChainReplay:
+    """A chain replayed over one flat space: per step ``k`` (row ``k - 1``) of ``counts``
+    the columns of ``trajectory_points`` (updated vs the base, vs the previous step, ever,
+    updated and outside the final mask); ``final`` and ``ever``: the space's final and
+    ever-updated masks, packed (little bit order, bits past ``numel`` zero)."""
+
+    counts: np.ndarray
+    final: np.ndarray
+    ever: np.ndarray
+
+
+def _steps_of(bounds: np.ndarray, idx: np.ndarray, val: np.ndarray
+              ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    return [(idx[lo:hi], val[lo:hi]) if hi > lo else None
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+
+
+def replay_numpy(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.ndarray,
+                 val: np.ndarray, bounds: np.ndarray, kernel: DiffKernel) -> ChainReplay:
+    """Replay a chain over ``numel`` entries of ``dtype`` whose base values are ``base``
+    (raw, the space's tensors in order): step ``k`` sets the sorted unique positions
+    ``idx[bounds[k]:bounds[k + 1]]`` to ``val[...]`` (raw). Two passes of
+    :class:`SparseState`: the final weights (hence the final mask), then the counts."""
+    steps = _steps_of(bounds, idx, val)
+    state = SparseState(numel, dtype, base)
+    for entries in steps:  # pass 1: the final weights, and against the base the final mask
+        state.overwrite(entries)
+    final = np.zeros(numel, dtype=bool)
+    lo = 0
+    for part in base:  # the kernel per tensor (its chunks), as a dense diff runs it
+        hi = lo + int(part.shape[0])
+        if hi > lo:
+            d = kernel.run_raw(state.base[lo:hi].view(np.uint8),
+                               state.current[lo:hi].view(np.uint8), dtype, dtype, hi - lo)
+            final[lo:hi] = np.unpackbits(d.packed, count=hi - lo, bitorder=BITORDER)
+        lo = hi
+    state.reset(final)
+    counts = np.zeros((len(steps), 4), dtype=np.int64)
+    for k, entries in enumerate(steps):  # pass 2: the counts of every step
+        c = state.step(entries, kernel)
+        counts[k] = (c.vs_first, c.vs_prev, c.ever, c.not_in_final)
+    return ChainReplay(counts, np.packbits(final, bitorder=BITORDER),
+                       np.packbits(state.ever(), bitorder=BITORDER))
+
+
+def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.ndarray,
+                    val: np.ndarray, bounds: np.ndarray, tol: float) -> ChainReplay:
+    """:func:`replay_numpy` compiled (numba; ``dtype`` one of :data:`COMPILED_DTYPES`), in one
+    pass over the chain; the same counts and masks. ``tol``: the kernel's tolerance."""
+    from maskhub.kernels.fastkernel import choose_numba_cache
+
+    choose_numba_cache()
+    from maskhub.kernels import patchnumba as nb
+
+    if dtype not in COMPILED_DTYPES:
+        raise ValueError(f"no compiled replay for {dtype}")
+    n_steps = int(bounds.shape[0]) - 1
+    out = np.zeros((n_steps, 4), dtype=np.int64)
+    events = np.empty(int(idx.shape[0]), dtype=np.int64)
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    val = np.ascontiguousarray(val)
+    state = np.empty(numel, dtype=np.uint64)
+    lo = 0
+    pack = nb.pack_state32 if dtype == "float32" else nb.pack_state16
+    for part in base:
+        hi = lo + int(part.shape[0])
+        pack(part, state[lo:hi])
+        lo = hi
+    if dtype == "float32":
+        flags = np.zeros(numel, dtype=np.uint8)
+        nb.replay32(idx, val, val.view(np.float32), bounds, state, state.view(np.float32),
+                    flags, float(tol), out, events)
+    else:
+        with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
+            lut = _lut16(dtype)
+        nb.replay16(idx, val, bounds, state, lut, float(tol), out, events)
+        flags = state.view(np.uint8)[4::8]  # the flags byte of each entry (little endian)
+    nbytes = (numel + 7) // 8
+    final, ever = np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
+    nb.flag_bits(flags, final, ever)
+    del state, flags
+    nb.outside_final(events, out, final)
+    return ChainReplay(out, final, ever)

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maskhub.analytics.patch_replay import (
-    SparseState,
+    COMPILED_DTYPES,
+    replay_compiled,
+    replay_numpy,
 )
 from maskhub.analytics.trajectory import (
     TrajectoryPoint,
@@ -43,7 +45,7 @@ from maskhub.kernels.fastkernel import HAVE_NUMBA
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.kernels.strata import BINS, FORMATS, strata_fn, strata_rows
 from maskhub.schemas.dtypes import itemsize
-from maskhub.schemas.metadata import TensorStats
+from maskhub.schemas.metadata import BITORDER, TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskWriter
@@ -153,13 +155,11 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                     views = [mapped.region(t).raw() for t in group]
                     finals, evers = _replay_group(base, group, views, patches, points,
                                                   kernel)
-                    for tname, raw, final_bits, ever_bits in zip(group, views, finals, evers,
-                                                                 strict=True):
+                    for tname, raw, final, ever in zip(group, views, finals, evers,
+                                                       strict=True):
                         info = base.tensors[tname]
-                        final = np.packbits(final_bits, bitorder="little")
-                        ever = np.packbits(ever_bits, bitorder="little")
-                        n_final = int(np.count_nonzero(final_bits))
-                        n_ever = int(np.count_nonzero(ever_bits))
+                        n_final = int(np.bitwise_count(final).sum(dtype=np.int64))
+                        n_ever = int(np.bitwise_count(ever).sum(dtype=np.int64))
                         n_cancelled += n_ever - n_final
                         layer, module = parse_tensor_name(tname)
                         common = dict(shape=info.shape, numel=info.numel, layer=layer,
@@ -169,8 +169,7 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                         es = TensorStats(tname, n_updated=n_ever, **common)
                         if info.numel:  # magnitude strata from the base's exponents
                             for counts, rows in zip(
-                                    _strata(raw, info.dtype, info.numel, (final_bits, final),
-                                            (ever_bits, ever)),
+                                    _strata(raw, info.dtype, info.numel, final, ever),
                                     (final_strata, ever_strata), strict=True):
                                 rows.extend(strata_rows(tname, info.dtype, counts))
                         w_final.add(fs, final)
@@ -220,19 +219,19 @@ GROUP_ENTRIES = 1 << 26
 COMPILED_STRATA_MIN = 1 << 22
 
 
-def _strata(raw: np.ndarray, dtype: str, numel: int,
-            *masks: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-    """Magnitude strata (:mod:`maskhub.kernels.strata`) of each of ``masks`` (``(bool per
-    entry, packed bits)``) over the base tensor ``raw``: the entries' histogram is counted
-    once for all."""
+def _strata(raw: np.ndarray, dtype: str, numel: int, *masks: np.ndarray) -> list[np.ndarray]:
+    """Magnitude strata (:mod:`maskhub.kernels.strata`) of each of ``masks`` (packed bits,
+    little bit order, bits past ``numel`` zero) over the base tensor ``raw``: the entries'
+    histogram is counted once for all."""
     out = [np.zeros((2, BINS), dtype=np.int64) for _ in masks]
     fmt = FORMATS.get(dtype)
     if fmt is None:  # one stratum: the whole tensor
-        for counts, (m, _) in zip(out, masks, strict=True):
-            counts[0, 0], counts[1, 0] = numel, int(np.count_nonzero(m))
+        for counts, packed in zip(out, masks, strict=True):
+            counts[0, 0] = numel
+            counts[1, 0] = int(np.bitwise_count(packed).sum(dtype=np.int64))
         return out
     if HAVE_NUMBA and (numel >= COMPILED_STRATA_MIN or "numba" in sys.modules):
-        for k, (counts, (_, packed)) in enumerate(zip(out, masks, strict=True)):
+        for k, (counts, packed) in enumerate(zip(out, masks, strict=True)):
             if k:
                 counts[0] = out[0][0]
             strata_fn(dtype, "numba", entries=not k)(raw, packed, numel, counts)
@@ -240,7 +239,8 @@ def _strata(raw: np.ndarray, dtype: str, numel: int,
     view, shift, emask = fmt
     exp = (raw.view(view) >> view(shift)) & view(emask)
     entries = np.bincount(exp, minlength=BINS)
-    for counts, (m, _) in zip(out, masks, strict=True):
+    for counts, packed in zip(out, masks, strict=True):
+        m = np.unpackbits(packed, count=numel, bitorder=BITORDER).view(bool)
         counts[0] = entries
         counts[1] = np.bincount(exp[m], minlength=BINS)
     return out
@@ -267,7 +267,7 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
                   kernel: DiffKernel) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Replay the chain over the tensors ``group`` (one dtype) laid end to end; add each
     step's counts to ``points``; return each tensor's final and ever-updated masks
-    (bool per entry)."""
+    (packed, little bit order)."""
     infos = [base.tensors[t] for t in group]
     dtype = infos[0].dtype
     raw_dt = _RAW[itemsize(dtype)]
@@ -275,39 +275,47 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
     offsets = np.zeros(len(group) + 1, dtype=np.int64)
     np.cumsum([i.numel for i in infos], out=offsets[1:])
 
-    steps: list[tuple[np.ndarray, np.ndarray] | None] = []
+    parts: list[list[tuple[np.ndarray, np.ndarray, int]]] = []
     for pf in patches:
-        parts = [(pf.read(t, i.shape, i.dtype), off) for t, i, off in
-                 zip(group, infos, offsets[:-1], strict=True) if t in pf.entries]
-        parts = [(pt, off) for pt, off in parts if pt.nnz]
-        if not parts:
-            steps.append(None)
-        elif len(parts) == 1:
-            pt, off = parts[0]
-            steps.append((pt.indices + off, pt.values))
-        else:
-            steps.append((np.concatenate([pt.indices + off for pt, off in parts]),
-                          np.concatenate([pt.values for pt, _ in parts])))
+        read = [(pf.read(t, i.shape, i.dtype), int(off)) for t, i, off in
+                zip(group, infos, offsets[:-1], strict=True) if t in pf.entries]
+        parts.append([(pt.indices, pt.values, off) for pt, off in read if pt.nnz])
+    bounds = np.zeros(len(patches) + 1, dtype=np.int64)
+    np.cumsum([sum(p[0].shape[0] for p in step) for step in parts], out=bounds[1:])
+    touched = int(bounds[-1])
+    idx = np.empty(touched, dtype=np.int64)
+    val = np.empty(touched, dtype=raw_dt)
+    pos = 0
+    for step in parts:  # every step's positions in the group, one array for the chain
+        for p_idx, p_val, off in step:
+            end = pos + p_idx.shape[0]
+            np.add(p_idx, off, out=idx[pos:end])
+            val[pos:end] = p_val
+            pos = end
+    del parts
     numel = int(offsets[-1])
-    touched = sum(st[0].shape[0] for st in steps if st is not None)
-    state = SparseState(numel, dtype, typed,
-                        compiled=HAVE_NUMBA and touched >= COMPILED_MIN_ENTRIES)
-    for entries in steps:  # pass 1: the final weights, and against the base the final mask
-        state.overwrite(entries)
-    final = np.zeros(numel, dtype=bool)
-    for j in range(len(infos)):
-        lo, hi = int(offsets[j]), int(offsets[j + 1])
-        if hi > lo:
-            d = kernel.run_raw(state.base[lo:hi].view(np.uint8),
-                               state.current[lo:hi].view(np.uint8), dtype, dtype, hi - lo)
-            final[lo:hi] = np.unpackbits(d.packed, count=hi - lo, bitorder="little")
-    state.reset(final)
-    for k, entries in enumerate(steps, start=1):  # pass 2: the counts of every step
-        c = state.step(entries, kernel)
-        points[k].n_updated_vs_first += c.vs_first
-        points[k].n_updated_vs_prev += c.vs_prev
-        points[k].n_ever += c.ever
-        points[k].n_not_in_final += c.not_in_final
-    ever = state.ever()
-    return ([final[offsets[j]:offsets[j + 1]] for j in range(len(group))],
-            [ever[offsets[j]:offsets[j + 1]] for j in range(len(group))])
+    if HAVE_NUMBA and touched >= COMPILED_MIN_ENTRIES and dtype in COMPILED_DTYPES:
+        chain = replay_compiled(typed, numel, dtype, idx, val, bounds, float(kernel.tols[0]))
+    else:
+        chain = replay_numpy(typed, numel, dtype, idx, val, bounds, kernel)
+    for k, row in enumerate(chain.counts.tolist(), start=1):
+        points[k].n_updated_vs_first += row[0]
+        points[k].n_updated_vs_prev += row[1]
+        points[k].n_ever += row[2]
+        points[k].n_not_in_final += row[3]
+    bounds_of = list(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))
+    return ([slice_bits(chain.final, lo, hi) for lo, hi in bounds_of],
+            [slice_bits(chain.ever, lo, hi) for lo, hi in bounds_of])
+
+
+def slice_bits(packed: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Bits ``lo:hi`` of ``packed`` (little bit order) as packed bits of their own, bits past
+    ``hi - lo`` zero."""
+    n = hi - lo
+    if lo % 8 == 0:
+        out = packed[lo // 8:(hi + 7) // 8].copy()
+        if n % 8:
+            out[-1] &= (1 << (n % 8)) - 1
+        return out
+    bits = np.unpackbits(packed[lo // 8:(hi + 7) // 8], bitorder=BITORDER)
+    return np.packbits(bits[lo % 8:lo % 8 + n], bitorder=BITORDER)

@@ -8,7 +8,10 @@ release the GIL.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -115,6 +118,33 @@ def scatter_gaps(out, lo, codes, k0, k1, pos, values):  # pragma: no cover - com
     return v
 
 
+@intrinsic
+def _prefetch(typingctx, arr, idx):  # pragma: no cover - compiled
+    """Ask the CPU to fetch ``arr[idx]`` into the cache (LLVM's ``prefetch``, for a write,
+    high locality); no effect on results, no bounds check needed (a prefetch never faults)."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [args[1]],
+                                       wraparound=False, boundscheck=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: How many patched entries ahead of the one being replayed the replay prefetches (its
+#: entries are in random places of an array far larger than the caches: without it each
+#: entry waits for memory, ~3x slower here).
+AHEAD = 32
+
+
 @njit(inline="always")
 def _updated(fa, fb, tol):  # pragma: no cover - compiled
     """The reference decision of :func:`maskhub.kernels.fastkernel.updated_exact` on two
@@ -125,63 +155,143 @@ def _updated(fa, fb, tol):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay_step16(p_idx, p_val, base, current, flags, lut, tol, counts):  # pragma: no cover
-    """One step of :class:`maskhub.analytics.patch_replay.SparseState` for a 16-bit float
-    dtype (``lut``: its 65536 float64 values) in one pass over the patch's entries: adds
-    to ``counts`` the changes of (updated now, updated vs the previous step, ever updated,
-    updated outside the final mask), writes the values and the flags."""
-    d_upd = 0
-    vs_prev = 0
-    d_ever = 0
-    d_out = 0
-    for j in range(p_idx.shape[0]):
-        i = p_idx[j]
-        v = p_val[j]
-        c = current[i]
-        f = flags[i]
-        if c != v and _updated(lut[c], lut[v], tol):
-            vs_prev += 1
-        b = base[i]
-        new = 1 if (b != v and _updated(lut[b], lut[v], tol)) else 0
-        old = f & 1
-        d_upd += new - old
-        if new and not (f & 2):
-            d_ever += 1
-        if f & 4:
-            d_out += new - old
-        current[i] = v
-        flags[i] = (f & 6) | new | (new << 1)
-    counts[0] += d_upd
-    counts[1] += vs_prev
-    counts[2] += d_ever
-    counts[3] += d_out
+def pack_state16(base, state):  # pragma: no cover - compiled
+    """The replay state of a 16-bit dtype at the start of a chain: per entry one uint64,
+    bits 0-15 the base's bits, 16-31 the current bits (the base's), 32 updated now, 33 ever
+    updated (both 0)."""
+    for i in range(base.shape[0]):
+        b = np.uint64(base[i])
+        state[i] = b | (b << np.uint64(16))
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay_step32(p_idx, p_val, p_fval, base, base_f, current, current_f, flags, tol,
-                  counts):  # pragma: no cover - compiled
-    """:func:`replay_step16` for float32 (``*_f``: the same arrays viewed as float32)."""
-    d_upd = 0
-    vs_prev = 0
-    d_ever = 0
-    d_out = 0
-    for j in range(p_idx.shape[0]):
-        i = p_idx[j]
-        v = p_val[j]
-        fv = np.float64(p_fval[j])
-        f = flags[i]
-        if current[i] != v and _updated(np.float64(current_f[i]), fv, tol):
-            vs_prev += 1
-        new = 1 if (base[i] != v and _updated(np.float64(base_f[i]), fv, tol)) else 0
-        old = f & 1
-        d_upd += new - old
-        if new and not (f & 2):
-            d_ever += 1
-        if f & 4:
-            d_out += new - old
-        current[i] = v
-        flags[i] = (f & 6) | new | (new << 1)
-    counts[0] += d_upd
-    counts[1] += vs_prev
-    counts[2] += d_ever
-    counts[3] += d_out
+def replay16(p_idx, p_val, bounds, state, lut, tol, out, events):  # pragma: no cover
+    """Replay a whole chain over the packed state of :func:`pack_state16` (``lut``: the
+    dtype's 65536 float64 values), one step after another in one pass: step k sets
+    ``p_idx[bounds[k]:bounds[k+1]]`` (sorted, unique) to ``p_val[...]``.
+
+    Per step k: ``out[k] = (updated vs the base, updated vs the previous step, ever
+    updated, end of the step's events)``. Each change of an entry's updated-vs-base bit is
+    logged in ``events`` as ``2 * i + new`` (the counts outside the final mask are found
+    from them once the final mask is known: :func:`outside_final`). Returns the number of
+    events."""
+    m = p_idx.shape[0]
+    ne = 0
+    n_upd = 0
+    n_ever = 0
+    for k in range(bounds.shape[0] - 1):
+        vs_prev = 0
+        for j in range(bounds[k], bounds[k + 1]):
+            if j + AHEAD < m:
+                _prefetch(state, p_idx[j + AHEAD])
+            i = p_idx[j]
+            v = np.uint64(p_val[j])
+            s = state[i]
+            b = s & np.uint64(0xFFFF)
+            c = (s >> np.uint64(16)) & np.uint64(0xFFFF)
+            f = np.int64(s >> np.uint64(32))
+            if c != v and _updated(lut[c], lut[v], tol):
+                vs_prev += 1
+            new = 1 if (b != v and _updated(lut[b], lut[v], tol)) else 0
+            old = f & 1
+            if new != old:
+                events[ne] = 2 * i + new
+                ne += 1
+                n_upd += 1 if new else -1
+            if new and not (f & 2):
+                n_ever += 1
+            f = (f & 2) | new | (new << 1)
+            state[i] = b | (v << np.uint64(16)) | (np.uint64(f) << np.uint64(32))
+        out[k, 0] = n_upd
+        out[k, 1] = vs_prev
+        out[k, 2] = n_ever
+        out[k, 3] = ne
+    return ne
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def pack_state32(base, state):  # pragma: no cover - compiled
+    """:func:`pack_state16` for a 32-bit dtype: bits 0-31 the base's, 32-63 the current
+    bits (the flags are a separate byte array)."""
+    for i in range(base.shape[0]):
+        b = np.uint64(base[i])
+        state[i] = b | (b << np.uint64(32))
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def replay32(p_idx, p_val, p_fval, bounds, state, state_f, flags, tol, out,
+             events):  # pragma: no cover - compiled
+    """:func:`replay16` for float32 over the state of :func:`pack_state32` and ``flags``
+    (per entry: bit 0 updated now, bit 1 ever); ``p_fval`` and ``state_f``: ``p_val`` and
+    ``state`` viewed as float32 (entry i's base at ``2 * i``, current at ``2 * i + 1``)."""
+    m = p_idx.shape[0]
+    ne = 0
+    n_upd = 0
+    n_ever = 0
+    for k in range(bounds.shape[0] - 1):
+        vs_prev = 0
+        for j in range(bounds[k], bounds[k + 1]):
+            if j + AHEAD < m:
+                _prefetch(state, p_idx[j + AHEAD])
+                _prefetch(flags, p_idx[j + AHEAD])
+            i = p_idx[j]
+            v = np.uint64(p_val[j])
+            fv = np.float64(p_fval[j])
+            s = state[i]
+            b = s & np.uint64(0xFFFFFFFF)
+            c = s >> np.uint64(32)
+            f = flags[i]
+            if c != v and _updated(np.float64(state_f[2 * i + 1]), fv, tol):
+                vs_prev += 1
+            new = 1 if (b != v and _updated(np.float64(state_f[2 * i]), fv, tol)) else 0
+            old = f & 1
+            if new != old:
+                events[ne] = 2 * i + new
+                ne += 1
+                n_upd += 1 if new else -1
+            if new and not (f & 2):
+                n_ever += 1
+            flags[i] = (f & 2) | new | (new << 1)
+            state[i] = b | (v << np.uint64(32))
+        out[k, 0] = n_upd
+        out[k, 1] = vs_prev
+        out[k, 2] = n_ever
+        out[k, 3] = ne
+    return ne
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def flag_bits(flags, final, ever):  # pragma: no cover - compiled
+    """Pack bit 0 (updated now: the final mask) and bit 1 (ever updated) of every entry of
+    the uint8 array ``flags`` (may be strided: the flags byte of a packed state) into
+    ``final`` and ``ever`` (little bit order)."""
+    n = flags.shape[0]
+    for j in range(final.shape[0]):
+        a = 0
+        e = 0
+        lo = j * 8
+        hi = min(n, lo + 8)
+        for i in range(lo, hi):
+            f = np.int64(flags[i])
+            a |= (f & 1) << (i - lo)
+            e |= ((f >> 1) & 1) << (i - lo)
+        final[j] = a
+        ever[j] = e
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def outside_final(events, out, final):  # pragma: no cover - compiled
+    """Per step k (its events end at ``out[k, 3]``, :func:`replay16`): how many entries
+    are updated against the base and outside the packed ``final`` mask, into
+    ``out[k, 3]``."""
+    n_out = 0
+    e = 0
+    for k in range(out.shape[0]):
+        end = out[k, 3]
+        while e < end:
+            ev = events[e]
+            i = ev >> 1
+            if not ((final[i >> 3] >> (i & 7)) & 1):
+                n_out += 1 if ev & 1 else -1
+            e += 1
+        out[k, 3] = n_out
