@@ -18,11 +18,13 @@ same definition (``|θk − θ0| > tol``, exact, ``±0`` equal, NaN vs NaN uncha
 dense diff, so a chain's counts equal the dense trajectory's of the same weights.
 
 :func:`replay_compiled` (numba; bf16, fp16, fp32) runs the same counts in one pass over the
-whole chain with the per-entry state packed into one uint64 (base bits, current bits,
-flags: one cache line per patched entry instead of three) and prefetched a few entries
-ahead; the counts outside the final mask come from a log of the changes of each entry's
-updated bit, once the final mask is known. :func:`replay_numpy` is the same in numpy passes
-(:class:`SparseState`), for a machine without numba and for small chains.
+whole chain. The per-entry state is one word (base bits and current bits, uint32 for 16-bit
+dtypes): one cache line per patched entry instead of three (whether the entry is updated
+now is decided from the two), fetched a few entries ahead of use. The ever-updated mask is
+a packed bitmap (numel / 8 bytes, small enough to stay in cache); the final mask and the
+counts outside it come afterwards from a log of the changes of each entry's updated state.
+:func:`replay_numpy` is the same in numpy passes (:class:`SparseState`), for a machine
+without numba and for small chains.
 """
 
 from __future__ import annotations
@@ -218,25 +220,24 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.
     events = np.empty(int(idx.shape[0]), dtype=np.int64)
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     val = np.ascontiguousarray(val)
-    state = np.empty(numel, dtype=np.uint64)
+    fp32 = dtype == "float32"
+    state = np.empty(numel, dtype=np.uint64 if fp32 else np.uint32)
     lo = 0
-    pack = nb.pack_state32 if dtype == "float32" else nb.pack_state16
+    pack = nb.pack_state32 if fp32 else nb.pack_state16
     for part in base:
         hi = lo + int(part.shape[0])
         pack(part, state[lo:hi])
         lo = hi
-    if dtype == "float32":
-        flags = np.zeros(numel, dtype=np.uint8)
-        nb.replay32(idx, val, val.view(np.float32), bounds, state, state.view(np.float32),
-                    flags, float(tol), out, events)
+    nbytes = (numel + 7) // 8
+    final, ever = np.zeros(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+    if fp32:
+        ne = nb.replay32(idx, val, val.view(np.float32), bounds, state,
+                         state.view(np.float32), ever, float(tol), out, events)
     else:
         with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
             lut = _lut16(dtype)
-        nb.replay16(idx, val, bounds, state, lut, float(tol), out, events)
-        flags = state.view(np.uint8)[4::8]  # the flags byte of each entry (little endian)
-    nbytes = (numel + 7) // 8
-    final, ever = np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
-    nb.flag_bits(flags, final, ever)
-    del state, flags
+        ne = nb.replay16(idx, val, bounds, state, ever, lut, float(tol), out, events)
+    del state
+    nb.final_from_events(events[:ne], final)
     nb.outside_final(events, out, final)
     return ChainReplay(out, final, ever)

@@ -156,25 +156,38 @@ def _updated(fa, fb, tol):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def pack_state16(base, state):  # pragma: no cover - compiled
-    """The replay state of a 16-bit dtype at the start of a chain: per entry one uint64,
-    bits 0-15 the base's bits, 16-31 the current bits (the base's), 32 updated now, 33 ever
-    updated (both 0)."""
+    """The replay state of a 16-bit dtype at the start of a chain: per entry one uint32,
+    bits 0-15 the base's bits, 16-31 the current bits (the base's)."""
     for i in range(base.shape[0]):
-        b = np.uint64(base[i])
-        state[i] = b | (b << np.uint64(16))
+        b = np.uint32(base[i])
+        state[i] = b | (b << np.uint32(16))
+
+
+@njit(inline="always")
+def _ever(ever, i):  # pragma: no cover - compiled
+    """Set bit ``i`` of the packed ``ever``; 1 when it was not set yet."""
+    byte = ever[i >> 3]
+    bit = np.uint8(1 << (i & 7))
+    if byte & bit:
+        return 0
+    ever[i >> 3] = byte | bit
+    return 1
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay16(p_idx, p_val, bounds, state, lut, tol, out, events):  # pragma: no cover
+def replay16(p_idx, p_val, bounds, state, ever, lut, tol, out, events):  # pragma: no cover
     """Replay a whole chain over the packed state of :func:`pack_state16` (``lut``: the
     dtype's 65536 float64 values), one step after another in one pass: step k sets
-    ``p_idx[bounds[k]:bounds[k+1]]`` (sorted, unique) to ``p_val[...]``.
+    ``p_idx[bounds[k]:bounds[k+1]]`` (sorted, unique) to ``p_val[...]``. An entry is
+    updated now when its current bits are updated against its base bits (the kernel's
+    decision, on the entry's one state word); ``ever`` (packed, zero at the start) gets the
+    entries ever updated.
 
     Per step k: ``out[k] = (updated vs the base, updated vs the previous step, ever
-    updated, end of the step's events)``. Each change of an entry's updated-vs-base bit is
-    logged in ``events`` as ``2 * i + new`` (the counts outside the final mask are found
-    from them once the final mask is known: :func:`outside_final`). Returns the number of
-    events."""
+    updated, end of the step's events)``. Each change of an entry's updated-vs-base state
+    is logged in ``events`` as ``2 * i + new``: the final mask and the counts outside it
+    come from them (:func:`final_from_events`, :func:`outside_final`). Returns the number
+    of events."""
     m = p_idx.shape[0]
     ne = 0
     n_upd = 0
@@ -185,23 +198,24 @@ def replay16(p_idx, p_val, bounds, state, lut, tol, out, events):  # pragma: no 
             if j + AHEAD < m:
                 _prefetch(state, p_idx[j + AHEAD])
             i = p_idx[j]
-            v = np.uint64(p_val[j])
+            v = np.uint32(p_val[j])
             s = state[i]
-            b = s & np.uint64(0xFFFF)
-            c = (s >> np.uint64(16)) & np.uint64(0xFFFF)
-            f = np.int64(s >> np.uint64(32))
-            if c != v and _updated(lut[c], lut[v], tol):
+            b = s & np.uint32(0xFFFF)
+            c = s >> np.uint32(16)
+            if c == v:
+                continue  # same bits: no count, no change
+            fv = lut[v]
+            if _updated(lut[c], fv, tol):
                 vs_prev += 1
-            new = 1 if (b != v and _updated(lut[b], lut[v], tol)) else 0
-            old = f & 1
+            new = 1 if (b != v and _updated(lut[b], fv, tol)) else 0
+            old = 1 if (b != c and _updated(lut[b], lut[c], tol)) else 0
             if new != old:
                 events[ne] = 2 * i + new
                 ne += 1
                 n_upd += 1 if new else -1
-            if new and not (f & 2):
-                n_ever += 1
-            f = (f & 2) | new | (new << 1)
-            state[i] = b | (v << np.uint64(16)) | (np.uint64(f) << np.uint64(32))
+            if new:
+                n_ever += _ever(ever, i)
+            state[i] = b | (v << np.uint32(16))
         out[k, 0] = n_upd
         out[k, 1] = vs_prev
         out[k, 2] = n_ever
@@ -211,19 +225,19 @@ def replay16(p_idx, p_val, bounds, state, lut, tol, out, events):  # pragma: no 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def pack_state32(base, state):  # pragma: no cover - compiled
-    """:func:`pack_state16` for a 32-bit dtype: bits 0-31 the base's, 32-63 the current
-    bits (the flags are a separate byte array)."""
+    """:func:`pack_state16` for a 32-bit dtype: one uint64 per entry, bits 0-31 the base's,
+    32-63 the current bits."""
     for i in range(base.shape[0]):
         b = np.uint64(base[i])
         state[i] = b | (b << np.uint64(32))
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay32(p_idx, p_val, p_fval, bounds, state, state_f, flags, tol, out,
+def replay32(p_idx, p_val, p_fval, bounds, state, state_f, ever, tol, out,
              events):  # pragma: no cover - compiled
-    """:func:`replay16` for float32 over the state of :func:`pack_state32` and ``flags``
-    (per entry: bit 0 updated now, bit 1 ever); ``p_fval`` and ``state_f``: ``p_val`` and
-    ``state`` viewed as float32 (entry i's base at ``2 * i``, current at ``2 * i + 1``)."""
+    """:func:`replay16` for float32 over the state of :func:`pack_state32`; ``p_fval`` and
+    ``state_f``: ``p_val`` and ``state`` viewed as float32 (entry i's base at ``2 * i``,
+    its current value at ``2 * i + 1``)."""
     m = p_idx.shape[0]
     ne = 0
     n_upd = 0
@@ -233,25 +247,26 @@ def replay32(p_idx, p_val, p_fval, bounds, state, state_f, flags, tol, out,
         for j in range(bounds[k], bounds[k + 1]):
             if j + AHEAD < m:
                 _prefetch(state, p_idx[j + AHEAD])
-                _prefetch(flags, p_idx[j + AHEAD])
             i = p_idx[j]
             v = np.uint64(p_val[j])
-            fv = np.float64(p_fval[j])
             s = state[i]
             b = s & np.uint64(0xFFFFFFFF)
             c = s >> np.uint64(32)
-            f = flags[i]
-            if c != v and _updated(np.float64(state_f[2 * i + 1]), fv, tol):
+            if c == v:
+                continue
+            fv = np.float64(p_fval[j])
+            fb = np.float64(state_f[2 * i])
+            fc = np.float64(state_f[2 * i + 1])
+            if _updated(fc, fv, tol):
                 vs_prev += 1
-            new = 1 if (b != v and _updated(np.float64(state_f[2 * i]), fv, tol)) else 0
-            old = f & 1
+            new = 1 if (b != v and _updated(fb, fv, tol)) else 0
+            old = 1 if (b != c and _updated(fb, fc, tol)) else 0
             if new != old:
                 events[ne] = 2 * i + new
                 ne += 1
                 n_upd += 1 if new else -1
-            if new and not (f & 2):
-                n_ever += 1
-            flags[i] = (f & 2) | new | (new << 1)
+            if new:
+                n_ever += _ever(ever, i)
             state[i] = b | (v << np.uint64(32))
         out[k, 0] = n_upd
         out[k, 1] = vs_prev
@@ -261,22 +276,17 @@ def replay32(p_idx, p_val, p_fval, bounds, state, state_f, flags, tol, out,
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def flag_bits(flags, final, ever):  # pragma: no cover - compiled
-    """Pack bit 0 (updated now: the final mask) and bit 1 (ever updated) of every entry of
-    the uint8 array ``flags`` (may be strided: the flags byte of a packed state) into
-    ``final`` and ``ever`` (little bit order)."""
-    n = flags.shape[0]
-    for j in range(final.shape[0]):
-        a = 0
-        e = 0
-        lo = j * 8
-        hi = min(n, lo + 8)
-        for i in range(lo, hi):
-            f = np.int64(flags[i])
-            a |= (f & 1) << (i - lo)
-            e |= ((f >> 1) & 1) << (i - lo)
-        final[j] = a
-        ever[j] = e
+def final_from_events(events, final):  # pragma: no cover - compiled
+    """The packed final mask (``final``, zero at the start) from the log of
+    :func:`replay16`: an entry is in it when its last event set it."""
+    for e in range(events.shape[0]):
+        ev = events[e]
+        i = ev >> 1
+        bit = np.uint8(1 << (i & 7))
+        if ev & 1:
+            final[i >> 3] |= bit
+        else:
+            final[i >> 3] &= ~bit
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
