@@ -221,6 +221,16 @@ def test_bad_patches_refused_naming_the_file(tmp_path: Path) -> None:
     assert fail_line("import", str(bad), "--base", base) == (
         f"Error: patch {bad}: tensor {name!r}: index {numel} is outside its {numel} "
         f"entries (shape [24, 16])")
+    # unsorted, in the file's own integer dtype: sorted first, then the ends are checked
+    for idx, wrong in (([9, -1, 4], -1), ([numel + 16, 2], numel + 16)):
+        for dt in (torch.int16, torch.int64):
+            unsorted = tmp_path / f"unsorted-{wrong}-{dt}.safetensors"
+            save_file({f"{name}.indices": torch.tensor(idx, dtype=dt),
+                       f"{name}.values": torch.zeros(len(idx), dtype=torch.bfloat16)},
+                      str(unsorted))
+            assert fail_line("trajectory", "--patches", base, str(unsorted)) == (
+                f"Error: patch {unsorted}: tensor {name!r}: index {wrong} is outside its "
+                f"{numel} entries (shape [24, 16])")
     dtype = tmp_path / "dtype.safetensors"
     save_file({f"{name}.indices": torch.tensor([3], dtype=torch.int32),
                f"{name}.values": torch.zeros(1, dtype=torch.float32)}, str(dtype))

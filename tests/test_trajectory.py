@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from factory import llama_shapes, random_state, save
 
 from maskhub import Registry
+from maskhub.analytics import trajectory
 from maskhub.cli import main
 
 
@@ -38,7 +40,10 @@ def _count(sets: dict[str, np.ndarray]) -> int:
     return sum(int(m.sum()) for m in sets.values())
 
 
-def test_trajectory_counts_cancelled_updates(tmp_path: Path) -> None:
+def test_trajectory_counts_cancelled_updates(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the points go in by INSERTs of several rows: 3 + 1 here
+    monkeypatch.setattr(trajectory, "_POINTS_PER_INSERT", 3)
     root = tmp_path / "run"
     sets = _sequence(root)
     n1, n2, n3 = (_count(sets[k]) for k in ("S1", "S2", "S3"))
@@ -64,8 +69,11 @@ def test_trajectory_counts_cancelled_updates(tmp_path: Path) -> None:
         assert np.array_equal(final[name], sets["S2"][name] | sets["S3"][name]), name
         assert np.array_equal(ever[name], sets["S1"][name] | sets["S2"][name]
                               | sets["S3"][name]), name
-    cols, rows = reg.sql("select idx, n_ever from trajectory_points order by idx")
-    assert [r[1] for r in rows] == [0, n1, n1 + n2, n1 + n2 + n3]
+    cols, rows = reg.sql("select idx, step, n_updated_vs_first, n_ever, n_not_in_final "
+                         "from trajectory_points order by idx")
+    assert rows == [(i, p["step"], p["n_updated_vs_first"], p["n_ever"], p["n_not_in_final"])
+                    for i, p in enumerate(pts)]
+    assert [r[3] for r in rows] == [0, n1, n1 + n2, n1 + n2 + n3]
     cols, rows = reg.sql("select n_cancelled, final_mask_id from trajectories")
     assert rows == [(n1, final.id)]
     direct = reg.diff(root / "checkpoint-0", root / "checkpoint-300", name="direct")

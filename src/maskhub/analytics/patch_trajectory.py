@@ -289,7 +289,7 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
     for step in parts:  # every step's positions in the group, one array for the chain
         for p_idx, p_val, off in step:
             end = pos + p_idx.shape[0]
-            np.add(p_idx, off, out=idx[pos:end])
+            np.add(p_idx, off, out=idx[pos:end], dtype=np.int64)
             val[pos:end] = p_val
             pos = end
     del parts

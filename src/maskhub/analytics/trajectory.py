@@ -281,9 +281,17 @@ def record_trajectory(registry: Home, r: TrajectoryResult) -> None:
             "INSERT INTO trajectories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [r.id, r.name, r.tol, len(r.points), r.n_params, r.n_never, r.n_cancelled,
              r.n_subnetwork, r.final.id, r.ever.id, timestamp()])
-        con.executemany(
-            "INSERT INTO trajectory_points (trajectory_id, idx, step, checkpoint, revision, "
-            "n_updated_vs_first, n_updated_vs_prev, n_ever, n_not_in_final) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [[r.id, p.index, p.step, p.checkpoint, p.revision, p.n_updated_vs_first,
-              p.n_updated_vs_prev, p.n_ever, p.n_not_in_final] for p in r.points])
+        # one statement for all the points (executemany runs one INSERT per row)
+        for lo in range(0, len(r.points), _POINTS_PER_INSERT):
+            chunk = r.points[lo:lo + _POINTS_PER_INSERT]
+            con.execute(
+                "INSERT INTO trajectory_points (trajectory_id, idx, step, checkpoint, "
+                "revision, n_updated_vs_first, n_updated_vs_prev, n_ever, n_not_in_final) "
+                "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                [v for p in chunk for v in (r.id, p.index, p.step, p.checkpoint, p.revision,
+                                            p.n_updated_vs_first, p.n_updated_vs_prev,
+                                            p.n_ever, p.n_not_in_final)])
+
+
+#: Rows of ``trajectory_points`` per INSERT statement (a bound on the statement's size).
+_POINTS_PER_INSERT = 1000

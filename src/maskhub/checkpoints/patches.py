@@ -87,7 +87,9 @@ class PatchTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    indices: np.ndarray  # int64, sorted, unique, each in [0, numel)
+    #: integers, sorted, unique, each in [0, numel): int64, or the file's own integer dtype
+    #: when it stores flat positions (a view of the file, no copy)
+    indices: np.ndarray
     values: np.ndarray   # raw unsigned view (uint16 for bf16/fp16...), same length
     dense: bool = False  # the whole tensor was given (an anchor / dense replacement)
 
@@ -155,7 +157,7 @@ class PatchFile:
         if len(vals.shape) != 1:
             raise self._fail(f"tensor {name!r}: values of shape {list(vals.shape)}, not "
                              "one-dimensional")
-        idx = self._indices(name, idx_key, shape, numel)
+        idx = self._indices(name, idx_key, shape)
         if idx.shape[0] != raw.shape[0]:
             raise self._fail(f"tensor {name!r}: {idx.shape[0]} indices but {raw.shape[0]} "
                              "values")
@@ -166,6 +168,12 @@ class PatchFile:
             if dup.size:
                 raise self._fail(f"tensor {name!r}: index {int(idx[dup[0]])} is given "
                                  "twice")
+        if idx.size:  # sorted: the first and last are the bounds
+            lo, hi = int(idx[0]), int(idx[-1])
+            if lo < 0 or hi >= numel:
+                bad_i = lo if lo < 0 else hi
+                raise self._fail(f"tensor {name!r}: index {bad_i} is outside its {numel} "
+                                 f"entries (shape {list(shape)})")
         return PatchTensor(name, tuple(shape), dtype, idx, np.asarray(raw))
 
     def values_dtype(self, name: str) -> str:
@@ -185,7 +193,10 @@ class PatchFile:
             raise self._fail("__metadata__ shapes is not a JSON object of integer lists") \
                 from exc
 
-    def _indices(self, name: str, key: str, shape: tuple[int, ...], numel: int) -> np.ndarray:
+    def _indices(self, name: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor ``name``'s flat positions as stored (not yet sorted nor checked against
+        the tensor's size, but for the row/column pairs): the file's own integers where it
+        stores flat positions, int64 where they are decoded."""
         a = self._arrays[key]
         np_dt = _INT_DTYPES.get(a.dtype)
         if np_dt is None:
@@ -195,8 +206,8 @@ class PatchFile:
             if a.dtype not in ("uint16", "uint32") or len(a.shape) != 1:
                 raise self._fail(f"tensor {name!r}: gap_delta indices must be a 1-D uint16 "
                                  f"or uint32 array, not {a.dtype} {list(a.shape)}")
-            idx = np.cumsum(stored.astype(np.int64) + 1) - 1
-        elif len(a.shape) == 2 and a.shape[0] == 2 and len(shape) == 2:
+            return np.cumsum(stored.astype(np.int64) + 1) - 1
+        if len(a.shape) == 2 and a.shape[0] == 2 and len(shape) == 2:
             rows, cols = stored[:a.shape[1]].astype(np.int64), stored[a.shape[1]:]
             cols = cols.astype(np.int64)
             bad = (rows < 0) | (rows >= shape[0]) | (cols < 0) | (cols >= shape[1])
@@ -205,20 +216,9 @@ class PatchFile:
                 raise self._fail(f"tensor {name!r}: index ({int(rows[i])}, {int(cols[i])}) "
                                  f"is outside its shape {list(shape)}")
             return rows * shape[1] + cols
-        elif len(a.shape) == 1:
-            if a.dtype == "uint64" and stored.size and int(stored.max()) >= numel:
-                raise self._fail(f"tensor {name!r}: index {int(stored.max())} is outside "
-                                 f"its {numel} entries")
-            idx = stored.astype(np.int64)
-        else:
-            raise self._fail(f"tensor {name!r}: indices of shape {list(a.shape)}, not flat")
-        if idx.size:
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= numel:
-                bad_i = lo if lo < 0 else hi
-                raise self._fail(f"tensor {name!r}: index {bad_i} is outside its {numel} "
-                                 f"entries (shape {list(shape)})")
-        return idx
+        if len(a.shape) == 1:
+            return stored
+        raise self._fail(f"tensor {name!r}: indices of shape {list(a.shape)}, not flat")
 
     def close(self) -> None:
         """Unmap the file."""
