@@ -64,8 +64,14 @@ def test_compiled_replay_equals_numpy(dtype: str, tol: float) -> None:
     base, idx, val, bounds = _chain(dtype, sizes, 14, rng)
     n = sum(sizes)
     kernel = DiffKernel(tol=tol, backend="numpy")
-    ref = replay_numpy(base, n, dtype, idx, val, bounds, kernel)
-    got = replay_compiled(base, n, dtype, idx, val, bounds, tol)
+    offsets = np.cumsum([0, *sizes])
+    steps = []  # each step split by tensor, positions within it (int32, as TRL stores them)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        cut = np.searchsorted(idx[lo:hi], offsets) + lo
+        steps.append([((idx[a:b] - off).astype(np.int32), int(off), val[a:b])
+                      for a, b, off in zip(cut[:-1], cut[1:], offsets[:-1], strict=True)])
+    ref = replay_numpy(base, n, dtype, steps, kernel)
+    got = replay_compiled(base, n, dtype, steps, tol)
     assert np.array_equal(ref.counts, got.counts)
     assert np.array_equal(ref.final, got.final)
     assert np.array_equal(ref.ever, got.ever)

@@ -170,21 +170,29 @@ class ChainReplay:
     ever: np.ndarray
 
 
-def _steps_of(bounds: np.ndarray, idx: np.ndarray, val: np.ndarray
-              ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    return [(idx[lo:hi], val[lo:hi]) if hi > lo else None
-            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+#: One patch's entries in a flat space: ``(positions in their tensor, offset of the tensor in
+#: the space, raw values)`` per tensor it sets, in the space's order; positions sorted,
+#: unique, of any integer dtype.
+Step = Sequence[tuple[np.ndarray, int, np.ndarray]]
 
 
-def replay_numpy(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.ndarray,
-                 val: np.ndarray, bounds: np.ndarray, kernel: DiffKernel) -> ChainReplay:
+def _joined(step: Step, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """A step's positions in the space (int64) and values, one array each."""
+    parts = [(p, off, v) for p, off, v in step if p.shape[0]]
+    if not parts:
+        return None
+    return (np.concatenate([p.astype(np.int64) + off for p, off, _ in parts]),
+            np.concatenate([v for _, _, v in parts]).astype(dtype, copy=False))
+
+
+def replay_numpy(base: Sequence[np.ndarray], numel: int, dtype: str, steps: Sequence[Step],
+                 kernel: DiffKernel) -> ChainReplay:
     """Replay a chain over ``numel`` entries of ``dtype`` whose base values are ``base``
-    (raw, the space's tensors in order): step ``k`` sets the sorted unique positions
-    ``idx[bounds[k]:bounds[k + 1]]`` to ``val[...]`` (raw). Two passes of
+    (raw, the space's tensors in order), one :data:`Step` per patch. Two passes of
     :class:`SparseState`: the final weights (hence the final mask), then the counts."""
-    steps = _steps_of(bounds, idx, val)
     state = SparseState(numel, dtype, base)
-    for entries in steps:  # pass 1: the final weights, and against the base the final mask
+    joined = [_joined(st, state.base.dtype) for st in steps]
+    for entries in joined:  # pass 1: the final weights, and against the base the final mask
         state.overwrite(entries)
     final = np.zeros(numel, dtype=bool)
     lo = 0
@@ -197,17 +205,18 @@ def replay_numpy(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.nda
         lo = hi
     state.reset(final)
     counts = np.zeros((len(steps), 4), dtype=np.int64)
-    for k, entries in enumerate(steps):  # pass 2: the counts of every step
+    for k, entries in enumerate(joined):  # pass 2: the counts of every step
         c = state.step(entries, kernel)
         counts[k] = (c.vs_first, c.vs_prev, c.ever, c.not_in_final)
     return ChainReplay(counts, np.packbits(final, bitorder=BITORDER),
                        np.packbits(state.ever(), bitorder=BITORDER))
 
 
-def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.ndarray,
-                    val: np.ndarray, bounds: np.ndarray, tol: float) -> ChainReplay:
+def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: Sequence[Step],
+                    tol: float) -> ChainReplay:
     """:func:`replay_numpy` compiled (numba; ``dtype`` one of :data:`COMPILED_DTYPES`), in one
-    pass over the chain; the same counts and masks. ``tol``: the kernel's tolerance."""
+    pass over the chain (one kernel call per tensor a patch sets, reading the patch's
+    arrays where they lie); the same counts and masks. ``tol``: the kernel's tolerance."""
     from maskhub.kernels.fastkernel import choose_numba_cache
 
     choose_numba_cache()
@@ -215,11 +224,6 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.
 
     if dtype not in COMPILED_DTYPES:
         raise ValueError(f"no compiled replay for {dtype}")
-    n_steps = int(bounds.shape[0]) - 1
-    out = np.zeros((n_steps, 4), dtype=np.int64)
-    events = np.empty(int(idx.shape[0]), dtype=np.int64)
-    idx = np.ascontiguousarray(idx, dtype=np.int64)
-    val = np.ascontiguousarray(val)
     fp32 = dtype == "float32"
     state = np.empty(numel, dtype=np.uint64 if fp32 else np.uint32)
     lo = 0
@@ -230,14 +234,28 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, idx: np.
         lo = hi
     nbytes = (numel + 7) // 8
     final, ever = np.zeros(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
-    if fp32:
-        ne = nb.replay32(idx, val, val.view(np.float32), bounds, state,
-                         state.view(np.float32), ever, float(tol), out, events)
-    else:
-        with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
-            lut = _lut16(dtype)
-        ne = nb.replay16(idx, val, bounds, state, ever, lut, float(tol), out, events)
+    touched = sum(int(p.shape[0]) for st in steps for p, _, _ in st)
+    # at most one event per patched entry; pages never written are never allocated
+    events = np.empty(touched, dtype=np.int32 if 2 * numel < 2**31 else np.int64)
+    acc = np.zeros(4, dtype=np.int64)  # updated now, vs the previous step, ever, events
+    out = np.zeros((len(steps), 4), dtype=np.int64)
+    with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
+        lut = _lut16(dtype)  # None for fp32 (read as float32 in place)
+    for k, step in enumerate(steps):
+        acc[1] = 0
+        for p_idx, off, p_val in step:
+            if p_idx.shape[0] == 0:
+                continue
+            if fp32:
+                p_val = p_val.view(np.uint32)
+                nb.replay32(p_idx, off, p_val, p_val.view(np.float32), state,
+                            state.view(np.float32), ever, float(tol), acc, events)
+            else:
+                nb.replay16(p_idx, off, p_val.view(np.uint16), state, ever, lut, float(tol),
+                            acc, events)
+        out[k] = acc
     del state
+    ne = int(acc[3])
     nb.final_from_events(events[:ne], final)
     nb.outside_final(events, out, final)
     return ChainReplay(out, final, ever)

@@ -275,29 +275,17 @@ def _replay_group(base: Checkpoint, group: Sequence[str], views: Sequence[np.nda
     offsets = np.zeros(len(group) + 1, dtype=np.int64)
     np.cumsum([i.numel for i in infos], out=offsets[1:])
 
-    parts: list[list[tuple[np.ndarray, np.ndarray, int]]] = []
-    for pf in patches:
+    steps: list[list[tuple[np.ndarray, int, np.ndarray]]] = []
+    for pf in patches:  # each patch's arrays where they lie in its file
         read = [(pf.read(t, i.shape, i.dtype), int(off)) for t, i, off in
                 zip(group, infos, offsets[:-1], strict=True) if t in pf.entries]
-        parts.append([(pt.indices, pt.values, off) for pt, off in read if pt.nnz])
-    bounds = np.zeros(len(patches) + 1, dtype=np.int64)
-    np.cumsum([sum(p[0].shape[0] for p in step) for step in parts], out=bounds[1:])
-    touched = int(bounds[-1])
-    idx = np.empty(touched, dtype=np.int64)
-    val = np.empty(touched, dtype=raw_dt)
-    pos = 0
-    for step in parts:  # every step's positions in the group, one array for the chain
-        for p_idx, p_val, off in step:
-            end = pos + p_idx.shape[0]
-            np.add(p_idx, off, out=idx[pos:end], dtype=np.int64)
-            val[pos:end] = p_val
-            pos = end
-    del parts
+        steps.append([(pt.indices, off, pt.values) for pt, off in read if pt.nnz])
+    touched = sum(p.shape[0] for step in steps for p, _, _ in step)
     numel = int(offsets[-1])
     if HAVE_NUMBA and touched >= COMPILED_MIN_ENTRIES and dtype in COMPILED_DTYPES:
-        chain = replay_compiled(typed, numel, dtype, idx, val, bounds, float(kernel.tols[0]))
+        chain = replay_compiled(typed, numel, dtype, steps, float(kernel.tols[0]))
     else:
-        chain = replay_numpy(typed, numel, dtype, idx, val, bounds, kernel)
+        chain = replay_numpy(typed, numel, dtype, steps, kernel)
     for k, row in enumerate(chain.counts.tolist(), start=1):
         points[k].n_updated_vs_first += row[0]
         points[k].n_updated_vs_prev += row[1]

@@ -175,52 +175,49 @@ def _ever(ever, i):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay16(p_idx, p_val, bounds, state, ever, lut, tol, out, events):  # pragma: no cover
-    """Replay a whole chain over the packed state of :func:`pack_state16` (``lut``: the
-    dtype's 65536 float64 values), one step after another in one pass: step k sets
-    ``p_idx[bounds[k]:bounds[k+1]]`` (sorted, unique) to ``p_val[...]``. An entry is
-    updated now when its current bits are updated against its base bits (the kernel's
-    decision, on the entry's one state word); ``ever`` (packed, zero at the start) gets the
-    entries ever updated.
+def replay16(p_idx, off, p_val, state, ever, lut, tol, acc, events):  # pragma: no cover
+    """One tensor of one step of a chain replayed over the packed state of
+    :func:`pack_state16` (``lut``: the dtype's 65536 float64 values): entries
+    ``off + p_idx[j]`` (sorted, unique) set to ``p_val[j]``. An entry is updated now when
+    its current bits are updated against its base bits (the kernel's decision, on the
+    entry's one state word); ``ever`` (packed, zero at the start) gets the entries ever
+    updated.
 
-    Per step k: ``out[k] = (updated vs the base, updated vs the previous step, ever
-    updated, end of the step's events)``. Each change of an entry's updated-vs-base state
-    is logged in ``events`` as ``2 * i + new``: the final mask and the counts outside it
-    come from them (:func:`final_from_events`, :func:`outside_final`). Returns the number
-    of events."""
+    ``acc`` (int64) accumulates (updated vs the base, updated vs the previous step, ever
+    updated, events). Each change of an entry's updated-vs-base state is logged at
+    ``events[acc[3]]`` as ``2 * i + new``: the final mask and the counts outside it come
+    from them (:func:`final_from_events`, :func:`outside_final`)."""
     m = p_idx.shape[0]
-    ne = 0
+    ne = acc[3]
     n_upd = 0
     n_ever = 0
-    for k in range(bounds.shape[0] - 1):
-        vs_prev = 0
-        for j in range(bounds[k], bounds[k + 1]):
-            if j + AHEAD < m:
-                _prefetch(state, p_idx[j + AHEAD])
-            i = p_idx[j]
-            v = np.uint32(p_val[j])
-            s = state[i]
-            b = s & np.uint32(0xFFFF)
-            c = s >> np.uint32(16)
-            if c == v:
-                continue  # same bits: no count, no change
-            fv = lut[v]
-            if _updated(lut[c], fv, tol):
-                vs_prev += 1
-            new = 1 if (b != v and _updated(lut[b], fv, tol)) else 0
-            old = 1 if (b != c and _updated(lut[b], lut[c], tol)) else 0
-            if new != old:
-                events[ne] = 2 * i + new
-                ne += 1
-                n_upd += 1 if new else -1
-            if new:
-                n_ever += _ever(ever, i)
-            state[i] = b | (v << np.uint32(16))
-        out[k, 0] = n_upd
-        out[k, 1] = vs_prev
-        out[k, 2] = n_ever
-        out[k, 3] = ne
-    return ne
+    vs_prev = 0
+    for j in range(m):
+        if j + AHEAD < m:
+            _prefetch(state, off + p_idx[j + AHEAD])
+        i = off + np.int64(p_idx[j])
+        v = np.uint32(p_val[j])
+        s = state[i]
+        b = s & np.uint32(0xFFFF)
+        c = s >> np.uint32(16)
+        if c == v:
+            continue  # same bits: no count, no change
+        fv = lut[v]
+        if _updated(lut[c], fv, tol):
+            vs_prev += 1
+        new = 1 if (b != v and _updated(lut[b], fv, tol)) else 0
+        old = 1 if (b != c and _updated(lut[b], lut[c], tol)) else 0
+        if new != old:
+            events[ne] = 2 * i + new
+            ne += 1
+            n_upd += 1 if new else -1
+        if new:
+            n_ever += _ever(ever, i)
+        state[i] = b | (v << np.uint32(16))
+    acc[0] += n_upd
+    acc[1] += vs_prev
+    acc[2] += n_ever
+    acc[3] = ne
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -233,51 +230,49 @@ def pack_state32(base, state):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def replay32(p_idx, p_val, p_fval, bounds, state, state_f, ever, tol, out,
+def replay32(p_idx, off, p_val, p_fval, state, state_f, ever, tol, acc,
              events):  # pragma: no cover - compiled
     """:func:`replay16` for float32 over the state of :func:`pack_state32`; ``p_fval`` and
     ``state_f``: ``p_val`` and ``state`` viewed as float32 (entry i's base at ``2 * i``,
     its current value at ``2 * i + 1``)."""
     m = p_idx.shape[0]
-    ne = 0
+    ne = acc[3]
     n_upd = 0
     n_ever = 0
-    for k in range(bounds.shape[0] - 1):
-        vs_prev = 0
-        for j in range(bounds[k], bounds[k + 1]):
-            if j + AHEAD < m:
-                _prefetch(state, p_idx[j + AHEAD])
-            i = p_idx[j]
-            v = np.uint64(p_val[j])
-            s = state[i]
-            b = s & np.uint64(0xFFFFFFFF)
-            c = s >> np.uint64(32)
-            if c == v:
-                continue
-            fv = np.float64(p_fval[j])
-            fb = np.float64(state_f[2 * i])
-            fc = np.float64(state_f[2 * i + 1])
-            if _updated(fc, fv, tol):
-                vs_prev += 1
-            new = 1 if (b != v and _updated(fb, fv, tol)) else 0
-            old = 1 if (b != c and _updated(fb, fc, tol)) else 0
-            if new != old:
-                events[ne] = 2 * i + new
-                ne += 1
-                n_upd += 1 if new else -1
-            if new:
-                n_ever += _ever(ever, i)
-            state[i] = b | (v << np.uint64(32))
-        out[k, 0] = n_upd
-        out[k, 1] = vs_prev
-        out[k, 2] = n_ever
-        out[k, 3] = ne
-    return ne
+    vs_prev = 0
+    for j in range(m):
+        if j + AHEAD < m:
+            _prefetch(state, off + p_idx[j + AHEAD])
+        i = off + np.int64(p_idx[j])
+        v = np.uint64(p_val[j])
+        s = state[i]
+        b = s & np.uint64(0xFFFFFFFF)
+        c = s >> np.uint64(32)
+        if c == v:
+            continue
+        fv = np.float64(p_fval[j])
+        fb = np.float64(state_f[2 * i])
+        fc = np.float64(state_f[2 * i + 1])
+        if _updated(fc, fv, tol):
+            vs_prev += 1
+        new = 1 if (b != v and _updated(fb, fv, tol)) else 0
+        old = 1 if (b != c and _updated(fb, fc, tol)) else 0
+        if new != old:
+            events[ne] = 2 * i + new
+            ne += 1
+            n_upd += 1 if new else -1
+        if new:
+            n_ever += _ever(ever, i)
+        state[i] = b | (v << np.uint64(32))
+    acc[0] += n_upd
+    acc[1] += vs_prev
+    acc[2] += n_ever
+    acc[3] = ne
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def final_from_events(events, final):  # pragma: no cover - compiled
-    """The packed final mask (``final``, zero at the start) from the log of
+    """The packed final mask (``final``, zero at the start) from the events of
     :func:`replay16`: an entry is in it when its last event set it."""
     for e in range(events.shape[0]):
         ev = events[e]
@@ -291,7 +286,8 @@ def final_from_events(events, final):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def outside_final(events, out, final):  # pragma: no cover - compiled
-    """Per step k (its events end at ``out[k, 3]``, :func:`replay16`): how many entries
+    """Per step k (its events end at ``out[k, 3]``: :func:`replay16`'s ``acc[3]`` after the
+    step): how many entries
     are updated against the base and outside the packed ``final`` mask, into
     ``out[k, 3]``."""
     n_out = 0
