@@ -135,8 +135,9 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
             step = pf.target_step if pf.target_step is not None else _step_of(str(pf.path), k)
             points.append(TrajectoryPoint(k, step, labels[k], None))
         name = name or mask_name_from(Path(patch_paths[-1]).stem)
-        for suffix in ("-final", "-ever"):
-            registry.check_new_name(name + suffix)
+        with registry.index.connect(write=False):  # one connection for both names
+            for suffix in ("-final", "-ever"):
+                registry.check_new_name(name + suffix)
         final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
         tmp_final = registry.new_store_location(final_id)
         tmp_ever = registry.new_store_location(ever_id)

@@ -153,8 +153,9 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
         points = [TrajectoryPoint(i, _step_of(s, i), labels[i], ck.revision)
                   for i, (s, ck) in enumerate(zip(specs, ckpts, strict=True))]
         name = name or mask_name_from(Path(specs[-1].rstrip("/")).name)
-        for suffix in ("-final", "-ever"):
-            registry.check_new_name(name + suffix)
+        with registry.index.connect(write=False):  # one connection for both names
+            for suffix in ("-final", "-ever"):
+                registry.check_new_name(name + suffix)
         final_id, ever_id = uuid.uuid4().hex, uuid.uuid4().hex
         tmp_final = registry.new_store_location(final_id)
         tmp_ever = registry.new_store_location(ever_id)
