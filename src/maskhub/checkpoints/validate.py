@@ -125,9 +125,36 @@ def open_regular(path: str | os.PathLike[str], error: type[MaskhubError] = Check
     return os.fdopen(fd, "rb"), st.st_size
 
 
+def _plainly_inside(root: Path, path: Path) -> bool:
+    """True when ``path`` is ``root`` followed by names (no ``.``, ``..`` or empty part) none
+    of which is a symlink: then it lies inside ``root`` whatever ``root`` resolves to, which
+    a few ``lstat`` calls tell without resolving both paths. False when unsure."""
+    r, p = os.fspath(root).rstrip(os.sep), os.fspath(path)
+    if p == r or not r:
+        return p == r
+    if not p.startswith(r + os.sep):
+        return False
+    cur = r
+    for part in p[len(r) + 1:].split(os.sep):
+        if part in ("", ".", ".."):
+            return False
+        cur = cur + os.sep + part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return True  # the rest does not exist: it resolves to itself, under root
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            return False
+    return True
+
+
 def check_inside(root: Path, path: Path, what: str, error: type[MaskhubError] = MaskStoreError
                  ) -> None:
     """Raise ``error`` unless ``path`` (after resolving symlinks) lies inside ``root``."""
+    if _plainly_inside(root, path):  # the common case: no symlink below root
+        return
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
