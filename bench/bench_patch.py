@@ -2,7 +2,8 @@
 rebuilding against ``cp``; a chain of 50 patches against the dense trajectory.
 
     .venv/bin/python bench/bench_patch.py [--params 64e6] [--apply-params 64e6 256e6]
-        [--chain-params 8e6] [--steps 50] [--parts sizes,apply,chain]
+        [--chain-params 8e6,64e6] [--steps 50] [--parts sizes,apply,chain]
+        [--out BENCHMARKS.md]
 
 Sizes (``bench_patch`` section): one synthetic bf16 model (N(0, 0.02) weights,
 ``--params`` entries in 16 tensors). For each density d in 0.2, 0.05, 0.01, 0.002 the
@@ -15,9 +16,9 @@ and the bound 16·d + 1.1·H(d) bits per parameter.
 
 Speed (``bench_patch_speed`` section): ``maskhub apply`` of a 1% patch against ``cp`` of the
 target on a warm cache, for each model size of ``--apply-params`` (wall and CPU-seconds);
-the chain: ``--steps`` patches of 1% each on a ``--chain-params`` model, ``maskhub
-trajectory --patches`` against ``maskhub trajectory`` of the dense checkpoints (same rows
-checked). Not a test: it writes its sections of BENCHMARKS.md.
+the chain: ``--steps`` patches of 1% each on a model of each size of ``--chain-params``,
+``maskhub trajectory --patches`` against ``maskhub trajectory`` of the dense checkpoints (same
+rows checked). Not a test: it rewrites its sections of ``--out`` (BENCHMARKS.md) every run.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def build_report(rows: list[dict], notes: dict, load: tuple[float, float, float]
     return "\n".join(lines)
 
 
-def speed_report(applies: list[dict], chain: dict | None,
+def speed_report(applies: list[dict], chains: list[dict],
                  loads: tuple[float, float]) -> str:
     """The speed section of BENCHMARKS.md (apply against cp; chain against dense)."""
     lines = ["## Sparse patches: speed (`bench/bench_patch.py --parts apply,chain`, issue 22)",
@@ -365,23 +366,27 @@ def speed_report(applies: list[dict], chain: dict | None,
                 f"**{r['t_cp'] / r['t_apply']:.2f}x** | {r['cpu_cp'] / r['cpu_apply']:.2f}x | "
                 f"{r['equal']} |")
         lines.append("")
-    if chain:
+    if chains:
         mb = 1e6
+        first = chains[0]
         lines += [
-            f"Chain: {chain['steps']} patches of 1% each (TRL #5417 layout; every 10th step "
-            f"sends a quarter of its entries back to the base) on a {chain['n'] / 1e6:.1f} "
-            f"M-parameter bf16 model: `maskhub trajectory --patches BASE P1..P{chain['steps']}` "
-            f"({chain['patch_bytes'] / mb:.1f} MB of patches) against `maskhub trajectory` of "
-            f"the {chain['steps'] + 1} dense checkpoints ({chain['dense_bytes'] / mb:.0f} MB), "
-            f"best of {chain['reps']} interleaved runs, each into a home created beforehand. "
+            f"Chain: {first['steps']} patches of 1% each (TRL #5417 layout; every 10th step "
+            "sends a quarter of its entries back to the base) on a bf16 model of each size: "
+            f"`maskhub trajectory --patches BASE P1..P{first['steps']}` against `maskhub "
+            f"trajectory` of the {first['steps'] + 1} dense checkpoints, best of "
+            f"{first['reps']} interleaved runs, each into a home created beforehand. "
             "Target: ≥ 10x.", "",
-            "| | patches | dense | dense / patches |", "|---|---:|---:|---:|",
-            f"| wall s | {chain['t_patch']:.2f} | {chain['t_dense']:.2f} | "
-            f"**{chain['t_dense'] / chain['t_patch']:.1f}x** |",
-            f"| CPU-s | {chain['cpu_patch']:.2f} | {chain['cpu_dense']:.2f} | "
-            f"{chain['cpu_dense'] / chain['cpu_patch']:.1f}x |", "",
-            f"Same rows: {chain['same']} (final subnetwork {chain['final']:,}, cancelled "
-            f"{chain['cancelled']:,})."]
+            "| params | patches MB | dense MB | patches wall s | dense wall s | "
+            "**dense / patches (wall)** | patches CPU-s | dense CPU-s | dense / patches "
+            "(CPU-s) | same rows | final subnetwork | cancelled |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for c in chains:
+            lines.append(
+                f"| {c['n'] / 1e6:.1f} M | {c['patch_bytes'] / mb:.1f} | "
+                f"{c['dense_bytes'] / mb:.0f} | {c['t_patch']:.2f} | {c['t_dense']:.2f} | "
+                f"**{c['t_dense'] / c['t_patch']:.1f}x** | {c['cpu_patch']:.2f} | "
+                f"{c['cpu_dense']:.2f} | {c['cpu_dense'] / c['cpu_patch']:.1f}x | "
+                f"{c['same']} | {c['final']:,} | {c['cancelled']:,} |")
     return "\n".join(lines)
 
 
@@ -390,7 +395,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=64e6)
     ap.add_argument("--apply-params", type=float, nargs="+", default=[64e6, 256e6])
-    ap.add_argument("--chain-params", type=float, default=8e6)
+    ap.add_argument("--chain-params", default="8e6",
+                    help="comma-separated model sizes of the chain, e.g. 8e6,64e6")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--parts", default="sizes,apply,chain",
                     help="comma-separated: sizes, apply, chain")
@@ -407,10 +413,13 @@ def main() -> None:
             write_section(args.out, "bench_patch", body)
         applies = [bench_apply(work, int(n)) for n in args.apply_params] \
             if "apply" in parts else []
-        chain = bench_chain(work, int(args.chain_params), args.steps) \
-            if "chain" in parts else None
-    if applies or chain:
-        body = speed_report(applies, chain, (load[0], os.getloadavg()[0]))
+        chains = []
+        if "chain" in parts:
+            for n in args.chain_params.split(","):
+                chains.append(bench_chain(work / f"chain-{n}", int(float(n)), args.steps))
+                shutil.rmtree(work / f"chain-{n}", ignore_errors=True)  # its 51 checkpoints
+    if applies or chains:
+        body = speed_report(applies, chains, (load[0], os.getloadavg()[0]))
         print(body)
         write_section(args.out, "bench_patch_speed", body)
 

@@ -206,12 +206,13 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                                (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
 
 
-#: Patched entries (all steps of one group) from which a step runs compiled (numba: ~0.2 s to
-#: load, then several times faster than the numpy passes per entry).
+#: Patched entries (all steps of one group) from which the group's chain is replayed compiled
+#: (:func:`~maskhub.analytics.patch_replay.replay_compiled`; numba: ~0.2 s to load, then
+#: several times faster than the numpy passes per entry).
 COMPILED_MIN_ENTRIES = 1 << 21
 #: Entries replayed together: consecutive tensors of one dtype are laid end to end up to
-#: this many entries (a 4-byte slot per entry: 256 MiB), so that a step costs a few numpy
-#: calls per group, not per tensor.
+#: this many entries (the compiled replay's state: 4 bytes per entry of a 16-bit dtype, 8 of
+#: fp32, so 256-512 MiB), so that a step costs a few numpy calls per group, not per tensor.
 GROUP_ENTRIES = 1 << 26
 
 
