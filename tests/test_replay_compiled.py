@@ -59,6 +59,7 @@ def _chain(dtype: str, sizes: list[int], steps: int, rng: np.random.Generator
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("tol", [0.0, 1e-5])
 def test_compiled_replay_equals_numpy(dtype: str, tol: float) -> None:
+    pytest.importorskip("numba")  # without it, trajectory --patches runs the numpy passes
     rng = np.random.default_rng(3)
     sizes = [1003, 2000, 5, 1997]  # tensors not on byte boundaries of the packed masks
     base, idx, val, bounds = _chain(dtype, sizes, 14, rng)
