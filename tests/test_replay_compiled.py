@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskhub.analytics.patch_replay import replay_compiled, replay_numpy
+from maskhub.analytics.patch_replay import BLOCK, replay_compiled, replay_numpy
 from maskhub.kernels.kernel import DiffKernel
 
 SPECIAL = {  # bit patterns: +0, -0, +inf, -inf, NaN, another NaN, smallest subnormal, 1e-6-ish
@@ -72,10 +72,11 @@ def test_compiled_replay_equals_numpy(dtype: str, tol: float) -> None:
         steps.append([((idx[a:b] - off).astype(np.int32), int(off), val[a:b])
                       for a, b, off in zip(cut[:-1], cut[1:], offsets[:-1], strict=True)])
     ref = replay_numpy(base, n, dtype, steps, kernel)
-    got = replay_compiled(base, n, dtype, steps, tol)
-    assert np.array_equal(ref.counts, got.counts)
-    assert np.array_equal(ref.final, got.final)
-    assert np.array_equal(ref.ever, got.ever)
+    for block in (BLOCK, 1024, 800, 8):  # the space in one block, or in several
+        got = replay_compiled(base, n, dtype, steps, tol, block=block)
+        assert np.array_equal(ref.counts, got.counts), block
+        assert np.array_equal(ref.final, got.final), block
+        assert np.array_equal(ref.ever, got.ever), block
     # the counts mean something: updates, cancellations, entries outside the final mask
     assert ref.counts[:, 0].min() > 0 and ref.counts[:, 3].max() > 0
     assert ref.counts[-1, 2] > ref.counts[-1, 0]

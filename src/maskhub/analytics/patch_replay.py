@@ -212,11 +212,18 @@ def replay_numpy(base: Sequence[np.ndarray], numel: int, dtype: str, steps: Sequ
                        np.packbits(state.ever(), bitorder=BITORDER))
 
 
+#: Entries replayed together by :func:`replay_compiled`: the whole chain runs over one block of
+#: the space at a time, so that its state (4 or 8 bytes per entry: 8-16 MiB) stays in the
+#: CPU's last-level cache and is reused from block to block (no fresh memory per group).
+BLOCK = 1 << 21
+
+
 def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: Sequence[Step],
-                    tol: float) -> ChainReplay:
-    """:func:`replay_numpy` compiled (numba; ``dtype`` one of :data:`COMPILED_DTYPES`), in one
-    pass over the chain (one kernel call per tensor a patch sets, reading the patch's
-    arrays where they lie); the same counts and masks. ``tol``: the kernel's tolerance."""
+                    tol: float, block: int = BLOCK) -> ChainReplay:
+    """:func:`replay_numpy` compiled (numba; ``dtype`` one of :data:`COMPILED_DTYPES`): the
+    whole chain over one ``block`` of entries (a multiple of 8) after another, one kernel
+    call per block, step and tensor, on the patch's arrays where they lie; the same counts
+    and masks. ``tol``: the kernel's tolerance."""
     from maskhub.kernels.fastkernel import choose_numba_cache
 
     choose_numba_cache()
@@ -224,38 +231,56 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: S
 
     if dtype not in COMPILED_DTYPES:
         raise ValueError(f"no compiled replay for {dtype}")
+    if block <= 0 or block % 8:
+        raise ValueError(f"block {block} is not a positive multiple of 8")
     fp32 = dtype == "float32"
-    state = np.empty(numel, dtype=np.uint64 if fp32 else np.uint32)
-    lo = 0
+    size = min(numel, block)
+    state = np.empty(size, dtype=np.uint64 if fp32 else np.uint32)
     pack = nb.pack_state32 if fp32 else nb.pack_state16
-    for part in base:
-        hi = lo + int(part.shape[0])
-        pack(part, state[lo:hi])
-        lo = hi
     nbytes = (numel + 7) // 8
     final, ever = np.zeros(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
-    touched = sum(int(p.shape[0]) for st in steps for p, _, _ in st)
-    # at most one event per patched entry; pages never written are never allocated
-    events = np.empty(touched, dtype=np.int32 if 2 * numel < 2**31 else np.int64)
-    acc = np.zeros(4, dtype=np.int64)  # updated now, vs the previous step, ever, events
+    # at most one event per patched entry of the block; its positions in the block
+    events = np.empty(0, dtype=np.int32 if 2 * size < 2**31 else np.int64)
     out = np.zeros((len(steps), 4), dtype=np.int64)
+    block_out = np.zeros((len(steps), 4), dtype=np.int64)
+    acc = np.zeros(4, dtype=np.int64)  # updated now, vs the previous step, ever, events
     with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
         lut = _lut16(dtype)  # None for fp32 (read as float32 in place)
-    for k, step in enumerate(steps):
-        acc[1] = 0
-        for p_idx, off, p_val in step:
-            if p_idx.shape[0] == 0:
-                continue
-            if fp32:
-                p_val = p_val.view(np.uint32)
-                nb.replay32(p_idx, off, p_val, p_val.view(np.float32), state,
-                            state.view(np.float32), ever, float(tol), acc, events)
-            else:
-                nb.replay16(p_idx, off, p_val.view(np.uint16), state, ever, lut, float(tol),
-                            acc, events)
-        out[k] = acc
-    del state
-    ne = int(acc[3])
-    nb.final_from_events(events[:ne], final)
-    nb.outside_final(events, out, final)
+    pieces = [[(p, off, v.view(np.uint32 if fp32 else np.uint16), off + int(p[0]),
+                off + int(p[-1])) for p, off, v in st if p.shape[0]] for st in steps]
+    starts = np.cumsum([0, *(int(b.shape[0]) for b in base)]).tolist()
+    for blo in range(0, numel, block):
+        bhi = min(numel, blo + block)
+        for part, lo, hi in zip(base, starts[:-1], starts[1:], strict=True):
+            if lo < bhi and hi > blo:
+                a, b = max(lo, blo), min(hi, bhi)
+                pack(part[a - lo:b - lo], state[a - blo:b - blo])
+        todo = []  # per step: (positions, offset in the block, values) of its pieces here
+        for st in pieces:
+            here = []
+            for p, off, v, first, last in st:
+                if last < blo or first >= bhi:
+                    continue
+                a = 0 if first >= blo else int(np.searchsorted(p, blo - off))
+                b = p.shape[0] if last < bhi else int(np.searchsorted(p, bhi - off))
+                here.append((p[a:b], off - blo, v[a:b]))
+            todo.append(here)
+        n_here = sum(p.shape[0] for here in todo for p, _, _ in here)
+        if n_here > events.shape[0]:
+            events = np.empty(n_here, dtype=events.dtype)
+        ever_b, final_b = ever[blo // 8:(bhi + 7) // 8], final[blo // 8:(bhi + 7) // 8]
+        acc[:] = 0
+        for k, here in enumerate(todo):
+            acc[1] = 0
+            for p, off, v in here:
+                if fp32:
+                    nb.replay32(p, off, v, v.view(np.float32), state,
+                                state.view(np.float32), ever_b, float(tol), acc, events)
+                else:
+                    nb.replay16(p, off, v, state, ever_b, lut, float(tol), acc, events)
+            block_out[k] = acc
+        ne = int(acc[3])
+        nb.final_from_events(events[:ne], final_b)
+        nb.outside_final(events, block_out, final_b)
+        out += block_out
     return ChainReplay(out, final, ever)
