@@ -106,9 +106,13 @@ def test_slice_bits() -> None:
         assert np.array_equal(slice_bits(packed, lo, hi), want), (lo, hi)
 
 
-def test_compiled_strata_equal_numpy() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_strata_equal_numpy(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskhub.analytics import patch_trajectory
     from maskhub.analytics.patch_trajectory import COMPILED_STRATA_MIN, _strata
 
+    if not compiled:  # the numpy counts, as on a machine without numba
+        monkeypatch.setattr(patch_trajectory, "HAVE_NUMBA", False)
     rng = np.random.default_rng(4)
     n = COMPILED_STRATA_MIN + 77
     raw = _values("bfloat16", n, rng)
