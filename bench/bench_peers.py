@@ -1,6 +1,7 @@
 """maskhub beside its fair peers and the machine's read floors, whole processes, one run.
 
-    python bench/bench_peers.py [--sizes 3e6,1e9] [--rounds 3] [--cold] [--hub] [--write]
+    python bench/bench_peers.py [--sizes 3e6,1e9] [--rounds 3] [--cold | --cold-only] [--hub]
+                                [--write]
 
 Rows, for each generated bf16 pair (``--sizes`` bytes per side; generated, then removed):
 
@@ -10,14 +11,18 @@ Rows, for each generated bf16 pair (``--sizes`` bytes per side; generated, then 
   tol``, ``np.packbits``, one ``.npz``), a torch ``safe_open`` script (one tensor at a time,
   ``(a.float() - b.float()).abs() > tol``), and the naive load-everything script
   (``bench/workers.py naive``) as one more row;
-* ``maskhub diff`` (a fresh name in its own home each time).
+* ``maskhub diff`` (a fresh name in its own home each time); in cold rounds also ``maskhub
+  diff, page cache``, the same command with ``MASKHUB_DIRECT_IO=0`` (reading through the page
+  cache, as maskhub did before it read cold files around it).
 
 Every row is a fresh process timed from outside (wall from spawn to exit, CPU of the child);
 the rows are run in interleaved rounds and each figure is the median over rounds, each ratio
 the median of the per-round ratios. ``--cold`` adds rounds with both files evicted from the
-page cache (``posix_fadvise(DONTNEED)`` after ``fsync``) before each row. ``--hub`` pushes and
-pulls a registered mask through the local Hub server of the tests (``tests/hubserver.py``)
-against ``huggingface_hub.upload_folder`` / ``snapshot_download`` of the same store.
+page cache (``posix_fadvise(DONTNEED)`` after ``fsync``) before each row; ``--cold-only``
+runs only those (for a pair larger than RAM, which the naive row could not load). ``--hub``
+pushes and pulls a registered mask through the local Hub server of the tests
+(``tests/hubserver.py``) against ``huggingface_hub.upload_folder`` / ``snapshot_download``
+of the same store.
 The pull goes into a home whose (empty) registry exists already, as a user's does; creating
 one costs ~0.3 s more, once. ``--write`` replaces the "Peers" section of BENCHMARKS.md with
 the report.
@@ -231,11 +236,14 @@ def diff_rows(base: Path, target: Path, work: Path, tol: float) -> dict[str, lis
         "naive load-everything": [py, str(HERE / "workers.py"), "naive", str(base), str(target),
                                   str(work / "naive.pt"), str(tol)],
         "maskhub diff": "MASKHUB_DIFF",
+        # cold rounds only: the diff made to read through the page cache (the mapping and
+        # read-ahead threads), as before files were read around it (checkpoints/direct.py)
+        "maskhub diff, page cache": "MASKHUB_DIFF",
     }
 
 
 def bench_pair(size: float, rounds: int, cold: bool, work: Path, tol: float,
-               skip: set[str]) -> dict:
+               skip: set[str], warm_rounds: bool = True) -> dict:
     """Interleaved rounds of every row on one generated pair (warm, then cold)."""
     base, target = make_pair(work / "pair", size, density=0.05)
     files = [base / "model.safetensors", target / "model.safetensors"]
@@ -244,12 +252,14 @@ def bench_pair(size: float, rounds: int, cold: bool, work: Path, tol: float,
     home = work / "home"
     env = dict(os.environ)
     out: dict = {"bytes": nbytes, "modes": {}}
-    for mode in (["warm", "cold"] if cold else ["warm"]):
+    modes = (["warm"] if warm_rounds else []) + (["cold"] if cold else [])
+    for mode in modes:
         if mode == "cold":  # the cold rows: floors, the numpy peer and maskhub
             names = [k for k in rows if k in ("cat (both files)", "2x cat in parallel",
-                                              "numpy peer (20 lines)", "maskhub diff")]
+                                              "numpy peer (20 lines)", "maskhub diff",
+                                              "maskhub diff, page cache")]
         else:
-            names = list(rows)
+            names = [k for k in rows if k != "maskhub diff, page cache"]
         runs: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(rounds):
             for k in names:
@@ -259,7 +269,8 @@ def bench_pair(size: float, rounds: int, cold: bool, work: Path, tol: float,
                     cmd = [str(BIN / "maskhub"), "diff", str(base), str(target), "--home",
                            str(home), "--name", f"r{r}-{mode}-{time.time_ns()}", "--tol",
                            str(tol), "--device", "cpu"]
-                runs[k].append(run(cmd, env))
+                direct_io = {"MASKHUB_DIRECT_IO": "0"} if k.endswith("page cache") else {}
+                runs[k].append(run(cmd, {**env, **direct_io}))
                 print(f"{mode} {size:.0e} round {r} {k}: {runs[k][-1]['wall']:.2f} s",
                       file=sys.stderr)
             for junk in ("out.npz", "out.pt", "naive.pt"):
@@ -379,6 +390,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="3e6,1e9", help="bytes per side, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also cold-cache rounds")
+    ap.add_argument("--cold-only", action="store_true",
+                    help="only cold-cache rounds (a pair larger than RAM: no naive row)")
     ap.add_argument("--hub", action="store_true", help="also push/pull on the local Hub server")
     ap.add_argument("--hub-size", type=float, default=3e8, help="pair size for the Hub mask")
     ap.add_argument("--skip", default="", help="row names to leave out, comma-separated")
@@ -391,7 +404,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="maskhub-peers-", dir=args.work))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     try:
-        pairs = [bench_pair(float(s), args.rounds, args.cold, work, args.tol, skip)
+        pairs = [bench_pair(float(s), args.rounds, args.cold or args.cold_only, work, args.tol,
+                            skip, warm_rounds=not args.cold_only)
                  for s in args.sizes.split(",")]
         hub = bench_hub(args.rounds, work, args.hub_size) if args.hub else None
     finally:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from factory import save
 
@@ -53,7 +55,11 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_peak_memory_stays_near_the_largest_tensor_pair(tmp_path: Path) -> None:
+# MASKHUB_DIRECT_IO: "0" reads through the page cache, "1" around it into the process's own
+# buffers (checkpoints/direct.py), which count in its memory: a larger fixed allowance.
+@pytest.mark.parametrize(("direct_io", "allowance"), [("0", 64 * MB), ("1", 96 * MB)])
+def test_peak_memory_stays_near_the_largest_tensor_pair(tmp_path: Path, direct_io: str,
+                                                        allowance: int) -> None:
     n_tensors, numel = 16, 8 * MB  # 16 MiB per bf16 tensor, 256 MiB per side
     base = _state(n_tensors, numel, seed=0, planted=0.0)
     target = _state(n_tensors, numel, seed=0, planted=0.1)
@@ -66,7 +72,8 @@ def test_peak_memory_stays_near_the_largest_tensor_pair(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(tmp_path / "home"), str(tmp_path / "small"),
          str(tmp_path / "base"), str(tmp_path / "target")],
-        capture_output=True, text=True, timeout=300, check=False)
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "MASKHUB_DIRECT_IO": direct_io})
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["n_params"] == n_tensors * numel
@@ -76,5 +83,5 @@ def test_peak_memory_stays_near_the_largest_tensor_pair(tmp_path: Path) -> None:
     model = 2 * n_tensors * numel * 2
     # The budget: the largest tensor pair plus a fixed allowance (chunks in flight, packed
     # bits, writer queue); the whole pair of models would be 512 MiB.
-    assert grew <= largest_pair + 64 * MB, f"peak grew by {grew / MB:.0f} MiB"
+    assert grew <= largest_pair + allowance, f"peak grew by {grew / MB:.0f} MiB"
     assert grew < model / 4

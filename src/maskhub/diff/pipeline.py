@@ -5,7 +5,9 @@ Three stages run at once, so the slowest one (the disk on a cold cache) sets the
 * **read**: both checkpoints are memory-mapped (:mod:`maskhub.checkpoints.mapped`); one
   reader thread per file streams it into the page cache with large sequential reads up to
   :data:`READ_AHEAD` bytes beyond the chunks being computed, skipping what is cached
-  already (:mod:`maskhub.checkpoints.reader`);
+  already (:mod:`maskhub.checkpoints.reader`); on the CPU, a large file that is not cached
+  is instead read around the page cache into the chunks' own buffers
+  (:mod:`maskhub.checkpoints.direct`), which spares the CPU the page cache's work;
 * **compute**: a thread pool runs the kernel on fixed-size chunks straight from the mapping
   (the kernel releases the GIL), each chunk writing its slice of the tensor's packed bits;
   pages a chunk has finished with are dropped from the process (they stay in the page cache);
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskhub.checkpoints import fingerprint as fp
+from maskhub.checkpoints.direct import DIRECT_AHEAD, DirectReader, open_direct
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.reader import Stream, StreamReader
@@ -131,6 +134,9 @@ class _Job:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
     #: The largest |Δ| over the updated entries so far; None for dtypes without a null.
     dmax: float | None = None
+    #: Per side: the direct descriptor its chunks are read from (-1: the mapping).
+    a_dfd: int = -1
+    b_dfd: int = -1
     a_chunks: list[bytes] = field(default_factory=list)  # chunk digests, by chunk index
     b_chunks: list[bytes] = field(default_factory=list)
 
@@ -140,21 +146,64 @@ class _Job:
                 fp.tensor_digest(self.name, self.b_info.dtype, self.b_info.shape, self.b_chunks))
 
 
-#: The read stage (the name the compute loops know it by).
-_Prefetcher = StreamReader
+class _Prefetcher:
+    """The read stage: page-cache streams for mapped files, a :class:`DirectReader` for the
+    files read around the cache; the compute loops tell both what they consumed."""
+
+    def __init__(self, streams: StreamReader, direct: DirectReader,
+                 dfds: dict[int, int]) -> None:
+        self.streams = streams
+        self.direct = direct
+        #: ``id(MappedFile)`` -> its direct descriptor, for the files read around the cache.
+        self.dfds = dfds
+
+    def start(self) -> None:
+        """Start the reader threads."""
+        self.streams.start()
+        self.direct.start()
+
+    def advance(self, nbytes: int) -> None:
+        """The compute took ``nbytes`` more bytes (of any file)."""
+        self.streams.advance(nbytes)
+        self.direct.advance(nbytes)
+
+    def stop(self) -> None:
+        """End the reader threads and close the direct descriptors."""
+        self.streams.stop()
+        self.direct.close()
 
 
-def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str]) -> StreamReader:
+def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str],
+            direct_ok: bool) -> _Prefetcher:
     """One read-ahead stream per file of both checkpoints, in the order the jobs consume
-    them (:mod:`maskhub.checkpoints.reader`)."""
+    them (:mod:`maskhub.checkpoints.reader`); ``direct_ok``: files that should be read
+    around the page cache are (:mod:`maskhub.checkpoints.direct`)."""
     streams: dict[int, Stream] = {}
+    direct = DirectReader(DIRECT_AHEAD)
+    dfds: dict[int, int] = {}
+    checked: set[int] = set()
     position = 0
-    for name in names:
-        ra, rb = mb.region(name), mt.region(name)
-        for r in (ra, rb):  # both sides of a tensor are consumed together
-            streams.setdefault(id(r.file), Stream(r.file.fd)).add(position, r.begin, r.end)
-        position += (ra.end - ra.begin) + (rb.end - rb.begin)
-    return StreamReader(list(streams.values()), READ_AHEAD)
+    try:
+        for name in names:
+            ra, rb = mb.region(name), mt.region(name)
+            sides = ((ra, mb.ckpt.tensors[name].dtype), (rb, mt.ckpt.tensors[name].dtype))
+            for r, dtype in sides:  # both sides of a tensor are consumed together
+                key = id(r.file)
+                if direct_ok and key not in checked:
+                    checked.add(key)
+                    dfd = open_direct(r.file.path, len(r.file.buf), r.file.fd)
+                    if dfd is not None:
+                        dfds[key] = dfd
+                        direct.plans.setdefault(dfd, [])
+                if key in dfds:
+                    direct.add(dfds[key], position, r.begin, r.end, CHUNK * itemsize(dtype))
+                else:
+                    streams.setdefault(key, Stream(r.file.fd)).add(position, r.begin, r.end)
+            position += (ra.end - ra.begin) + (rb.end - rb.begin)
+    except BaseException:
+        direct.close()
+        raise
+    return _Prefetcher(StreamReader(list(streams.values()), READ_AHEAD), direct, dfds)
 
 
 class _WriterThread(threading.Thread):
@@ -199,13 +248,23 @@ class _WriterThread(threading.Thread):
                     self.error = exc
 
 
+def _side(region: Region, dfd: int, direct: DirectReader, lo: int, hi: int) -> np.ndarray:
+    """Bytes ``[lo, hi)`` of one side: its direct read, else the mapping."""
+    if dfd >= 0:
+        data = direct.take(dfd, lo)
+        if data is not None:
+            return data
+    return region.file.buf[lo:hi]
+
+
 def _chunk_task(fn: ChunkFn, cfn: ChunkStatsFn, job: _Job, start: int, stop: int,
                 counts: np.ndarray, strata: np.ndarray, dmax: np.ndarray,
-                lossless: bool) -> None:
+                lossless: bool, direct: DirectReader) -> None:
     sa, sb = itemsize(job.a_info.dtype), itemsize(job.b_info.dtype)
     a0, a1 = job.a.begin + start * sa, job.a.begin + stop * sa
     b0, b1 = job.b.begin + start * sb, job.b.begin + stop * sb
-    a, b = job.a.file.buf[a0:a1], job.b.file.buf[b0:b1]
+    a = _side(job.a, job.a_dfd, direct, a0, a1)
+    b = _side(job.b, job.b_dfd, direct, b0, b1)
     packed = job.packed[start // 8:(stop + 7) // 8]
     fn(a, b, packed, counts)
     if job.values is not None:  # a patch: widen the bits, keep the target's values
@@ -218,8 +277,12 @@ def _chunk_task(fn: ChunkFn, cfn: ChunkStatsFn, job: _Job, start: int, stop: int
         k = start // CHUNK
         job.a_chunks[k] = fp.chunk_digest(a)
         job.b_chunks[k] = fp.chunk_digest(b)
-    job.a.file.release(a0, a1 - a0)
-    job.b.file.release(b0, b1 - b0)
+    del a, b  # views into the direct reader's buffers, handed back now
+    for dfd, f, lo, hi in ((job.a_dfd, job.a.file, a0, a1), (job.b_dfd, job.b.file, b0, b1)):
+        if dfd >= 0:
+            direct.release(dfd, lo)
+        else:
+            f.release(lo, hi - lo)
 
 
 assert CHUNK == fp.CHUNK, "the fingerprint's chunks are the diff's chunks"
@@ -244,7 +307,7 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
     outcome = DiffOutcome()
     total_bytes = sum(base.tensors[n].nbytes + target.tensors[n].nbytes for n in names)
     with MappedCheckpoint(base) as mb, MappedCheckpoint(target) as mt:
-        prefetch = _reader(mb, mt, names)
+        prefetch = _reader(mb, mt, names, direct_ok=not kernel.on_cuda)
         wthread = _WriterThread(writer)
         done_bytes = 0
 
@@ -252,13 +315,16 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             for name in names:  # made one by one: packed bits live only until written
                 a_info, b_info = base.tensors[name], target.tensors[name]
                 n_chunks = -(-a_info.numel // CHUNK) if fingerprint else 0
-                yield _Job(name, a_info, b_info, mb.region(name), mt.region(name),
+                ra, rb = mb.region(name), mt.region(name)
+                yield _Job(name, a_info, b_info, ra, rb,
                            np.empty((a_info.numel + 7) // 8, dtype=np.uint8),
                            np.zeros(len(kernel.tols), dtype=np.int64),
                            np.zeros((2, BINS), dtype=np.int64),
                            strata_cache.load(a_info) if strata_cache else None,
                            values={} if patch else None,
-                           a_chunks=[b""] * n_chunks, b_chunks=[b""] * n_chunks)
+                           a_chunks=[b""] * n_chunks, b_chunks=[b""] * n_chunks,
+                           a_dfd=prefetch.dfds.get(id(ra.file), -1),
+                           b_dfd=prefetch.dfds.get(id(rb.file), -1))
 
         def finish_job(i: int, job: _Job) -> None:
             nonlocal done_bytes
@@ -283,9 +349,9 @@ def run_diff(base: Checkpoint, target: Checkpoint, names: Sequence[str], kernel:
             if progress:
                 progress(i + 1, len(names), done_bytes, total_bytes, job.name)
 
-        prefetch.start()
         wthread.start()
         try:
+            prefetch.start()
             if kernel.on_cuda:
                 _run_cuda(jobs(), kernel, prefetch, finish_job, lossless)
             else:
@@ -366,7 +432,8 @@ def _run_cpu(jobs: Iterator[_Job], kernel: DiffKernel, prefetch: _Prefetcher,
                 for k, start in enumerate(starts):
                     stop = min(n, start + CHUNK)
                     fut = pool.submit(_chunk_task, fn, cfn, job, start, stop, acc[0][k],
-                                      acc[1][k], acc[2][k:k + 1], lossless)
+                                      acc[1][k], acc[2][k:k + 1], lossless,
+                                      prefetch.direct)
                     inflight.append((i, job, fut, acc))
                     prefetch.advance((stop - start) * step)
                     while len(inflight) > window:
