@@ -21,6 +21,7 @@ from maskhub.checkpoints.hubio import (
     unresolvable_host,
 )
 from maskhub.checkpoints.sources import split_revision
+from maskhub.checkpoints.validate import load_json
 from maskhub.errors import (
     HubError,
     MaskStoreError,
@@ -189,12 +190,10 @@ def _content(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def _claimed_id(manifest: bytes) -> str | None:
     """The mask id ``maskhub.json`` names, read leniently before it is checked (for a
-    registry lookup only; :func:`parse_manifest` checks it)."""
-    import json
-
+    registry lookup only; :func:`parse_manifest` checks it and reports what is wrong)."""
     try:
-        doc = json.loads(manifest)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = load_json(manifest, METADATA_FILE)  # nesting bounded before json.loads
+    except MaskStoreError:
         return None
     mask = doc.get("mask") if isinstance(doc, dict) else None
     value = mask.get("id") if isinstance(mask, dict) else None
