@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py [--sizes 3e6,1e9] [--rounds 3] [--cold | --cold-only] [--hub]
                                 [--write]
+    python bench/bench_peers.py --sizes '' [--write]   # the Hub rows only
 
 Rows, for each generated bf16 pair (``--sizes`` bytes per side; generated, then removed):
 
@@ -24,8 +25,9 @@ pushes and pulls a registered mask through the local Hub server of the tests
 (``tests/hubserver.py``) against ``huggingface_hub.upload_folder`` / ``snapshot_download``
 of the same store.
 The pull goes into a home whose (empty) registry exists already, as a user's does; creating
-one costs ~0.3 s more, once. ``--write`` replaces the "Peers" section of BENCHMARKS.md with
-the report.
+one costs ~0.3 s more, once. ``--sizes ''`` (no pair) runs the Hub rows only.
+``--write`` replaces the "Peers" section of BENCHMARKS.md with the report; after a Hub-only
+run, only its "Hub" subsection (the other subsections keep their figures).
 """
 
 from __future__ import annotations
@@ -357,31 +359,61 @@ def report(pairs: list[dict], hub: dict | None, load: tuple[float, float, float]
                              f"{p['bytes'] / wall / 1e9:.2f} | {ratio:.2f}x |")
             lines.append("")
     if hub:
-        r = hub["runs"]
-        lines += [f"### Hub: one mask store ({hub['files']} files, "
-                  f"{hub['bytes'] / 1e6:.1f} MB), local Hub server", "",
-                  "| row | wall s | CPU s | ratio |", "|---|---:|---:|---:|"]
-        for a, b in (("maskhub push", "upload_folder"), ("maskhub pull", "snapshot_download")):
-            ratio = med([x["wall"] / y["wall"] for x, y in zip(r[a], r[b], strict=True)])
-            for k in (a, b):
-                lines.append(f"| {k} | {med([x['wall'] for x in r[k]]):.2f} | "
-                             f"{med([x['cpu'] for x in r[k]]):.2f} | "
-                             f"{f'{ratio:.2f}x' if k == a else ''} |")
-        lines.append("")
+        lines += hub_report(hub, load, rounds, alone=not pairs)
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the Peers section of BENCHMARKS.md."""
+def hub_report(hub: dict, load: tuple[float, float, float], rounds: int,
+               alone: bool) -> list[str]:
+    """The lines of the Hub subsection (``alone``: a Hub-only run, which says its own rounds
+    and load, since the section's header belongs to another run)."""
+    r = hub["runs"]
+    lines = [f"### Hub: one mask store ({hub['files']} files, "
+             f"{hub['bytes'] / 1e6:.1f} MB), local Hub server", ""]
+    if alone:
+        lines += [f"Rerun alone (`--sizes ''`): medians of {rounds} interleaved rounds, load "
+                  f"average at the start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.", ""]
+    lines += ["| row | wall s | CPU s | ratio |", "|---|---:|---:|---:|"]
+    for a, b in (("maskhub push", "upload_folder"), ("maskhub pull", "snapshot_download")):
+        ratio = med([x["wall"] / y["wall"] for x, y in zip(r[a], r[b], strict=True)])
+        for k in (a, b):
+            lines.append(f"| {k} | {med([x['wall'] for x in r[k]]):.2f} | "
+                         f"{med([x['cpu'] for x in r[k]]):.2f} | "
+                         f"{f'{ratio:.2f}x' if k == a else ''} |")
+    lines.append("")
+    return lines
+
+
+def write_section(text: str, hub_only: bool = False) -> None:
+    """Replace (or append) the Peers section of BENCHMARKS.md; with ``hub_only`` (``text``:
+    the Hub subsection alone), only that subsection of the Peers section."""
     path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
+    path.write_text(replace_section(path.read_text(), text, hub_only))
+
+
+def replace_section(doc: str, text: str, hub_only: bool = False) -> str:
+    """``doc`` with its Peers section (or, ``hub_only``, the "### Hub:" subsection inside
+    it) replaced by ``text``, or ``text`` added where it is missing."""
     start = doc.find("## Peers:")
     if start < 0:
-        doc = doc.rstrip() + "\n\n" + text + "\n"
+        if hub_only:
+            text = "## Peers: maskhub beside fair peers and the read floors " \
+                   "(`bench/bench_peers.py`)\n\n" + text
+        return doc.rstrip() + "\n\n" + text.rstrip() + "\n"
+    end = doc.find("\n## ", start + 1)
+    end = len(doc) if end < 0 else end + 1
+    if not hub_only:
+        return doc[:start] + text.rstrip() + "\n\n" + doc[end:]
+    section = doc[start:end]
+    sub = section.find("### Hub:")
+    if sub < 0:
+        section = section.rstrip() + "\n\n" + text.rstrip() + "\n\n"
     else:
-        end = doc.find("\n## ", start + 1)
-        doc = doc[:start] + text + ("\n" + doc[end + 1:] if end >= 0 else "\n")
-    path.write_text(doc)
+        stop = section.find("\n### ", sub + 1)
+        stop = len(section) if stop < 0 else stop + 1
+        section = section[:sub] + text.rstrip() + "\n\n" + section[stop:].lstrip("\n")
+        section = section.rstrip() + "\n\n"
+    return doc[:start] + section + doc[end:]
 
 
 def main() -> None:
@@ -403,17 +435,21 @@ def main() -> None:
     load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="maskhub-peers-", dir=args.work))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     try:
-        pairs = [bench_pair(float(s), args.rounds, args.cold or args.cold_only, work, args.tol,
+        pairs = [bench_pair(size, args.rounds, args.cold or args.cold_only, work, args.tol,
                             skip, warm_rounds=not args.cold_only)
-                 for s in args.sizes.split(",")]
-        hub = bench_hub(args.rounds, work, args.hub_size) if args.hub else None
+                 for size in sizes]
+        hub = bench_hub(args.rounds, work, args.hub_size) if args.hub or not sizes else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = report(pairs, hub, load, args.rounds)
+    if pairs:
+        text = report(pairs, hub, load, args.rounds)
+    else:
+        text = "\n".join(hub_report(hub, load, args.rounds, alone=True)) if hub else ""
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, hub_only=not pairs)
 
 
 if __name__ == "__main__":

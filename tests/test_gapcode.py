@@ -92,6 +92,25 @@ def test_gap_beyond_32_bits() -> None:
     assert np.array_equal(gapcode.indices(codes), idx)
 
 
+def test_count_without_decoding() -> None:
+    """``count`` gives decode's count and refuses what decode refuses, without decoding."""
+    idx = np.array([0, 7, 8, 300, 301, 5000, 99_999], dtype=np.int64)
+    codes = gapcode.codes_of_indices(idx)
+    assert gapcode.count(codes, 100_000) == 7 == gapcode.decode(codes, 100_000)[1]
+    assert gapcode.count(np.zeros(0, np.uint8), 10) == 0
+    with pytest.raises(gapcode.GapCodeError, match="names entry 99999 of 99999$"):
+        gapcode.count(codes, 99_999)
+    with pytest.raises(gapcode.GapCodeError, match="names entry 10 of 10$"):
+        gapcode.count(np.array([10], np.uint8), 10)
+    with pytest.raises(gapcode.GapCodeError, match="ends in an escape byte"):
+        gapcode.count(np.array([1, 255], np.uint8), 1000)
+    far = (1 << 32) + 1000  # a sum beyond 32 bits
+    codes = gapcode.codes_of_indices(np.array([3, far], dtype=np.int64))
+    assert gapcode.count(codes, far + 1) == 2
+    with pytest.raises(gapcode.GapCodeError, match=f"names entry {far} of {far}$"):
+        gapcode.count(codes, far)
+
+
 def test_damaged_codes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(gapcode.GapCodeError, match="names entry 10 of 10"):
         gapcode.decode(np.array([10], np.uint8), 10)
@@ -156,6 +175,9 @@ def test_a_damaged_gap_array_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(MaskStoreError, match=r"m.zarr: array 't': its gap code names entry "
                                              r"260 of 200$"):
         MaskStore(tmp_path / "m.zarr").packed("t")
+    with pytest.raises(MaskStoreError, match=r"m.zarr: array 't': its gap code names entry "
+                                             r"260 of 200$"):
+        MaskStore(tmp_path / "m.zarr").validate()  # counted without decoding: the same check
     arr[1] = 100
     assert np.flatnonzero(MaskStore(tmp_path / "m.zarr").unpacked("t")).tolist() == [5, 106]
     arr.update_attributes({"n_updated": 3})

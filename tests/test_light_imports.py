@@ -16,6 +16,8 @@ from maskhub import Registry
 
 HEAVY = ("torch", "zarr", "numba", "pyarrow", "huggingface_hub", "matplotlib")
 
+pytest_plugins = ["hub_fixture"]
+
 # Runs one command as `maskhub ARGS` would, then reports which heavy packages got imported.
 PROBE = """
 import json, sys
@@ -128,3 +130,42 @@ def test_duckdb_connections_per_command(pair: tuple[Path, Path],
     assert connections("show", "a") == 1
     assert connections("overlap", "a", "b") == 2  # counted, then the cache written
     assert connections("overlap", "a", "b") == 1
+
+
+def test_push_and_pull_import_no_pyarrow_and_open_two_connections(
+        pair: tuple[Path, Path], hub_server: object, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 25: push and pull write and read ``tensors.parquet`` through DuckDB, so that
+    neither imports pyarrow (nor zarr, torch or numba); each opens two DuckDB connections
+    (push: the mask, its rows and the Parquet, then the recording write; pull: the
+    already-pulled lookups, then the Parquet, the name and the registration)."""
+    import duckdb
+    from click.testing import CliRunner
+
+    from maskhub.cli import main
+
+    home = str(Registry().home)
+    Registry().diff(*pair, name="m", device="cpu")
+    assert imported("push", "m", "alice/m") == ["huggingface_hub"]
+    monkeypatch.setenv("MASKHUB_HOME", str(tmp_path / "puller"))
+    assert imported("pull", "alice/m") == ["huggingface_hub"]
+    assert [r["name"] for r in Registry(tmp_path / "puller").ls()] == ["m"]
+
+    opened: list[str] = []
+    real_connect = duckdb.connect
+
+    def counting_connect(*args: object, **kwargs: object) -> duckdb.DuckDBPyConnection:
+        opened.append(str(args[0]) if args else "")
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(duckdb, "connect", counting_connect)
+    result = CliRunner().invoke(main, ["push", "m", "alice/m2", "--home", home])
+    assert result.exit_code == 0, result.output
+    assert len(opened) == 2
+    other = tmp_path / "second"
+    Registry(other).index.migrate()  # a user's registry exists already
+    opened.clear()
+    result = CliRunner().invoke(main, ["pull", "alice/m2", "--home", str(other)])
+    assert result.exit_code == 0, result.output
+    assert len(opened) == 2
+    assert [r["name"] for r in Registry(other).ls()] == ["m"]

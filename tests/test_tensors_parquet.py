@@ -84,3 +84,62 @@ def test_documented_duckdb_queries_on_a_pushed_dataset_repo(hub_server, tmp_path
                    ["tol", "tolerance: an entry is updated iff |theta1 - theta0| > tol"]]
     names = cli_rows(exe, "SELECT name, n_updated FROM masks", index)
     assert names == [["tiny", mask.n_updated]]
+
+
+def test_tensors_parquet_round_trip_through_duckdb(tmp_path: Path) -> None:
+    """issue 25: DuckDB writes and reads tensors.parquet (no pyarrow in push or pull); the
+    columns keep their documented Parquet types for any reader, NaN and infinities pass
+    through, a missing analysis stays null, and the same rows give the same bytes."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from maskhub.hub.card import read_tensors_parquet, tensors_rows, write_tensors_parquet
+    from maskhub.schemas.analysis import TensorAnalysis
+    from maskhub.schemas.metadata import TensorStats
+
+    stats = [TensorStats("model.layers.0.mlp.up_proj.weight", (4, 2), 8, 3, layer=0,
+                         module="mlp.up_proj", base_dtype="bfloat16", target_dtype="bfloat16"),
+             TensorStats("model.norm.weight", (2,), 2, 0, module="norm")]
+    analysis = [TensorAnalysis("model.layers.0.mlp.up_proj.weight", rank=2, max_rank=2,
+                               rank_rtol=1e-3, sign_flips=1, mean_abs_delta=0.5,
+                               max_abs_delta=math.inf, mean_rel_delta=math.nan,
+                               max_rel_delta=None, n_sub_bf16_step=0)]
+    rows = tensors_rows(stats, [("model.norm.weight", 1e-5, 0),
+                                ("model.layers.0.mlp.up_proj.weight", 0.0, 5)],
+                        analysis, [("model.layers.0.mlp.up_proj.weight", 120, 8, 3),
+                                   ("model.norm.weight", 127, 2, 0)])
+    con = duckdb.connect()
+    write_tensors_parquet(con, tmp_path / "a.parquet", rows)
+    write_tensors_parquet(con, tmp_path / "b.parquet", rows)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    schema = pq.read_schema(tmp_path / "a.parquet")
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("tensor", "string"), ("layer", "int32"), ("module", "string"),
+        ("shape", "list<element: int64>"), ("numel", "int64"), ("n_updated", "int64"),
+        ("sparsity", "double"), ("base_dtype", "string"), ("target_dtype", "string"),
+        ("sweep", "list<element: struct<tol: double, n_updated: int64>>"),
+        ("analysis", "struct<rank: int64, max_rank: int64, rank_rtol: double, sign_flips: "
+                     "int64, mean_abs_delta: double, max_abs_delta: double, mean_rel_delta: "
+                     "double, max_rel_delta: double, n_sub_bf16_step: int64>"),
+        ("strata", "list<element: struct<stratum: int32, numel: int64, n_updated: int64>>")]
+    back = read_tensors_parquet(con, tmp_path / "a.parquet")
+    assert [r["tensor"] for r in back] == ["model.layers.0.mlp.up_proj.weight",
+                                           "model.norm.weight"]
+    up, norm = back
+    assert (up["layer"], up["module"], up["shape"], up["numel"], up["n_updated"]) == \
+        (0, "mlp.up_proj", [4, 2], 8, 3)
+    assert up["sparsity"] == 1 - 3 / 8 and norm["sparsity"] == 1.0
+    assert (norm["layer"], norm["shape"], norm["analysis"], norm["base_dtype"]) == \
+        (None, [2], None, "")
+    assert up["sweep"] == [{"tol": 0.0, "n_updated": 5}]
+    assert norm["sweep"] == [{"tol": 1e-5, "n_updated": 0}]
+    assert up["strata"] == [{"stratum": 120, "numel": 8, "n_updated": 3}]
+    assert norm["strata"] == [{"stratum": 127, "numel": 2, "n_updated": 0}]
+    a = up["analysis"]
+    assert {k: v for k, v in a.items() if k not in ("max_abs_delta", "mean_rel_delta")} == {
+        "rank": 2, "max_rank": 2, "rank_rtol": 1e-3, "sign_flips": 1, "mean_abs_delta": 0.5,
+        "max_rel_delta": None, "n_sub_bf16_step": 0}
+    assert a["max_abs_delta"] == math.inf and math.isnan(a["mean_rel_delta"])
+    # pyarrow reads the same values
+    assert pq.read_table(tmp_path / "a.parquet").column("shape").to_pylist() == [[4, 2], [2]]

@@ -4,12 +4,10 @@ analysis) and the model card.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import pyarrow as pa
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from maskhub.hub.layout import (
     BASE_TAGS,
@@ -21,19 +19,34 @@ from maskhub.hub.layout import (
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 
-ANALYSIS_FIELDS = (("rank", pa.int64()), ("max_rank", pa.int64()), ("rank_rtol", pa.float64()),
-                   ("sign_flips", pa.int64()), ("mean_abs_delta", pa.float64()),
-                   ("max_abs_delta", pa.float64()), ("mean_rel_delta", pa.float64()),
-                   ("max_rel_delta", pa.float64()), ("n_sub_bf16_step", pa.int64()))
+if TYPE_CHECKING:
+    import duckdb
+
+#: The ``diff --rank/--stats`` figures of the ``analysis`` column, with their DuckDB types
+#: (int64 and float64 in Parquet).
+ANALYSIS_FIELDS = (("rank", "BIGINT"), ("max_rank", "BIGINT"), ("rank_rtol", "DOUBLE"),
+                   ("sign_flips", "BIGINT"), ("mean_abs_delta", "DOUBLE"),
+                   ("max_abs_delta", "DOUBLE"), ("mean_rel_delta", "DOUBLE"),
+                   ("max_rel_delta", "DOUBLE"), ("n_sub_bf16_step", "BIGINT"))
+
+#: One row of ``tensors.parquet`` as a DuckDB type. In Parquet: string, int32, string,
+#: list<int64>, int64, int64, float64, string, string, list<struct<float64, int64>>,
+#: struct<...>, list<struct<int32, int64, int64>> (the columns of docs/hub.md).
+TENSORS_ROW = (
+    "STRUCT(tensor VARCHAR, layer INTEGER, module VARCHAR, shape BIGINT[], numel BIGINT, "
+    "n_updated BIGINT, sparsity DOUBLE, base_dtype VARCHAR, target_dtype VARCHAR, "
+    "sweep STRUCT(tol DOUBLE, n_updated BIGINT)[], "
+    f"analysis STRUCT({', '.join(f'{f} {t}' for f, t in ANALYSIS_FIELDS)}), "
+    "strata STRUCT(stratum INTEGER, numel BIGINT, n_updated BIGINT)[])")
 
 
-def tensors_table(stats: Sequence[TensorStats],
-                  sweep: Sequence[tuple[str, float, int]] = (),
-                  analysis: Sequence[TensorAnalysis] = (),
-                  strata: Sequence[tuple[str, int, int, int]] = ()) -> pa.Table:
-    """Per-tensor stats as an Arrow table (the schema of ``tensors.parquet``); ``analysis``
-    fills the nullable ``analysis`` column for the tensors it covers, ``strata`` (rows of
-    ``tensor_strata``) the ``strata`` column."""
+def tensors_rows(stats: Sequence[TensorStats],
+                 sweep: Sequence[tuple[str, float, int]] = (),
+                 analysis: Sequence[TensorAnalysis] = (),
+                 strata: Sequence[tuple[str, int, int, int]] = ()) -> list[dict[str, Any]]:
+    """The rows of ``tensors.parquet``, one per tensor in ``stats`` order (columns as in
+    :data:`TENSORS_ROW`); ``analysis`` fills the nullable ``analysis`` column for the tensors
+    it covers, ``strata`` (rows of ``tensor_strata``) the ``strata`` column."""
     by_name = {a.tensor: {f: getattr(a, f) for f, _ in ANALYSIS_FIELDS} for a in analysis}
     by_stratum: dict[str, list[dict[str, int]]] = {}
     for tensor, stratum, numel, n in sorted(strata, key=lambda s: (s[0], s[1])):
@@ -42,46 +55,32 @@ def tensors_table(stats: Sequence[TensorStats],
     by_tensor: dict[str, list[dict[str, Any]]] = {}
     for tensor, tol, n in sorted(sweep, key=lambda s: (s[0], s[1])):
         by_tensor.setdefault(tensor, []).append({"tol": float(tol), "n_updated": int(n)})
-    schema = pa.schema([
-        ("tensor", pa.string()), ("layer", pa.int32()), ("module", pa.string()),
-        ("shape", pa.list_(pa.int64())), ("numel", pa.int64()), ("n_updated", pa.int64()),
-        ("sparsity", pa.float64()), ("base_dtype", pa.string()), ("target_dtype", pa.string()),
-        ("sweep", pa.list_(pa.struct([("tol", pa.float64()), ("n_updated", pa.int64())]))),
-        ("analysis", pa.struct(list(ANALYSIS_FIELDS))),
-        ("strata", pa.list_(pa.struct([("stratum", pa.int32()), ("numel", pa.int64()),
-                                       ("n_updated", pa.int64())]))),
-    ])
-    rows = [{"tensor": t.tensor, "layer": t.layer, "module": t.module, "shape": list(t.shape),
+    return [{"tensor": t.tensor, "layer": t.layer, "module": t.module, "shape": list(t.shape),
              "numel": t.numel, "n_updated": t.n_updated, "sparsity": t.sparsity,
              "base_dtype": t.base_dtype, "target_dtype": t.target_dtype,
              "sweep": by_tensor.get(t.tensor, []), "analysis": by_name.get(t.tensor),
              "strata": by_stratum.get(t.tensor, [])}
             for t in stats]
-    return _table(rows, schema)
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """``pa.Table.from_pylist(rows, schema=schema)`` without importing pandas (pyarrow's
-    conversion of Python objects imports it, ~0.5 s of a push): the rows go through Arrow's
-    JSON reader with the schema given. Rows with a float JSON cannot hold (NaN, inf) take
-    the plain path."""
-    import io
+def write_tensors_parquet(con: duckdb.DuckDBPyConnection, path: Path,
+                          rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (:func:`tensors_rows`) to the Parquet file ``path`` (zstd) with DuckDB's
+    writer on ``con`` (any connection, a read-only one too), so that a push imports no
+    pyarrow. The rows are bound as one typed parameter: NaN and infinities pass as they are,
+    and the bytes depend on the rows (and DuckDB's version) only, no timestamps."""
+    target = str(path).replace("'", "''")
+    con.execute(f"COPY (SELECT r.* FROM (SELECT unnest(?::{TENSORS_ROW}[]) AS r)) TO "
+                f"'{target}' (FORMAT parquet, COMPRESSION zstd)", [rows])
 
-    import pyarrow.json as pj
 
-    try:
-        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
-    except ValueError:
-        return pa.Table.from_pylist(rows, schema=schema)
-    if not rows:
-        return schema.empty_table()
-    table = pj.read_json(io.BytesIO(text), read_options=pj.ReadOptions(block_size=max(
-        1 << 20, len(text) + 1)), parse_options=pj.ParseOptions(explicit_schema=schema,
-                                                                 unexpected_field_behavior="error"))
-    table = table.select(schema.names)
-    # The reader already gives the schema's types; a cast would import pyarrow.compute
-    # (~0.1 s of a push) to change nothing.
-    return table if table.schema.equals(schema) else table.cast(schema)
+def read_tensors_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> list[dict[str, Any]]:
+    """The rows of the Parquet file ``path`` as dicts of its columns, in file order, read
+    with DuckDB on ``con``, so that a pull imports no pyarrow. A file written before a column
+    existed has no key for it. Raises ``duckdb.Error`` for a file DuckDB cannot read."""
+    cur = con.execute("SELECT * FROM read_parquet(?)", [str(path)])
+    names = [d[0] for d in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def _module_rows(stats: Sequence[TensorStats]) -> list[tuple[str, int, int, int]]:

@@ -7,14 +7,12 @@ from __future__ import annotations
 import glob
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from maskhub.checkpoints.hubio import (
     hub_cache_failure,
@@ -23,6 +21,7 @@ from maskhub.checkpoints.hubio import (
     unresolvable_host,
 )
 from maskhub.checkpoints.sources import split_revision
+from maskhub.checkpoints.validate import load_json
 from maskhub.errors import (
     HubError,
     MaskStoreError,
@@ -30,9 +29,7 @@ from maskhub.errors import (
     UsageError,
     environment_errors,
 )
-from maskhub.hub.card import (
-    ANALYSIS_FIELDS,
-)
+from maskhub.hub.card import ANALYSIS_FIELDS, read_tensors_parquet
 from maskhub.hub.layout import (
     COPY_BUF,
     METADATA_FILE,
@@ -114,26 +111,17 @@ def _evict(snapshot_file: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
-def _copy_verified(src: Path, dst: Path | None, sha256: str, size: int) -> tuple[bool, bytes]:
-    """Copy ``src`` to ``dst`` (or read it, when ``dst`` is None) while hashing it.
-
-    Returns ``(matches, content_when_read)``.
-    """
+def _copy_verified(src: Path, dst: Path, sha256: str, size: int) -> bool:
+    """Copy ``src`` to ``dst`` while hashing it; whether its size and sha256 match."""
     if src.stat().st_size != size:
-        return False, b""
+        return False
     h = hashlib.sha256()
-    chunks: list[bytes] = []
-    if dst is not None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    sink = open(dst, "wb") if dst is not None else nullcontext(None)
-    with open(src, "rb") as f, sink as out:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, open(dst, "wb") as out:
         while block := f.read(COPY_BUF):
             h.update(block)
-            if out is not None:
-                out.write(block)
-            else:
-                chunks.append(block)
-    return h.hexdigest() == sha256, b"".join(chunks)
+            out.write(block)
+    return h.hexdigest() == sha256
 
 
 def _check_listing(listing: dict[str, Any], manifest_bytes: bytes, manifest_path: Path,
@@ -154,17 +142,12 @@ def _check_listing(listing: dict[str, Any], manifest_bytes: bytes, manifest_path
                              "the Hub's checksum of it (removed from the cache; retry)", where)
 
 
-def _check_parquet(data: bytes, stats: Sequence[TensorStats], where: str
+def _check_parquet(rows: Sequence[dict[str, Any]], stats: Sequence[TensorStats], where: str
                    ) -> tuple[list[tuple[str, float, int]], list[TensorAnalysis],
                               list[tuple[str, int, int, int]]]:
-    """Check ``tensors.parquet`` against the store's stats; return its sweep rows, its
-    ``diff --rank/--stats`` rows and its magnitude strata (none for repos pushed without
-    them; strata must add up to each tensor's counts)."""
-    try:
-        rows = pq.ParquetFile(pa.BufferReader(data)).read().to_pylist()  # no pandas import
-    except (pa.ArrowException, OSError) as exc:
-        raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is unreadable: {exc}",
-                             where) from exc
+    """Check the rows of ``tensors.parquet`` against the store's stats; return its sweep
+    rows, its ``diff --rank/--stats`` rows and its magnitude strata (none for repos pushed
+    without them; strata must add up to each tensor's counts)."""
     if [r.get("tensor") for r in rows] != [t.tensor for t in stats]:
         raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} does not list the store's "
                              "tensors", where)
@@ -205,10 +188,16 @@ def _content(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k not in ("hub_repo", "hub_revision")}
 
 
-def _row(registry: Home, sql: str, params: list[Any]) -> dict[str, Any] | None:
-    with registry.index.connect(write=False) as con:
-        rows = registry.index.rows(con, sql, params)
-    return rows[0] if rows else None
+def _claimed_id(manifest: bytes) -> str | None:
+    """The mask id ``maskhub.json`` names, read leniently before it is checked (for a
+    registry lookup only; :func:`parse_manifest` checks it and reports what is wrong)."""
+    try:
+        doc = load_json(manifest, METADATA_FILE)  # nesting bounded before json.loads
+    except MaskStoreError:
+        return None
+    mask = doc.get("mask") if isinstance(doc, dict) else None
+    value = mask.get("id") if isinstance(mask, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def pull(registry: Home, repo_id: str, revision: str | None = None, *,
@@ -252,12 +241,23 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
                        repo_id)
     where = f"{repo_id}@{sha[:12]}"
     ref = hub_ref(repo_id, repo_type)
-    done = _row(registry, "SELECT id FROM masks WHERE hub_repo = ? AND hub_revision = ?",
-                [ref, sha])
-    if done is not None:
-        return PullResult(registry.get(done["id"]), repo_id, repo_type, sha, "already registered")
-
     data = manifest_path.read_bytes()
+    # One read connection answers both "pulled already?" questions: this commit, and a
+    # local mask with the id the manifest names (used once the manifest is checked below).
+    with registry.index.connect(write=False) as con:
+        claimed = _claimed_id(data)
+        found = registry.index.rows(
+            con, "SELECT id, name, hub_repo, hub_revision FROM masks "
+                 "WHERE (hub_repo = ? AND hub_revision = ?) OR id = ? ORDER BY id",
+            [ref, sha, claimed])
+        done = next((r for r in found if (r["hub_repo"], r["hub_revision"]) == (ref, sha)),
+                    None)
+        if done is not None:
+            return PullResult(registry.get(done["id"]), repo_id, repo_type, sha,
+                              "already registered")
+        same_id = next((r for r in found if r["id"] == claimed), None)
+        local = registry.get(claimed) if same_id is not None and claimed else None
+
     listing: dict[str, Any] | None = None
     if not offline:
         with _read_errors(repo_id, sha):
@@ -267,9 +267,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     manifest = parse_manifest(data, where)
     meta = manifest.meta
 
-    same_id = _row(registry, "SELECT name FROM masks WHERE id = ?", [meta.id])
-    if same_id is not None:
-        local = registry.get(meta.id)
+    if local is not None and same_id is not None and meta.id == claimed:  # checked now
         if _content(local.store.attributes) != _content(manifest.attrs):
             raise MaskStoreError(
                 f"Hub repo {where} holds mask id {meta.id}, which the local mask "
@@ -291,24 +289,35 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
                                             allow_patterns=_patterns(needed, listing)))
 
     tmp = registry.staging_path(meta.id)
-    remove_tree(tmp)
-    tmp.mkdir(parents=True)
+    side = registry.staging_path(f"{meta.id}-stats")  # the verified tensors.parquet
+    for d in (tmp, side):
+        remove_tree(d)
+        d.mkdir(parents=True)
     try:
         with environment_errors(tmp):  # the copy into staging met a full disk
-            parquet = _fetch(folder, needed, manifest, tmp, where)
+            _fetch(folder, needed, manifest, tmp, side / TENSORS_FILE, where)
         store = _open_checked(tmp, manifest, where)
         stats = list(store.iter_stats())
-        sweep, analysis, strata = _check_parquet(parquet, stats, where)
-        null = meta.extra.get("precision_null")
-        if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
-            stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor again
     except BaseException:
         remove_tree(tmp)
+        remove_tree(side)
         raise
     try:
-        with registry.index.connect():  # one connection: the name, then the registration
+        # One write connection: tensors.parquet read (by DuckDB), the name, the registration.
+        with registry.index.connect() as con:
             notes: tuple[str, ...] = ()
             try:
+                try:
+                    rows = read_tensors_parquet(con, side / TENSORS_FILE)
+                except duckdb.Error as exc:
+                    raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is unreadable: "
+                                         f"{str(exc).splitlines()[0]}", where) from exc
+                finally:
+                    remove_tree(side)
+                sweep, analysis, strata = _check_parquet(rows, stats, where)
+                null = meta.extra.get("precision_null")
+                if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
+                    stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor
                 if name is None:
                     stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
                         else "hub-mask"
@@ -316,8 +325,8 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
                     if name != meta.name:
                         notes = (f"a mask named {meta.name!r} already exists: registered this "
                                  f"one as {name!r} (choose another with --name)",)
-                elif _row(registry, "SELECT 1 AS x FROM masks WHERE name = ?",
-                          [name]) is not None:
+                elif con.execute("SELECT 1 FROM masks WHERE name = ?",
+                                 [name]).fetchone() is not None:
                     raise NameTakenError(name)
                 local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
             except BaseException:
@@ -343,32 +352,27 @@ def _patterns(needed: Sequence[str], listing: dict[str, Any] | None) -> list[str
 
 
 def _fetch(folder: Path, needed: Sequence[str], manifest: Manifest, tmp: Path,
-           where: str) -> bytes:
-    """Copy the store files from the snapshot into ``tmp`` checking every size and sha256;
-    return the verified bytes of ``tensors.parquet``. Corrupt files are evicted from the
-    cache before the error is raised."""
+           parquet: Path, where: str) -> None:
+    """Copy the store files from the snapshot into ``tmp``, and ``tensors.parquet`` to
+    ``parquet``, checking every size and sha256. Corrupt files are evicted from the cache
+    before the error is raised."""
     bad: list[str] = []
-    parquet = b""
     for p in needed:
         src = folder / p
         if not src.is_file():
             raise MaskStoreError(f"Hub repo {where}: {p} is listed in {METADATA_FILE} but "
                                  "missing from the download", where)
         sha, size = manifest.files[p]
-        dst = None if p == TENSORS_FILE else tmp / p[len(STORE_DIR) + 1:]
-        ok, content = _copy_verified(src, dst, sha, size)
-        if not ok:
+        dst = parquet if p == TENSORS_FILE else tmp / p[len(STORE_DIR) + 1:]
+        if not _copy_verified(src, dst, sha, size):
             bad.append(p)
             _evict(src)
-        elif dst is None:
-            parquet = content
     if bad:
         more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
         raise MaskStoreError(
             f"Hub repo {where}: checksum mismatch for {bad[0]}{more} (sha256 differs from "
             f"{METADATA_FILE}); the corrupt download was removed from the Hugging Face cache, "
             "so a retry downloads it again", where)
-    return parquet
 
 
 def _open_checked(tmp: Path, manifest: Manifest, where: str) -> MaskStore:

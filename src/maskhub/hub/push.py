@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
 from maskhub.checkpoints.hubio import hub_errors, hub_messages
-from maskhub.errors import HubError, environment_errors
+from maskhub.errors import HubError, UsageError, environment_errors
 from maskhub.hub.card import (
     ANALYSIS_FIELDS,
     render_card,
-    tensors_table,
+    tensors_rows,
+    write_tensors_parquet,
 )
 from maskhub.hub.layout import (
     CARD_FILE,
@@ -38,6 +37,7 @@ from maskhub.hub.layout import (
 )
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.storage.files import remove_tree
+from maskhub.storage.remote import is_url
 
 if TYPE_CHECKING:
 
@@ -129,6 +129,20 @@ def index_rows(registry: Home, mask: MaskRecord) -> IndexRows:
     return sweep, analysis, strata
 
 
+def write_tensors_file(registry: Home, mask: MaskRecord, dest: Path,
+                       rows: IndexRows | None = None) -> Path:
+    """Write the mask's ``tensors.parquet`` into ``dest`` and return its path: the store's
+    stats and the mask's :func:`index_rows` (read here when ``rows`` is None), written by
+    DuckDB on the registry's connection (opened here unless one is open already)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / TENSORS_FILE
+    with registry.index.connect(write=False) as con:
+        sweep, analysis, strata = rows if rows is not None else index_rows(registry, mask)
+        write_tensors_parquet(con, path, tensors_rows(list(mask.store.iter_stats()), sweep,
+                                                      analysis, strata))
+    return path
+
+
 def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
                      repo_type: str = "model", license: str | None = None,
                      digests: Callable[[dict[str, Path]], dict[str, str]] | None = None,
@@ -139,11 +153,12 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
     ``digests({path in repo: local path})``: the hex sha256 of those files for
     ``maskhub.json`` (default: read and hashed here; a push passes the hashes huggingface_hub
     computes anyway for its upload, so that every file is hashed once). ``rows``: the
-    mask's :func:`index_rows`, when the caller read them already."""
+    mask's :func:`index_rows`, when the caller read them already. A ``tensors.parquet``
+    already in ``dest`` (:func:`write_tensors_file`, which a push calls on the connection that
+    found the mask) is kept."""
     dest.mkdir(parents=True, exist_ok=True)
     store = mask.store
     stats = list(store.iter_stats())
-    sweep, analysis, strata = rows if rows is not None else index_rows(registry, mask)
     files = dict(store_files(mask.path))
     # The published store names the repo it lives in (the local one stays as registered):
     # the same bytes at every push of an unchanged mask, so a second push commits nothing.
@@ -152,8 +167,8 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
                            "hub_repo": hub_ref(repo_id, repo_type)}
     (dest / "zarr.json").write_text(json.dumps(group, indent=2), encoding="utf-8")
     files[f"{STORE_DIR}/zarr.json"] = dest / "zarr.json"
-    pq.write_table(tensors_table(stats, sweep, analysis, strata), dest / TENSORS_FILE,
-                   compression="zstd")
+    if not (dest / TENSORS_FILE).is_file():
+        write_tensors_file(registry, mask, dest, rows)
     files[TENSORS_FILE] = dest / TENSORS_FILE
     license = license or (store.metadata.extra or {}).get("license")
     card = render_card(store.metadata, mask.name, stats, repo_id, repo_type, license)
@@ -199,19 +214,30 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
     """:func:`push`, huggingface_hub's messages already routed."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    check_repo(repo_id, repo_type)
-    if is_offline():
-        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and pushing needs "
-                       "the network (unset HF_HUB_OFFLINE)", repo_id)
-    with registry.index.connect(write=False):  # one connection for the mask and its rows
+    # One read connection for the mask, its rows and its tensors.parquet; one write at the
+    # end records the commit (a connection costs ~25 ms of CPU, and no lock is held while
+    # the files upload).
+    with registry.index.connect(write=False):
         mask = registry.get(ref)
-        rows = index_rows(registry, mask)
-    mask.store.validate()  # never publish a store that disagrees with its own metadata
+        if is_url(mask.path):
+            raise UsageError(f"mask {ref!r} is stored at {mask.path}; push publishes local "
+                             "stores only (copy it under HOME/masks first)")
+        check_repo(repo_id, repo_type)
+        if is_offline():
+            raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and pushing "
+                           "needs the network (unset HF_HUB_OFFLINE)", repo_id)
+        stage = registry.staging_path(f"push-{mask.id}")
+        remove_tree(stage)
+        try:
+            with environment_errors(stage):  # the repo's files are staged in the home's tmp/
+                write_tensors_file(registry, mask, stage)
+        except BaseException:
+            remove_tree(stage)
+            raise
     branch = revision or "main"
-    stage = registry.staging_path(f"push-{mask.id}")
-    remove_tree(stage)
     api = hf_api(token)
     try:
+        mask.store.validate()  # never publish a store that disagrees with its own metadata
         with _write_errors(repo_id, branch):
             api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
             if branch != "main":
@@ -238,7 +264,7 @@ def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
 
         with environment_errors(stage):  # the repo's files are staged in the home's tmp/
             files = write_repo_files(registry, mask, stage, repo_id, repo_type, license,
-                                     digests, rows)
+                                     digests)
         n_bytes = sum(f.stat().st_size for f in files.values())
         remote = {s.rfilename for s in info.siblings or []}
         stale = sorted(p for p in remote if p.startswith(STORE_DIR + "/") and p not in files)

@@ -18,7 +18,6 @@ from maskhub.core.record import MaskRecord
 from maskhub.errors import UsageError
 from maskhub.schemas.names import PEFT_EXCLUDE
 from maskhub.storage.index import MASK_COLUMNS
-from maskhub.storage.remote import is_url
 from maskhub.storage.sandbox import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -531,10 +530,6 @@ class Registry(Home):
         :func:`maskhub.hub.pull.pull`). See :mod:`maskhub.hub.push`."""
         from maskhub.hub.push import push
 
-        path = self.get(ref).path
-        if is_url(path):
-            raise UsageError(f"mask {ref!r} is stored at {path}; push publishes local stores "
-                             "only (copy it under HOME/masks first)")
         return push(self, ref, repo_id, private=private, revision=revision,
                     commit_message=commit_message, repo_type=repo_type, license=license,
                     token=token, notice=notice, progress=progress)

@@ -123,6 +123,24 @@ def indices(codes: np.ndarray) -> np.ndarray:
     return np.cumsum(c + (c < 255))[c < 255] - 1
 
 
+def count(codes: np.ndarray, numel: int) -> int:
+    """The number of set bits a byte-gap code names for a tensor of ``numel`` entries, with
+    the checks of :func:`decode` and without decoding: the count is the number of bytes below
+    255, and the last set position (the only one that can fall outside the tensor, positions
+    ascending) is the sum of all bytes plus that count, minus one. Raises
+    :class:`GapCodeError` for a code that does not fit the tensor."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if not codes.size:
+        return 0
+    if codes[-1] == 255:
+        raise GapCodeError("its gap code ends in an escape byte")
+    n = int(codes.size - np.count_nonzero(codes == 255))
+    last = int(codes.sum(dtype=np.int64)) + n - 1
+    if last >= numel:
+        raise GapCodeError(f"its gap code names entry {last} of {numel}")
+    return n
+
+
 def decode(codes: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
     """``(packed bits, number of set bits)`` of a byte-gap code for a tensor of ``numel``
     entries; raises :class:`GapCodeError` for a code that does not fit the tensor."""

@@ -545,8 +545,15 @@ class MaskStore:
 
     def count(self, name: str, numel: int) -> int:
         """Set bits among the ``numel`` entries of one tensor, counted chunk by chunk
-        (memory: one chunk, whatever the declared shape)."""
-        if not isinstance(self.path, Path) or self.encoding(name) is not None:
+        (memory: one chunk, whatever the declared shape); a gap-coded array is counted and
+        checked without being decoded (:func:`maskhub.storage.gapcode.count`)."""
+        if self.encoding(name) is not None:  # a gap code: counted and checked, not decoded
+            try:
+                return gapcode.count(self._stored(name), numel)
+            except gapcode.GapCodeError as exc:
+                raise MaskStoreError(f"{self.path}: array {name!r}: {exc}",
+                                     str(self.path)) from exc
+        if not isinstance(self.path, Path):
             return count_entries(self.packed(name), numel)
         total = 0
         for start, data in self._regions(name):
