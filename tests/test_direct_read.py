@@ -94,6 +94,9 @@ def test_auto_mode_reads_only_cold_large_files_around_the_cache(
             pytest.fail("a cold 64 MiB file was not read around the cache")
         if dfd is not None:
             os.close(dfd)
+        # A pair that fits in the memory available stays on the page cache.
+        assert direct.open_direct(path, size, fd, outgrows_cache=False) is None
+        assert direct.pair_outgrows_cache(1 << 60) and not direct.pair_outgrows_cache(1)
         monkeypatch.setenv("MASKHUB_DIRECT_IO", "0")
         assert direct.open_direct(path, size, fd) is None
         small = tmp_path / "small.bin"

@@ -5,9 +5,10 @@ Three stages run at once, so the slowest one (the disk on a cold cache) sets the
 * **read**: both checkpoints are memory-mapped (:mod:`maskhub.checkpoints.mapped`); one
   reader thread per file streams it into the page cache with large sequential reads up to
   :data:`READ_AHEAD` bytes beyond the chunks being computed, skipping what is cached
-  already (:mod:`maskhub.checkpoints.reader`); on the CPU, a large file that is not cached
-  is instead read around the page cache into the chunks' own buffers
-  (:mod:`maskhub.checkpoints.direct`), which spares the CPU the page cache's work;
+  already (:mod:`maskhub.checkpoints.reader`); on the CPU, when the pair is larger than the
+  memory available, a large file that is not cached is instead read around the page cache
+  into the chunks' own buffers (:mod:`maskhub.checkpoints.direct`), which spares the CPU the
+  page cache's work;
 * **compute**: a thread pool runs the kernel on fixed-size chunks straight from the mapping
   (the kernel releases the GIL), each chunk writing its slice of the tensor's packed bits;
   pages a chunk has finished with are dropped from the process (they stay in the page cache);
@@ -31,7 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskhub.checkpoints import fingerprint as fp
-from maskhub.checkpoints.direct import DIRECT_AHEAD, DirectReader, open_direct
+from maskhub.checkpoints.direct import (
+    DIRECT_AHEAD,
+    DirectReader,
+    open_direct,
+    pair_outgrows_cache,
+)
 from maskhub.checkpoints.header import TensorInfo
 from maskhub.checkpoints.mapped import MappedCheckpoint, Region
 from maskhub.checkpoints.reader import Stream, StreamReader
@@ -182,6 +188,8 @@ def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str],
     direct = DirectReader(DIRECT_AHEAD)
     dfds: dict[int, int] = {}
     checked: set[int] = set()
+    outgrows = direct_ok and pair_outgrows_cache(
+        sum(len(f.buf) for m in (mb, mt) for f in m.files.values()))
     position = 0
     try:
         for name in names:
@@ -191,7 +199,7 @@ def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str],
                 key = id(r.file)
                 if direct_ok and key not in checked:
                     checked.add(key)
-                    dfd = open_direct(r.file.path, len(r.file.buf), r.file.fd)
+                    dfd = open_direct(r.file.path, len(r.file.buf), r.file.fd, outgrows)
                     if dfd is not None:
                         dfds[key] = dfd
                         direct.plans.setdefault(dfd, [])
