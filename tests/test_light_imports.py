@@ -92,17 +92,9 @@ def test_rank_imports_torch_only_because_it_needs_it(pair: tuple[Path, Path]) ->
     assert "torch" in imported("diff", str(pair[0]), str(pair[1]), "--name", "r", "--rank")
 
 
-def test_duckdb_connections_per_command(pair: tuple[Path, Path],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each connection costs ~10 ms of a light command: one per command (the migration check
-    shares it); a small local diff holds one from its name check to its registration; a
-    larger one (here: the threshold lowered to 0) opens two, so that the registry stays
-    unlocked while it works (the name is checked before the work starts)."""
+def count_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the DuckDB connections opened from now on, as they open."""
     import duckdb
-    from click.testing import CliRunner
-
-    import maskhub.diff.run as diff_run
-    from maskhub.cli import main
 
     opened: list[str] = []
     real_connect = duckdb.connect
@@ -112,6 +104,21 @@ def test_duckdb_connections_per_command(pair: tuple[Path, Path],
         return real_connect(*args, **kwargs)
 
     monkeypatch.setattr(duckdb, "connect", counting_connect)
+    return opened
+
+
+def test_duckdb_connections_per_command(pair: tuple[Path, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection costs ~10 ms of a light command: one per command (the migration check
+    shares it); a small local diff holds one from its name check to its registration; a
+    larger one (here: the threshold lowered to 0) opens two, so that the registry stays
+    unlocked while it works (the name is checked before the work starts)."""
+    from click.testing import CliRunner
+
+    import maskhub.diff.run as diff_run
+    from maskhub.cli import main
+
+    opened = count_connections(monkeypatch)
 
     def connections(*args: str) -> int:
         opened.clear()
@@ -139,7 +146,6 @@ def test_push_and_pull_import_no_pyarrow_and_open_two_connections(
     neither imports pyarrow (nor zarr, torch or numba); each opens two DuckDB connections
     (push: the mask, its rows and the Parquet, then the recording write; pull: the
     already-pulled lookups, then the Parquet, the name and the registration)."""
-    import duckdb
     from click.testing import CliRunner
 
     from maskhub.cli import main
@@ -151,14 +157,7 @@ def test_push_and_pull_import_no_pyarrow_and_open_two_connections(
     assert imported("pull", "alice/m") == ["huggingface_hub"]
     assert [r["name"] for r in Registry(tmp_path / "puller").ls()] == ["m"]
 
-    opened: list[str] = []
-    real_connect = duckdb.connect
-
-    def counting_connect(*args: object, **kwargs: object) -> duckdb.DuckDBPyConnection:
-        opened.append(str(args[0]) if args else "")
-        return real_connect(*args, **kwargs)
-
-    monkeypatch.setattr(duckdb, "connect", counting_connect)
+    opened = count_connections(monkeypatch)
     result = CliRunner().invoke(main, ["push", "m", "alice/m2", "--home", home])
     assert result.exit_code == 0, result.output
     assert len(opened) == 2

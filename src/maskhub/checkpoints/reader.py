@@ -68,24 +68,26 @@ class Stream:
         self.ranges.append((position, begin, end))
 
 
-class StreamReader:
-    """One thread per file reading ahead of the compute, at most ``ahead`` bytes (of all files
-    together, in consumption order) beyond what the compute has taken."""
+class ReadWindow:
+    """Reader threads that stay at most ``ahead`` bytes (of all files together, in the order
+    the compute consumes them) beyond what the compute has taken; subclasses say what each
+    thread reads (:meth:`threads_to_start`)."""
 
-    def __init__(self, streams: Sequence[Stream], ahead: int, step: int = READ_STEP) -> None:
-        """``streams``: one per file; nothing runs before :meth:`start`."""
-        self.streams = [s for s in streams if s.ranges]
+    def __init__(self, ahead: int) -> None:
+        """Nothing runs before :meth:`start`."""
         self.ahead = ahead
-        self.step = step
         self.consumed = 0
         self.stopped = False
         self.cond = threading.Condition()
-        self.threads = [threading.Thread(target=self._run, args=(s,), daemon=True,
-                                         name=f"maskhub-read-{i}")
-                        for i, s in enumerate(self.streams)]
+        self.threads: list[threading.Thread] = []
+
+    def threads_to_start(self) -> list[threading.Thread]:
+        """The reader threads (made by :meth:`start`)."""
+        raise NotImplementedError
 
     def start(self) -> None:
         """Start the threads."""
+        self.threads = self.threads_to_start()
         for t in self.threads:
             t.start()
 
@@ -104,16 +106,36 @@ class StreamReader:
             if t.is_alive():
                 t.join()
 
+    def wait_turn(self, position: int) -> bool:
+        """Block until the byte at global ``position`` is within the window; ``False`` once
+        the reader is stopped. Called with :attr:`cond` held."""
+        while not self.stopped and position - self.consumed > self.ahead:
+            self.cond.wait()
+        return not self.stopped
+
+
+class StreamReader(ReadWindow):
+    """One thread per file reading ahead of the compute into the page cache."""
+
+    def __init__(self, streams: Sequence[Stream], ahead: int, step: int = READ_STEP) -> None:
+        """``streams``: one per file; nothing runs before :meth:`start`."""
+        super().__init__(ahead)
+        self.streams = [s for s in streams if s.ranges]
+        self.step = step
+
+    def threads_to_start(self) -> list[threading.Thread]:
+        """One thread per stream."""
+        return [threading.Thread(target=self._run, args=(s,), daemon=True,
+                                 name=f"maskhub-read-{i}")
+                for i, s in enumerate(self.streams)]
+
     def _run(self, stream: Stream) -> None:
         buf = bytearray()  # made on the first read that is needed
         for position, begin, end in stream.ranges:
             for start in range(begin, end, self.step):
                 length = min(self.step, end - start)
                 with self.cond:
-                    while not self.stopped and \
-                            position + (start - begin) - self.consumed > self.ahead:
-                        self.cond.wait()
-                    if self.stopped:
+                    if not self.wait_turn(position + (start - begin)):
                         return
                 try:
                     fill(stream.fd, start, length, buf)

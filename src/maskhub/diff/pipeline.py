@@ -171,7 +171,8 @@ class _Prefetcher:
     def advance(self, nbytes: int) -> None:
         """The compute took ``nbytes`` more bytes (of any file)."""
         self.streams.advance(nbytes)
-        self.direct.advance(nbytes)
+        if self.dfds:  # no lock taken per chunk where nothing is read around the cache
+            self.direct.advance(nbytes)
 
     def stop(self) -> None:
         """End the reader threads and close the direct descriptors."""
@@ -202,7 +203,6 @@ def _reader(mb: MappedCheckpoint, mt: MappedCheckpoint, names: Sequence[str],
                     dfd = open_direct(r.file.path, len(r.file.buf), r.file.fd, outgrows)
                     if dfd is not None:
                         dfds[key] = dfd
-                        direct.plans.setdefault(dfd, [])
                 if key in dfds:
                     direct.add(dfds[key], position, r.begin, r.end, CHUNK * itemsize(dtype))
                 else:
