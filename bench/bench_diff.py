@@ -129,7 +129,7 @@ def run_process(cmd: list[str], env: dict[str, str] | None = None) -> dict:
 
 
 def whole_process(base: Path, target: Path, root: Path, tol: float, repeats: int,
-                  naive_repeats: int) -> dict:
+                  naive_repeats: int, device: str = "cpu") -> dict:
     """``maskhub diff`` as a subprocess against the naive script as a subprocess, on the
     same pair with a warm page cache: medians of wall time, CPU and peak RSS."""
     files = sorted(base.glob("*.safetensors")) + sorted(target.glob("*.safetensors"))
@@ -145,7 +145,7 @@ def whole_process(base: Path, target: Path, root: Path, tol: float, repeats: int
         read_all(files)
         mh.append(run_process([str(BIN / "maskhub"), "diff", str(base), str(target), "--home",
                                str(home), "--name", f"p{i}-{time.time_ns()}", "--tol", str(tol),
-                               "--device", "cpu"]))
+                               "--device", device]))
         print(f"maskhub diff process {mh[-1]['wall_s']:.2f} s", file=sys.stderr)
     shutil.rmtree(home, ignore_errors=True)
 
@@ -264,9 +264,10 @@ def codec_rows(densities: list[float], n_params: int, workdir: Path) -> list[dic
     return rows
 
 
-def kernel_gbs(n: int = 1 << 27, density: float = 0.2) -> float:
-    """GB/s of input (both sides) of the CPU diff kernel alone, in memory, on one thread:
-    bf16 pairs of ``n`` entries with ``density`` updated (best of 3)."""
+def kernel_gbs(n: int = 1 << 27, density: float = 0.2, device: str = "cpu") -> float:
+    """GB/s of input (both sides) of the diff kernel alone, on host tensors in memory (on
+    one thread for the CPU; through pinned buffers and back for a GPU): bf16 pairs of ``n``
+    entries with ``density`` updated (best of 3)."""
     from maskhub.kernels.kernel import DiffKernel
 
     g = torch.Generator().manual_seed(0)
@@ -274,7 +275,8 @@ def kernel_gbs(n: int = 1 << 27, density: float = 0.2) -> float:
     b = a.clone()
     idx = torch.rand(n, generator=g) < density
     b[idx] = (a[idx].float() + 1e-3).to(torch.bfloat16)
-    kernel = DiffKernel(tol=1e-5, device="cpu")
+    kernel = DiffKernel(tol=1e-5, device=device)
+    kernel.run(a[:1024], b[:1024])  # CUDA context, streams and buffers: untimed
     best = math.inf
     for _ in range(3):
         t = time.perf_counter()
@@ -314,12 +316,18 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--device", default="cpu",
+                    help="cuda or cuda:N: the GPU report instead (maskhub on the GPU beside "
+                         "maskhub on the CPU and the naive script, same pair, same run)")
     ap.add_argument("--process-sizes", default="1,4",
                     help="GB per side of the pairs timed as whole processes (comma-separated; "
                          "empty: none)")
     args = ap.parse_args()
 
     compile_maskhub()  # as installed: no process pays for compiling maskhub's sources
+    if args.device != "cpu":
+        gpu_main(args)
+        return
     load = os.getloadavg()
     info = machine()
     root = Path(tempfile.mkdtemp(prefix="maskhub-bench-", dir=args.workdir))
@@ -371,6 +379,96 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    """The GPU report: the same pair diffed by maskhub on ``args.device`` and on the CPU,
+    beside the naive script, in process (warm and cold) and as whole processes."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU here")
+    load = os.getloadavg()
+    info = machine()
+    root = Path(tempfile.mkdtemp(prefix="maskhub-bench-gpu-", dir=args.workdir))
+    try:
+        base, target = make_pair(root, int(args.size_gb * GB), args.density)
+        warmup = root / "warmup.safetensors"
+        save_file({"w": torch.zeros(64, dtype=torch.bfloat16)}, str(warmup))
+        files = sorted(base.glob("*.safetensors")) + sorted(target.glob("*.safetensors"))
+        input_bytes = sum(f.stat().st_size for f in files)
+        drop_cache(files)
+        disk_s = read_all(files)
+        naive = run_worker("naive", str(base), str(target), str(root / "naive.pt"),
+                           str(args.tol))
+        (root / "naive.pt").unlink()
+        rows: dict[str, list[dict]] = {}
+        for device in ("cpu", args.device):
+            for i in range(args.repeats + 1):
+                cold = i == args.repeats
+                dropped = drop_cache(files) if cold else (read_all(files), 0)[1]
+                r = run_worker("maskhub", str(base), str(target), str(root / "home"),
+                               str(args.tol), str(warmup), device)
+                r["dropped_kb"] = dropped
+                rows.setdefault(f"{device} {'cold' if cold else 'warm'}", []).append(r)
+                print(f"maskhub {device} {'cold' if cold else 'warm'} {r['wall_s']:.2f} s",
+                      file=sys.stderr)
+        counts = {r["n_updated"] for rs in rows.values() for r in rs} | {naive["n_updated"]}
+        assert len(counts) == 1, f"masks disagree: {counts}"
+        kernels = {d: kernel_gbs(device=d) for d in ("cpu", args.device)}
+        process = {d: whole_process(base, target, root, args.tol, args.repeats, 1, d)
+                   for d in ("cpu", args.device)}
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    report = gpu_report(args, load, info, input_bytes, disk_s, naive, rows, kernels, process)
+    write_section(args.out, "bench_diff_gpu", report)
+    print(report)
+
+
+def gpu_report(args, load, info, input_bytes, disk_s, naive, rows, kernels, process) -> str:
+    """BENCHMARKS.md: maskhub on the GPU beside maskhub on the CPU and the naive script."""
+    def med(rs: list[dict]) -> dict:
+        return sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
+
+    dev = args.device
+    lines = [
+        f"## Diff on a GPU: `bench/bench_diff.py --device {dev}`", "",
+        f"One run of `bench/bench_diff.py --device {dev} --size-gb {args.size_gb:g}` "
+        f"(density {args.density:g}, tol {args.tol:g}). Machine: {info['cpu']}, "
+        f"{info['cores']} cores, {info['ram_gib']:.0f} GiB; GPU {info['gpu']}; torch "
+        f"{info['torch']}, numpy {info['numpy']}, numba {info['numba']}; load "
+        f"{load[0]:.2f} at the start. Pair: bf16, Llama-shaped, {input_bytes / GB:.2f} GB of "
+        f"input (both sides); the disk read it cold at {input_bytes / disk_s / GB:.2f} GB/s "
+        "(one thread, 16 MiB preads). Every row found the same number of updated entries.", "",
+        "In process (`Registry.diff`, the call behind `maskhub diff`, imports and JIT loaded "
+        "before timing; warm: median of the runs, page cache filled; cold: after "
+        "`posix_fadvise(DONTNEED)`):", "",
+        "| row | wall s | input GB/s | CPU s | peak RSS MiB |", "|---|---:|---:|---:|---:|",
+        f"| naive script (CPU torch, whole state dicts) | {naive['wall_s']:.2f} | "
+        f"{input_bytes / naive['wall_s'] / GB:.2f} | {naive['cpu_s']:.2f} | "
+        f"{naive['peak_kb'] / 1024:.0f} |",
+    ]
+    for key in ("cpu warm", f"{dev} warm", "cpu cold", f"{dev} cold"):
+        r = med(rows[key])
+        runs = ", ".join(f"{x['wall_s']:.2f}" for x in rows[key])
+        lines.append(f"| maskhub `--device {key.split()[0]}`, {key.split()[1]} ({runs}) | "
+                     f"{r['wall_s']:.2f} | {input_bytes / r['wall_s'] / GB:.2f} | "
+                     f"{r['cpu_s']:.2f} | {r['peak_kb'] / 1024:.0f} |")
+    lines += [
+        "", "Diff kernel alone on host bf16 tensors of 2^27 entries (best of 3; the GPU "
+        "figure includes the copies to the GPU and the packed bits' way back): "
+        + ", ".join(f"{d}: {g:.2f} GB/s" for d, g in kernels.items()) + ".", "",
+        "Whole process, warm page cache (`maskhub diff ... --device D` spawned and timed "
+        "from outside, start-up and CUDA initialisation included; median of the runs):", "",
+        "| row | wall s | CPU s | peak RSS MiB | runs (s) |", "|---|---:|---:|---:|---|",
+        f"| naive script | {process['cpu']['naive']['wall_s']:.2f} | "
+        f"{process['cpu']['naive']['cpu_s']:.2f} | "
+        f"{process['cpu']['naive']['peak_mib']:.0f} | |",
+    ]
+    for d, p in process.items():
+        m = p["maskhub"]
+        lines.append(f"| `maskhub diff --device {d}` | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | "
+                     f"{m['peak_mib']:.0f} | {', '.join(f'{x:.2f}' for x in p['maskhub_runs'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def process_report(process: list[dict], ranks: list[dict]) -> str:

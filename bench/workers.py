@@ -55,8 +55,9 @@ def naive(base: Path, target: Path, out: Path, tol: float) -> dict:
             "n_updated": n_updated, "stored_bytes": out.stat().st_size}
 
 
-def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> dict:
-    """``Registry.diff``, the library call behind ``maskhub diff``."""
+def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path,
+            device: str = "cpu") -> dict:
+    """``Registry.diff``, the library call behind ``maskhub diff``, on ``device``."""
     import maskhub.diff.run as diff_run
     import maskhub.registry.api as api
 
@@ -72,7 +73,7 @@ def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> d
     run_diff = diff_run.run_diff
     diff_run.run_diff = timed_run_diff
     reg = api.Registry(home)
-    reg.diff(warmup, warmup, name=f"warmup-{time.time_ns()}", tol=tol, device="cpu")
+    reg.diff(warmup, warmup, name=f"warmup-{time.time_ns()}", tol=tol, device=device)
     import numpy as np
 
     from maskhub.kernels.kernel import DiffKernel
@@ -81,7 +82,7 @@ def maskhub(base: Path, target: Path, home: Path, tol: float, warmup: Path) -> d
     DiffKernel(tol=tol, backend="numba").run_raw(tiny, tiny, "bfloat16", "bfloat16", 32)
     before = _status_kb("VmRSS")
     t0, c0 = time.perf_counter(), _cpu_s()
-    mask = reg.diff(base, target, name=f"bench-{time.time_ns()}", tol=tol, device="cpu")
+    mask = reg.diff(base, target, name=f"bench-{time.time_ns()}", tol=tol, device=device)
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     stats = [(t.numel, t.n_updated) for t in mask.tensor_stats()]
     stored = sum(p.stat().st_size for p in mask.path.rglob("*") if p.is_file())
@@ -97,5 +98,5 @@ if __name__ == "__main__":
         result = naive(Path(args[0]), Path(args[1]), Path(args[2]), float(args[3]))
     else:
         result = maskhub(Path(args[0]), Path(args[1]), Path(args[2]), float(args[3]),
-                         Path(args[4]))
+                         Path(args[4]), *args[5:6])
     print(json.dumps(result))
