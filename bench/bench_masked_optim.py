@@ -17,6 +17,13 @@ mode, the most alive at once inside the backward hooks, dense plus the compact g
 gathered so far, which live until the step), and optimizer state (moments,
 masters, indices, mask bits, snapshot). Step time: median over ``--steps`` steps after one
 warm-up step.
+
+``--device cuda`` (or ``cuda:N``): the model, the batches, the optimizer state and what
+``apply_mask``/``MaskedAdamW`` build (mask bits, θ0 snapshot, indices, compact moments) live
+on that GPU; step timers are read after ``torch.cuda.synchronize()``, and each mode's
+``torch.cuda.max_memory_allocated()`` (reset before its model is built) is reported beside
+the tensor count. The section is then written under the key ``bench_masked_optim-cuda``, so
+it sits beside the CPU section instead of replacing it.
 """
 
 from __future__ import annotations
@@ -34,12 +41,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from model_size import add_model_args, model_config  # noqa: E402
 from report import write_section  # noqa: E402
+from torch_device import (  # noqa: E402
+    add_device_arg,
+    device_name,
+    peak,
+    reset_peak,
+    resolve_device,
+    sync,
+)
 
 from maskhub.demo.tinymodel import TinyConfig, TinyLlama, synthetic_batches  # noqa: E402
 from maskhub.torch import DictMask, MaskedAdamW, apply_mask  # noqa: E402
 
 MODES = ("dense", "apply_mask", "masked", "masked-fused")
 MB = 1 << 20
+CPU = torch.device("cpu")
 
 
 def nbytes(tensors) -> int:
@@ -54,11 +70,14 @@ def masks_for(model: torch.nn.Module, density: float) -> dict[str, np.ndarray]:
             for n, p in model.named_parameters()}
 
 
-def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches, steps: int
-        ) -> dict:
-    """Train ``steps + 1`` steps in ``mode``; return memory (bytes) and median step time."""
+def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches, steps: int,
+        device: torch.device = CPU) -> dict:
+    """Train ``steps + 1`` steps in ``mode``; return memory (bytes) and median step time
+    (on CUDA also ``cuda_peak``: max_memory_allocated, and ``cuda_base``: what was allocated
+    before the model was built)."""
+    cuda_base = reset_peak(device)
     torch.manual_seed(0)
-    model = TinyLlama(cfg).to(dtype)
+    model = TinyLlama(cfg).to(dtype).to(device)
     masks = masks_for(model, density)
     low = dtype != torch.float32
     peak_grads = [0]
@@ -106,6 +125,7 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
             with torch.no_grad():
                 for p, m in zip(model.parameters(), masters, strict=True):
                     p.copy_(m.to(dtype))
+        sync(device)
         if i:
             times.append(time.perf_counter() - t)
     if mode in ("masked", "masked-fused"):
@@ -117,7 +137,8 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
             extra = sum(handle.memory().values())
             handle.remove()
     params = nbytes(model.parameters())
-    return {"params": params, "grads": peak_grads[0], "state": state + extra,
+    cuda = {"cuda_peak": peak(device), "cuda_base": cuda_base} if device.type == "cuda" else {}
+    return {**cuda, "params": params, "grads": peak_grads[0], "state": state + extra,
             "total": params + peak_grads[0] + state + extra,
             "step_s": statistics.median(times), "n": sum(p.numel() for p in model.parameters())}
 
@@ -129,46 +150,72 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     ap.add_argument("--densities", default="0.05,0.2,0.3")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    add_device_arg(ap)
     args = ap.parse_args()
+    device = resolve_device(args.device, "bench_masked_optim")
+    cuda = device.type == "cuda"
     cfg = model_config(args, max_len=args.seq)
-    batches = synthetic_batches(cfg, args.steps + 1, batch=args.batch, seq=args.seq, seed=1)
+    batches = [b.to(device) for b in synthetic_batches(cfg, args.steps + 1, batch=args.batch,
+                                                       seq=args.seq, seed=1)]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for density in (float(d) for d in args.densities.split(",")):
             base = None
             for mode in MODES:
-                r = run(mode, dtype, density, cfg, batches, args.steps)
+                r = run(mode, dtype, density, cfg, batches, args.steps, device)
                 base = base or r
                 rows.append((dtype, density, mode, r, base))
                 print(f"{dtype} d={density} {mode}: total {r['total'] / MB:.0f} MiB, state "
-                      f"{r['state'] / MB:.0f} MiB, step {r['step_s']:.2f} s", file=sys.stderr)
+                      f"{r['state'] / MB:.0f} MiB, step {r['step_s']:.2f} s"
+                      + (f", CUDA peak {r['cuda_peak'] / MB:.0f} MiB" if cuda else ""),
+                      file=sys.stderr)
     n = rows[0][3]["n"]
+    where = (f"on one {device_name(device)} (`{device}`, torch {torch.__version__})" if cuda
+             else "on this 2-core CPU")
     lines = [
-        "## Masked optimizer: `bench/bench_masked_optim.py` (issue 12)", "",
+        "## Masked optimizer: `bench/bench_masked_optim.py` (issue 12)"
+        + (f", {device_name(device)}" if cuda else ""), "",
         f"One run of `.venv/bin/python bench/bench_masked_optim.py --hidden {args.hidden} "
         f"--layers {args.layers} --inter {args.inter} --vocab {args.vocab} --batch "
-        f"{args.batch} --seq {args.seq} --steps {args.steps}` on this 2-core CPU: TinyLlama of "
+        f"{args.batch} --seq {args.seq} --steps {args.steps}"
+        + (f" --device {args.device}" if cuda else "")
+        + f"` {where}: TinyLlama of "
         f"{n / 1e6:.1f} M parameters, AdamW (weight decay 0.1), random mask per matrix (norms "
         "frozen). Memory counted from the tensors: parameters + the gradients alive at their "
         "peak + optimizer state (moments, fp32 masters, indices; for apply_mask also its mask "
         "bits and θ0 snapshot). Ratios against dense AdamW (bf16: with fp32 masters of every "
-        "entry) in the same run.", "",
+        "entry) in the same run."
+        + (" CUDA peak: `torch.cuda.max_memory_allocated()` over the mode's run (reset, after "
+           "freeing the previous mode's model, before its model is built; it includes the "
+           "activations and the allocator's temporaries, which the tensor count does not); "
+           "step times read after `torch.cuda.synchronize()`." if cuda else ""), "",
         "| dtype | density | mode | params MiB | grads MiB | state MiB | total MiB | state / "
-        "dense | total / dense | step (s) | step / dense |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "dense | total / dense | step (s) | step / dense |"
+        + (" CUDA peak MiB | peak / dense |" if cuda else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
+    step_fmt = ".4f" if cuda else ".2f"
     for dtype, density, mode, r, base in rows:
         lines.append(
             f"| {str(dtype).removeprefix('torch.')} | {density:g} | {mode} | "
             f"{r['params'] / MB:.0f} | {r['grads'] / MB:.0f} | {r['state'] / MB:.0f} | "
             f"{r['total'] / MB:.0f} | {r['state'] / base['state']:.3f} | "
-            f"{r['total'] / base['total']:.3f} | {r['step_s']:.2f} | "
-            f"{r['step_s'] / base['step_s']:.2f} |")
-    lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, bf16 "
-              "with masters, <= 0.4x dense; step <= 1.1x dense at d = 0.2 on CPU. No GPU was "
-              "lent to this session: no GPU figures.", ""]
+            f"{r['total'] / base['total']:.3f} | {r['step_s']:{step_fmt}} | "
+            f"{r['step_s'] / base['step_s']:.2f} |"
+            + (f" {r['cuda_peak'] / MB:.0f} | {r['cuda_peak'] / base['cuda_peak']:.3f} |"
+               if cuda else ""))
+    if cuda:
+        lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
+                  "bf16 with masters, <= 0.4x dense; step <= 1.1x dense at d = 0.2 on CPU (this "
+                  f"run: {device_name(device)}). Allocated before each model was built (the "
+                  f"batches): at most {max(r['cuda_base'] for *_, r, _ in rows) / MB:.1f} MiB.",
+                  ""]
+    else:
+        lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
+                  "bf16 with masters, <= 0.4x dense; step <= 1.1x dense at d = 0.2 on CPU. No "
+                  "GPU was lent to this session: no GPU figures.", ""]
     report = "\n".join(lines)
-    write_section(args.out, "bench_masked_optim", report)
+    write_section(args.out, "bench_masked_optim-cuda" if cuda else "bench_masked_optim", report)
     print(report)
 
 
