@@ -287,6 +287,26 @@ def test_invalid_device_spec(spec: str, tmp_path: Path) -> None:
         "as 0)")
 
 
+def test_auto_reads_checkpoints_on_the_cpu_when_a_gpu_is_there(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """On a GPU node, the default device of the streaming commands is the CPU (faster there:
+    BENCHMARKS.md, "Diff on a GPU"). Here torch is a CPU build told that CUDA is available:
+    any CUDA call would fail, so each command succeeding shows that none was made."""
+    from maskhub.kernels import device
+
+    monkeypatch.setattr(device, "gpu_may_exist", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda" and device.resolve_stream_device("auto") == "cpu"
+    assert device.resolve_stream_device("cuda") == "cuda"
+    base, target, _ = make_pair(tmp_path)
+    ok("diff", str(base), str(target), "--name", "auto-on-gpu-node")
+    ok("trajectory", str(base), str(target), "--name", "traj-on-gpu-node")
+    ok("compare", str(base), str(target))
+    ok("verify", "auto-on-gpu-node", str(base), str(target), "--tol", "mask")
+
+
 def test_valid_device_spec_without_or_beyond_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="^--device cuda:0 was asked for but no CUDA GPU is "

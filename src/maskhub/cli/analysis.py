@@ -23,7 +23,8 @@ from maskhub.cli.common import (
 @click.option("--name", help="Base name of the two registered masks (NAME-final, NAME-ever).")
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Updated iff |θk - θj| > tol.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (= cpu: faster than a GPU for reading checkpoints), cpu or cuda[:N].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also write a PNG: sparsity against step, and the split.")
 @click.option("--algorithm", help="RL algorithm of the run (recorded on both masks).")
@@ -91,7 +92,8 @@ def trajectory(checkpoints: tuple[str, ...], name: str | None, tol: float, devic
 @click.option("--mask", "mask_ref", help="Also count inside and outside this registered mask.")
 @click.option("--tol", "tols", type=float, multiple=True,
               help="Equal iff |A - B| <= tol (repeatable; default 1e-5).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (= cpu: faster than a GPU for reading checkpoints), cpu or cuda[:N].")
 @click.option("--allow-missing", is_flag=True,
               help="Skip (with a warning) tensors present on one side only.")
 @json_option

@@ -64,7 +64,8 @@ def _print_mask_line(mask: Mask, verb: str) -> None:
 @click.option("--sweep", help="Comma-separated extra tolerances whose per-tensor counts are "
               "recorded in the same pass, e.g. 0,1e-8,1e-7,1e-6,1e-5.")
 @click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when available), cpu, or cuda[:N].")
+              help="auto (the CPU: checkpoint reads are faster there than through a GPU), cpu, "
+              "or cuda[:N].")
 @click.option("--allow-missing", is_flag=True,
               help="Skip (with a warning) tensors present on one side only.")
 @click.option("--base-model", help="Name to record for the base (default: repo id or path).")

@@ -29,7 +29,8 @@ from maskhub.errors import UsageError
               "guarantee; 'mask': the tolerance the mask was made with, to check a full run "
               "against its own mask).")
 @click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when available), cpu, or cuda[:N].")
+              help="auto (the CPU: checkpoint reads are faster there than through a GPU), cpu, "
+              "or cuda[:N].")
 @click.option("--allow-missing", is_flag=True,
               help="Skip (with a warning) tensors not present in the mask and both checkpoints.")
 @click.option("--all", "show_all", is_flag=True,

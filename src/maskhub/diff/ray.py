@@ -33,7 +33,7 @@ from maskhub.core.raytasks import (  # noqa: F401  (plan_groups, MAX_RETRIES: te
 )
 from maskhub.diff.pipeline import DiffOutcome, run_diff
 from maskhub.errors import CheckpointMismatchError, UsageError
-from maskhub.kernels.device import cuda_available, resolve_device
+from maskhub.kernels.device import cuda_available, resolve_stream_device
 from maskhub.kernels.kernel import DiffKernel
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.progress import ProgressFn
@@ -52,7 +52,7 @@ def driver_device(device: str) -> str:
     """Check ``device`` (auto, cpu, cuda[:N]) without requiring a GPU on the driver; return
     the device for work done on the driver itself."""
     if device in ("auto", "cpu"):
-        return resolve_device(device)
+        return resolve_stream_device(device)
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return "cuda" if cuda_available() else "cpu"
     raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
@@ -97,7 +97,7 @@ def diff_group(base_spec: str, target_spec: str, expect: dict[str, tuple], store
                     f"tensor {name!r} differs between the driver's and the Ray worker's view "
                     f"of the checkpoints (on {socket.gethostname()}): give paths that every "
                     "node reaches on a shared filesystem, or Hub repo ids", name)
-        dev = resolve_device("cuda" if device.startswith("cuda") else device)
+        dev = resolve_stream_device("cuda" if device.startswith("cuda") else device)
         kernel = DiffKernel(tol=tol, sweep=sweep, device=dev)
         writer = MaskWriter(store, create=False)
         outcome = run_diff(base_ck, target_ck, list(expect), kernel, writer, patch=patch)
@@ -123,7 +123,7 @@ def ray_diff(address: str | None, base: Checkpoint, target: Checkpoint, names: S
     gpus = int(resources.get("GPU", 0))
     if device.startswith("cuda") and gpus == 0:
         raise UsageError(f"--device {device} was asked for but the Ray cluster has no GPU")
-    use_gpu = device != "cpu" and gpus > 0
+    use_gpu = device.startswith("cuda") and gpus > 0  # auto reads on CPUs: resolve_stream_device
     slots = gpus if use_gpu else max(1, int(resources.get("CPU", 1)))
     sizes = [base.tensors[n].nbytes + target.tensors[n].nbytes for n in names]
     groups = plan_groups(sizes, slots * TASKS_PER_SLOT)

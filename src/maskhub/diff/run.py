@@ -24,7 +24,7 @@ from maskhub.core.provenance import model_name, timestamp
 from maskhub.core.record import MaskRecord
 from maskhub.diff.pipeline import run_diff
 from maskhub.errors import UsageError
-from maskhub.kernels.device import resolve_device
+from maskhub.kernels.device import resolve_device, resolve_stream_device
 from maskhub.kernels.kernel import DiffKernel, backend_for, check_tolerance
 from maskhub.kernels.patchbits import can_convert
 from maskhub.kernels.precision import check_budget, settle_null
@@ -91,7 +91,7 @@ def diff(
 
         dev = driver_device(device)  # "cuda" is checked on the workers' nodes
     else:
-        dev = resolve_device(device)
+        dev = resolve_stream_device(device)
     with ExitStack() as session:
         if ray is None and not (rank or stats) and home.index.writable and \
                 _small(base, target):
@@ -177,8 +177,11 @@ def _diff(home: Home, base: str | os.PathLike[str], target: str | os.PathLike[st
             if rank or stats:
                 from maskhub.diff.analysis import analyze_checkpoints  # imports torch
 
+                # SVDs are compute-bound: under auto they take the GPU when there is one
+                analysis_dev = resolve_device(device) if device == "auto" else dev
                 analysis = analyze_checkpoints(base_ck, target_ck, names, rank=rank,
-                                               stats=stats, device=dev, progress=checked)
+                                               stats=stats, device=analysis_dev,
+                                               progress=checked)
             meta = MaskMetadata(
                 id=mask_id, name=name, base_model=base_name, target_model=target_name,
                 base_revision=base_ck.revision, target_revision=target_ck.revision,

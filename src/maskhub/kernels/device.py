@@ -60,6 +60,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_stream_device(device: str) -> str:
+    """The device of a streaming pass over checkpoint files (diff, trajectory, compare,
+    verify): ``auto`` → ``cpu``; an explicit ``cpu``/``cuda[:N]`` is checked as by
+    :func:`resolve_device`, and honoured.
+
+    Such a pass is bound by reading host memory, not by arithmetic: every byte goes from the
+    page cache through the CPU whatever the device, and the GPU path adds a copy into pinned
+    buffers and the PCIe round trip. Measured on an H200 node with 16 cores (BENCHMARKS.md,
+    "Diff on a GPU"): a 4 GB pair took 0.75-1.73 s on the CPU against 3.80-4.74 s on the GPU
+    in process, and 2.61 s against 9.85 s as whole processes (CUDA start-up included). So
+    ``auto`` keeps the CPU, and does not pay torch's import for the question; compute-bound
+    work (``--rank``'s SVDs) still takes the GPU under ``auto`` (:func:`resolve_device`).
+    """
+    return "cpu" if device == "auto" else resolve_device(device)
+
+
 def is_cuda(device: str) -> bool:
     """Whether a resolved device string names a CUDA device."""
     return device == "cuda" or device.startswith("cuda:")

@@ -493,10 +493,10 @@ class Registry(Home):
                                         algorithm=algorithm, seed=seed, dataset=dataset,
                                         tags=tags, progress=progress)
         from maskhub.analytics.trajectory import run_trajectory
-        from maskhub.kernels.device import resolve_device
+        from maskhub.kernels.device import resolve_stream_device
 
         return run_trajectory(self, checkpoints, name=name, tol=tol,
-                              device=resolve_device(device), algorithm=algorithm, seed=seed,
+                              device=resolve_stream_device(device), algorithm=algorithm, seed=seed,
                               dataset=dataset, tags=tags, progress=progress)
 
     def compare(self, a: str | os.PathLike[str], b: str | os.PathLike[str], *,
@@ -509,10 +509,10 @@ class Registry(Home):
         of ``tols``, overall and inside / outside ``mask`` (a name, id prefix or
         :class:`Mask`). Registers nothing. See :mod:`maskhub.analytics.compare`."""
         from maskhub.analytics.compare import compare
-        from maskhub.kernels.device import resolve_device
+        from maskhub.kernels.device import resolve_stream_device
 
         source = self.get(mask) if isinstance(mask, str) else mask
-        return compare(a, b, mask=source, tols=tols, device=resolve_device(device),
+        return compare(a, b, mask=source, tols=tols, device=resolve_stream_device(device),
                        allow_missing=allow_missing, progress=progress, warn=warn)
 
     # -- Hugging Face Hub (maskhub.hub) ---------------------------------------------------
@@ -579,7 +579,7 @@ class Registry(Home):
         with (a full run checked against its own mask). The default 0 is the exact-mode
         guarantee: nothing outside the mask changed at all. See
         :mod:`maskhub.training.verify`."""
-        from maskhub.kernels.device import resolve_device
+        from maskhub.kernels.device import resolve_stream_device
         from maskhub.kernels.kernel import check_tolerance
         from maskhub.training.verify import mask_tolerance, verify_mask
 
@@ -591,5 +591,5 @@ class Registry(Home):
                                  "tolerance); give a number")
             tol = own
         check_tolerance(tol)
-        return verify_mask(source, base, trained, tol=tol, device=resolve_device(device),
+        return verify_mask(source, base, trained, tol=tol, device=resolve_stream_device(device),
                            allow_missing=allow_missing, progress=progress, warn=warn)
