@@ -404,3 +404,24 @@ def test_masked_optimizer_in_a_real_trl_dpo_trainer(tmp_path) -> None:
                          optimizers=masked_optimizer(model, masks, args))
     trainer.train()
     assert_moved_only_inside(model, masks, theta0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_dropped_model_and_optimizer_are_freed(fused: bool) -> None:
+    """The fused-backward hooks sit on the model's parameters; they must not keep the model
+    and the optimizer alive once the user drops both (found on a GPU, where each run of a
+    sweep in one process kept its model's memory)."""
+    import gc
+    import weakref
+
+    def train() -> tuple[list[weakref.ref], weakref.ref]:
+        model = TinyLlama(CFG)
+        opt = MaskedAdamW(model, planted_mask(model), lr=1e-3, fused_backward=fused)
+        opt.zero_grad()
+        model.loss(batches(1)[0]).backward()
+        opt.step()
+        return [weakref.ref(p) for p in model.parameters()], weakref.ref(opt)
+
+    params, opt = train()
+    gc.collect()
+    assert opt() is None and all(p() is None for p in params)

@@ -21,6 +21,7 @@ AdamW.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -111,9 +112,18 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                         self._hook(target)))
 
     def _hook(self, target: torch.Tensor) -> Callable[[Any], None]:
+        # Weak references: the hook lives on the model's parameter, and a strong one to the
+        # optimizer (whose state holds the parameter) made a cycle through torch's C hook
+        # table that gc cannot see, so a dropped model and optimizer were never freed (their
+        # GPU memory with them). Once the optimizer is gone the hook does nothing.
+        opt_ref, target_ref = weakref.ref(self), weakref.ref(target)
+
         def on_grad(param: torch.Tensor) -> None:
+            opt, tgt = opt_ref(), target_ref()
+            if opt is None or tgt is None:
+                return
             with torch.no_grad():
-                self._gather(target)
+                opt._gather(tgt)
             param.grad = None  # the dense gradient is freed as soon as it is gathered
         return on_grad
 
@@ -177,8 +187,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                        self._targets.values()):
             raise UsageError("clip_grad_norm_ of MaskedAdamW does not reduce across FSDP2 "
                              "shards yet")
-        if self.fused_backward:
-            grads = list(self._compact_grads.values())
+        if self.fused_backward:  # in the parameters' order (not backward's), as below: the
+            # same sum, to the last bit, with or without fused_backward
+            grads = [self._compact_grads[k] for k in self._targets if k in self._compact_grads]
         else:
             grads = [param.grad.reshape(-1).index_select(0, idx)
                      for param, idx in self._targets.values() if param.grad is not None]
