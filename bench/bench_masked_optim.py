@@ -137,7 +137,8 @@ def run(mode: str, dtype: torch.dtype, density: float, cfg: TinyConfig, batches,
             extra = sum(handle.memory().values())
             handle.remove()
     params = nbytes(model.parameters())
-    cuda = {"cuda_peak": peak(device), "cuda_base": cuda_base} if device.type == "cuda" else {}
+    cuda = ({"cuda_peak": peak(device) - cuda_base, "cuda_base": cuda_base}
+            if device.type == "cuda" else {})
     return {**cuda, "params": params, "grads": peak_grads[0], "state": state + extra,
             "total": params + peak_grads[0] + state + extra,
             "step_s": statistics.median(times), "n": sum(p.numel() for p in model.parameters())}
@@ -185,9 +186,10 @@ def main() -> None:
         "peak + optimizer state (moments, fp32 masters, indices; for apply_mask also its mask "
         "bits and θ0 snapshot). Ratios against dense AdamW (bf16: with fp32 masters of every "
         "entry) in the same run."
-        + (" CUDA peak: `torch.cuda.max_memory_allocated()` over the mode's run (reset, after "
-           "freeing the previous mode's model, before its model is built; it includes the "
-           "activations and the allocator's temporaries, which the tensor count does not); "
+        + (" CUDA peak: `torch.cuda.max_memory_allocated()` over the mode's run less what was "
+           "allocated before its model was built (reset after freeing the previous mode's "
+           "model; it includes the activations and the allocator's temporaries, which the "
+           "tensor count does not); "
            "step times read after `torch.cuda.synchronize()`." if cuda else ""), "",
         "| dtype | density | mode | params MiB | grads MiB | state MiB | total MiB | state / "
         "dense | total / dense | step (s) | step / dense |"
@@ -208,7 +210,7 @@ def main() -> None:
         lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
                   "bf16 with masters, <= 0.4x dense; step <= 1.1x dense at d = 0.2 on CPU (this "
                   f"run: {device_name(device)}). Allocated before each model was built (the "
-                  f"batches): at most {max(r['cuda_base'] for *_, r, _ in rows) / MB:.1f} MiB.",
+                  f"batches, and anything a previous mode left): at most {max(r['cuda_base'] for *_, r, _ in rows) / MB:.1f} MiB.",
                   ""]
     else:
         lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
