@@ -210,7 +210,8 @@ def main() -> None:
         lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
                   "bf16 with masters, <= 0.4x dense; step <= 1.1x dense at d = 0.2 on CPU (this "
                   f"run: {device_name(device)}). Allocated before each model was built (the "
-                  f"batches, and anything a previous mode left): at most {max(r['cuda_base'] for *_, r, _ in rows) / MB:.1f} MiB.",
+                  "batches, and anything a previous mode left): at most "
+                  f"{max(r['cuda_base'] for *_, r, _ in rows) / MB:.1f} MiB.",
                   ""]
     else:
         lines += ["", "Targets (issue 12): state <= (1.5·d + 0.02)x dense; total at d = 0.2, "
