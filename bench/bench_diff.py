@@ -556,8 +556,7 @@ def build_report(args, load, info, input_bytes, dropped_kb, cold_dropped_kb, dis
         f"- Load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min). "
         "Other jobs shared these 2 cores during the run, so timings are noisy; the figures "
         "are those of this run.",
-        "- GPU: no GPU run was recorded (no CUDA device in this session); the CUDA path is "
-        "covered by tests that skip without CUDA.", "",
+        "- GPU: `--device cuda` writes the GPU report, section \"Diff on a GPU\".", "",
         "### Side by side", "",
         f"Checkpoint pair: bf16, Llama-shaped, {len(warm['tensors'])} tensors, "
         f"{n_params / 1e9:.2f} G parameters, {input_bytes / GB:.2f} GB of input (both sides), "
