@@ -150,3 +150,24 @@ def test_apply_mask_on_cuda_freezes_exactly_and_equals_masked_adamw(dtype) -> No
         for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(),
                                      strict=True):
             assert torch.equal(a, b), name
+
+
+def test_a_dropped_fused_optimizer_gives_its_gpu_memory_back() -> None:
+    """A sweep of runs in one process: each dropped model and MaskedAdamW(fused_backward)
+    must free its GPU memory (they leaked through the backward hooks before)."""
+    import gc
+
+    def run() -> None:
+        model = TinyLlama(CFG).cuda()
+        opt = MaskedAdamW(model, _masks(model), lr=1e-3, fused_backward=True)
+        for ids in synthetic_batches(CFG, 2, batch=4, seq=12, seed=3):
+            opt.zero_grad()
+            model.loss(ids.cuda()).backward()
+            opt.step()
+
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        run()
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
