@@ -291,13 +291,17 @@ def _dist_worker(rank: int, port: int, masks_file: str, out: str) -> None:
         train(model, DistributedDataParallel(model), opt)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
                    f"{out}/ddp-{rank}.pt")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         torch.manual_seed(0)
         model = TinyLlama(CFG)
+        # A CPU mesh: without one, FSDP2 puts the shards on the GPU when one is visible
+        # (seen on an H200), while this test's gloo ranks and batches are on the CPU.
+        mesh = init_device_mesh("cpu", (2,))
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         opt = MaskedAdamW(model, masks, lr=3e-3, weight_decay=0.1)  # on the shards
         train(model, model, opt)
         torch.save({n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},

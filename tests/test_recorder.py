@@ -157,6 +157,7 @@ class _Odd(torch.nn.Module):
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -165,7 +166,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
     try:
         torch.manual_seed(0)
         model = _Odd()
-        fully_shard(model)
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))  # gloo: not the GPU's mesh
         full = {n: p.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             save_file(full, f"{out}/base.safetensors")

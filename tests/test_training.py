@@ -483,10 +483,13 @@ def _dist_worker(rank: int, world: int, port: int, store: str, out: str) -> None
             info["fsdp"] = {"skip": f"this torch has no torch.distributed.fsdp.fully_shard "
                             f"({exc})"}
         else:
+            from torch.distributed.device_mesh import init_device_mesh
+
             model = tiny_model()
+            mesh = init_device_mesh("cpu", (2,))  # gloo ranks: not the GPU when one is seen
             for block in model.model.layers:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             info["fsdp"] = run(model)
             full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
             torch.save(full, out_dir / f"fsdp-{rank}.pt")
