@@ -203,8 +203,7 @@ class _Preparation:
         self._found: Future[MaskRecord] = Future()
         self._go: Future[bool] = Future()
         self._staged = pool.submit(self._stage, ref)
-        self._pool = pool
-        self._checked: Future[None] | None = None
+        self._checked = pool.submit(self._validate)  # next on the worker, once staged
 
     def _stage(self, ref: str) -> tuple[MaskRecord, Path] | None:
         """(worker) Find the mask; once :meth:`proceed` says so, stage its tensors.parquet
@@ -233,6 +232,15 @@ class _Preparation:
             raise
         return mask, stage
 
+    def _validate(self) -> None:
+        """(worker) Validate the staged mask's store (nothing when the staging failed)."""
+        try:
+            done = self._staged.result()
+        except BaseException:
+            return
+        if done is not None:
+            done[0].store.validate()
+
     def proceed(self, ok: bool) -> None:
         """Tell the worker whether to stage (False: the main thread's checks failed)."""
         if not self._go.done():
@@ -243,16 +251,14 @@ class _Preparation:
         self._found.result()
 
     def staged(self) -> tuple[MaskRecord, Path]:
-        """``(mask, staging directory)``, waiting for the worker; then starts validating the
-        store on it (:meth:`validated`)."""
+        """``(mask, staging directory)``, waiting for the worker (which then validates the
+        store, :meth:`validated`)."""
         done = self._staged.result()
         assert done is not None
-        self._checked = self._pool.submit(done[0].store.validate)
         return done
 
     def validated(self) -> None:
         """Wait for the store's validation; raise its error."""
-        assert self._checked is not None
         self._checked.result()
 
     def discard(self) -> None:
@@ -262,11 +268,10 @@ class _Preparation:
             done = self._staged.result()
         except BaseException:
             return
-        if self._checked is not None:
-            try:
-                self._checked.result()
-            except BaseException:
-                pass
+        try:
+            self._checked.result()
+        except BaseException:
+            pass
         if done is not None:
             remove_tree(done[1])
 
@@ -314,11 +319,12 @@ def _push(registry: Home, prep: _Preparation, repo_id: str, *, private: bool = F
         prep.lookup_error()  # a mask that is not found wins, as it always did
         raise
     prep.proceed(True)
-    mask, stage = prep.staged()  # the store is validated on the worker meanwhile
+    # huggingface_hub's client is imported and built while the worker stages and validates
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     branch = revision or "main"
     api = hf_api(token)
+    mask, stage = prep.staged()
     try:
         prep.validated()  # never publish a store that disagrees with its own metadata
         with _write_errors(repo_id, branch):
