@@ -338,6 +338,7 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
                         raise NameTakenError(name)
                     local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
                 except BaseException:
+                    wait([checking])  # (a Ctrl-C may come while the worker still reads tmp)
                     remove_tree(tmp)
                     remove_tree(side)
                     raise
