@@ -236,3 +236,35 @@ def test_tools_work_on_gap_coded_masks(tmp_path: Path) -> None:
     again = other.add(ma.path, name="a-again", base_model="base")
     for k in shapes:
         assert np.array_equal(again.store.unpacked(k), a[k])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_of_bytes_is_the_count_of_the_array(seed: int) -> None:
+    """A push or a pull counts gap codes as bytes, without numpy: same count, same checks."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random(int(rng.integers(1, 300_000))) < rng.choice([0.001, 0.02, 0.1])
+    mask[-1] = bool(seed % 2)
+    codes = gapcode.encode(np.packbits(mask, bitorder="little"), mask.size)
+    for numel in (mask.size, mask.size + 7, int(np.flatnonzero(mask)[-1]) if mask.any() else 0):
+        for form in (codes, codes.tobytes(), bytearray(codes.tobytes()),
+                     memoryview(codes.tobytes())):
+            try:
+                want: int | str = gapcode.count(codes, numel)
+            except gapcode.GapCodeError as exc:
+                want = str(exc)
+            try:
+                got: int | str = gapcode.count(form, numel)
+            except gapcode.GapCodeError as exc:
+                got = str(exc)
+            assert got == want
+    with pytest.raises(gapcode.GapCodeError, match="escape byte"):
+        gapcode.count(b"\x01\xff", 1000)
+    assert gapcode.count(b"", 10) == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 65_521, 1 << 20])
+def test_byte_sum_is_exact(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for data in (rng.integers(0, 256, n, dtype=np.uint8), np.full(n, 255, np.uint8)):
+        assert gapcode.byte_sum(data.tobytes()) == int(data.sum(dtype=np.int64))
+        assert gapcode.byte_sum(bytearray(data.tobytes())) == int(data.sum(dtype=np.int64))

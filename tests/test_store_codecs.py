@@ -11,7 +11,10 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
+from maskhub.errors import MaskStoreError
+from maskhub.kernels.bitcount import count_bytes, count_entries
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
+from maskhub.storage import zstdframe
 from maskhub.storage.store import (
     CHUNK_BYTES,
     ZSTD_LEVEL,
@@ -118,3 +121,45 @@ def test_stored_size_tracks_the_entropy_bound(tmp_path: Path, density: float,
                                 {"shape": [n], "bitorder": "little"})
     ratio = stored * 8 / (n * _entropy_bits(float(mask.mean())))
     assert ratio <= bound, ratio
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_validation_counts_the_same_with_or_without_numpy(tmp_path: Path, plain: bool,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A push or a pull validates without numpy (``int.bit_count`` on the decoded chunks,
+    byte sums of the gap codes): the same counts, and the same refusal of a flipped bit, as
+    numpy's (forced here either way: the test process has numpy loaded)."""
+    import maskhub.storage.store as store_module
+
+    monkeypatch.setattr(store_module, "plain_count", lambda nbytes: plain)
+    # several chunks per tensor: the writer's default chunk size, made 1 KiB
+    monkeypatch.setattr(store_module.packed_array_files, "__defaults__", (1 << 10, None))
+    rng = np.random.default_rng(2)
+    tensors = {f"t{i}": rng.random(shape) < p for i, (shape, p) in enumerate(
+        [((97, 41), 0.3), ((5000,), 0.02), ((3, 3), 0.5), ((8192 * 4 + 5,), 0.9), ((13,), 0.0)])}
+    _write_store(tmp_path / "m.zarr", tensors)
+    store = MaskStore(tmp_path / "m.zarr")
+    store.validate()
+    for name, mask in tensors.items():
+        assert store.count(name, mask.size) == int(mask.sum())
+    packed = tmp_path / "m.zarr" / "t3"  # dense: packed bits, not a gap code
+    assert MaskStore(tmp_path / "m.zarr").encoding("t3") is None
+    chunk = packed / "c" / "2"
+    data = bytearray(zstdframe.decompress(chunk.read_bytes(), bytearray(1 << 10)))
+    data[5] ^= 0x10
+    chunk.write_bytes(zstdframe.compress(np.frombuffer(bytes(data), np.uint8), 1))
+    n = int(tensors["t3"].sum())
+    with pytest.raises(MaskStoreError, match=f"'t3' has {n - 1 if data[5] & 0x10 == 0 else n + 1} "
+                                             f"set bits, its metadata says {n}"):
+        MaskStore(tmp_path / "m.zarr").validate()
+
+
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 8 * 4096 - 3])
+def test_count_of_bytes_is_numpy_count(numel: int) -> None:
+    rng = np.random.default_rng(numel)
+    packed = rng.integers(0, 256, (numel + 7) // 8, dtype=np.uint8)
+    want = count_entries(packed, numel)
+    assert count_bytes(packed.tobytes(), numel) == want
+    assert count_entries(memoryview(packed.tobytes()), numel) == want
+    assert count_entries(bytearray(packed.tobytes()), numel) == want

@@ -312,3 +312,24 @@ def test_fsck_reports_bad_counts(tmp_path: Path, maskhub_home: Path) -> None:
         f"integer (its bits cannot be trusted; remove it: `maskhub rm m`)",
         f"bad-counts: mask n ({n.id[:12]}): n_updated is -5, not a non-negative integer "
         "(its bits cannot be trusted; remove it: `maskhub rm n`)"]
+
+
+def test_json_nesting_in_plain_python_is_the_vectorized_one() -> None:
+    """Small JSON texts (every zarr.json of a push or a pull) have their nesting measured
+    without numpy: the same figures as the vectorized walk, on texts built to trip it
+    (escaped quotes and backslashes, brackets inside strings, unbalanced brackets)."""
+    import random
+
+    from maskhub.checkpoints import validate
+
+    rng = random.Random(21)
+    alphabet = b'[]{}"\\ a:,'
+    texts = [bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+             for _ in range(5000)]
+    texts += [b"[" * 1001 + b"]" * 1001, b'{"a": {"b": "}}}"}, "c": {}}', b"]]]", b""]
+    for text in texts:
+        plain = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+        assert validate._nesting_plain(plain) == validate._nesting_numpy(plain), text
+    big = b"{" + b", ".join(b'"t%d": {"shape": [1, 2]}' % i for i in range(20_000)) + b"}"
+    assert len(big) > validate.NESTING_PLAIN_BYTES  # the vectorized walk, as before
+    assert validate.json_nesting(big) == validate._nesting_plain(big) == (3, 20_000)

@@ -38,3 +38,16 @@ def test_decoding_is_numcodecs_decoding() -> None:
         zstdframe.decompress(b"not a zstd frame", out)
     with pytest.raises(RuntimeError, match="Zstd decompression error"):
         zstdframe.decompress(frame[:-5], out)  # truncated
+
+
+def test_decoding_into_a_bytearray_needs_no_numpy_array() -> None:
+    """A store's validation decodes into a bytearray: the same bytes and the same errors."""
+    rng = np.random.default_rng(6)
+    packed = np.packbits(rng.random(8 << 16) < 0.1)
+    frame = bytes(Zstd(level=1, checksum=False).encode(packed))
+    out = bytearray(packed.size)
+    assert zstdframe.decompress(frame, out) is out and bytes(out) == packed.tobytes()
+    with pytest.raises(ValueError, match="destination buffer too small"):
+        zstdframe.decompress(frame, bytearray(packed.size - 1))
+    with pytest.raises(RuntimeError, match="Zstd decompression error"):
+        zstdframe.decompress(frame[:-5], out)

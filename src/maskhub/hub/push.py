@@ -7,6 +7,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,6 +190,92 @@ def write_repo_files(registry: Home, mask: MaskRecord, dest: Path, repo_id: str,
     return files
 
 
+class _Preparation:
+    """The registry's part of a push, run on a worker thread while the main thread imports
+    and sets up huggingface_hub (~0.2 CPU-s, most of a small push): the mask looked up on
+    one read connection (DuckDB opens it without holding the GIL), its ``tensors.parquet``
+    staged, then its store validated. The checks keep their order: a mask that is not
+    found wins over a bad repo id, which wins over anything the staging meets."""
+
+    def __init__(self, pool: ThreadPoolExecutor, registry: Home, ref: str) -> None:
+        """Start the lookup on ``pool`` (one worker: the tasks run in order)."""
+        self.registry = registry
+        self._found: Future[MaskRecord] = Future()
+        self._go: Future[bool] = Future()
+        self._staged = pool.submit(self._stage, ref)
+        self._checked = pool.submit(self._validate)  # next on the worker, once staged
+
+    def _stage(self, ref: str) -> tuple[MaskRecord, Path] | None:
+        """(worker) Find the mask; once :meth:`proceed` says so, stage its tensors.parquet
+        on the same connection and return ``(mask, staging directory)``."""
+        registry = self.registry
+        try:
+            with registry.index.connect(write=False):
+                mask = registry.get(ref)
+                if is_url(mask.path):
+                    raise UsageError(f"mask {ref!r} is stored at {mask.path}; push publishes "
+                                     "local stores only (copy it under HOME/masks first)")
+                self._found.set_result(mask)
+                if not self._go.result():
+                    return None
+                stage = registry.staging_path(f"push-{mask.id}")
+                remove_tree(stage)
+                try:
+                    with environment_errors(stage):  # the repo's files are staged in tmp/
+                        write_tensors_file(registry, mask, stage)
+                except BaseException:
+                    remove_tree(stage)
+                    raise
+        except BaseException as exc:
+            if not self._found.done():
+                self._found.set_exception(exc)
+            raise
+        return mask, stage
+
+    def _validate(self) -> None:
+        """(worker) Validate the staged mask's store (nothing when the staging failed)."""
+        try:
+            done = self._staged.result()
+        except BaseException:
+            return
+        if done is not None:
+            done[0].store.validate()
+
+    def proceed(self, ok: bool) -> None:
+        """Tell the worker whether to stage (False: the main thread's checks failed)."""
+        if not self._go.done():
+            self._go.set_result(ok)
+
+    def lookup_error(self) -> None:
+        """Raise the lookup's error, if it met one (waiting for it)."""
+        self._found.result()
+
+    def staged(self) -> tuple[MaskRecord, Path]:
+        """``(mask, staging directory)``, waiting for the worker (which then validates the
+        store, :meth:`validated`)."""
+        done = self._staged.result()
+        assert done is not None
+        return done
+
+    def validated(self) -> None:
+        """Wait for the store's validation; raise its error."""
+        self._checked.result()
+
+    def discard(self) -> None:
+        """After a failure: let the worker finish and remove what it staged."""
+        self.proceed(False)
+        try:
+            done = self._staged.result()
+        except BaseException:
+            return
+        try:
+            self._checked.result()
+        except BaseException:
+            pass
+        if done is not None:
+            remove_tree(done[1])
+
+
 def push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
          revision: str | None = None, commit_message: str | None = None,
          repo_type: str = "model", license: str | None = None,
@@ -201,43 +288,45 @@ def push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
     to huggingface_hub's (``HF_TOKEN`` or the stored login).
     ``notice`` and ``progress``: as for :func:`maskhub.hub.pull.pull`.
     """
-    with hub_messages(notice, progress):
-        return _push(registry, ref, repo_id, private=private, revision=revision,
-                     commit_message=commit_message, repo_type=repo_type, license=license,
-                     token=token)
+    with ThreadPoolExecutor(1, thread_name_prefix="maskhub-push") as pool:
+        prep = _Preparation(pool, registry, ref)
+        try:
+            with hub_messages(notice, progress):
+                return _push(registry, prep, repo_id, private=private, revision=revision,
+                             commit_message=commit_message, repo_type=repo_type,
+                             license=license, token=token)
+        except BaseException:
+            prep.discard()
+            raise
 
 
-def _push(registry: Home, ref: str, repo_id: str, *, private: bool = False,
+def _push(registry: Home, prep: _Preparation, repo_id: str, *, private: bool = False,
          revision: str | None = None, commit_message: str | None = None,
          repo_type: str = "model", license: str | None = None,
          token: str | None = None) -> PushResult:
-    """:func:`push`, huggingface_hub's messages already routed."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-    # One read connection for the mask, its rows and its tensors.parquet; one write at the
-    # end records the commit (a connection costs ~25 ms of CPU, and no lock is held while
-    # the files upload).
-    with registry.index.connect(write=False):
-        mask = registry.get(ref)
-        if is_url(mask.path):
-            raise UsageError(f"mask {ref!r} is stored at {mask.path}; push publishes local "
-                             "stores only (copy it under HOME/masks first)")
+    """:func:`push`, huggingface_hub's messages already routed and the registry's part
+    started (``prep``)."""
+    # One read connection for the mask, its rows and its tensors.parquet (on the worker);
+    # one write at the end records the commit (a connection costs ~25 ms of CPU, and no
+    # lock is held while the files upload).
+    try:
         check_repo(repo_id, repo_type)
         if is_offline():
             raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and pushing "
                            "needs the network (unset HF_HUB_OFFLINE)", repo_id)
-        stage = registry.staging_path(f"push-{mask.id}")
-        remove_tree(stage)
-        try:
-            with environment_errors(stage):  # the repo's files are staged in the home's tmp/
-                write_tensors_file(registry, mask, stage)
-        except BaseException:
-            remove_tree(stage)
-            raise
+    except BaseException:
+        prep.proceed(False)
+        prep.lookup_error()  # a mask that is not found wins, as it always did
+        raise
+    prep.proceed(True)
+    # huggingface_hub's client is imported and built while the worker stages and validates
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
     branch = revision or "main"
     api = hf_api(token)
+    mask, stage = prep.staged()
     try:
-        mask.store.validate()  # never publish a store that disagrees with its own metadata
+        prep.validated()  # never publish a store that disagrees with its own metadata
         with _write_errors(repo_id, branch):
             api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
             if branch != "main":

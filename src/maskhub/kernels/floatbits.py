@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ FORMATS = {f.name: f for f in (BF16, FP16, FP32)}
 
 def value_table(fmt: FloatFormat) -> np.ndarray:
     """float64 value of every 16-bit pattern of ``fmt`` (65536 entries)."""
+    import numpy as np
+
     bits = np.arange(1 << 16, dtype=np.uint32)
     with np.errstate(invalid="ignore"):
         if fmt is BF16:

@@ -30,21 +30,23 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from maskhub.errors import UsageError
-from maskhub.kernels import fastkernel
 from maskhub.kernels.floatbits import FORMATS as FLOAT_FORMATS
 from maskhub.schemas.metadata import BITORDER, TensorStats
 
+if TYPE_CHECKING:
+    import numpy as np
+
 #: ``fn(a_raw, b_raw, packed, n)``: the largest finite-or-infinite ``|b − a|`` over the
 #: entries set in ``packed`` (0.0 when none; NaN differences are ignored).
-DeltaMaxFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], float]
+DeltaMaxFn = Callable[["np.ndarray", "np.ndarray", "np.ndarray", int], float]
 
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
-_VIEW = {"bfloat16": np.uint16, "float16": np.uint16, "float32": np.uint32}
+#: (numpy dtype names: this module imports numpy only where it computes, so that settling
+#: the null of a pulled mask imports none)
+_VIEW = {"bfloat16": "uint16", "float16": "uint16", "float32": "uint32"}
 #: The dtypes with a ``|Δ|``: their kind in the numba kernels' ``_value`` and their view.
 DELTA_KINDS = _KIND
 DELTA_VIEWS = _VIEW
@@ -52,6 +54,8 @@ DELTA_VIEWS = _VIEW
 
 def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
     """float64 values of raw bit patterns of a float format."""
+    import numpy as np
+
     if dtype == "bfloat16":
         return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
     if dtype == "float16":
@@ -66,6 +70,8 @@ def delta_max_fn(a_dtype: str, b_dtype: str, backend: str) -> DeltaMaxFn | None:
         return None
     va, vb = _VIEW[a_dtype], _VIEW[b_dtype]
     if backend == "numba":
+        from maskhub.kernels import fastkernel
+
         nk = fastkernel.numba_kernels()
         ka, kb = _KIND[a_dtype], _KIND[b_dtype]
 
@@ -74,6 +80,8 @@ def delta_max_fn(a_dtype: str, b_dtype: str, backend: str) -> DeltaMaxFn | None:
         return fast
 
     def plain(a_raw: np.ndarray, b_raw: np.ndarray, packed: np.ndarray, n: int) -> float:
+        import numpy as np
+
         bits = np.unpackbits(packed, count=n, bitorder=BITORDER).view(bool)
         if not bits.any():
             return 0.0

@@ -42,8 +42,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from maskhub.checkpoints.validate import (
     ArrayFacts,
     check_chunk_files,
@@ -61,8 +59,9 @@ from maskhub.errors import MaskStoreError, UsageError, environment_errors
 from maskhub.schemas.metadata import BITORDER, FORMAT_VERSION, STORE_KIND, MaskMetadata, TensorStats
 
 if TYPE_CHECKING:
+    import numpy as np
     import zarr
-from maskhub.kernels.bitcount import count_entries
+from maskhub.kernels.bitcount import count_entries, plain_count
 from maskhub.storage import gapcode, remote, zstdframe
 from maskhub.storage.files import remove_tree
 from maskhub.storage.values import (
@@ -150,6 +149,8 @@ def packed_array_files(packed: np.ndarray, attributes: dict,
     """The files of one packed-bit Zarr v3 array, ``(key relative to the array, bytes)``:
     the compressed chunks (all-zero ones skipped), then ``zarr.json`` (with
     ``dimension_names: [dimension]`` when given)."""
+    import numpy as np
+
     nbytes = packed.shape[0]
     chunk = max(1, min(nbytes, chunk_bytes))
     for i, start in enumerate(range(0, nbytes, chunk)):
@@ -247,6 +248,8 @@ class MaskWriter:
         ``stats.target_dtype`` (bf16: its uint16 bits); stored in ``values/<tensor>``. Give
         values for every tensor of a store or for none.
         """
+        import numpy as np
+
         nbytes = (stats.numel + 7) // 8
         if packed.shape != (nbytes,) or packed.dtype != np.uint8:
             raise ValueError(f"{stats.tensor}: packed bits must be uint8[{nbytes}]")
@@ -468,11 +471,14 @@ class MaskStore:
             self._facts[name] = facts
         return facts
 
-    def _regions(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    def _regions(self, name: str) -> Iterator[tuple[int, np.ndarray | memoryview]]:
         """``(start, bytes)`` of each chunk of a local packed array that is present on disk,
         in order, decoded one at a time into one reused buffer (a chunk that is absent holds
         zeros). Memory follows the chunk size and the files present, never the declared
-        shape; chunk files that leave the store or are not regular files are refused."""
+        shape; chunk files that leave the store or are not regular files are refused.
+
+        The bytes are a ``memoryview`` of that buffer where maskhub decodes the chunk itself
+        (``bytes`` + ``zstd``: no numpy imported), a uint8 array where zarr decodes it."""
         facts = self._local_facts(name)
         assert facts is not None and isinstance(self.path, Path)
         if facts.data_type != "uint8" or len(facts.shape) != 1:
@@ -486,7 +492,7 @@ class MaskStore:
         direct = facts.codecs == ("bytes", "zstd") and nbytes > 0
         arr = None if direct else self._array(name)
         directory = self.path / name
-        buf = np.empty(chunk, dtype=np.uint8)
+        buf = bytearray(chunk) if direct else None
         limit = chunk_file_limit(chunk)
         if not direct:  # a library decodes: no decompression bomb reaches it
             check_chunk_files(directory, self.path, facts, f"{self.path}: array {short(name)}")
@@ -498,10 +504,12 @@ class MaskStore:
                 data = read_chunk(directory / facts.chunk_key((i,)), self.path, limit, what)
                 if data is None:
                     continue
-                if direct:
+                if buf is not None:
                     zstdframe.decompress(data, buf)
-                    yield start, buf[:stop - start]
+                    yield start, memoryview(buf)[:stop - start]
                 else:  # other codecs: zarr decodes this one chunk (frames checked above)
+                    import numpy as np
+
                     yield start, np.asarray(arr[start:stop])  # type: ignore[index]
         except MaskStoreError:
             raise
@@ -531,6 +539,8 @@ class MaskStore:
 
     def _stored(self, name: str) -> np.ndarray:
         """The stored bytes of one array (packed bits or a gap code)."""
+        import numpy as np
+
         if not isinstance(self.path, Path):
             return np.asarray(self._array(name)[:])
         nbytes = self._local_facts(name).shape[0]  # type: ignore[union-attr]
@@ -540,26 +550,48 @@ class MaskStore:
             raise MaskStoreError(f"{self.path}: tensor {short(name)} needs {nbytes} bytes, "
                                  "more than this process can allocate", str(self.path)) from exc
         for start, data in self._regions(name):
-            out[start:start + data.shape[0]] = data
+            out[start:start + len(data)] = data
+        return out
+
+    def _stored_bytes(self, name: str) -> bytearray:
+        """:meth:`_stored` of a local array as a ``bytearray`` (no numpy: a validation's)."""
+        nbytes = self._local_facts(name).shape[0]  # type: ignore[union-attr]
+        try:
+            out = bytearray(nbytes)
+        except MemoryError as exc:
+            raise MaskStoreError(f"{self.path}: tensor {short(name)} needs {nbytes} bytes, "
+                                 "more than this process can allocate", str(self.path)) from exc
+        for start, data in self._regions(name):
+            out[start:start + len(data)] = data
         return out
 
     def count(self, name: str, numel: int) -> int:
         """Set bits among the ``numel`` entries of one tensor, counted chunk by chunk
         (memory: one chunk, whatever the declared shape); a gap-coded array is counted and
-        checked without being decoded (:func:`maskhub.storage.gapcode.count`)."""
+        checked without being decoded (:func:`maskhub.storage.gapcode.count`). A local
+        store's arrays are counted without numpy (below
+        :data:`~maskhub.kernels.bitcount.PLAIN_COUNT_BYTES` while numpy is not loaded)."""
+        local = isinstance(self.path, Path)
         if self.encoding(name) is not None:  # a gap code: counted and checked, not decoded
             try:
-                return gapcode.count(self._stored(name), numel)
+                return gapcode.count(self._stored_bytes(name) if local
+                                     else self._stored(name), numel)
             except gapcode.GapCodeError as exc:
                 raise MaskStoreError(f"{self.path}: array {name!r}: {exc}",
                                      str(self.path)) from exc
-        if not isinstance(self.path, Path):
+        if not local:
             return count_entries(self.packed(name), numel)
+        plain = plain_count(self._local_facts(name).shape[0])  # type: ignore[union-attr]
         total = 0
         for start, data in self._regions(name):
+            if not plain and isinstance(data, memoryview):
+                import numpy as np
+
+                data = np.frombuffer(data, dtype=np.uint8)
+            size = len(data)
             valid = numel - start * 8  # entries from this chunk on
-            if valid >= data.shape[0] * 8:
-                total += count_entries(data, data.shape[0] * 8)
+            if valid >= size * 8:
+                total += count_entries(data, size * 8)
             elif valid > 0:
                 total += count_entries(data[:(valid + 7) // 8], valid)
         return total
@@ -579,6 +611,8 @@ class MaskStore:
         """The target's values at the set bits of tensor ``name``, in flat C order of the set
         bits: a 1-D array of :func:`~maskhub.storage.values.storage_dtype` of the target's
         dtype (bf16: its raw uint16 bits; :meth:`values_dtype` names the dtype)."""
+        import numpy as np
+
         direct = self._values_direct(name)
         if direct is not None:
             return direct
@@ -594,6 +628,8 @@ class MaskStore:
         little endian + ``blosc``), decoded chunk file by chunk file without zarr (zarr's
         read path costs ~2 ms per array, more than decoding a small one); ``None`` for any
         other store or layout (then zarr reads it)."""
+        import numpy as np
+
         if not isinstance(self.path, Path):
             return None
         if not self.has_values:
@@ -645,6 +681,8 @@ class MaskStore:
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of one tensor, with the parameter's shape."""
+        import numpy as np
+
         st = self.stats(name)
         bits = np.unpackbits(self.packed(name), count=st.numel, bitorder=BITORDER)
         return bits.view(bool).reshape(st.shape)
@@ -658,6 +696,8 @@ class MaskStore:
             if facts is not None:  # the validated zarr.json: no zarr needed
                 shape, uint8 = tuple(facts.shape), facts.data_type == "uint8"
             else:
+                import numpy as np
+
                 arr = self._array(name)
                 shape, uint8 = tuple(arr.shape), arr.dtype == np.uint8
             expect = (st.numel + 7) // 8

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from maskhub.schemas.dtypes import NUMPY_DTYPES, itemsize
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: The subgroup holding the values arrays.
 VALUES_GROUP = "values"
@@ -50,6 +52,8 @@ BLOSC_CONFIG = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize":
 def storage_dtype(dtype: str) -> np.dtype:
     """The numpy dtype a tensor of ``dtype`` (torch's name) is stored and returned as: the
     dtype itself where numpy has it, else the unsigned integer of its width (raw bits)."""
+    import numpy as np
+
     if dtype in NUMPY_DTYPES:
         return np.dtype(dtype)
     return np.dtype(f"uint{8 * itemsize(dtype)}")
@@ -57,6 +61,8 @@ def storage_dtype(dtype: str) -> np.dtype:
 
 def bits_dtype(dtype: str) -> np.dtype:
     """The unsigned integer dtype of ``dtype``'s width (its bit patterns)."""
+    import numpy as np
+
     return np.dtype(f"uint{8 * itemsize(dtype)}")
 
 
@@ -92,6 +98,8 @@ def check_values(values: np.ndarray, dtype: str, n: int, tensor: str) -> np.ndar
     """``values`` as a contiguous 1-D array of ``storage_dtype(dtype)`` holding ``n`` entries
     (its raw bits reinterpreted when given as the same-width unsigned integers), or
     ``ValueError``."""
+    import numpy as np
+
     dt = storage_dtype(dtype)
     values = np.asarray(values)
     if values.dtype != dt and values.dtype == bits_dtype(dtype):
@@ -106,6 +114,7 @@ def values_array_files(values: np.ndarray, dtype: str, chunk_values: int = VALUE
                        dimension: str | None = None) -> Iterator[tuple[str, bytes]]:
     """The files of one values array, ``(key relative to the array, bytes)``: the blosc
     chunks, then ``zarr.json``. ``values`` is already checked (:func:`check_values`)."""
+    import numpy as np
     from numcodecs import Blosc
 
     dt = storage_dtype(dtype)

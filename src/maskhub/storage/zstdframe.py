@@ -15,9 +15,10 @@ import ctypes
 import importlib.util
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @cache
@@ -61,6 +62,8 @@ def _numcodecs_zstd(level: int) -> Any:
 
 def compress(data: np.ndarray, level: int) -> bytes:
     """One zstd frame of the bytes of the contiguous array ``data`` at ``level``."""
+    import numpy as np
+
     lib = _libzstd()
     if lib is None:
         return bytes(_numcodecs_zstd(level).encode(data))
@@ -77,21 +80,29 @@ def compress(data: np.ndarray, level: int) -> bytes:
 _NO_SIZE = (2**64 - 1, 2**64 - 2)
 
 
-def decompress(data: bytes, out: np.ndarray) -> np.ndarray:
-    """Decode one zstd frame into the contiguous uint8 array ``out`` and return ``out``.
+def decompress(data: bytes, out: np.ndarray | bytearray) -> np.ndarray | bytearray:
+    """Decode one zstd frame into ``out`` (a contiguous uint8 array, or a ``bytearray``: no
+    numpy needed) and return ``out``.
 
     As numcodecs' ``Zstd.decode(data, out=out)``: a frame that is not one, or declares no
     size, raises RuntimeError; one larger than ``out``, ValueError."""
     lib = _libzstd()
     if lib is None:
+        if isinstance(out, bytearray):  # numcodecs decodes into numpy arrays
+            import numpy as np
+
+            _numcodecs_zstd(1).decode(data, out=np.frombuffer(out, dtype=np.uint8))
+            return out
         return _numcodecs_zstd(1).decode(data, out=out)
-    src = np.frombuffer(data, dtype=np.uint8)
-    size = lib.ZSTD_getFrameContentSize(src.ctypes.data, src.nbytes)
+    data = bytes(data)  # ctypes passes a bytes object's own buffer
+    size = lib.ZSTD_getFrameContentSize(data, len(data))
     if size in _NO_SIZE:
         raise RuntimeError("Zstd decompression error: invalid input data")
-    if size > out.nbytes:
+    view = memoryview(out).cast("B")  # numpy or bytearray: the same writable bytes
+    if size > view.nbytes:
         raise ValueError("destination buffer too small")
-    n = lib.ZSTD_decompress(out.ctypes.data, out.nbytes, src.ctypes.data, src.nbytes)
+    dst = (ctypes.c_char * view.nbytes).from_buffer(view)
+    n = lib.ZSTD_decompress(dst, view.nbytes, data, len(data))
     if lib.ZSTD_isError(n):
         raise RuntimeError("Zstd decompression error: "
                            f"{lib.ZSTD_getErrorName(n).decode(errors='replace')}")
