@@ -6,6 +6,14 @@
 # or failing step does not take the others' time.
 #
 #   OUT=/tmp/gpu bash bench/gpu_check.sh          # wheels for missing packages in .whl/
+#
+# The lent machine (Python 3.12, torch with CUDA) lacks zarr, numcodecs, donfig,
+# google-crc32c and duckdb, and for the study trl, datasets, dill and multiprocess. Fetch
+# their wheels into .whl/ (ignored by git; carried to the machine) beforehand:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl zarr numcodecs donfig google-crc32c duckdb \
+#     trl datasets dill multiprocess
 set -u
 OUT=${OUT:-/tmp/maskhub-gpu}
 mkdir -p "$OUT"
