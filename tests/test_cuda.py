@@ -171,3 +171,22 @@ def test_a_dropped_fused_optimizer_gives_its_gpu_memory_back() -> None:
         run()
     gc.collect()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_patch_apply_to_a_model_on_cuda_rebuilds_the_target(tmp_path) -> None:
+    """``Mask.apply_to`` writes a patch's values into a model whose parameters live on the
+    GPU: afterwards every parameter holds the target's bits (NaN payloads and -0 too)."""
+    from safetensors.torch import load_file
+
+    base, target = _pair(tmp_path)
+    run_json("diff", str(base), str(target), "--patch", "--name", "p", "--device", "cpu")
+    model = torch.nn.Module()
+    for name, t in load_file(str(base / "model.safetensors")).items():
+        model.register_parameter(name.replace(".", "_"),
+                                 torch.nn.Parameter(t.cuda(), requires_grad=False))
+    mask = Registry().get("p")
+    assert mask.apply_to(model, name_map=lambda n: n.replace(".", "_")) == mask.n_updated
+    for name, want in load_file(str(target / "model.safetensors")).items():
+        got = getattr(model, name.replace(".", "_")).detach()
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), name
