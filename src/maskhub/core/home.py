@@ -222,14 +222,11 @@ class Home:
 
     # -- names ---------------------------------------------------------------------------
 
-    def check_new_name(self, name: str, *, look_up: bool = True) -> None:
+    def check_new_name(self, name: str) -> None:
         """Raise unless ``name`` is a valid mask name (see :func:`valid_mask_name`) that no
-        registered mask has (``look_up=False``: the name's form only; registering checks
-        again in its transaction whatever is asked here)."""
+        registered mask has."""
         if not valid_mask_name(name):
             raise UsageError(invalid_mask_name_message(name))
-        if not look_up:
-            return
         with self.index.connect(write=False) as con:
             if con.execute("SELECT 1 FROM masks WHERE name = ?", [name]).fetchone():
                 raise NameTakenError(name)

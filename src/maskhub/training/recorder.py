@@ -470,12 +470,9 @@ class Recorder:
         writer = delta_writer = None
         tmp = delta_tmp = None
         if self.home is not None:
-            # A taken name is found when the step registers, in its transaction (nothing is
-            # kept then): looking it up first would open the registry twice per record,
-            # ~12% of a record's time.
-            self.home.check_new_name(name, look_up=False)
+            self.home.check_new_name(name)
             if self.delta_masks:
-                self.home.check_new_name(delta_name, look_up=False)
+                self.home.check_new_name(delta_name)
             mask_id = uuid.uuid4().hex
             tmp = self.home.new_store_location(mask_id)
             writer = MaskWriter(tmp)
