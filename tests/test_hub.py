@@ -711,3 +711,97 @@ def test_a_pulled_edited_mask_keeps_its_edit_history_and_fsck_agrees(
     assert list(pulled.row["edits"]) == lines and len(lines) == 1
     assert pulled.store.metadata.extra["edits"] == lines
     assert dst.fsck().findings == []
+
+
+# -- the worker threads of push and pull ------------------------------------------------------
+
+
+def _registry_lock_free(reg: Registry) -> bool:
+    import fcntl
+    import os
+
+    fd = os.open(reg.index.lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_pull_validates_before_it_takes_the_registry_lock(hub_server, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A large store's bits are counted with the registry free for other processes."""
+    from maskhub.storage.store import MaskStore
+
+    diff_mask(tmp_path, "m").push_to_hub(REPO)
+    reg = new_home(monkeypatch, tmp_path / "other")
+    seen: list[bool] = []
+    validate = MaskStore.validate
+
+    def watched(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.3)  # a connection opened beside the check would be open by now
+        seen.append(_registry_lock_free(reg))
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskStore, "validate", watched)
+    reg.pull(REPO)
+    assert seen == [True]
+
+
+def test_ctrl_c_during_a_push_stops_its_validation(hub_server, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while huggingface_hub loads does not wait for the whole store's check on
+    the worker (one array at most), and nothing staged stays behind."""
+    import time
+
+    from maskhub.hub import push as push_mod
+    from maskhub.storage.store import MaskStore
+
+    mask = diff_mask(tmp_path, "m")
+    arrays = len(mask.tensor_names())
+    assert arrays >= 4
+    count = MaskStore.count
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.5)
+        return count(self, *args, **kwargs)
+
+    def ctrl_c(token=None):
+        time.sleep(0.2)  # the worker is inside the validation by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MaskStore, "count", slow)
+    monkeypatch.setattr(push_mod, "hf_api", ctrl_c)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        Registry().push("m", REPO)
+    assert time.monotonic() - t0 < 0.5 * arrays - 0.5
+    tmp = Registry().tmp_dir
+    assert not tmp.exists() or not list(tmp.iterdir())
+
+
+def test_pull_whose_write_connection_fails_leaves_nothing(hub_server, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import duckdb
+
+    from maskhub.storage.index import Index
+
+    diff_mask(tmp_path, "m").push_to_hub(REPO)
+    reg = new_home(monkeypatch, tmp_path / "other")
+    reg.ls()
+    connect = Index._connect_db
+
+    def broken(self, write, *args, **kwargs):
+        if write:
+            raise duckdb.IOException("IO Error: injected")
+        return connect(self, write, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "_connect_db", broken)
+    assert fails("pull", REPO).startswith("Error: ")
+    assert not reg.tmp_dir.exists() or not list(reg.tmp_dir.iterdir())

@@ -309,3 +309,25 @@ def test_bad_use_is_one_clear_error(tmp_path) -> None:
     rec.finish()
     with pytest.raises(UsageError, match="already finished"):
         rec.finish()
+
+
+def test_a_taken_name_leaves_the_recording_as_it_was() -> None:
+    """A step whose delta mask's name is taken is refused before anything is diffed: the
+    next step's delta is still measured from the last recorded point (θ0 here), and no
+    half of the refused step is registered."""
+    reg = Registry()
+    first = torch.nn.Linear(4, 3)
+    rec = Recorder(first, "r", home=reg, delta_masks=True)
+    with torch.no_grad():
+        first.weight[0, 0] += 1
+    rec.record(2)
+    reg.rm("r-step-2")  # only r-delta-2 is taken now
+    model = torch.nn.Linear(4, 3)
+    again = Recorder(model, "r", home=reg, delta_masks=True)
+    with torch.no_grad():
+        model.weight[2, 2] += 1
+    with pytest.raises(NameTakenError, match="^a mask named 'r-delta-2' already exists"):
+        again.record(2)
+    again.record(3)
+    assert reg.get("r-step-3").n_updated == 1 and reg.get("r-delta-3").n_updated == 1
+    assert "r-step-2" not in [m["name"] for m in reg.ls()]

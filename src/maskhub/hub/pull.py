@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from maskhub.checkpoints.hubio import (
 from maskhub.checkpoints.sources import split_revision
 from maskhub.checkpoints.validate import load_json
 from maskhub.errors import (
+    HomeError,
     HubError,
     MaskStoreError,
     NameTakenError,
@@ -297,62 +297,58 @@ def _pull(registry: Home, repo_id: str, revision: str | None = None, *,
     try:
         with environment_errors(tmp):  # the copy into staging met a full disk
             _fetch(folder, needed, manifest, tmp, side / TENSORS_FILE, where)
+        # Validated before the write connection opens: the registry's exclusive lock is
+        # never held while a (large) store's bits are counted.
+        stats = _checked_stats(tmp, manifest, where)
     except BaseException:
         remove_tree(tmp)
         remove_tree(side)
         raise
-    # The staged store is validated on a worker while the write connection opens (DuckDB
-    # opens it without holding the GIL); nothing is read or registered before it passes.
-    with ThreadPoolExecutor(1, thread_name_prefix="maskhub-pull") as pool:
-        checking = pool.submit(_checked_stats, tmp, manifest, where)
-        opened = False
-        try:
-            # One write connection: tensors.parquet read (by DuckDB), the name, the
-            # registration.
-            with registry.index.connect() as con:
-                opened = True
-                notes: tuple[str, ...] = ()
+    opened = False
+    try:
+        # One write connection: tensors.parquet read (by DuckDB), the name, the registration.
+        with registry.index.connect() as con:
+            opened = True
+            notes: tuple[str, ...] = ()
+            try:
                 try:
-                    stats = checking.result()
-                    try:
-                        rows = read_tensors_parquet(con, side / TENSORS_FILE)
-                    except duckdb.Error as exc:
-                        raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is "
-                                             f"unreadable: {str(exc).splitlines()[0]}",
-                                             where) from exc
-                    finally:
-                        remove_tree(side)
-                    sweep, analysis, strata = _check_parquet(rows, stats, where)
-                    null = meta.extra.get("precision_null")
-                    if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
-                        stats, _ = settle_null(stats, strata, float(null["budget"]))
-                    if name is None:
-                        stem = mask_name_from(meta.name, "hub-mask") \
-                            if isinstance(meta.name, str) else "hub-mask"
-                        name = registry.free_name(stem)
-                        if name != meta.name:
-                            notes = (f"a mask named {meta.name!r} already exists: registered "
-                                     f"this one as {name!r} (choose another with --name)",)
-                    elif con.execute("SELECT 1 FROM masks WHERE name = ?",
-                                     [name]).fetchone() is not None:
-                        raise NameTakenError(name)
-                    local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
-                except BaseException:
-                    wait([checking])  # (a Ctrl-C may come while the worker still reads tmp)
-                    remove_tree(tmp)
+                    rows = read_tensors_parquet(con, side / TENSORS_FILE)
+                except duckdb.Error as exc:
+                    raise MaskStoreError(f"Hub repo {where}: {TENSORS_FILE} is unreadable: "
+                                         f"{str(exc).splitlines()[0]}", where) from exc
+                finally:
                     remove_tree(side)
-                    raise
-                mask = registry.register_store(tmp, local_meta, stats, sweep, analysis,
-                                               strata)
-        except duckdb.Error as exc:  # metadata the index cannot hold (a bad date...)
-            raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be indexed: "
-                                 f"{str(exc).splitlines()[0]}", where) from exc
-        except BaseException:
-            if not opened:  # the connection failed: the validation's staging goes too
-                wait([checking])
+                sweep, analysis, strata = _check_parquet(rows, stats, where)
+                null = meta.extra.get("precision_null")
+                if isinstance(null, dict) and isinstance(null.get("budget"), (int, float)):
+                    stats, _ = settle_null(stats, strata, float(null["budget"]))  # per tensor
+                if name is None:
+                    stem = mask_name_from(meta.name, "hub-mask") if isinstance(meta.name, str) \
+                        else "hub-mask"
+                    name = registry.free_name(stem)
+                    if name != meta.name:
+                        notes = (f"a mask named {meta.name!r} already exists: registered this "
+                                 f"one as {name!r} (choose another with --name)",)
+                elif con.execute("SELECT 1 FROM masks WHERE name = ?",
+                                 [name]).fetchone() is not None:
+                    raise NameTakenError(name)
+                local_meta = replace(meta, name=name, hub_repo=ref, hub_revision=sha)
+            except BaseException:
                 remove_tree(tmp)
-                remove_tree(side)
-            raise
+                raise
+            mask = registry.register_store(tmp, local_meta, stats, sweep, analysis, strata)
+    except BaseException as exc:
+        if not opened:  # the write connection did not open: nothing of this pull stays
+            remove_tree(tmp)
+            remove_tree(side)
+        if isinstance(exc, duckdb.Error):
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            if opened:  # metadata the index cannot hold (a bad date...)
+                raise MaskStoreError(f"Hub repo {where}: the mask metadata cannot be "
+                                     f"indexed: {first}", where) from exc
+            raise HomeError(registry.home, f"its registry cannot be opened for writing "
+                            f"(nothing of Hub repo {where} was registered): {first}") from exc
+        raise
     return PullResult(mask, repo_id, repo_type, sha, "registered", notes)
 
 
@@ -393,7 +389,7 @@ def _fetch(folder: Path, needed: Sequence[str], manifest: Manifest, tmp: Path,
 
 
 def _checked_stats(tmp: Path, manifest: Manifest, where: str) -> list[TensorStats]:
-    """(worker) :func:`_open_checked`, then the staged store's per-tensor stats."""
+    """:func:`_open_checked`, then the staged store's per-tensor stats."""
     return list(_open_checked(tmp, manifest, where).iter_stats())
 
 

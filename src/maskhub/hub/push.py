@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -202,6 +203,7 @@ class _Preparation:
         self.registry = registry
         self._found: Future[MaskRecord] = Future()
         self._go: Future[bool] = Future()
+        self._cancelled = threading.Event()  # set by discard: the validation stops early
         self._staged = pool.submit(self._stage, ref)
         self._checked = pool.submit(self._validate)  # next on the worker, once staged
 
@@ -239,7 +241,7 @@ class _Preparation:
         except BaseException:
             return
         if done is not None:
-            done[0].store.validate()
+            done[0].store.validate(stop=self._cancelled.is_set)
 
     def proceed(self, ok: bool) -> None:
         """Tell the worker whether to stage (False: the main thread's checks failed)."""
@@ -262,7 +264,9 @@ class _Preparation:
         self._checked.result()
 
     def discard(self) -> None:
-        """After a failure: let the worker finish and remove what it staged."""
+        """After a failure (a Ctrl-C too): stop the worker's validation at the next array,
+        let it finish, and remove what it staged."""
+        self._cancelled.set()
         self.proceed(False)
         try:
             done = self._staged.result()

@@ -687,10 +687,15 @@ class MaskStore:
         bits = np.unpackbits(self.packed(name), count=st.numel, bitorder=BITORDER)
         return bits.view(bool).reshape(st.shape)
 
-    def validate(self) -> None:
-        """Check every array against its recorded shape and count (popcount of the bits)."""
+    def validate(self, stop: Callable[[], bool] | None = None) -> None:
+        """Check every array against its recorded shape and count (popcount of the bits).
+
+        ``stop``: asked before each array; when it says True the caller has given up on
+        the store (an interrupted push) and the check ends there, unfinished."""
         total = updated = 0
         for name in self.names:
+            if stop is not None and stop():
+                return
             st = self.stats(name)
             facts = self._local_facts(name)
             if facts is not None:  # the validated zarr.json: no zarr needed
