@@ -73,10 +73,11 @@ def test_compiled_replay_equals_numpy(dtype: str, tol: float) -> None:
                       for a, b, off in zip(cut[:-1], cut[1:], offsets[:-1], strict=True)])
     ref = replay_numpy(base, n, dtype, steps, kernel)
     for block in (BLOCK, 1024, 800, 8):  # the space in one block, or in several
-        got = replay_compiled(base, n, dtype, steps, tol, block=block)
-        assert np.array_equal(ref.counts, got.counts), block
-        assert np.array_equal(ref.final, got.final), block
-        assert np.array_equal(ref.ever, got.ever), block
+        for threads in (1, 2, 3):  # blocks one after another, or several at once
+            got = replay_compiled(base, n, dtype, steps, tol, block=block, threads=threads)
+            assert np.array_equal(ref.counts, got.counts), (block, threads)
+            assert np.array_equal(ref.final, got.final), (block, threads)
+            assert np.array_equal(ref.ever, got.ever), (block, threads)
     # the counts mean something: updates, cancellations, entries outside the final mask
     assert ref.counts[:, 0].min() > 0 and ref.counts[:, 3].max() > 0
     assert ref.counts[-1, 2] > ref.counts[-1, 0]

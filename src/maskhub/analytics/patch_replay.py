@@ -29,12 +29,15 @@ without numba and for small chains.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 from maskhub.kernels.kernel import DiffKernel
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.metadata import BITORDER
 
 
@@ -219,11 +222,13 @@ BLOCK = 1 << 21
 
 
 def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: Sequence[Step],
-                    tol: float, block: int = BLOCK) -> ChainReplay:
+                    tol: float, block: int = BLOCK, threads: int | None = None) -> ChainReplay:
     """:func:`replay_numpy` compiled (numba; ``dtype`` one of :data:`COMPILED_DTYPES`): the
     whole chain over one ``block`` of entries (a multiple of 8) after another, one kernel
     call per block, step and tensor, on the patch's arrays where they lie; the same counts
-    and masks. ``tol``: the kernel's tolerance."""
+    and masks. ``tol``: the kernel's tolerance. Blocks are independent (their own state, and
+    their own bytes of the packed masks), so ``threads`` of them (default: the CPUs this
+    process may use) run at once; the kernels release the GIL."""
     from maskhub.kernels.fastkernel import choose_numba_cache
 
     choose_numba_cache()
@@ -233,54 +238,99 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: S
         raise ValueError(f"no compiled replay for {dtype}")
     if block <= 0 or block % 8:
         raise ValueError(f"block {block} is not a positive multiple of 8")
-    fp32 = dtype == "float32"
-    size = min(numel, block)
-    state = np.empty(size, dtype=np.uint64 if fp32 else np.uint32)
-    pack = nb.pack_state32 if fp32 else nb.pack_state16
     nbytes = (numel + 7) // 8
     final, ever = np.zeros(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
-    # at most one event per patched entry of the block; its positions in the block
-    events = np.empty(0, dtype=np.int32 if 2 * size < 2**31 else np.int64)
-    out = np.zeros((len(steps), 4), dtype=np.int64)
-    block_out = np.zeros((len(steps), 4), dtype=np.int64)
-    acc = np.zeros(4, dtype=np.int64)  # updated now, vs the previous step, ever, events
     with np.errstate(invalid="ignore"):  # NaN patterns: NaN values, as intended
         lut = _lut16(dtype)  # None for fp32 (read as float32 in place)
-    pieces = [[(p, off, v.view(np.uint32 if fp32 else np.uint16), off + int(p[0]),
-                off + int(p[-1])) for p, off, v in st if p.shape[0]] for st in steps]
+    fp32 = dtype == "float32"
+    bounds = np.arange(0, numel + block, block, dtype=np.int64)
+    bounds[-1] = numel
+    n_blocks = max(0, bounds.shape[0] - 1)
+    # per step, per tensor it sets: where each block's entries start in its positions
+    # (one search per tensor, not one per tensor and block)
+    pieces = [[(p, off, v.view(np.uint32 if fp32 else np.uint16),
+                np.searchsorted(p, bounds - off).tolist()) for p, off, v in st if p.shape[0]]
+              for st in steps]
     starts = np.cumsum([0, *(int(b.shape[0]) for b in base)]).tolist()
-    for blo in range(0, numel, block):
-        bhi = min(numel, blo + block)
-        for part, lo, hi in zip(base, starts[:-1], starts[1:], strict=True):
-            if lo < bhi and hi > blo:
-                a, b = max(lo, blo), min(hi, bhi)
-                pack(part[a - lo:b - lo], state[a - blo:b - blo])
+    replay = _BlockReplay(nb, base, starts, pieces, bounds.tolist(), len(steps),
+                          min(numel, block), fp32, lut, float(tol), final, ever)
+    out = np.zeros((len(steps), 4), dtype=np.int64)
+    threads = available_cpus() if threads is None else threads
+    if threads <= 1 or n_blocks <= 1:
+        for b in range(n_blocks):
+            out += replay.run(b)
+        return ChainReplay(out, final, ever)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, n_blocks), thread_name_prefix="maskhub-replay") as pool:
+        for counts in pool.map(replay.run, range(n_blocks)):
+            out += counts
+    return ChainReplay(out, final, ever)
+
+
+class _BlockReplay:
+    """One block of :func:`replay_compiled`'s space replayed along the whole chain; each
+    thread keeps its own state and event buffers (:meth:`run` may run on several threads
+    at once, each on its own block)."""
+
+    def __init__(self, nb: ModuleType, base: Sequence[np.ndarray], starts: list[int],
+                 pieces: list[list[tuple[np.ndarray, int, np.ndarray, list[int]]]],
+                 bounds: list[int], n_steps: int, size: int, fp32: bool,
+                 lut: np.ndarray | None, tol: float, final: np.ndarray,
+                 ever: np.ndarray) -> None:
+        self.nb, self.base, self.starts, self.pieces = nb, base, starts, pieces
+        self.bounds = bounds
+        self.n_steps, self.size, self.fp32, self.lut, self.tol = n_steps, size, fp32, lut, tol
+        self.final, self.ever = final, ever
+        self.local = threading.local()
+
+    def _buffers(self, n_events: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's state (one word per entry of a block) and an event log of at least
+        ``n_events`` entries (one event at most per patched entry; positions in the block)."""
+        loc = self.local
+        if getattr(loc, "state", None) is None:
+            loc.state = np.empty(self.size, dtype=np.uint64 if self.fp32 else np.uint32)
+            loc.events = np.empty(0, dtype=np.int32 if 2 * self.size < 2**31 else np.int64)
+        if n_events > loc.events.shape[0]:
+            loc.events = np.empty(n_events, dtype=loc.events.dtype)
+        return loc.state, loc.events
+
+    def run(self, b: int) -> np.ndarray:
+        """Replay the chain over block ``b`` (entries ``bounds[b]:bounds[b + 1]``): its bits
+        of the final and ever masks are written, each step's counts over it returned (one
+        row per step)."""
+        nb = self.nb
+        blo, bhi = self.bounds[b], self.bounds[b + 1]
         todo = []  # per step: (positions, offset in the block, values) of its pieces here
-        for st in pieces:
+        n_here = 0
+        for st in self.pieces:
             here = []
-            for p, off, v, first, last in st:
-                if last < blo or first >= bhi:
-                    continue
-                a = 0 if first >= blo else int(np.searchsorted(p, blo - off))
-                b = p.shape[0] if last < bhi else int(np.searchsorted(p, bhi - off))
-                here.append((p[a:b], off - blo, v[a:b]))
+            for p, off, v, cuts in st:
+                lo, hi = cuts[b], cuts[b + 1]
+                if hi > lo:
+                    here.append((p[lo:hi], off - blo, v[lo:hi]))
+                    n_here += hi - lo
             todo.append(here)
-        n_here = sum(p.shape[0] for here in todo for p, _, _ in here)
-        if n_here > events.shape[0]:
-            events = np.empty(n_here, dtype=events.dtype)
-        ever_b, final_b = ever[blo // 8:(bhi + 7) // 8], final[blo // 8:(bhi + 7) // 8]
-        acc[:] = 0
+        state, events = self._buffers(n_here)
+        pack = nb.pack_state32 if self.fp32 else nb.pack_state16
+        for part, lo, hi in zip(self.base, self.starts[:-1], self.starts[1:], strict=True):
+            if lo < bhi and hi > blo:
+                a, c = max(lo, blo), min(hi, bhi)
+                pack(part[a - lo:c - lo], state[a - blo:c - blo])
+        ever_b = self.ever[blo // 8:(bhi + 7) // 8]
+        final_b = self.final[blo // 8:(bhi + 7) // 8]
+        block_out = np.zeros((self.n_steps, 4), dtype=np.int64)
+        acc = np.zeros(4, dtype=np.int64)  # updated now, vs the previous step, ever, events
         for k, here in enumerate(todo):
             acc[1] = 0
             for p, off, v in here:
-                if fp32:
+                if self.fp32:
                     nb.replay32(p, off, v, v.view(np.float32), state,
-                                state.view(np.float32), ever_b, float(tol), acc, events)
+                                state.view(np.float32), ever_b, self.tol, acc, events)
                 else:
-                    nb.replay16(p, off, v, state, ever_b, lut, float(tol), acc, events)
+                    nb.replay16(p, off, v, state, ever_b, self.lut, self.tol, acc, events)
             block_out[k] = acc
         ne = int(acc[3])
         nb.final_from_events(events[:ne], final_b)
         nb.outside_final(events, block_out, final_b)
-        out += block_out
-    return ChainReplay(out, final, ever)
+        return block_out

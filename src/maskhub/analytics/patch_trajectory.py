@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ from maskhub.errors import CheckpointError, UsageError
 from maskhub.kernels.fastkernel import HAVE_NUMBA
 from maskhub.kernels.kernel import DiffKernel, backend_for
 from maskhub.kernels.strata import BINS, FORMATS, strata_fn, strata_rows
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.dtypes import itemsize
 from maskhub.schemas.metadata import BITORDER, TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
@@ -151,13 +153,22 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
             ever_strata: list[tuple[str, int, int, int]] = []
             n_cancelled = 0
             done = 0
-            with MappedCheckpoint(base) as mapped:
+            # the tensors' strata are counted on the pool (compiled, without the GIL) while
+            # this thread compresses and writes the masks of the ones before them
+            with MappedCheckpoint(base) as mapped, \
+                    ThreadPoolExecutor(available_cpus(), thread_name_prefix="maskhub-strata"
+                                       ) as pool:
                 for group in _groups(base, names):
                     views = [mapped.region(t).raw() for t in group]
                     finals, evers = _replay_group(base, group, views, patches, points,
                                                   kernel)
-                    for tname, raw, final, ever in zip(group, views, finals, evers,
-                                                       strict=True):
+                    strata = [pool.submit(_strata, raw, base.tensors[t].dtype,
+                                          base.tensors[t].numel, final, ever)
+                              if base.tensors[t].numel else None
+                              for t, raw, final, ever in zip(group, views, finals, evers,
+                                                             strict=True)]
+                    for tname, final, ever, counted in zip(group, finals, evers, strata,
+                                                           strict=True):
                         info = base.tensors[tname]
                         n_final = int(np.bitwise_count(final).sum(dtype=np.int64))
                         n_ever = int(np.bitwise_count(ever).sum(dtype=np.int64))
@@ -168,10 +179,9 @@ def run_patch_trajectory(registry: Home, base_spec: str, patch_paths: Sequence[s
                                       target_dtype=info.dtype)
                         fs = TensorStats(tname, n_updated=n_final, **common)
                         es = TensorStats(tname, n_updated=n_ever, **common)
-                        if info.numel:  # magnitude strata from the base's exponents
-                            for counts, rows in zip(
-                                    _strata(raw, info.dtype, info.numel, final, ever),
-                                    (final_strata, ever_strata), strict=True):
+                        if counted is not None:  # magnitude strata from the base's exponents
+                            for counts, rows in zip(counted.result(),
+                                                    (final_strata, ever_strata), strict=True):
                                 rows.extend(strata_rows(tname, info.dtype, counts))
                         w_final.add(fs, final)
                         w_ever.add(es, ever)
