@@ -124,3 +124,15 @@ def test_compiled_strata_equal_numpy(compiled: bool, monkeypatch: pytest.MonkeyP
     for counts, m in zip(got, masks, strict=True):
         assert np.array_equal(counts[0], np.bincount(exp, minlength=256))
         assert np.array_equal(counts[1], np.bincount(exp[m], minlength=256))
+
+
+def test_block_cuts_in_the_positions_dtype() -> None:
+    """The blocks' bounds are searched in the positions' own dtype, with the same answers as
+    a search in int64, up to the dtype's largest position."""
+    from maskhub.analytics.patch_replay import _cuts
+
+    for dt in (np.int16, np.uint16, np.int32, np.uint32, np.int64):
+        top = min(int(np.iinfo(dt).max), 40000)
+        p = np.array([0, 5, 9, top], dtype=dt)
+        bounds = np.array([-20, 0, 5, 6, 9, 10, top, top + 1, 10**6], dtype=np.int64)
+        assert _cuts(p, bounds) == [0, 0, 1, 2, 2, 3, 3, 4, 4], dt

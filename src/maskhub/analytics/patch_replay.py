@@ -248,9 +248,8 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: S
     n_blocks = max(0, bounds.shape[0] - 1)
     # per step, per tensor it sets: where each block's entries start in its positions
     # (one search per tensor, not one per tensor and block)
-    pieces = [[(p, off, v.view(np.uint32 if fp32 else np.uint16),
-                np.searchsorted(p, bounds - off).tolist()) for p, off, v in st if p.shape[0]]
-              for st in steps]
+    pieces = [[(p, off, v.view(np.uint32 if fp32 else np.uint16), _cuts(p, bounds - off))
+               for p, off, v in st if p.shape[0]] for st in steps]
     starts = np.cumsum([0, *(int(b.shape[0]) for b in base)]).tolist()
     replay = _BlockReplay(nb, base, starts, pieces, bounds.tolist(), len(steps),
                           min(numel, block), fp32, lut, float(tol), final, ever)
@@ -266,6 +265,16 @@ def replay_compiled(base: Sequence[np.ndarray], numel: int, dtype: str, steps: S
         for counts in pool.map(replay.run, range(n_blocks)):
             out += counts
     return ChainReplay(out, final, ever)
+
+
+def _cuts(positions: np.ndarray, bounds: np.ndarray) -> list[int]:
+    """Where each of ``bounds`` (int64) would go in the sorted, non-negative ``positions``;
+    searched in the positions' own dtype (int32 in TRL's files), not a widened copy: bounds
+    outside ``[0, positions[-1] + 1]`` are clipped to it first, which moves no answer."""
+    top = int(positions[-1]) + 1
+    if top > np.iinfo(positions.dtype).max:  # the clipped bounds would not fit: widen
+        return np.searchsorted(positions.astype(np.int64), bounds).tolist()
+    return np.searchsorted(positions, np.clip(bounds, 0, top).astype(positions.dtype)).tolist()
 
 
 class _BlockReplay:
