@@ -109,3 +109,23 @@ def test_the_oldest_allowed_duckdb_reads_a_registry_written_by_the_newest(
     assert len(got["comments"]) == 137 and len(got["table_comments"]) == 11
     assert ["masks", "tol", "tolerance: an entry is updated iff |theta1 - theta0| > tol"] \
         in got["comments"]
+
+
+def test_the_registry_engine_imports_from_the_oldest_allowed_duckdb(old_duckdb: Path) -> None:
+    """maskhub imports DuckDB's engine module (``_duckdb``) where the installed DuckDB has
+    one, and the ``duckdb`` package on the oldest one allowed, which has not."""
+    code = ("import maskhub.storage.engine as e; con = e.duckdb.connect(); "
+            "print(e.duckdb.__name__, con.execute('select 6 * 7').fetchone()[0], "
+            "issubclass(e.duckdb.CatalogException, e.duckdb.Error))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": f"{old_duckdb}:{ROOT / 'src'}",
+                                           "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    old = proc.stdout.split()
+    assert old[1:] == ["42", "True"]
+    from maskhub.storage.engine import duckdb as engine
+
+    assert engine.connect().execute("select 6 * 7").fetchone()[0] == 42
+    assert engine.connect is duckdb.connect and engine.Error is duckdb.Error
+    # the installed DuckDB is the newest: its engine module, without the package's wrappers
+    assert engine.__name__ == "_duckdb" and old[0] in ("duckdb", "_duckdb")

@@ -95,7 +95,7 @@ def test_rank_imports_torch_only_because_it_needs_it(pair: tuple[Path, Path]) ->
 
 def count_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths of the DuckDB connections opened from now on, as they open."""
-    import duckdb
+    from maskhub.storage.engine import duckdb
 
     opened: list[str] = []
     real_connect = duckdb.connect
@@ -104,7 +104,7 @@ def count_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         opened.append(str(args[0]) if args else "")
         return real_connect(*args, **kwargs)
 
-    monkeypatch.setattr(duckdb, "connect", counting_connect)
+    monkeypatch.setattr(duckdb, "connect", counting_connect)  # the module maskhub calls
     return opened
 
 

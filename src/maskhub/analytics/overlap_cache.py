@@ -115,6 +115,9 @@ def save_results(registry: Home, results: Sequence[OverlapResult]) -> None:
                                    ("n_both", t.n_both)):
                     trows[key].append(value)
         if trows["tensor"]:
+            # the duckdb package (not only the engine maskhub imports: storage/engine.py) sets
+            # up the engine's scan of Arrow tables; pyarrow costs more than it anyway
+            import duckdb  # noqa: F401
             import pyarrow as pa
 
             con.register("_maskhub_tensor_rows", pa.Table.from_pydict(trows, _tensor_schema()))

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
-
 from maskhub.checkpoints.hubio import (
     hub_cache_failure,
     hub_errors,
@@ -50,6 +48,7 @@ from maskhub.kernels.precision import settle_null
 from maskhub.schemas.analysis import TensorAnalysis
 from maskhub.schemas.metadata import TensorStats
 from maskhub.schemas.names import invalid_mask_name_message, mask_name_from, valid_mask_name
+from maskhub.storage.engine import duckdb
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskStore
 

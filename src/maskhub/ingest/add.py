@@ -22,14 +22,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
-
 from maskhub.core.provenance import timestamp
 from maskhub.errors import MaskStoreError, UsageError
 from maskhub.ingest.sources import MaskSource, open_source
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.schemas.progress import ProgressFn
+from maskhub.storage.engine import duckdb
 from maskhub.storage.files import remove_tree
 from maskhub.storage.store import MaskStore, MaskWriter
 

@@ -22,8 +22,6 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from maskhub.config import foreign_lock_wait
 from maskhub.errors import (
     AmbiguousMaskError,
@@ -37,6 +35,7 @@ from maskhub.errors import (
 from maskhub.schemas.ddl import MIGRATIONS, MIGRATIONS_TABLE
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import param_kind
+from maskhub.storage.engine import duckdb
 from maskhub.storage.sandbox import open_sandbox, run_query, sandbox_error
 
 LOCK_TIMEOUT_S = 600.0

@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from maskhub.errors import UsageError
+from maskhub.storage.engine import duckdb
 
 #: Default ``--timeout`` of a user query, in seconds.
 DEFAULT_TIMEOUT_S = 30.0
