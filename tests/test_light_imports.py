@@ -79,6 +79,9 @@ def test_a_cpu_diff_never_imports_torch(pair: tuple[Path, Path]) -> None:
     assert Registry().get("cpu")["model.norm.weight"].shape == (16,)  # a valid Zarr store
     # A local store is read without zarr too (its zarr.json documents, then the chunk files)
     assert imported("verify", "cpu", str(pair[0]), str(pair[1]), "--tol", "1e-5") == []
+    # A trajectory of checkpoints reads them mapped, as the diff does: no torch (~1 s)
+    assert "torch" not in imported("trajectory", str(pair[0]), str(pair[1]), str(pair[0]),
+                                   "--name", "traj")
 
 
 def test_large_diffs_use_numba_small_ones_numpy() -> None:

@@ -23,21 +23,26 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from maskhub.checkpoints.mapped import MappedCheckpoint
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.interrupts import critical_section
 from maskhub.core.provenance import model_name, timestamp
 from maskhub.errors import UsageError
 from maskhub.kernels.bitcount import popcount
-from maskhub.kernels.kernel import DiffKernel
+from maskhub.kernels.kernel import DiffKernel, TensorDiff
 from maskhub.kernels.strata import BINS, strata_fn, strata_rows
+from maskhub.kernels.threads import available_cpus
 from maskhub.schemas.metadata import MaskMetadata, TensorStats
 from maskhub.schemas.names import mask_name_from, parse_tensor_name
 from maskhub.storage.files import remove_tree
@@ -124,14 +129,6 @@ def _step_of(label: str, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
-def _raw(t: Any) -> np.ndarray:
-    """The raw bytes of a CPU torch tensor, as uint8."""
-    import torch
-
-    flat = t.detach().reshape(-1).contiguous()
-    return flat.view(torch.uint8).numpy()
-
-
 def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = None,
                    tol: float = 1e-5, device: str = "cpu", algorithm: str | None = None,
                    seed: int | None = None, dataset: str | None = None,
@@ -167,46 +164,42 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
             ever_strata: list[tuple[str, int, int, int]] = []
             n_cancelled = 0
             total = len(names)
-            for i, tname in enumerate(names):
-                info = ckpts[0].tensors[tname]
-                first = ckpts[0].get(tname)
-                last = ckpts[-1].get(tname)
-                final = kernel.run(first, last).packed  # known first: for Figure 6
-                not_final = np.invert(final)
-                ever = np.zeros_like(final)
-                prev = first
-                for k in range(1, len(ckpts)):
-                    cur = ckpts[k].get(tname) if k < len(ckpts) - 1 else last
-                    vs_first = kernel.run(first, cur).packed if k < len(ckpts) - 1 else final
-                    vs_prev = kernel.run(prev, cur)
-                    np.bitwise_or(ever, vs_first, out=ever)
-                    points[k].n_updated_vs_first += popcount(vs_first)
-                    points[k].n_updated_vs_prev += vs_prev.n_updated
-                    points[k].n_ever += popcount(ever)
-                    points[k].n_not_in_final += popcount(np.bitwise_and(vs_first, not_final))
-                    prev = cur
-                layer, module = parse_tensor_name(tname)
-                sfn = strata_fn(info.dtype, "numba" if kernel.backend == "numba" else "numpy")
-                n_final = popcount(final)
-                n_ever = popcount(ever)  # final ⊆ ever: the split partitions the tensor
-                n_cancelled += n_ever - n_final
-                dt = info.dtype
-                common = dict(shape=info.shape, numel=info.numel, layer=layer, module=module,
-                              base_dtype=dt, target_dtype=ckpts[-1].tensors[tname].dtype)
-                fs = TensorStats(tname, n_updated=n_final, **common)
-                es = TensorStats(tname, n_updated=n_ever, **common)
-                if info.numel:  # magnitude strata of both masks, from C0's exponents
-                    raw = _raw(first)
-                    for bits, rows in ((final, final_strata), (ever, ever_strata)):
-                        counts = np.zeros((2, BINS), dtype=np.int64)
-                        sfn(raw, bits, info.numel, counts)
-                        rows.extend(strata_rows(tname, dt, counts))
-                w_final.add(fs, final)
-                w_ever.add(es, ever)
-                final_stats.append(fs)
-                ever_stats.append(es)
-                if progress:
-                    progress(i + 1, total, i + 1, total, tname)
+            # Tensors are measured on every CPU at once (the kernels release the GIL), at most
+            # two per thread ahead of the one being written, straight from the mapped files:
+            # no torch, no copy of a tensor.
+            threads = 1 if kernel.on_cuda else available_cpus()
+            with ExitStack() as stack:
+                mapped = [stack.enter_context(MappedCheckpoint(ck)) for ck in ckpts]
+                pool = stack.enter_context(ThreadPoolExecutor(
+                    threads, thread_name_prefix="maskhub-trajectory"))
+                measured = _in_order(pool, names, lambda t: _measure(kernel, ckpts, mapped, t),
+                                     2 * threads)
+                for i, (tname, m) in enumerate(zip(names, measured, strict=True)):
+                    info = ckpts[0].tensors[tname]
+                    for k, row in enumerate(m.counts.tolist(), start=1):
+                        points[k].n_updated_vs_first += row[0]
+                        points[k].n_updated_vs_prev += row[1]
+                        points[k].n_ever += row[2]
+                        points[k].n_not_in_final += row[3]
+                    layer, module = parse_tensor_name(tname)
+                    n_final = popcount(m.final)
+                    n_ever = popcount(m.ever)  # final ⊆ ever: the split partitions the tensor
+                    n_cancelled += n_ever - n_final
+                    dt = info.dtype
+                    common = dict(shape=info.shape, numel=info.numel, layer=layer,
+                                  module=module, base_dtype=dt,
+                                  target_dtype=ckpts[-1].tensors[tname].dtype)
+                    fs = TensorStats(tname, n_updated=n_final, **common)
+                    es = TensorStats(tname, n_updated=n_ever, **common)
+                    if info.numel:  # magnitude strata of both masks, from C0's exponents
+                        final_strata.extend(strata_rows(tname, dt, m.strata[0]))
+                        ever_strata.extend(strata_rows(tname, dt, m.strata[1]))
+                    w_final.add(fs, m.final)
+                    w_ever.add(es, m.ever)
+                    final_stats.append(fs)
+                    ever_stats.append(es)
+                    if progress:
+                        progress(i + 1, total, i + 1, total, tname)
             n_params = sum(s.numel for s in final_stats)
             n_sub = sum(s.n_updated for s in final_stats)
             n_ever_total = sum(s.n_updated for s in ever_stats)
@@ -227,6 +220,70 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
     return register_trajectory(registry, name, float(tol), points,
                                (tmp_final, meta_final, final_stats, final_strata),
                                (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
+
+
+
+@dataclass
+class _Measured:
+    """One tensor along the sequence: per step k (row ``k - 1``) updated vs the first
+    checkpoint, vs the previous one, ever, and updated but not in the final mask; the final
+    and ever-updated masks (packed); the magnitude strata of both (from C0's exponents)."""
+
+    counts: np.ndarray
+    final: np.ndarray
+    ever: np.ndarray
+    strata: tuple[np.ndarray, np.ndarray]
+
+
+def _measure(kernel: DiffKernel, ckpts: Sequence[Checkpoint], mapped: Sequence[MappedCheckpoint],
+             tname: str) -> _Measured:
+    """Measure tensor ``tname`` along the mapped checkpoints (any thread)."""
+    infos = [ck.tensors[tname] for ck in ckpts]
+    regions = [m.region(tname) for m in mapped]
+    n, last = infos[0].numel, len(ckpts) - 1
+
+    def run(a: int, b: int) -> TensorDiff:
+        return kernel.run_raw(regions[a].raw(), regions[b].raw(), infos[a].dtype,
+                              infos[b].dtype, n)
+
+    try:
+        final = run(0, last).packed  # known first: for Figure 6
+        not_final = np.invert(final)
+        ever = np.zeros_like(final)
+        counts = np.zeros((last, 4), dtype=np.int64)
+        for k in range(1, last + 1):
+            vs_first = run(0, k).packed if k < last else final
+            vs_prev = run(k - 1, k)
+            np.bitwise_or(ever, vs_first, out=ever)
+            counts[k - 1] = (popcount(vs_first), vs_prev.n_updated, popcount(ever),
+                             popcount(np.bitwise_and(vs_first, not_final)))
+        strata = (np.zeros((2, BINS), dtype=np.int64), np.zeros((2, BINS), dtype=np.int64))
+        if n:
+            sfn = strata_fn(infos[0].dtype, "numba" if kernel.backend == "numba" else "numpy")
+            for bits, out in zip((final, ever), strata, strict=True):
+                sfn(regions[0].raw(), bits, n, out)
+    finally:  # the pages read stay in the page cache, not in this process's memory
+        for r in regions:
+            r.file.release(r.begin, r.end - r.begin)
+    return _Measured(counts, final, ever, strata)
+
+
+def _in_order(pool: ThreadPoolExecutor, items: Sequence[str], fn: Callable[[str], _Measured],
+              ahead: int) -> Iterator[_Measured]:
+    """``fn(item)`` of each item on ``pool``, yielded in order, at most ``ahead`` submitted
+    beyond the one yielded (memory stays bounded however many items there are)."""
+    pending: deque[Future[_Measured]] = deque()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def finish_stores(w_final: MaskWriter, w_ever: MaskWriter, ids: tuple[str, str], name: str,
