@@ -254,7 +254,9 @@ def _read_tensor(path: Path, name: str) -> np.ndarray:
 
 
 def bench_chain(work: Path, n_params: int, steps: int, reps: int = 3) -> dict:
-    """A chain of ``steps`` 1% patches: patch trajectory vs dense trajectory."""
+    """A chain of ``steps`` 1% patches: patch trajectory vs dense trajectory, warm and cold."""
+    from bench_peers import evict
+
     from maskhub import Registry
 
     rng = np.random.default_rng(7)
@@ -285,6 +287,21 @@ def bench_chain(work: Path, n_params: int, steps: int, reps: int = 3) -> dict:
         rd = reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
         best["t_dense"] = min(best["t_dense"], time.perf_counter() - t)
         best["cpu_dense"] = min(best["cpu_dense"], _cpu(resource.RUSAGE_SELF) - c)
+    # Cold: every checkpoint and patch file dropped from the page cache before each run, as
+    # after a download or on a node whose memory the training run holds.
+    files = [f for d in dirs for f in sorted(d.iterdir())] + list(patches)
+    for rep in range(reps):
+        reg_p = Registry(work / f"home-chain-cp{rep}")
+        reg_d = Registry(work / f"home-chain-cd{rep}")
+        reg_p.ls(), reg_d.ls()
+        evict(files)
+        t = time.perf_counter()
+        reg_p.trajectory([str(dirs[0]), *map(str, patches)], name="chain", patches=True)
+        best["t_patch_cold"] = min(best.get("t_patch_cold", math.inf), time.perf_counter() - t)
+        evict(files)
+        t = time.perf_counter()
+        reg_d.trajectory(list(map(str, dirs)), name="dense", device="cpu")
+        best["t_dense_cold"] = min(best.get("t_dense_cold", math.inf), time.perf_counter() - t)
     cols = ("step", "n_updated_vs_first", "n_updated_vs_prev", "n_ever", "n_not_in_final")
     same = [[getattr(p, c) for c in cols] for p in rp.points] == \
         [[getattr(p, c) for c in cols] for p in rd.points] and \
@@ -375,17 +392,21 @@ def speed_report(applies: list[dict], chains: list[dict],
             f"`maskhub trajectory --patches BASE P1..P{first['steps']}` against `maskhub "
             f"trajectory` of the {first['steps'] + 1} dense checkpoints, best of "
             f"{first['reps']} interleaved runs, each into a home created beforehand. "
-            "Target: ≥ 10x.", "",
+            "*cold*: every checkpoint and patch file dropped from the page cache "
+            "(`POSIX_FADV_DONTNEED`) before each run. Target: ≥ 10x.", "",
             "| params | patches MB | dense MB | patches wall s | dense wall s | "
             "**dense / patches (wall)** | patches CPU-s | dense CPU-s | dense / patches "
-            "(CPU-s) | same rows | final subnetwork | cancelled |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+            "(CPU-s) | cold: patches s | cold: dense s | **cold: dense / patches** | "
+            "same rows | final subnetwork | cancelled |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for c in chains:
             lines.append(
                 f"| {c['n'] / 1e6:.1f} M | {c['patch_bytes'] / mb:.1f} | "
                 f"{c['dense_bytes'] / mb:.0f} | {c['t_patch']:.2f} | {c['t_dense']:.2f} | "
                 f"**{c['t_dense'] / c['t_patch']:.1f}x** | {c['cpu_patch']:.2f} | "
                 f"{c['cpu_dense']:.2f} | {c['cpu_dense'] / c['cpu_patch']:.1f}x | "
+                f"{c['t_patch_cold']:.2f} | {c['t_dense_cold']:.2f} | "
+                f"**{c['t_dense_cold'] / c['t_patch_cold']:.1f}x** | "
                 f"{c['same']} | {c['final']:,} | {c['cancelled']:,} |")
     return "\n".join(lines)
 
