@@ -111,7 +111,7 @@ SNAPSHOT = textwrap.dedent("""
     import sys, maskhub
     con = maskhub.Registry(sys.argv[1]).connect()
     q = "select string_agg(name, ',' order by name) from masks"
-    print(con.execute(q).fetchone()[0], flush=True)
+    print(con.sql(q).fetchall()[0][0], flush=True)  # the README's call: duckdb's Python API
     sys.stdin.readline()  # the writer has finished
     print(con.execute(q).fetchone()[0], flush=True)
     print(maskhub.Registry(sys.argv[1]).connect().execute(q).fetchone()[0], flush=True)

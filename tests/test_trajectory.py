@@ -143,3 +143,33 @@ def test_ever_updated_means_against_the_first_checkpoint(tmp_path: Path) -> None
                                      str(tol)]).stdout
     assert "not in final" in text
 
+
+
+@pytest.mark.parametrize("hard", [4096, 262])
+def test_a_trajectory_raises_a_low_open_files_limit_or_says_so(tmp_path: Path,
+                                                              hard: int) -> None:
+    """Every file of every checkpoint is mapped at once (two descriptors each: 6 files here,
+    12 plus a margin of 256): a soft limit below that is raised up to the hard limit, and a
+    hard limit below it is a one-line error, with nothing registered."""
+    import resource
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    _sequence(root)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (262, hard))
+
+    proc = subprocess.run([sys.executable, "-c", "from maskhub.entry import run; run()",
+                           "trajectory", str(root), "--name", "fd"], capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+    if hard > 268:
+        assert proc.returncode == 0, proc.stderr
+        assert [r["name"] for r in Registry().ls()] == ["fd-ever", "fd-final"]
+    else:
+        assert proc.returncode != 0
+        assert proc.stderr.strip().splitlines() == [
+            "Error: this needs about 268 open files and the limit is 262: raise it "
+            "(`ulimit -n 268`) or pass fewer checkpoints or shards"]
+        assert Registry().ls() == []

@@ -14,8 +14,10 @@ past ``tol`` is ever updated from the checkpoint where it crosses, and one that 
 grows. The paper's Figure 6, updated at step k but not in the final subnetwork, is
 ``n_not_in_final``: ``|(Ck − C0 > tol) ∖ final|``.
 
-One tensor at a time: C0's tensor, the previous checkpoint's and the current one's are in
-memory, and the per-tensor bitsets stay packed, so memory does not grow with the number of
+Tensor by tensor, read from the mapped checkpoints (no torch, no copy), several tensors at
+once (one per CPU, a bounded window ahead of the one written): a tensor's pages in a
+checkpoint are dropped from the process once that checkpoint is done with (C0's at the end),
+and the per-tensor bitsets stay packed, so memory does not grow with the number of
 checkpoints or the model size.
 """
 
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from maskhub.checkpoints.mapped import MappedCheckpoint
+from maskhub.checkpoints.mapped import MappedCheckpoint, Region, allow_open_files
 from maskhub.checkpoints.pairing import match_tensors
 from maskhub.checkpoints.sources import Checkpoint, open_checkpoint
 from maskhub.core.interrupts import critical_section
@@ -168,12 +170,17 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
             # two per thread ahead of the one being written, straight from the mapped files:
             # no torch, no copy of a tensor.
             threads = 1 if kernel.on_cuda else available_cpus()
+            allow_open_files(sum(2 * len({i.file for i in ck.tensors.values()})
+                                 for ck in ckpts))  # a descriptor and its mapping's, each
             with ExitStack() as stack:
                 mapped = [stack.enter_context(MappedCheckpoint(ck)) for ck in ckpts]
                 pool = stack.enter_context(ThreadPoolExecutor(
                     threads, thread_name_prefix="maskhub-trajectory"))
                 measured = _in_order(pool, names, lambda t: _measure(kernel, ckpts, mapped, t),
                                      2 * threads)
+                # on an error or Ctrl-C, the tensors not started yet are dropped first: the
+                # pool then waits only for those being measured
+                stack.callback(measured.close)
                 for i, (tname, m) in enumerate(zip(names, measured, strict=True)):
                     info = ckpts[0].tensors[tname]
                     for k, row in enumerate(m.counts.tolist(), start=1):
@@ -222,7 +229,6 @@ def run_trajectory(registry: Home, specs: Sequence[str], *, name: str | None = N
                                (tmp_ever, meta_ever, ever_stats, ever_strata), n_cancelled)
 
 
-
 @dataclass
 class _Measured:
     """One tensor along the sequence: per step k (row ``k - 1``) updated vs the first
@@ -254,6 +260,8 @@ def _measure(kernel: DiffKernel, ckpts: Sequence[Checkpoint], mapped: Sequence[M
         for k in range(1, last + 1):
             vs_first = run(0, k).packed if k < last else final
             vs_prev = run(k - 1, k)
+            if k > 1:  # C(k-1)'s pages are done with (C0's serve every step, and the strata)
+                _release(regions[k - 1])
             np.bitwise_or(ever, vs_first, out=ever)
             counts[k - 1] = (popcount(vs_first), vs_prev.n_updated, popcount(ever),
                              popcount(np.bitwise_and(vs_first, not_final)))
@@ -262,10 +270,16 @@ def _measure(kernel: DiffKernel, ckpts: Sequence[Checkpoint], mapped: Sequence[M
             sfn = strata_fn(infos[0].dtype, "numba" if kernel.backend == "numba" else "numpy")
             for bits, out in zip((final, ever), strata, strict=True):
                 sfn(regions[0].raw(), bits, n, out)
-    finally:  # the pages read stay in the page cache, not in this process's memory
+    finally:
         for r in regions:
-            r.file.release(r.begin, r.end - r.begin)
+            _release(r)
     return _Measured(counts, final, ever, strata)
+
+
+def _release(region: Region) -> None:
+    """Drop a tensor's pages from this process's memory: they stay in the page cache, and
+    what a process holds stays a few tensors per thread, whatever the number of checkpoints."""
+    region.file.release(region.begin, region.end - region.begin)
 
 
 def _in_order(pool: ThreadPoolExecutor, items: Sequence[str], fn: Callable[[str], _Measured],

@@ -19,12 +19,37 @@ import numpy as np
 
 from maskhub.checkpoints.header import TensorInfo, read_header
 from maskhub.checkpoints.sources import Checkpoint
-from maskhub.errors import CheckpointError
+from maskhub.errors import CheckpointError, UsageError
 
 PAGE = mmap.PAGESIZE
+#: Descriptors left for the rest of the process (the registry, stores, the interpreter).
+_FD_MARGIN = 256
 # Both are advice: where the platform lacks them (macOS has no posix_fadvise) they are skipped.
 _FADVISE = hasattr(os, "posix_fadvise")
 _DONTNEED = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
+
+
+def allow_open_files(n: int) -> None:
+    """Make room for ``n`` more open files: the soft limit is raised (up to the hard limit)
+    when ``n`` plus a margin for the rest of the process exceeds it; a one-line
+    :class:`~maskhub.errors.UsageError` when even the hard limit is too low (a trajectory maps
+    every file of every checkpoint at once)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    need = n + _FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):  # macOS caps the soft limit below an unlimited hard one
+        want = soft
+    if want < need:
+        raise UsageError(f"this needs about {need} open files and the limit is {want}: raise "
+                         f"it (`ulimit -n {need}`) or pass fewer checkpoints or shards")
 
 
 class MappedFile:

@@ -358,7 +358,11 @@ class Index:
                 if wal.exists():  # left by a writer that died before its checkpoint
                     shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
             # Opened, the copy stays readable through DuckDB's descriptor once unlinked.
-            return duckdb.connect(str(copy), read_only=True)
+            # The connection is the user's: the duckdb package, not only the engine that
+            # maskhub itself imports, gives it its Python API (``con.sql(...).df()``...).
+            import duckdb as package
+
+            return package.connect(str(copy), read_only=True)
 
     def on_exit(self, hook: Callable[[bool | None], None]) -> None:
         """Run ``hook(committed)`` when the write transaction of the open ``connect()`` block
