@@ -453,6 +453,8 @@ class ArrayFacts:
     prefixed: bool
     attributes: dict[str, Any]
     codecs: tuple[str, ...] = ()
+    #: The ``bytes`` codec's ``endian`` (``None`` when absent or unset).
+    bytes_endian: str | None = None
 
     @property
     def encoded(self) -> bool:
@@ -531,8 +533,11 @@ def check_array_document(doc: Any, name: str, where: str) -> ArrayFacts:
     attrs = doc.get("attributes", {})
     if not isinstance(attrs, dict):
         raise fail("has attributes that are not an object")
+    endian = next(((c.get("configuration") or {}).get("endian") for c in codecs
+                   if c["name"] == "bytes"), None)
     facts = ArrayFacts(tuple(shape), dtype, tuple(chunks), sep, enc_name == "default", attrs,
-                       tuple(c["name"] for c in codecs))
+                       tuple(c["name"] for c in codecs),
+                       endian if isinstance(endian, str) else None)
     if "shape" in attrs:
         bad = shape_problem(attrs["shape"])
         if bad:

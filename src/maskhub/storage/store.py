@@ -640,13 +640,7 @@ class MaskStore:
         assert facts is not None
         dt = np.dtype(facts.data_type)
         directory = self.path / key
-        cache = self.__dict__.setdefault("_direct_values", {})
-        direct = cache.get(name)
-        if direct is None:
-            direct = cache[name] = len(facts.shape) == 1 and facts.codecs == (
-                "bytes", "blosc") and direct_codecs(read_json_file(
-                    directory / "zarr.json", f"{self.path}: array {short(key)} zarr.json"), dt)
-        if not direct:
+        if not (len(facts.shape) == 1 and direct_codecs(facts.codecs, facts.bytes_endian, dt)):
             return None
         n, chunk = facts.shape[0], facts.chunk_shape[0]
         out = np.zeros(-(-n // chunk) * chunk, dtype=dt)

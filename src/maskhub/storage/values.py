@@ -144,18 +144,13 @@ def group_document() -> bytes:
 BLOSC_HEADER = 16
 
 
-def direct_codecs(doc: dict, dtype: np.dtype) -> bool:
-    """Whether a values array's ``zarr.json`` document ``doc`` has the codecs
-    :func:`values_array_files` writes (``bytes`` little endian, then ``blosc``), so that its
-    chunks may be decoded here without zarr (:func:`decode_chunk`)."""
-    codecs = doc.get("codecs")
-    if not (isinstance(codecs, list) and len(codecs) == 2
-            and all(isinstance(c, dict) for c in codecs)):
-        return False
-    first, second = codecs
-    endian = (first.get("configuration") or {}).get("endian")
-    return (first.get("name") == "bytes" and second.get("name") == "blosc"
-            and (endian == "little" or (endian is None and dtype.itemsize == 1)))
+def direct_codecs(codecs: tuple[str, ...], endian: str | None, dtype: np.dtype) -> bool:
+    """Whether a values array's codecs (names in order, and the ``bytes`` codec's ``endian``,
+    as :class:`~maskhub.checkpoints.validate.ArrayFacts` holds them from its validated
+    ``zarr.json``) are those :func:`values_array_files` writes (``bytes`` little endian, then
+    ``blosc``), so that its chunks may be decoded here without zarr (:func:`decode_chunk`)."""
+    return codecs == ("bytes", "blosc") and (
+        endian == "little" or (endian is None and dtype.itemsize == 1))
 
 
 def decode_chunk(data: bytes, out: np.ndarray, what: str) -> None:
