@@ -32,12 +32,19 @@ import numpy as np
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
-def numba_kernels() -> ModuleType:
-    """The compiled kernels (:mod:`maskhub.kernels.numbakernel`), imported on first use."""
-    choose_numba_cache()
-    from maskhub.kernels import numbakernel
+_KERNELS: list[ModuleType] = []
 
-    return numbakernel
+
+def numba_kernels() -> ModuleType:
+    """The compiled kernels (:mod:`maskhub.kernels.numbakernel`), imported on first use (the
+    cache directory is chosen once, before: each call after that is a lookup, which counts
+    where a kernel runs per tensor, e.g. a live record of a model's ~100 tensors)."""
+    if not _KERNELS:
+        choose_numba_cache()
+        from maskhub.kernels import numbakernel
+
+        _KERNELS.append(numbakernel)
+    return _KERNELS[0]
 
 
 def _writable_dir(path: Path) -> bool:
